@@ -1,0 +1,35 @@
+# Quickstart: `make demo` and `make test` on a fresh machine; both create the venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on this disk; on a GPU machine override, e.g. TORCH_SPEC='torch==2.13.0'.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-output
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) workflows/synthesize.py --output $(DEMO_DIR)/volumes --volumes 6 --size 256 --slices 48
+	$(PY) workflows/prepare.py --input $(DEMO_DIR)/volumes --output $(DEMO_DIR)/prepared
+
+bench: $(STAMP)
+	$(PY) benchmarks/prepare.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache
