@@ -1,0 +1,125 @@
+"""One frozen dataclass per stage; defaults equal the command-line defaults.
+
+Validation happens in ``__post_init__`` and raises ValueError with a message naming the field,
+so a bad flag is one clear line, never an assert or a traceback from deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+INPUT_FORMATS = ("auto", "nifti", "images")
+SYNTH_FORMATS = ("nifti", "images")
+COLORMAPS = ("Blues", "gray", "viridis", "bone", "Greens", "magma")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything `workflows/prepare.py` does, as data.
+
+    Attributes:
+        input: URI of the dataset root (local path, file://, s3://).
+        output: URI of the output root; `train/`, `val/`, `test/` and `manifest.json` go under it.
+        format: 'nifti' (volume-N / segmentation-N pairs), 'images' (converted JPG/PNG dataset) or
+            'auto' (whichever is found).
+        image_size: side of the square output images and masks, pixels.
+        keep_liver: fraction of liver-only slices kept (seeded); tumour slices are always kept.
+        keep_empty: fraction of slices without liver kept (seeded).
+        context: 0 for the three-window image; 1 for 2.5-D (liver window of z-1, z, z+1).
+        val_fraction, test_fraction: fractions of *volumes* in the val and test splits.
+        seed: seeds the split and the slice filter.
+        strict: exit non-zero when any input failed.
+        s3_endpoint: S3-compatible endpoint URL (None: AWS_ENDPOINT_URL or AWS itself).
+    """
+
+    input: str
+    output: str
+    format: str = "auto"
+    image_size: int = 256
+    keep_liver: float = 0.2
+    keep_empty: float = 0.05
+    context: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    strict: bool = False
+    s3_endpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("input must name a folder or bucket prefix")
+        if not self.output:
+            raise ValueError("output must name a folder or bucket prefix")
+        if self.format not in INPUT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(INPUT_FORMATS)}, got {self.format!r}")
+        if not 16 <= self.image_size <= 2048:
+            raise ValueError(f"image_size must be between 16 and 2048 pixels, got {self.image_size}")
+        _check_fraction("keep_liver", self.keep_liver)
+        _check_fraction("keep_empty", self.keep_empty)
+        _check_fraction("val_fraction", self.val_fraction)
+        _check_fraction("test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must leave volumes for training, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        if self.context not in (0, 1):
+            raise ValueError(f"context must be 0 (three windows) or 1 (2.5-D: z-1, z, z+1), got {self.context}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def channels(self) -> int:
+        return 3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Seeded LiTS-like phantoms (`workflows/synthesize.py`).
+
+    Attributes:
+        output: local folder to write into.
+        volumes: number of volumes (ids 0..volumes-1 unless first_id is set).
+        size: in-plane matrix size; spacing grows as size shrinks so the field of view stays
+            that of a 512-matrix abdominal CT.
+        slices: number of axial slices.
+        format: 'nifti' (volume-N.nii.gz + segmentation-N.nii.gz) or 'images' (the converted
+            JPG dataset with colour-mapped masks).
+        colormap: the sequential colormap masks are rendered with (images format).
+        seed: base seed; volume N uses (seed, N).
+        compress: write .nii.gz (True) or .nii.
+    """
+
+    output: str
+    volumes: int = 4
+    size: int = 512
+    slices: int = 120
+    format: str = "nifti"
+    colormap: str = "Blues"
+    seed: int = 0
+    compress: bool = True
+    first_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.volumes < 1:
+            raise ValueError(f"volumes must be >= 1, got {self.volumes}")
+        if not 32 <= self.size <= 1024:
+            raise ValueError(f"size must be between 32 and 1024, got {self.size}")
+        if not 8 <= self.slices <= 1000:
+            raise ValueError(f"slices must be between 8 and 1000, got {self.slices}")
+        if self.format not in SYNTH_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(SYNTH_FORMATS)}, got {self.format!r}")
+        if self.colormap not in COLORMAPS:
+            raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)}, got {self.colormap!r}")
+        if self.seed < 0 or self.first_id < 0:
+            raise ValueError("seed and first_id must be >= 0")

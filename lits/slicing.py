@@ -1,0 +1,279 @@
+"""One volume in, its kept training slices out: the per-volume work of `prepare`, without Ray.
+
+The Ray Data adapter (lits.pipeline) calls `slice_volume` once per volume on a worker; the
+benchmark's single-process baseline calls the very same function in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from lits import ct, masks, storage, volumes
+from lits.config import PrepareConfig
+from lits.errors import BadInputError
+from lits.schema import CATEGORY_NAMES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VolumeTask:
+    """One unit of prepare work: a NIfTI pair, or one volume's slices of the image dataset.
+
+    Attributes:
+        volume_id: 'volume-N'.
+        split: 'train', 'val' or 'test'.
+        volume_uri, segmentation_uri: the NIfTI pair (format 'nifti').
+        image_uris, mask_uris, slice_numbers: parallel lists, sorted by slice number (format 'images').
+    """
+
+    volume_id: str
+    split: str
+    format: str
+    volume_uri: str = ""
+    segmentation_uri: str = ""
+    image_uris: Tuple[str, ...] = ()
+    mask_uris: Tuple[str, ...] = ()
+    slice_numbers: Tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("image_uris", "mask_uris", "slice_numbers"):
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VolumeTask":
+        d = dict(d)
+        for key in ("image_uris", "mask_uris", "slice_numbers"):
+            d[key] = tuple(d.get(key) or ())
+        return cls(**d)
+
+
+@dataclass
+class SliceTable:
+    """The kept slices of one volume, column by column (see lits.schema.COLUMNS).
+
+    Attributes:
+        volume_id: str.
+        slice_index: int32 (N,), index along the original file's axial axis.
+        category: int8 (N,).
+        image: uint8 (N, S, S, C).
+        mask: uint8 (N, S, S).
+        spacing: float32 (3,), (x, y, z) mm of the original voxels (NaN when unknown).
+    """
+
+    volume_id: str
+    slice_index: np.ndarray
+    category: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray
+    spacing: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.slice_index.shape[0])
+
+
+@dataclass
+class VolumeResult:
+    """What happened to one volume: its table (None on failure) and its manifest entry."""
+
+    table: Optional[SliceTable]
+    entry: Dict
+    failed: List[Dict] = field(default_factory=list)
+
+
+def slice_rng(seed: int, volume_id: str) -> np.random.Generator:
+    """The slice filter's generator: depends only on (seed, volume id), not on scheduling."""
+    return np.random.default_rng([seed, zlib.crc32(volume_id.encode())])
+
+
+def _counts(categories: np.ndarray) -> Dict[str, int]:
+    bins = np.bincount(categories.astype(np.int64), minlength=3)
+    return {name: int(bins[i]) for i, name in enumerate(CATEGORY_NAMES)}
+
+
+def _empty_table(volume_id: str, size: int, spacing) -> SliceTable:
+    return SliceTable(
+        volume_id=volume_id,
+        slice_index=np.zeros(0, np.int32),
+        category=np.zeros(0, np.int8),
+        image=np.zeros((0, size, size, 3), np.uint8),
+        mask=np.zeros((0, size, size), np.uint8),
+        spacing=np.asarray(spacing, np.float32),
+    )
+
+
+def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
+    """Read, validate and canonicalise a volume/segmentation pair; return its kept slices.
+
+    Raises:
+        BadInputError: unreadable or invalid inputs (the caller records them as failed).
+    """
+    started = time.perf_counter()
+    hu_file, geometry = volumes.read_nifti(task.volume_uri, cfg.s3_endpoint)
+    seg_file, seg_geometry = volumes.read_nifti(task.segmentation_uri, cfg.s3_endpoint)
+    read_s = time.perf_counter() - started
+    if seg_file.shape != hu_file.shape:
+        raise BadInputError(
+            f"{task.segmentation_uri}: shape {seg_file.shape} differs from its volume's {hu_file.shape} "
+            f"({task.volume_uri}); the pair must match voxel for voxel"
+        )
+    volumes.check_hu(hu_file, task.volume_uri)
+    labels_file = volumes.as_labels(seg_file, task.segmentation_uri)
+    del seg_file
+    # The segmentation's voxels correspond to the volume's one for one, so both take the
+    # volume's orientation (LiTS segmentation headers occasionally disagree in rounding only).
+    hu = geometry.to_canonical(hu_file)
+    labels = geometry.to_canonical(labels_file)
+    categories = masks.categorise(labels)
+    keep = masks.select_slices(categories, cfg.keep_liver, cfg.keep_empty, slice_rng(cfg.seed, task.volume_id))
+    kept_z = np.nonzero(keep)[0]
+    spacing = np.asarray(geometry.canonical_spacing, np.float32)
+    size = cfg.image_size
+    table = _empty_table(task.volume_id, size, spacing)
+    if kept_z.size:
+        breaks = ct.freqhist_breaks(hu) if cfg.context == 0 else np.zeros(1, np.float32)
+        images = np.empty((kept_z.size, size, size, 3), np.uint8)
+        mask_out = np.empty((kept_z.size, size, size), np.uint8)
+        for i, z in enumerate(kept_z):
+            images[i] = ct.resize_image(ct.slice_image(hu, int(z), breaks, cfg.context), size)
+            mask_out[i] = ct.resize_mask(labels[z], size)
+        table = SliceTable(
+            volume_id=task.volume_id,
+            slice_index=geometry.file_slice_index(kept_z).astype(np.int32),
+            category=categories[kept_z].astype(np.int8),
+            image=images,
+            mask=mask_out,
+            spacing=spacing,
+        )
+    entry = {
+        "volume_id": task.volume_id,
+        "split": task.split,
+        "format": "nifti",
+        "inputs": {"volume": task.volume_uri, "segmentation": task.segmentation_uri},
+        "shape": list(geometry.shape),
+        "canonical_shape": list(geometry.canonical_shape),
+        "axcodes": geometry.axcodes,
+        "affine": [list(r) for r in geometry.affine],
+        "spacing": [float(s) for s in spacing],
+        "dtype": str(hu_file.dtype),
+        "voxel_bytes": int(hu_file.nbytes),
+        "slices": _counts(categories),
+        "kept": _counts(categories[kept_z]),
+        "seconds": {"read": round(read_s, 3), "total": round(time.perf_counter() - started, 3)},
+    }
+    return VolumeResult(table=table, entry=entry)
+
+
+def _read_image(uri: str, cfg: PrepareConfig, flags: int) -> np.ndarray:
+    try:
+        data = storage.read_bytes(uri, cfg.s3_endpoint)
+    except Exception as exc:
+        raise BadInputError(f"{uri}: cannot read ({exc})") from exc
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        raise BadInputError(f"{uri}: not a decodable JPEG/PNG image ({len(data)} bytes)")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+
+
+def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
+    """Decode one volume's converted slices: masks inverted to labels, images taken as they are.
+
+    Per-file problems (unreadable image, undecodable mask) drop that slice and are reported in
+    `failed`; the rest of the volume goes on. Raises BadInputError when no slice survives.
+    """
+    started = time.perf_counter()
+    failed: List[Dict] = []
+    labels: Dict[int, np.ndarray] = {}
+    shapes = set()
+    for number, mask_uri in zip(task.slice_numbers, task.mask_uris):
+        try:
+            label = masks.decode_colour_mask(_read_image(mask_uri, cfg, cv2.IMREAD_COLOR), mask_uri)
+        except BadInputError as exc:
+            failed.append({"input": mask_uri, "reason": str(exc)})
+            continue
+        labels[number] = label
+        shapes.add(label.shape)
+    if not labels:
+        raise BadInputError(f"{task.volume_id}: none of its {len(task.mask_uris)} masks could be decoded")
+    numbers = np.array(sorted(labels), dtype=np.int64)
+    categories = np.array([labels[n].max() for n in numbers], dtype=np.int8)
+    keep = masks.select_slices(categories, cfg.keep_liver, cfg.keep_empty, slice_rng(cfg.seed, task.volume_id))
+    image_uri = dict(zip(task.slice_numbers, task.image_uris))
+    size = cfg.image_size
+    cache: Dict[int, Optional[np.ndarray]] = {}
+
+    def image_of(number: int) -> Optional[np.ndarray]:
+        if number not in cache:
+            try:
+                cache[number] = _read_image(image_uri[number], cfg, cv2.IMREAD_COLOR)
+            except BadInputError as exc:
+                failed.append({"input": image_uri[number], "reason": str(exc)})
+                cache[number] = None
+        return cache[number]
+
+    rows_index, rows_category, rows_image, rows_mask = [], [], [], []
+    for i in np.nonzero(keep)[0]:
+        number = int(numbers[i])
+        image = image_of(number)
+        if image is None:
+            continue
+        if image.shape[:2] != labels[number].shape:
+            failed.append({"input": image_uri[number], "reason": f"image {image.shape[:2]} and mask {labels[number].shape} differ in size"})
+            continue
+        if cfg.context == 1:
+            # 2.5-D from the converted images: their channel 0 is the liver window.
+            neighbours = [numbers[max(i - 1, 0)], number, numbers[min(i + 1, len(numbers) - 1)]]
+            channel0 = []
+            for n in neighbours:
+                other = image_of(int(n))
+                channel0.append(other[..., 0] if other is not None and other.shape == image.shape else image[..., 0])
+            image = ct.stack_context(np.stack(channel0), 1)
+        rows_index.append(number)
+        rows_category.append(categories[i])
+        rows_image.append(ct.resize_image(image, size))
+        rows_mask.append(ct.resize_mask(labels[number], size))
+    spacing = np.full(3, np.nan, np.float32)
+    table = _empty_table(task.volume_id, size, spacing)
+    if rows_index:
+        table = SliceTable(
+            volume_id=task.volume_id,
+            slice_index=np.array(rows_index, np.int32),
+            category=np.array(rows_category, np.int8),
+            image=np.stack(rows_image),
+            mask=np.stack(rows_mask),
+            spacing=spacing,
+        )
+    first_shape = sorted(shapes)[0]
+    entry = {
+        "volume_id": task.volume_id,
+        "split": task.split,
+        "format": "images",
+        "inputs": {"images": len(task.image_uris), "masks": len(task.mask_uris),
+                   "first_image": task.image_uris[0], "first_mask": task.mask_uris[0]},
+        "shape": [len(task.slice_numbers), int(first_shape[0]), int(first_shape[1])],
+        "spacing": [None, None, None],
+        "slices": _counts(categories),
+        "kept": _counts(table.category),
+        "seconds": {"total": round(time.perf_counter() - started, 3)},
+    }
+    return VolumeResult(table=table, entry=entry, failed=failed)
+
+
+def slice_volume(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
+    """Dispatch on the task's format. Raises BadInputError for an unusable volume."""
+    if task.format == "nifti":
+        return slice_nifti_pair(task, cfg)
+    if task.format == "images":
+        return slice_image_series(task, cfg)
+    raise ValueError(f"unknown task format {task.format!r}")

@@ -1,0 +1,198 @@
+"""URIs on local disk, file:// and s3:// through fsspec: list, read, atomic write, move, delete.
+
+Every write is atomic: locally a temporary sibling is renamed into place; on S3 a single PUT
+(an object only appears once its upload completed). Callers never see a half-written object
+under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import uuid
+from typing import Iterator, Optional, Tuple
+
+import fsspec
+
+from lits.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://") or uri.startswith("s3a://")
+
+
+def resolve_endpoint(s3_endpoint: Optional[str] = None) -> Optional[str]:
+    """The S3 endpoint: the flag, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS itself."""
+    return s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def normalise(uri: str) -> str:
+    """An absolute local path, or 's3://bucket/key' without a trailing slash."""
+    if is_s3(uri):
+        rest = uri.split("://", 1)[1].strip("/")
+        if not rest:
+            raise UserError(f"{uri!r} names no bucket: use s3://BUCKET/PREFIX")
+        return "s3://" + rest
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise UserError(f"{uri!r}: unsupported URI scheme; use a local path, file:// or s3://")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def filesystem(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving `uri` and the path inside it."""
+    uri = normalise(uri)
+    if is_s3(uri):
+        endpoint = resolve_endpoint(s3_endpoint)
+        kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        fs = fsspec.filesystem("s3", **kwargs)
+        return fs, uri[len("s3://"):]
+    return fsspec.filesystem("file"), uri
+
+
+def arrow_filesystem(uri: str, s3_endpoint: Optional[str] = None):
+    """A pyarrow filesystem and path for `uri` (what ray.data.read_parquet wants)."""
+    import pyarrow.fs as pafs
+
+    uri = normalise(uri)
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), uri
+    endpoint = resolve_endpoint(s3_endpoint)
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), uri[len("s3://"):]
+
+
+def _uri(fs_path: str, like: str) -> str:
+    return "s3://" + fs_path.lstrip("/") if is_s3(like) else fs_path
+
+
+@contextlib.contextmanager
+def user_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn storage exceptions into one UserError naming the URI and the fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as exc:
+        raise UserError(f"cannot {action} {uri}: it does not exist; check the path or bucket name") from exc
+    except PermissionError as exc:
+        raise UserError(f"cannot {action} {uri}: permission denied; check its permissions or your credentials") from exc
+    except Exception as exc:  # botocore/aiohttp errors have no common base worth importing
+        name = type(exc).__name__
+        if name == "NoCredentialsError":
+            raise UserError(
+                f"cannot {action} {uri}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance profile)"
+            ) from exc
+        if "EndpointConnectionError" in name or "ClientConnector" in name or "ConnectionError" in name:
+            raise UserError(
+                f"cannot {action} {uri}: the S3 endpoint is unreachable ({exc}); check --s3-endpoint / "
+                "AWS_ENDPOINT_URL"
+            ) from exc
+        raise
+
+
+def exists(uri: str, s3_endpoint: Optional[str] = None) -> bool:
+    fs, path = filesystem(uri, s3_endpoint)
+    with user_errors(uri, "look up"):
+        fs.invalidate_cache()
+        return fs.exists(path)
+
+
+def list_files(uri: str, s3_endpoint: Optional[str] = None) -> list[str]:
+    """All files under `uri`, recursively, as sorted URIs. UserError when `uri` does not exist."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri, s3_endpoint)
+    with user_errors(uri, "list"):
+        fs.invalidate_cache()
+        if fs.isfile(path):
+            return [uri]
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        found = fs.find(path)
+    return sorted(_uri(p, uri) for p in found)
+
+
+def read_bytes(uri: str, s3_endpoint: Optional[str] = None) -> bytes:
+    fs, path = filesystem(uri, s3_endpoint)
+    with user_errors(uri, "read"):
+        return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes, s3_endpoint: Optional[str] = None) -> None:
+    """Write `data` to `uri` atomically (temporary sibling + rename locally, one PUT on S3)."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri, s3_endpoint)
+    with user_errors(uri, "write"):
+        if is_s3(uri):
+            fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+
+def delete(uri: str, s3_endpoint: Optional[str] = None) -> None:
+    """Remove a file or a whole tree; nothing happens when it is absent."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri, s3_endpoint)
+    with user_errors(uri, "delete"):
+        fs.invalidate_cache()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def move_tree(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:
+    """Move the tree `src` to `dst` (which must not exist): a rename locally, copy+delete on S3."""
+    src, dst = normalise(src), normalise(dst)
+    fs, src_path = filesystem(src, s3_endpoint)
+    _, dst_path = filesystem(dst, s3_endpoint)
+    with user_errors(dst, "move into"):
+        if is_s3(src):
+            fs.invalidate_cache()
+            for path in fs.find(src_path):
+                fs.copy(path, dst_path + path[len(src_path):])
+            fs.rm(src_path, recursive=True)
+        else:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+
+
+def check_writable(uri: str, s3_endpoint: Optional[str] = None) -> None:
+    """Raise UserError unless a small object can be written and removed under `uri`."""
+    probe = join(normalise(uri), f".write-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"ok", s3_endpoint)
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot write to {uri}: {exc.strerror or exc}; choose a writable output") from exc
+    delete(probe, s3_endpoint)

@@ -1,0 +1,58 @@
+"""What every workflow script shares: logging setup, Ray start/connect, one-line user errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+# Running `python workflows/x.py` from a checkout without installing: make `lits` importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from lits.errors import UserError  # noqa: E402
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None) -> None:
+    """Join the cluster at `address`, or start a local Ray using this machine's CPUs."""
+    import ray
+
+    env = {}
+    if s3_endpoint:
+        env["AWS_ENDPOINT_URL"] = s3_endpoint
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        logging.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        logging.info("starting a local Ray (no --address given)")
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+@contextmanager
+def user_errors(program: str) -> Iterator[None]:
+    """Print a UserError or a bad configuration value as one line and exit 2."""
+    try:
+        yield
+    except (UserError, ValueError) as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted; the output was left as it was before this run", file=sys.stderr)
+        sys.exit(130)

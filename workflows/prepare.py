@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Prepare LiTS CT volumes (or the converted image dataset) as Parquet training slices on Ray Data.
+
+    python workflows/prepare.py --input s3://bucket/lits/ --output s3://bucket/prepared/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import _common  # noqa: F401  (sys.path and shared helpers)
+from _common import setup_logging, start_ray, user_errors
+
+from lits.config import INPUT_FORMATS, PrepareConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = PrepareConfig(input="-", output="-")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder or s3:// prefix holding the dataset")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix to write train/ val/ test/ and manifest.json")
+    p.add_argument("--format", default=d.format, choices=INPUT_FORMATS, help="input layout (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="output side in pixels (default: %(default)s)")
+    p.add_argument("--keep-liver", type=float, default=d.keep_liver, help="fraction of liver-only slices kept (default: %(default)s)")
+    p.add_argument("--keep-empty", type=float, default=d.keep_empty, help="fraction of slices without liver kept (default: %(default)s)")
+    p.add_argument("--context", type=int, default=d.context, choices=(0, 1), help="1: 2.5-D images of slices z-1, z, z+1 (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of volumes for validation (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="fraction of volumes for test (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the slice filter (default: %(default)s)")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any input failed")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    return PrepareConfig(
+        input=args.input, output=args.output, format=args.format, image_size=args.image_size,
+        keep_liver=args.keep_liver, keep_empty=args.keep_empty, context=args.context,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        strict=args.strict, s3_endpoint=args.s3_endpoint,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    with user_errors("prepare"):
+        cfg = config_from_args(args)
+        from lits import pipeline, reports, storage
+
+        # Fail on a bad input or output before paying for a Ray start.
+        storage.list_files(cfg.input, cfg.s3_endpoint)[:1]
+        storage.check_writable(cfg.output, cfg.s3_endpoint)
+        start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint))
+
+        def progress(done: int, total: int, result: dict) -> None:
+            e = result["entry"]
+            if e is None:
+                logging.info("[%*d/%d] failed: %s", len(str(total)), done, total, result["failed"][0]["reason"])
+            else:
+                s, k = e["slices"], e["kept"]
+                logging.info("[%*d/%d] %s (%s): %d slices (%d empty, %d liver, %d tumour), kept %d, %.1f s",
+                             len(str(total)), done, total, e["volume_id"], e["split"], sum(s.values()),
+                             s["empty"], s["liver"], s["tumour"], sum(k.values()), e["seconds"]["total"])
+
+        manifest = pipeline.prepare(cfg, pipeline.run_ray, progress)
+        print(reports.prepare_summary(manifest, storage.normalise(cfg.output)))
+        if manifest["totals"]["volumes"] == 0:
+            return 1
+        if cfg.strict and manifest["failed"]:
+            print(f"prepare: {len(manifest['failed'])} input(s) failed and --strict was given", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
