@@ -56,6 +56,9 @@ _FLAT_TOLERANCE = 24  # max per-channel spread (uint8) of a one-colour (empty) m
 _MODE_RADIUS = 10.0  # CIELAB distance within which a pixel belongs to a colour cluster
 _MIN_CLUSTER = 9  # pixels; a cluster must also keep pixels after a 3x3 erosion (not a JPEG halo)
 _MAX_UNEXPLAINED = 0.05  # fraction of pixels far from every cluster that makes a mask undecodable
+# Chroma counts less than lightness: JPEG stores chroma at half resolution, so small regions
+# keep their lightness but bleed their hue. Distances below are in this weighted CIELAB.
+_CHROMA_WEIGHT = np.array([1.0, 0.25, 0.25], dtype=np.float32)
 _BIN = np.array([4.0, 6.0, 6.0], dtype=np.float32)  # CIELAB histogram bin size (L, a, b)
 
 
@@ -73,7 +76,7 @@ def _colour_table(rgb: np.ndarray):
     """Per-pixel colour ids and the table of colours present (6 bits per channel).
 
     Returns:
-        (ids (H, W) int32 into the table, lab (U, 3) float32 CIELAB, count (U,) int64).
+        (ids (H, W) int32 into the table, lab (U, 3) float32 chroma-weighted CIELAB, count (U,) int64).
     """
     q = (rgb >> 2).astype(np.int32)
     keys = (q[..., 0] << 12) | (q[..., 1] << 6) | q[..., 2]
@@ -83,7 +86,7 @@ def _colour_table(rgb: np.ndarray):
     index[present] = np.arange(present.size, dtype=np.int32)
     table_rgb = np.stack([(present >> 12) & 63, (present >> 6) & 63, present & 63], axis=-1) * 4 + 2
     lab = cv2.cvtColor((table_rgb.astype(np.float32) / 255.0)[:, None, :], cv2.COLOR_RGB2Lab)[:, 0, :]
-    return index[keys], lab, counts[present]
+    return index[keys], lab * _CHROMA_WEIGHT, counts[present]
 
 
 def colour_clusters(rgb: np.ndarray) -> np.ndarray:
@@ -141,8 +144,9 @@ def decode_colour_mask(image: np.ndarray, name: str = "mask") -> np.ndarray:
     Returns:
         uint8 (H, W) labels.
     Raises:
-        BadInputError: more than three solid colours, colours off a sequential colormap, or too
-            many pixels that belong to no colour (not a colour-mapped label mask).
+        BadInputError: more than three solid colours, colours off a sequential colormap (lightness
+            not monotonic from background, or "liver" enclosed by "tumour"), or too many pixels
+            that belong to no colour (not a colour-mapped label mask).
     """
     rgb = _to_rgb(np.asarray(image))
     if rgb.dtype != np.uint8:
@@ -180,7 +184,20 @@ def decode_colour_mask(image: np.ndarray, name: str = "mask") -> np.ndarray:
     lut = np.zeros(len(centres), dtype=np.uint8)
     for label, k in enumerate(others, start=1):
         lut[k] = label
-    return lut[nearest]
+    labels = lut[nearest]
+    if len(others) == 2 and _enclosed_by(labels, inner=1, outer=2):
+        raise BadInputError(
+            f"{name}: the colour decoded as liver lies inside the one decoded as tumour; its colours do not "
+            "follow a sequential colormap from background (tumour lies inside liver)"
+        )
+    return labels
+
+
+def _enclosed_by(labels: np.ndarray, inner: int, outer: int) -> bool:
+    """True when most of the one-pixel ring around label `inner` is label `outer`."""
+    region = (labels == inner).astype(np.uint8)
+    ring = cv2.dilate(region, np.ones((3, 3), np.uint8)).astype(bool) & ~region.astype(bool)
+    return bool(ring.any()) and float(np.mean(labels[ring] == outer)) > 0.5
 
 
 def render_colour_mask(labels: np.ndarray, colormap: str) -> np.ndarray:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # File orientations drawn per volume, with weights: LiTS files are mostly LPS-like with the
 # axial axis last, some flipped along z; a few permuted layouts exercise the general path.
 ORIENTATIONS = (("LPS", 0.3), ("LPI", 0.2), ("RAS", 0.15), ("LAS", 0.1), ("RPI", 0.1), ("PLS", 0.1), ("SPL", 0.05))
-_AXIS = {"L": (0, 1), "R": (0, -1), "P": (1, -1), "A": (1, 1), "S": (2, 1), "I": (2, -1)}
+_AXIS = {"L": (0, -1), "R": (0, 1), "P": (1, -1), "A": (1, 1), "S": (2, 1), "I": (2, -1)}
 
 
 @dataclass(frozen=True)
