@@ -55,6 +55,7 @@ def select_slices(categories: np.ndarray, keep_liver: float, keep_empty: float, 
 _FLAT_TOLERANCE = 24  # max per-channel spread (uint8) of a one-colour (empty) mask after JPEG
 _MODE_RADIUS = 10.0  # CIELAB distance within which a pixel belongs to a colour cluster
 _MIN_CLUSTER = 9  # pixels; a cluster must also keep pixels after a 3x3 erosion (not a JPEG halo)
+_MIN_SMALL = 3  # pixels of a colour beyond all solid ones in lightness (a tiny tumour)
 _MAX_UNEXPLAINED = 0.05  # fraction of pixels far from every cluster that makes a mask undecodable
 # Chroma counts less than lightness: JPEG stores chroma at half resolution, so small regions
 # keep their lightness but bleed their hue. Distances below are in this weighted CIELAB.
@@ -94,8 +95,9 @@ def colour_clusters(rgb: np.ndarray) -> np.ndarray:
 
     A cluster is a colour-histogram peak with at least _MIN_CLUSTER pixels within _MODE_RADIUS
     whose pixels, eroded by 3x3, still leave a core: the thin rings of in-between colours that
-    JPEG leaves along region edges never qualify. Works on the table of colours present, so
-    its cost is one pass over the pixels plus a little per colour.
+    JPEG leaves along region edges never qualify. A smaller peak counts too when its lightness
+    lies beyond all solid colours (a halo never does). Works on the table of colours present,
+    so its cost is one pass over the pixels plus a little per colour.
     """
     ids, lab, count = _colour_table(rgb)
     return _clusters(ids, lab, count)
@@ -108,11 +110,11 @@ def _clusters(ids: np.ndarray, lab: np.ndarray, count: np.ndarray) -> np.ndarray
     keys = (q[:, 0] * span[1] + q[:, 1]) * span[2] + q[:, 2]
     weight = count.astype(np.float64)
     kernel = np.ones((3, 3), np.uint8)
-    centres = []
+    solid, small = [], []
     for _ in range(12):
         binned = np.bincount(keys, weights=weight, minlength=int(span.prod()))
         best = int(np.argmax(binned))
-        if binned[best] < _MIN_CLUSTER:
+        if binned[best] < _MIN_SMALL:
             break
         in_bin = (keys == best) & (weight > 0)
         centre = np.average(lab[in_bin], axis=0, weights=weight[in_bin])
@@ -120,14 +122,22 @@ def _clusters(ids: np.ndarray, lab: np.ndarray, count: np.ndarray) -> np.ndarray
             near = (weight > 0) & (np.sum((lab - centre) ** 2, axis=1) < _MODE_RADIUS ** 2)
             centre = np.average(lab[near], axis=0, weights=weight[near])
         near = (weight > 0) & (np.sum((lab - centre) ** 2, axis=1) < _MODE_RADIUS ** 2)
-        members = near.sum() and weight[near].sum() >= _MIN_CLUSTER
+        pixels = float(weight[near].sum())
         weight[near | in_bin] = 0.0
-        if members:
-            core = cv2.erode(near[ids].astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE)
-            if core.any():
-                centres.append(centre)
+        core = pixels >= _MIN_CLUSTER and cv2.erode(near[ids].astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).any()
+        (solid if core else small).append((centre, pixels))
         if not weight.any():
             break
+    centres = [c for c, _ in solid]
+    if len(centres) >= 2 and small:
+        # A region too small for a 3x3 core (a tumour of a few pixels) is still a colour of the
+        # mask when its lightness lies beyond every solid colour: JPEG halos are mixtures of
+        # their neighbours and always lie between them.
+        lightness = [float(c[0]) for c in centres]
+        beyond = [(p, c) for c, p in small
+                  if float(c[0]) > max(lightness) + 2 * _MODE_RADIUS or float(c[0]) < min(lightness) - 2 * _MODE_RADIUS]
+        if beyond:
+            centres.append(max(beyond, key=lambda pc: pc[0])[1])
     return np.array(centres, dtype=np.float32).reshape(-1, 3)
 
 

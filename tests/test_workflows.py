@@ -1,0 +1,67 @@
+"""Command-line behaviour that needs no Ray: flags, bad input and output, synthesize."""
+
+import os
+
+import pytest
+
+from tests.conftest import run_workflow
+
+
+def one_line_error(res, program="prepare"):
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith(f"{program}: error:")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--keep-liver", "1.5"], "keep_liver must be between 0 and 1, got 1.5"),
+        (["--image-size", "8"], "image_size must be between 16 and 2048"),
+        (["--val-fraction", "0.5", "--test-fraction", "0.5"], "must leave volumes for training"),
+    ],
+)
+def test_bad_flag_values_are_one_line(nifti_dir, tmp_path, flags, expected):
+    res = run_workflow("prepare", "--input", nifti_dir, "--output", str(tmp_path / "o"), *flags)
+    assert expected in one_line_error(res)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_unknown_flag_and_bad_choice_are_rejected_by_argparse(nifti_dir, tmp_path):
+    res = run_workflow("prepare", "--input", nifti_dir, "--output", str(tmp_path), "--no-such-flag")
+    assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr
+    res = run_workflow("prepare", "--input", nifti_dir, "--output", str(tmp_path), "--format", "dicom")
+    assert res.returncode == 2 and "invalid choice: 'dicom'" in res.stderr
+
+
+def test_missing_input_names_it(tmp_path):
+    res = run_workflow("prepare", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"))
+    line = one_line_error(res)
+    assert str(tmp_path / "nowhere") in line and "does not exist" in line
+
+
+def test_input_without_data_says_what_it_looked_for(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("hello")
+    res = run_workflow("prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"))
+    line = one_line_error(res)
+    assert "volume-N.nii[.gz]" in line and "1 files looked at" in line
+
+
+def test_unwritable_output_is_reported_before_ray_starts(nifti_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run_workflow("prepare", "--input", nifti_dir, "--output", str(blocker / "out"))
+    line = one_line_error(res)
+    assert "cannot write" in line and str(blocker) in line
+    assert "starting a local Ray" not in res.stderr
+
+
+def test_synthesize_cli(tmp_path):
+    res = run_workflow("synthesize", "--output", str(tmp_path), "--volumes", "2", "--size", "32", "--slices", "8", "--no-compress")
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["segmentation-0.nii", "segmentation-1.nii", "volume-0.nii", "volume-1.nii"]
+    res = run_workflow("synthesize", "--output", str(tmp_path), "--volumes", "0")
+    assert "volumes must be >= 1" in one_line_error(res, "synthesize")
