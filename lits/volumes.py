@@ -210,12 +210,10 @@ def as_labels(segmentation: np.ndarray, name: str) -> np.ndarray:
 
     Raises BadInputError unless every value is one of LABELS (float 0.0/1.0/2.0 is accepted).
     """
-    valid = np.zeros(256, dtype=bool)
-    valid[list(LABELS)] = True
     if segmentation.dtype == np.uint8:
-        present = np.nonzero(np.bincount(segmentation.reshape(-1), minlength=256))[0]
-        bad = [int(v) for v in present if not valid[v]]
-        if bad:
+        # One reduction over the file-order buffer, no copy; the bad values only on failure.
+        if segmentation.max() > 2:
+            bad = [int(v) for v in np.unique(segmentation) if v > 2]
             raise BadInputError(f"{name}: labels {bad[:5]} outside {{0, 1, 2}}; expected 0 background, 1 liver, 2 tumour")
         return segmentation
     out = np.empty(segmentation.shape, dtype=np.uint8)
