@@ -40,16 +40,21 @@ def _synth_one(args):
 
 
 def generate(out: str, n: int, size: int, slices: int) -> None:
-    stamp = os.path.join(out, f".generated-{n}-{size}-{slices}")
-    if os.path.exists(stamp):
-        return
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
+    """Synthesise volumes 0..n-1 into `out`, keeping any already there from an earlier run."""
+    stamp = os.path.join(out, f".generated-{size}-{slices}")
+    if not os.path.exists(stamp):
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        open(stamp, "w").close()
+    missing = [i for i in range(n) if not os.path.exists(os.path.join(out, f"segmentation-{i}.nii.gz"))]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(_synth_one, [(out, i, size, slices) for i in range(n)]))
-    open(stamp, "w").close()
-    print(f"generated {n} volumes {size}x{size}x{slices} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        list(pool.map(_synth_one, [(out, i, size, slices) for i in missing]))
+    for stale in os.listdir(out):  # volumes beyond n from a larger earlier run
+        if stale.endswith(".nii.gz") and int(stale.split("-")[1].split(".")[0]) >= n:
+            os.remove(os.path.join(out, stale))
+    if missing:
+        print(f"generated {len(missing)} volumes {size}x{size}x{slices} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
 def time_decode(paths, repeats: int = 3):

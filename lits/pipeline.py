@@ -41,6 +41,7 @@ _NIFTI = re.compile(r"(?:^|/)(volume|segmentation)-(\d+)\.nii(?:\.gz)?$")
 _IMAGE = re.compile(r"(?:^|/)images/(?:.*/)?volume-(\d+)_slice_(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 _MASK = re.compile(r"(?:^|/)masks/(?:.*/)?volume-(\d+)_slice_(\d+)_mask\.(?:jpe?g|png)$", re.IGNORECASE)
 STAGING_PREFIX = ".staging-"
+PREVIEW_NAME = "preview.png"
 
 
 # --- discovery and split -------------------------------------------------------------------
@@ -261,15 +262,52 @@ def _clean_stale_staging(output: str, s3_endpoint: Optional[str]) -> None:
             storage.delete(storage.join(output, storage.basename(child)), s3_endpoint)
 
 
+def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split: int = 4) -> bytes:
+    """PNG contact sheet of kept slices (tumour slices first) from each split's first shards."""
+    import ray.data.extensions  # noqa: F401  (registers the tensor type, so columns read back as arrays)
+
+    from lits.reports import contact_sheet
+
+    tiles = []
+    for split in SPLITS:
+        chosen = []
+        for shard in manifest["splits"][split]["shards"][:3]:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(staging, shard), s3_endpoint)))
+            images = _tensor_column(table, "image")
+            mask_column = _tensor_column(table, "mask")
+            for i in np.argsort(-np.asarray(table.column("category")), kind="stable")[:per_split]:
+                caption = f"{split} {table.column('volume_id')[int(i)]} z{table.column('slice_index')[int(i)]}"
+                chosen.append((caption, images[i], mask_column[i], int(table.column("category")[int(i)])))
+        chosen.sort(key=lambda t: -t[3])
+        tiles += [(c, im, m) for c, im, m, _ in chosen[:per_split]]
+    return contact_sheet(tiles)
+
+
+def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    if hasattr(column, "to_numpy_ndarray"):
+        return column.to_numpy_ndarray()
+    return column.to_numpy()
+
+
 def commit(output: str, staging: str, manifest: Dict, s3_endpoint: Optional[str]) -> None:
     """Replace OUT's splits with the staged ones, then write the manifest (see module doc)."""
     storage.delete(storage.join(output, MANIFEST_NAME), s3_endpoint)
+    try:
+        picture = preview(staging, manifest, s3_endpoint)
+    except Exception:  # a picture must never cost the run
+        log.warning("could not draw %s", PREVIEW_NAME, exc_info=True)
+        picture = None
+    storage.delete(storage.join(output, PREVIEW_NAME), s3_endpoint)
+    manifest["preview"] = PREVIEW_NAME if picture else None
     for split in SPLITS:
         storage.delete(storage.join(output, split), s3_endpoint)
         staged = storage.join(staging, split)
         if storage.exists(staged, s3_endpoint):
             storage.move_tree(staged, storage.join(output, split), s3_endpoint)
     storage.delete(staging, s3_endpoint)
+    if picture:
+        storage.write_bytes(storage.join(output, PREVIEW_NAME), picture, s3_endpoint)
     storage.write_bytes(storage.join(output, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), s3_endpoint)
 
 

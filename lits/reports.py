@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
+
+import cv2
+import numpy as np
 
 from lits.schema import CATEGORY_NAMES, SPLITS
 
@@ -45,6 +48,46 @@ def prepare_summary(manifest: Dict, output: str) -> str:
         text.append("")
     if totals["volumes"]:
         text.append(f"output: {output} (manifest.json, {', '.join(s + '/' for s in SPLITS)})")
+        if manifest.get("preview"):
+            text.append(f"picture of sample slices: {output.rstrip('/')}/{manifest['preview']}")
     else:
         text.append(f"no volume succeeded; {output} was left as it was")
     return "\n".join(text)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An RGB picture of one slice: its first channel in grey with liver (green) and tumour (red)
+    outlines.
+
+    Args:
+        image: uint8 (H, W, C).
+        mask: uint8 (H, W) labels.
+    Returns:
+        uint8 (H, W, 3) RGB.
+    """
+    grey = np.repeat(image[..., :1], 3, axis=2).copy()
+    for label, colour in ((1, (0, 220, 0)), (2, (255, 40, 40))):
+        region = (mask >= label).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(grey, contours, -1, colour, 1)
+    return grey
+
+
+def contact_sheet(tiles: List[Tuple[str, np.ndarray, np.ndarray]], columns: int = 4, tile: int = 192) -> bytes:
+    """PNG bytes of a grid of slice overlays, each captioned.
+
+    Args:
+        tiles: (caption, image uint8 (H, W, C), mask uint8 (H, W)) per slice.
+        columns: tiles per row.
+        tile: side of each tile in pixels.
+    """
+    rows = max(1, -(-len(tiles) // columns))
+    sheet = np.full((rows * (tile + 18), columns * tile, 3), 24, np.uint8)
+    for n, (caption, image, mask) in enumerate(tiles):
+        r, c = divmod(n, columns)
+        picture = cv2.resize(overlay(image, mask), (tile, tile), interpolation=cv2.INTER_NEAREST)
+        y, x = r * (tile + 18), c * tile
+        sheet[y + 18:y + 18 + tile, x:x + tile] = picture
+        cv2.putText(sheet, caption[:32], (x + 3, y + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return buf.tobytes()

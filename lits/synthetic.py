@@ -2,7 +2,7 @@
 
 Each volume is built in the canonical (Z, H, W) layout (see lits.schema) and written in a file
 orientation drawn per volume (flipped and, now and then, permuted axes), so every reader path
-has to undo a non-identity affine. Intensities follow abdominal CT: air -1000, fat about -100,
+has to undo a non-identity affine. Intensities follow abdominal CT: air -1000 (-1024 padding outside the circular field of view), fat about -100,
 soft tissue 20..60 with texture, bone 300..1000, contrast-enhanced liver 60..120, hypo- and
 hyper-dense tumours of 3..30 mm, Gaussian noise of sigma 10..20 HU. Liver covers only part of
 the slices, so empty, liver-only and tumour slices all occur.
@@ -99,6 +99,9 @@ def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 120) -
     spine_r = float(rng.uniform(12.0, 18.0))
     ribs = [(np.cos(t) * body_a * 0.88, np.sin(t) * body_b * 0.88) for t in np.linspace(0.4, np.pi - 0.4, 6)]
 
+    # Scanners reconstruct a circular field of view and pad outside it with one value (-1024 here),
+    # which is also what makes real .nii.gz files compress the way they do.
+    outside_fov = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 > (min(h, w) / 2) ** 2
     hu = np.empty((slices, h, w), dtype=np.int16)
     labels = np.zeros((slices, h, w), dtype=np.uint8)
     for z in range(slices):
@@ -132,6 +135,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, slices: int = 120) -
                 img[tumour] = liver_hu + contrast
                 label[tumour] = 2
         img += rng.standard_normal((h, w), dtype=np.float32) * noise_sigma
+        img[outside_fov] = -1024.0
         hu[z] = np.clip(img, -1024, 3071).astype(np.int16)
     return Phantom(hu=hu, labels=labels, spacing=(sx, sx, sz))
 

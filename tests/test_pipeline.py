@@ -70,6 +70,11 @@ def test_prepare_local_nifti_end_to_end(ray_cluster, nifti_dir, tmp_path):
     on_disk = json.load(open(os.path.join(out, MANIFEST_NAME)))
     assert on_disk["splits"] == manifest["splits"] and on_disk["config"]["image_size"] == SIZE
     assert all(e["node_id"] for e in manifest["volumes"])
+    # the picture: one captioned tile per sampled slice, 4 per split, liver/tumour outlines drawn
+    assert manifest["preview"] == "preview.png"
+    sheet = cv2.imread(os.path.join(out, "preview.png"))
+    assert sheet.shape == (3 * (192 + 18), 4 * 192, 3)
+    assert ((sheet[..., 2] > 200) & (sheet[..., 1] < 80)).any()  # red tumour outline
 
     volumes_by_split = {}
     for split in SPLITS:
@@ -271,7 +276,7 @@ def test_prepare_s3_to_s3(ray_cluster, s3_server, nifti_dir):
     stored = json.loads(storage.read_bytes("s3://lits-out/prepared/manifest.json", s3_server))
     assert stored["splits"] == manifest["splits"]
     files = storage.list_files("s3://lits-out/prepared", s3_server)
-    assert {f[len("s3://lits-out/prepared/"):] for f in files} == manifest_shards(manifest) | {MANIFEST_NAME}
+    assert {f[len("s3://lits-out/prepared/"):] for f in files} == manifest_shards(manifest) | {MANIFEST_NAME, "preview.png"}
     fs, path = storage.arrow_filesystem("s3://lits-out/prepared", s3_server)
     rows = read_split(path, "train", filesystem=fs)
     assert len(rows["volume_id"]) == manifest["splits"]["train"]["slices"] > 0

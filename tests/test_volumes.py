@@ -133,3 +133,16 @@ def test_as_labels_accepts_uint8_and_integral_floats_only():
         volumes.as_labels(np.array([[[0.0, 1.5]]], np.float32), "s")
     with pytest.raises(BadInputError, match=r"labels \[-1\] outside"):
         volumes.as_labels(np.array([[[0, -1]]], np.int16), "s")
+
+
+@pytest.mark.parametrize("axcodes", ["LPS", "RAS", "LPI", "PLS", "SPL"])
+def test_canonical_layout_agrees_with_simpleitk(tmp_path, rng, axcodes):
+    """A second reader: SimpleITK oriented to LPS gives its array as [S, P, L] = our (Z, H, W)."""
+    sitk = pytest.importorskip("SimpleITK")
+    data = rng.integers(-1000, 1000, size=(7, 6, 5)).astype(np.int16)
+    path = str(tmp_path / "v.nii.gz")
+    volumes.write_nifti(path, data, affine_for(axcodes, spacing=(0.7, 0.8, 2.5)))
+    arr, g = volumes.read_nifti(path)
+    image = sitk.DICOMOrient(sitk.ReadImage(path), "LPS")
+    assert np.array_equal(g.to_canonical(arr), sitk.GetArrayFromImage(image))
+    assert np.allclose(g.canonical_spacing, image.GetSpacing(), rtol=1e-6)

@@ -45,12 +45,20 @@ def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None) -> None
     ctx.enable_progress_bars = sys.stderr.isatty()
 
 
+def make_config(cls, **fields):
+    """Build a stage config; its validation errors are the user's (bad flags)."""
+    try:
+        return cls(**fields)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
 @contextmanager
 def user_errors(program: str) -> Iterator[None]:
-    """Print a UserError or a bad configuration value as one line and exit 2."""
+    """Print a UserError as one line and exit 2 (other exceptions are bugs: traceback)."""
     try:
         yield
-    except (UserError, ValueError) as exc:
+    except UserError as exc:
         print(f"{program}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

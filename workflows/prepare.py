@@ -11,7 +11,7 @@ import logging
 import sys
 
 import _common  # noqa: F401  (sys.path and shared helpers)
-from _common import setup_logging, start_ray, user_errors
+from _common import make_config, setup_logging, start_ray, user_errors
 
 from lits.config import INPUT_FORMATS, PrepareConfig
 
@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    return PrepareConfig(
-        input=args.input, output=args.output, format=args.format, image_size=args.image_size,
+    return make_config(
+        PrepareConfig, input=args.input, output=args.output, format=args.format, image_size=args.image_size,
         keep_liver=args.keep_liver, keep_empty=args.keep_empty, context=args.context,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         strict=args.strict, s3_endpoint=args.s3_endpoint,

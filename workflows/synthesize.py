@@ -11,7 +11,7 @@ import logging
 import sys
 
 import _common  # noqa: F401
-from _common import setup_logging, user_errors
+from _common import make_config, setup_logging, user_errors
 
 from lits.config import COLORMAPS, SYNTH_FORMATS, SynthConfig
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     with user_errors("synthesize"):
-        cfg = SynthConfig(output=args.output, volumes=args.volumes, size=args.size, slices=args.slices,
+        cfg = make_config(SynthConfig, output=args.output, volumes=args.volumes, size=args.size, slices=args.slices,
                           format=args.format, colormap=args.colormap, seed=args.seed,
                           compress=not args.no_compress, first_id=args.first_id)
         from lits import synthetic
