@@ -120,6 +120,12 @@ def exists(uri: str, s3_endpoint: Optional[str] = None) -> bool:
         return fs.exists(path)
 
 
+def require(uri: str, s3_endpoint: Optional[str] = None) -> None:
+    """UserError naming `uri` unless it exists (cheap: no listing)."""
+    if not exists(uri, s3_endpoint):
+        raise UserError(f"cannot read {uri}: it does not exist; check the path or bucket name")
+
+
 def list_files(uri: str, s3_endpoint: Optional[str] = None) -> list[str]:
     """All files under `uri`, recursively, as sorted URIs. UserError when `uri` does not exist."""
     uri = normalise(uri)

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         from lits import pipeline, reports, storage
 
         # Fail on a bad input or output before paying for a Ray start.
-        storage.list_files(cfg.input, cfg.s3_endpoint)[:1]
+        storage.require(cfg.input, cfg.s3_endpoint)
         storage.check_writable(cfg.output, cfg.s3_endpoint)
         start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint))
 
