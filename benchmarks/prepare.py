@@ -14,12 +14,10 @@ import gzip
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import time
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +27,6 @@ import numpy as np  # noqa: E402
 
 from lits import pipeline, volumes  # noqa: E402
 from lits.config import PrepareConfig, SynthConfig  # noqa: E402
-from lits.reports import table  # noqa: E402
 
 
 def _synth_one(args):

@@ -75,10 +75,6 @@ class PrepareConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
-    @property
-    def channels(self) -> int:
-        return 3
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

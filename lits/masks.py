@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from lits.errors import BadInputError
-from lits.schema import CATEGORY_EMPTY, CATEGORY_LIVER, CATEGORY_TUMOUR
+from lits.schema import CATEGORY_LIVER, CATEGORY_TUMOUR
 
 
 def categorise(labels: np.ndarray) -> np.ndarray:

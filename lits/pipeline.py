@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -228,7 +228,7 @@ def _map_row(row: Dict, cfg: PrepareConfig, staging: str) -> Dict:
     return {"result": json.dumps(process_task(task, cfg, staging))}
 
 
-def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> "Iterator[Dict]":
+def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
     """Slice every task on the Ray cluster (one Ray Data task per volume); yield results as they land."""
     import ray
 
@@ -243,7 +243,7 @@ def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> "Itera
         yield json.loads(row["result"])
 
 
-def run_local(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> "Iterator[Dict]":
+def run_local(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
     """The same per-volume work in this process, one volume after another (benchmark baseline)."""
     for task in tasks:
         yield process_task(task, cfg, staging)

@@ -20,7 +20,6 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from lits import storage
 from lits.errors import BadInputError
-from lits.schema import LABELS
 
 log = logging.getLogger(__name__)
 

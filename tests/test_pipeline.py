@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
 import shutil
@@ -112,11 +111,9 @@ def test_context_images_stack_neighbouring_liver_windows(nifti_dir, tmp_path):
     vid = table.column("volume_id")[0].as_py()
     from lits import volumes
 
-    hu_file, g = volumes.read_nifti(os.path.join(nifti_dir, f"{vid.replace('volume', 'volume')}.nii.gz"))
+    hu_file, g = volumes.read_nifti(os.path.join(nifti_dir, f"{vid}.nii.gz"))
     hu = g.to_canonical(hu_file)
     file_to_z = {int(g.file_slice_index(z)): z for z in range(hu.shape[0])}
-    images = np.asarray(table.column("image").combine_chunks().storage.flatten()).reshape(-1, 64, 64, 3) \
-        if False else None
     import ray.data  # noqa: F401  (registers the tensor extension type for to_numpy)
 
     images = table.column("image").combine_chunks().to_numpy_ndarray()
@@ -242,7 +239,7 @@ def test_image_layout_matches_nifti_labels(ray_cluster, tmp_path):
 
     common = dict(image_size=SIZE, keep_liver=1.0, keep_empty=1.0, val_fraction=0.0, test_fraction=0.0)
     from_images = pipeline.prepare(PrepareConfig(input=str(images), output=str(tmp_path / "a"), **common), pipeline.run_ray)
-    from_nifti = pipeline.prepare(PrepareConfig(input=nifti_dir, output=str(tmp_path / "b"), **common), pipeline.run_ray)
+    pipeline.prepare(PrepareConfig(input=nifti_dir, output=str(tmp_path / "b"), **common), pipeline.run_ray)
     assert from_images["input_format"] == "images" and from_images["totals"]["volumes"] == 6
     reasons = {os.path.basename(f["input"]): f["reason"] for f in from_images["failed"]}
     assert set(reasons) == {"volume-4_slice_5_mask.jpg", "volume-5_slice_7_mask.jpg"}

@@ -16,9 +16,6 @@ def test_local_write_is_atomic_and_lists_recursively(tmp_path):
 
 
 def test_failed_local_write_leaves_nothing(tmp_path):
-    class Exploding(bytes):
-        pass
-
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
     with pytest.raises(TypeError):

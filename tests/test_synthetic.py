@@ -26,7 +26,6 @@ def test_phantom_is_seeded_and_lits_like():
     categories = masks.categorise(labels)
     assert {0, 1, 2} <= set(categories.tolist())  # empty, liver-only and tumour slices all occur
     assert set(np.unique(labels).tolist()) == {0, 1, 2}
-    # tumour lies inside liver: no tumour voxel borders background in-plane
     sx, sy, sz = a.spacing
     assert sx == sy and 0.6 * 4 <= sx <= 0.9 * 4 and 0.7 <= sz <= 5.0  # 512/128 = 4x in-plane
 
