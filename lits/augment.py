@@ -1,0 +1,60 @@
+"""Seeded augmentation applied identically to images and masks (batched, on the training device).
+
+The original's Keras ImageDataGenerator, as one random affine per sample: rotation, shift,
+shear, zoom, horizontal and vertical flips; edges repeated ("nearest" fill). Images are sampled
+bilinearly, masks with nearest neighbour so labels stay labels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_deg: float = 10.0
+    shift: float = 0.05  # fraction of the image side
+    shear: float = 0.05  # radians
+    zoom: float = 0.05  # scale in [1 - zoom, 1 + zoom]
+    hflip: bool = True
+    vflip: bool = True
+
+
+def random_affine(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
+                  cfg: AugmentConfig = AugmentConfig()):
+    """Transform a batch with one random affine per sample.
+
+    Args:
+        image: float (N, C, H, W).
+        mask: int64 (N, H, W).
+        generator: the only randomness (a CPU torch.Generator).
+        cfg: ranges.
+    Returns:
+        (image, mask) of the same shapes and dtypes.
+    """
+    n = image.shape[0]
+
+    def uniform(lo, hi):
+        return torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo
+
+    angle = uniform(-cfg.rotation_deg, cfg.rotation_deg) * math.pi / 180
+    shear = uniform(-cfg.shear, cfg.shear)
+    scale = uniform(1 - cfg.zoom, 1 + cfg.zoom)
+    tx, ty = uniform(-cfg.shift, cfg.shift) * 2, uniform(-cfg.shift, cfg.shift) * 2  # grid units span 2
+    fx = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double() if cfg.hflip else torch.ones(n, dtype=torch.float64)
+    fy = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double() if cfg.vflip else torch.ones(n, dtype=torch.float64)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output -> input sampling grid: rotate, shear, scale, then flip
+    a = torch.stack([torch.stack([cos, -sin + shear * cos], -1), torch.stack([sin, cos + shear * sin], -1)], -2)
+    a = a / scale[:, None, None]
+    a = a * torch.stack([fx, fy], -1)[:, :, None]
+    theta = torch.cat([a, torch.stack([tx, ty], -1)[:, :, None]], dim=2).to(image.dtype).to(image.device)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    image_out = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mask_out = F.grid_sample(mask[:, None].to(image.dtype), grid, mode="nearest", padding_mode="border",
+                             align_corners=False)[:, 0].round().long()
+    return image_out, mask_out
