@@ -119,3 +119,84 @@ class SynthConfig:
             raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)}, got {self.colormap!r}")
         if self.seed < 0 or self.first_id < 0:
             raise ValueError("seed and first_id must be >= 0")
+
+
+TASKS = ("liver-tumour", "tumour")
+AMP_MODES = ("auto", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `workflows/train.py` does, as data.
+
+    Attributes:
+        data: URI of a prepared dataset (holds manifest.json, train/, val/).
+        output: URI for checkpoints (under output/<name>/), metrics.csv, curves.png and model/.
+        num_gpus: data-parallel GPU workers (one GPU each); 0 trains on CPU workers.
+        num_workers: workers; None means num_gpus on GPU and 1 on CPU.
+        epochs, batch_size (per worker), lr: the original's 55, 32, 1e-4.
+        task: 'liver-tumour' (3-class softmax) or 'tumour' (the original's binary sigmoid).
+        base_width, depth: U-Net size (64 and 5: the original's 31 M parameters).
+        amp: 'auto' (bf16 autocast on GPUs that support it, fp16 otherwise; off on CPU) or 'off'.
+        max_failures: worker-group restarts from the last checkpoint before giving up.
+        name: run name; the same name in the same output resumes.
+        lr_drop_epoch: the original's fixed drop to lr/10.
+        patience: early stopping on val loss (best weights kept).
+        plateau_patience: epochs without improvement before lr /= 10.
+        augment: the original's random affine and flips.
+        steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
+    """
+
+    data: str
+    output: str
+    num_gpus: int = 0
+    num_workers: Optional[int] = None
+    epochs: int = 55
+    batch_size: int = 32
+    lr: float = 1e-4
+    task: str = "liver-tumour"
+    base_width: int = 64
+    depth: int = 5
+    amp: str = "auto"
+    max_failures: int = 2
+    name: str = "lits-unet"
+    seed: int = 0
+    lr_drop_epoch: int = 30
+    patience: int = 5
+    plateau_patience: int = 3
+    augment: bool = True
+    steps_per_epoch: Optional[int] = None
+    s3_endpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.num_gpus and self.num_workers not in (None, self.num_gpus):
+            raise ValueError(f"with --num-gpus {self.num_gpus} each worker takes one GPU: leave --num-workers out or set it to {self.num_gpus}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.base_width < 1 or not 2 <= self.depth <= 7:
+            raise ValueError("base_width must be >= 1 and depth between 2 and 7")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.max_failures < 0:
+            raise ValueError("max_failures must be >= 0")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty word without '/', got {self.name!r}")
+
+    @property
+    def workers(self) -> int:
+        return self.num_gpus if self.num_gpus else (self.num_workers or 1)
+
+    @property
+    def classes(self) -> int:
+        return 3 if self.task == "liver-tumour" else 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

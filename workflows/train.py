@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Train the LiTS U-Net data-parallel on Ray Train from prepared shards.
+
+    python workflows/train.py --data s3://bucket/prepared --output s3://bucket/runs --num-gpus 4
+    python workflows/train.py --data prepared/ --output runs/ --num-gpus 0 --num-workers 2 --base-width 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import _common  # noqa: F401
+from _common import make_config, setup_logging, user_errors
+
+from lits.config import AMP_MODES, TASKS, TrainConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = TrainConfig(data="-", output="-")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a prepare output (folder or s3:// prefix with manifest.json)")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for checkpoints, metrics.csv, curves.png, model/")
+    p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPU workers, one GPU each (default: %(default)s: CPU)")
+    p.add_argument("--num-workers", type=int, default=None, help="CPU workers when --num-gpus is 0 (default: 1)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
+    p.add_argument("--task", default=d.task, choices=TASKS, help="(default: %(default)s)")
+    p.add_argument("--base-width", type=int, default=d.base_width, help="U-Net first-level channels (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=d.depth, help="U-Net levels (default: %(default)s)")
+    p.add_argument("--amp", default=d.amp, choices=AMP_MODES, help="mixed precision on GPU (default: %(default)s)")
+    p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts (default: %(default)s)")
+    p.add_argument("--name", default=d.name, help="run name; the same name resumes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
+    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    with user_errors("train"):
+        cfg = make_config(
+            TrainConfig, data=args.data, output=args.output, num_gpus=args.num_gpus, num_workers=args.num_workers,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, task=args.task, base_width=args.base_width,
+            depth=args.depth, amp=args.amp, max_failures=args.max_failures, name=args.name, seed=args.seed,
+            augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, s3_endpoint=args.s3_endpoint,
+        )
+        from lits import storage, training
+
+        info = training.check_data(cfg)  # before paying for Ray
+        storage.check_writable(cfg.output, cfg.s3_endpoint)
+        import ray
+
+        env = {"AWS_ENDPOINT_URL": storage.resolve_endpoint(cfg.s3_endpoint)} if storage.resolve_endpoint(cfg.s3_endpoint) else {}
+        if args.address:
+            ray.init(address=args.address, runtime_env={"env_vars": env} if env else None)
+        else:
+            # One logical CPU beyond the training workers, so Ray Data can read while they train.
+            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers + 1), include_dashboard=False,
+                     runtime_env={"env_vars": env} if env else None)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        training.check_resources(cfg)
+        logging.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,
+                     "GPU" if cfg.num_gpus else "CPU", info["train_slices"], len(info["val_volumes"]))
+        result = training.build_trainer(cfg, info).fit()
+        if result.checkpoint is None:
+            raise training.UserError(f"training produced no checkpoint under {cfg.output}")
+        config = training.export_model(cfg, info, result.checkpoint)
+        out = storage.normalise(cfg.output)
+        print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}")
+        print(json.dumps(config["val_metrics"], indent=1))
+        print(f"model: {storage.join(out, 'model')}  metrics: {storage.join(out, 'metrics.csv')}  curves: {storage.join(out, 'curves.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
