@@ -100,3 +100,18 @@ def run_workflow(name: str, *args: str, timeout: float = 300):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, os.path.join(WORKFLOWS, f"{name}.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def ray_train_cluster():
+    """A local Ray with 3 logical CPUs: two 1-CPU training workers plus one for Ray Data's reads."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -1,0 +1,120 @@
+"""Ray Train on 2 CPU workers: one epoch, outputs, resume by name, a killed worker, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+from lits import pipeline, training
+from lits.config import PrepareConfig, TrainConfig
+from lits.errors import UserError
+from lits.model import UNet
+from tests.conftest import run_workflow, synthesize
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(num_workers=2, batch_size=8, base_width=4, depth=3, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root / "vol", volumes=6, size=64, slices=24)
+    pipeline.prepare(PrepareConfig(input=str(root / "vol"), output=str(root / "prep"), image_size=32,
+                                   keep_liver=0.5, keep_empty=0.2, val_fraction=0.2, test_fraction=0.0),
+                     pipeline.run_local)
+    return str(root / "prep")
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(data=prepared, output=out, epochs=1, name="t1", **TINY)
+    config = training.train(cfg)
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert float(rows[0]["train_loss"]) > 0 and int(rows[0]["train_images"]) > 0
+    assert 0.0 <= float(rows[0]["val_dice_liver_volume"]) <= 1.0
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert any(n.startswith("checkpoint_") for n in os.listdir(os.path.join(out, "t1")))
+    # the exported model: weights-only state_dict + config.json that rebuild the network
+    saved = json.load(open(os.path.join(out, "model", "config.json")))
+    assert saved == config and saved["task"] == "liver-tumour" and saved["input"]["height"] == 32
+    assert saved["training"]["manifest_sha256"] and saved["val_metrics"]["val_loss"] == pytest.approx(float(rows[0]["val_loss"]), rel=1e-4)
+    weights = torch.load(os.path.join(out, "model", "weights.pt"), weights_only=True)
+    arch = saved["architecture"]
+    model = UNet(arch["in_channels"], arch["out_channels"], arch["base_width"], arch["depth"])
+    model.load_state_dict(weights)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+    # same name, more epochs: resumes at epoch 2, epoch 1's row untouched
+    training.train(TrainConfig(data=prepared, output=out, epochs=2, name="t1", **TINY))
+    again = read_metrics(out)
+    assert [r["epoch"] for r in again] == ["1", "2"]
+    assert again[0] == rows[0]
+
+
+def _worker_pids():
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killed_worker_is_replaced_and_the_run_finishes(ray_train_cluster, prepared, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(data=prepared, output=out, epochs=4, name="kill", max_failures=2, **TINY)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["config"] = training.train(cfg)
+        except BaseException as exc:  # surfaced below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(os.path.join(out, "metrics.csv")) and len(read_metrics(out)) >= 1):
+        time.sleep(0.5)
+    pids = _worker_pids()
+    assert pids, "no training worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert outcome["config"]["training"]["epochs_run"] == 4
+
+
+def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_path):
+    with pytest.raises(UserError, match="no manifest.json under"):
+        training.check_data(TrainConfig(data=str(tmp_path), output=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="not divisible"):
+        training.check_data(TrainConfig(data=prepared, output=str(tmp_path / "o"), depth=7))
+    with pytest.raises(UserError, match="--num-gpus 4 asked, the Ray cluster has 0 GPU"):
+        training.check_resources(TrainConfig(data=prepared, output=str(tmp_path / "o"), num_gpus=4))
+    # a shard listed in the manifest but gone
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(prepared, broken)
+    manifest = json.load(open(broken / "manifest.json"))
+    os.remove(broken / manifest["splits"]["train"]["shards"][0])
+    with pytest.raises(UserError, match="listed in the manifest but missing"):
+        training.check_data(TrainConfig(data=str(broken), output=str(tmp_path / "o")))
+    res = run_workflow("train", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
+    assert res.returncode == 2 and "train: error: no manifest.json under" in res.stderr and "Traceback" not in res.stderr
+    res = run_workflow("train", "--data", prepared, "--output", str(tmp_path / "o"), "--num-gpus", "2", "--num-workers", "3")
+    assert res.returncode == 2 and "each worker takes one GPU" in res.stderr
