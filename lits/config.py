@@ -145,6 +145,7 @@ class TrainConfig:
         plateau_patience: epochs without improvement before lr /= 10.
         augment: the original's random affine and flips.
         steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
+        cpus_per_worker: CPUs (and torch threads) per worker.
     """
 
     data: str
@@ -166,9 +167,12 @@ class TrainConfig:
     plateau_patience: int = 3
     augment: bool = True
     steps_per_epoch: Optional[int] = None
+    cpus_per_worker: int = 1
     s3_endpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
         if self.num_workers is not None and self.num_workers < 1:

@@ -93,6 +93,7 @@ def check_data(cfg: TrainConfig) -> Dict:
         "prepare_config": manifest.get("config", {}),
         "train_uris": [storage.join(data, s) for s in splits["train"]["shards"]],
         "val_uris": [storage.join(data, s) for s in splits["val"]["shards"]],
+        "test_uris": [storage.join(data, s) for s in splits.get("test", {}).get("shards", [])],
     }
 
 
@@ -112,8 +113,9 @@ def check_resources(cfg: TrainConfig) -> None:
     if cfg.num_gpus > have.get("GPU", 0):
         raise UserError(f"--num-gpus {cfg.num_gpus} asked, the Ray cluster has {int(have.get('GPU', 0))} GPU(s); "
                         "lower --num-gpus, add GPU nodes, or use --num-gpus 0 --num-workers N on CPUs")
-    if not cfg.num_gpus and cfg.workers > have.get("CPU", 0):
-        raise UserError(f"{cfg.workers} CPU workers asked, the Ray cluster has {int(have.get('CPU', 0))} CPUs")
+    if cfg.workers * cfg.cpus_per_worker > have.get("CPU", 0):
+        raise UserError(f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU asked, the Ray cluster has "
+                        f"{int(have.get('CPU', 0))} CPUs; lower --num-workers or --cpus-per-worker")
 
 
 # --- inside each worker --------------------------------------------------------------------------
@@ -170,6 +172,7 @@ def train_loop_per_worker(config: Dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     channels_last = device.type == "cuda"
     model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
@@ -352,6 +355,7 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     weights = state["best_model"] or state["model"]
+    test_metrics = evaluate_split(cfg, info.get("test_uris", []), weights)
     buf = io.BytesIO()
     torch.save(weights, buf)
     history = state["history"]
@@ -378,12 +382,64 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
         "training": {"data": storage.normalise(cfg.data), "manifest_sha256": info["manifest_sha256"],
                      "config": cfg.to_dict(), "epochs_run": len(history), "best_epoch": state["best_epoch"]},
         "val_metrics": {k: v for k, v in best.items() if k.startswith("val_")},
+        "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_volume"} if test_metrics else None,
         "weights": "weights.pt",
     }
     out = storage.join(storage.normalise(cfg.output), "model")
+    if test_metrics:
+        storage.write_bytes(storage.join(storage.normalise(cfg.output), "test_metrics.json"),
+                            json.dumps(test_metrics, indent=1).encode(), cfg.s3_endpoint)
     storage.write_bytes(storage.join(out, "weights.pt"), buf.getvalue(), cfg.s3_endpoint)
     storage.write_bytes(storage.join(out, "config.json"), json.dumps(config, indent=1).encode(), cfg.s3_endpoint)
     return config
+
+
+def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size: int = 32) -> Optional[Dict]:
+    """Per-volume and per-slice Dice/IoU of `weights` on the prepared slices of `uris` (in-process).
+
+    Per-volume scores sum intersections and sizes over a volume's prepared slices (all tumour
+    slices, the kept fraction of the others), at the prepared resolution.
+    """
+    import ray.data.extensions  # noqa: F401
+    import torch
+
+    from lits import metrics
+    from lits.model import UNet
+
+    if not uris:
+        return None
+    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
+    model.load_state_dict(weights)
+    model.eval()
+    classes = METRIC_CLASSES[cfg.task]
+    per_volume: Dict[str, np.ndarray] = {}
+    slice_scores = []
+    with torch.no_grad():
+        for uri in uris:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(uri, cfg.s3_endpoint)), columns=["volume_id", "image", "mask"])
+            images = table.column("image").combine_chunks().to_numpy_ndarray()
+            masks = table.column("mask").combine_chunks().to_numpy_ndarray()
+            vids = table.column("volume_id").to_pylist()
+            for start in range(0, len(vids), batch_size):
+                x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
+                pred = _predict_labels(model(x), cfg.task).numpy()
+                counts = metrics.overlap_counts(pred, masks[start:start + batch_size], classes)
+                slice_scores.append(np.stack(metrics.dice_iou(counts), axis=-1))
+                for vid, c in zip(vids[start:start + batch_size], counts):
+                    per_volume[vid] = per_volume.get(vid, 0) + c
+    slice_scores = np.concatenate(slice_scores)  # (slices, classes, [dice, iou])
+    names = sorted(per_volume, key=lambda v: int(v.split("-")[1]))
+    volume_dice, volume_iou = metrics.dice_iou(np.stack([per_volume[v] for v in names]))
+    result = {"volumes": len(names), "slices": int(slice_scores.shape[0]), "per_volume": {}}
+    for k, c in enumerate(classes):
+        name = CLASS_NAMES[c]
+        result[f"dice_{name}_volume"] = float(volume_dice[:, k].mean())
+        result[f"iou_{name}_volume"] = float(volume_iou[:, k].mean())
+        result[f"dice_{name}_slice"] = float(slice_scores[:, k, 0].mean())
+        result[f"iou_{name}_slice"] = float(slice_scores[:, k, 1].mean())
+    for i, v in enumerate(names):
+        result["per_volume"][v] = {f"dice_{CLASS_NAMES[c]}": float(volume_dice[i, k]) for k, c in enumerate(classes)}
+    return result
 
 
 def build_trainer(cfg: TrainConfig, info: Dict):
@@ -394,8 +450,9 @@ def build_trainer(cfg: TrainConfig, info: Dict):
 
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3_endpoint)
     strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
+    # Shard order reshuffled every epoch (reseeded per execution), reproducibly from the seed.
     train = ray.data.read_parquet([strip(u) for u in info["train_uris"]], filesystem=fs, columns=["image", "mask"],
-                                  shuffle="files")
+                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed))
     val = ray.data.read_parquet([strip(u) for u in info["val_uris"]], filesystem=fs, columns=["volume_id", "image", "mask"])
     out_fs, out_path = storage.arrow_filesystem(cfg.output, cfg.s3_endpoint)
     run_config = ray.train.RunConfig(
@@ -405,10 +462,33 @@ def build_trainer(cfg: TrainConfig, info: Dict):
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
+    cpus = {"CPU": cfg.cpus_per_worker}
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.num_gpus > 0,
-                                      resources_per_worker={"GPU": 1, "CPU": 1} if cfg.num_gpus else {"CPU": 1})
+                                      resources_per_worker={"GPU": 1, **cpus} if cfg.num_gpus else cpus)
     return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg.to_dict(), "info": info},
                         scaling_config=scaling, run_config=run_config, datasets={"train": train, "val": val})
+
+
+def claim_run(cfg: TrainConfig, info: Dict) -> bool:
+    """Record which data run `cfg.name` trains on; refuse to resume it on other data.
+
+    Returns:
+        True when the run existed (training resumes from its latest checkpoint).
+    Raises:
+        UserError: the run was started on a different prepared dataset.
+    """
+    marker = storage.join(storage.normalise(cfg.output), cfg.name, "lits_run.json")
+    if storage.exists(marker, cfg.s3_endpoint):
+        previous = json.loads(storage.read_bytes(marker, cfg.s3_endpoint))
+        if previous.get("manifest_sha256") != info["manifest_sha256"]:
+            raise UserError(
+                f"run {cfg.name!r} under {cfg.output} was trained on other data ({previous.get('data')}, another "
+                "manifest); resuming would mix datasets: choose another --name or --output"
+            )
+        return True
+    storage.write_bytes(marker, json.dumps({"data": storage.normalise(cfg.data), "manifest_sha256": info["manifest_sha256"],
+                                            "config": cfg.to_dict()}).encode(), cfg.s3_endpoint)
+    return False
 
 
 def train(cfg: TrainConfig) -> Dict:
@@ -420,6 +500,7 @@ def train(cfg: TrainConfig) -> Dict:
     info = check_data(cfg)
     storage.check_writable(cfg.output, cfg.s3_endpoint)
     check_resources(cfg)
+    claim_run(cfg, info)
     result = build_trainer(cfg, info).fit()
     if result.checkpoint is None:
         raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")

@@ -64,6 +64,16 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     again = read_metrics(out)
     assert [r["epoch"] for r in again] == ["1", "2"]
     assert again[0] == rows[0]
+    # the same run name on other data is refused, not silently resumed
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(prepared, other)
+    manifest = json.load(open(other / "manifest.json"))
+    manifest["created"] = "another run"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="trained on other data"):
+        training.train(TrainConfig(data=str(other), output=out, epochs=3, name="t1", **TINY))
 
 
 def _worker_pids():

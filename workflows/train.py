@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=d.name, help="run name; the same name resumes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs and torch threads per worker (default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
     p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
             TrainConfig, data=args.data, output=args.output, num_gpus=args.num_gpus, num_workers=args.num_workers,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, task=args.task, base_width=args.base_width,
             depth=args.depth, amp=args.amp, max_failures=args.max_failures, name=args.name, seed=args.seed,
-            augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, s3_endpoint=args.s3_endpoint,
+            augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
         )
         from lits import storage, training
 
@@ -65,12 +66,14 @@ def main(argv=None) -> int:
             ray.init(address=args.address, runtime_env={"env_vars": env} if env else None)
         else:
             # One logical CPU beyond the training workers, so Ray Data can read while they train.
-            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers + 1), include_dashboard=False,
+            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1), include_dashboard=False,
                      runtime_env={"env_vars": env} if env else None)
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
         training.check_resources(cfg)
+        if training.claim_run(cfg, info):
+            logging.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)
         logging.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,
                      "GPU" if cfg.num_gpus else "CPU", info["train_slices"], len(info["val_volumes"]))
         result = training.build_trainer(cfg, info).fit()
@@ -79,7 +82,9 @@ def main(argv=None) -> int:
         config = training.export_model(cfg, info, result.checkpoint)
         out = storage.normalise(cfg.output)
         print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}")
-        print(json.dumps(config["val_metrics"], indent=1))
+        print("validation (best epoch):", json.dumps(config["val_metrics"], indent=1))
+        if config["test_metrics"]:
+            print("test split:", json.dumps(config["test_metrics"], indent=1))
         print(f"model: {storage.join(out, 'model')}  metrics: {storage.join(out, 'metrics.csv')}  curves: {storage.join(out, 'curves.png')}")
     return 0
 

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Training throughput on CPU: images/s per worker through Ray Train + Ray Data ingest against
+the same model fed from in-memory tensors in one process, and the full-width model's speed.
+
+    python benchmarks/train.py [--volumes 12] [--image-size 128] [--base-width 16]
+
+Prints markdown tables (paste them into README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lits import pipeline, training  # noqa: E402
+from lits.augment import random_affine  # noqa: E402
+from lits.config import PrepareConfig, SynthConfig, TrainConfig  # noqa: E402
+from lits.losses import ce_dice_loss  # noqa: E402
+from lits.model import UNet  # noqa: E402
+from lits.synthetic import synthesize  # noqa: E402
+
+
+def in_memory_rate(images: np.ndarray, masks: np.ndarray, width: int, depth: int, batch: int, threads: int,
+                   steps: int, warmup: int = 2) -> float:
+    """Images/s of the training step (augmentation included) on tensors already in memory."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = UNet(3, 3, width, depth)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    y_all = torch.from_numpy(masks).long()
+    n = len(x_all)
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x, y = random_affine(x_all[idx], y_all[idx], g)
+        opt.zero_grad()
+        ce_dice_loss(model(x), y).backward()
+        opt.step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--volumes", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--base-width", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workdir", default=os.path.join(ROOT, "bench-output", "train"))
+    p.add_argument("--skip-full", action="store_true", help="skip the 31 M-parameter model")
+    args = p.parse_args()
+
+    vol, prep, run = (os.path.join(args.workdir, d) for d in ("volumes", "prepared", "run"))
+    if not os.path.exists(os.path.join(prep, "manifest.json")):
+        synthesize(SynthConfig(output=vol, volumes=args.volumes, size=256, slices=96))
+        pipeline.prepare(PrepareConfig(input=vol, output=prep, image_size=args.image_size, keep_liver=0.5,
+                                       keep_empty=0.1), pipeline.run_local)
+    threads = os.cpu_count() or 1
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401
+
+    table = pq.read_table(os.path.join(prep, "train"))
+    images = table.column("image").combine_chunks().to_numpy_ndarray()
+    masks = table.column("mask").combine_chunks().to_numpy_ndarray()
+    memory = in_memory_rate(images, masks, args.base_width, 5, args.batch_size, threads, steps=3 * len(images) // args.batch_size // 2)
+
+    import ray
+
+    ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = TrainConfig(data=prep, output=run, num_workers=1, cpus_per_worker=threads, epochs=args.epochs,
+                      batch_size=args.batch_size, base_width=args.base_width, lr=1e-3, name="bench")
+    training.train(cfg)
+    ray.shutdown()
+    with open(os.path.join(run, "metrics.csv")) as f:
+        rates = [float(r["images_per_s_per_worker"]) for r in csv.DictReader(f)]
+    ingest = max(rates[1:] or rates)  # the first epoch pays worker start-up and imports
+
+    print(f"\n### training throughput, {platform.machine()}, {threads} cores, torch {torch.__version__}\n")
+    rows = [
+        [f"U-Net w{args.base_width} d5, {args.image_size}², batch {args.batch_size}, in-memory tensors, 1 process x {threads} threads",
+         f"{memory:.1f}", "1.00"],
+        [f"same, Ray Train worker ({threads} CPUs) fed by Ray Data (best of epochs 2..{args.epochs})", f"{ingest:.1f}",
+         f"{ingest / memory:.2f}"],
+    ]
+    if not args.skip_full:
+        full = in_memory_rate(np.resize(images, (8,) + images.shape[1:]).repeat(2, axis=1).repeat(2, axis=2) if args.image_size == 128 else images[:8],
+                              np.resize(masks, (8,) + masks.shape[1:]).repeat(2, axis=1).repeat(2, axis=2) if args.image_size == 128 else masks[:8],
+                              64, 5, 4, threads, steps=3, warmup=1)
+        rows.append([f"U-Net w64 d5 (31 M parameters), 256², batch 4, in-memory, {threads} threads", f"{full:.2f}", "-"])
+    print(_markdown(["configuration", "images/s per worker", "ingest / in-memory"], rows))
+
+
+if __name__ == "__main__":
+    main()
