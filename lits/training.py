@@ -33,6 +33,7 @@ from lits.schema import CLASS_NAMES, MANIFEST_NAME, WINDOW_CUSTOM, WINDOW_LIVER
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+MATERIALIZE_FRACTION = 0.25  # of the cluster's object store
 METRIC_CLASSES = {"liver-tumour": (1, 2), "tumour": (2,)}
 
 
@@ -215,8 +216,11 @@ def train_loop_per_worker(config: Dict) -> None:
         batches = iter(train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                                 local_shuffle_buffer_size=4 * cfg.batch_size,
                                                 local_shuffle_seed=cfg.seed + 7919 * epoch + rank))
+        data_wait = 0.0
         while cfg.steps_per_epoch is None or steps < cfg.steps_per_epoch:
+            waited = time.perf_counter()
             batch = next(batches, None)
+            data_wait += time.perf_counter() - waited
             # DDP needs the same number of steps on every worker: stop when any shard runs dry.
             if world > 1:
                 flag = torch.tensor([0.0 if batch is None else 1.0])
@@ -272,6 +276,8 @@ def train_loop_per_worker(config: Dict) -> None:
             "train_images": int(train_totals[1]),
             "seconds": round(time.perf_counter() - started, 2),
             "images_per_s_per_worker": round(train_totals[1] / world / max(train_s, 1e-9), 2),
+            # share of the training time a worker spent waiting for its next batch (ingest-bound if high)
+            "data_wait_fraction": round(data_wait / max(train_s, 1e-9), 3),
         }
         for k, c in enumerate(classes):
             name = CLASS_NAMES[c]
@@ -454,6 +460,14 @@ def build_trainer(cfg: TrainConfig, info: Dict):
     train = ray.data.read_parquet([strip(u) for u in info["train_uris"]], filesystem=fs, columns=["image", "mask"],
                                   shuffle=ray.data.FileShuffleConfig(seed=cfg.seed))
     val = ray.data.read_parquet([strip(u) for u in info["val_uris"]], filesystem=fs, columns=["volume_id", "image", "mask"])
+    # A split that fits comfortably in the object store is decoded once, not every epoch: the
+    # Parquet reads then stop competing with the training step for CPU (measured on 2 cores:
+    # workers waited 14-24% of the time for batches without this).
+    h, w, c = info["image_shape"]
+    budget = ray.cluster_resources().get("object_store_memory", 0) * MATERIALIZE_FRACTION
+    if info["train_slices"] * h * w * (c + 1) < budget:
+        train = train.materialize()
+        val = val.materialize()
     out_fs, out_path = storage.arrow_filesystem(cfg.output, cfg.s3_endpoint)
     run_config = ray.train.RunConfig(
         name=cfg.name,
