@@ -505,16 +505,22 @@ def claim_run(cfg: TrainConfig, info: Dict) -> bool:
     return False
 
 
-def train(cfg: TrainConfig) -> Dict:
+def train(cfg: TrainConfig, info: Optional[Dict] = None) -> Dict:
     """Check, train (resuming when the run exists), export. Ray must be initialised by the caller.
 
+    Args:
+        cfg: the stage's configuration.
+        info: `check_data(cfg)` when the caller already ran it (before starting Ray).
     Returns:
         The exported model's config.json content.
     """
-    info = check_data(cfg)
+    info = info or check_data(cfg)
     storage.check_writable(cfg.output, cfg.s3_endpoint)
     check_resources(cfg)
-    claim_run(cfg, info)
+    if claim_run(cfg, info):
+        log.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)
+    log.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,
+             "GPU" if cfg.num_gpus else "CPU", info["train_slices"], len(info["val_volumes"]))
     result = build_trainer(cfg, info).fit()
     if result.checkpoint is None:
         raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -71,15 +70,7 @@ def main(argv=None) -> int:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-        training.check_resources(cfg)
-        if training.claim_run(cfg, info):
-            logging.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)
-        logging.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,
-                     "GPU" if cfg.num_gpus else "CPU", info["train_slices"], len(info["val_volumes"]))
-        result = training.build_trainer(cfg, info).fit()
-        if result.checkpoint is None:
-            raise training.UserError(f"training produced no checkpoint under {cfg.output}")
-        config = training.export_model(cfg, info, result.checkpoint)
+        config = training.train(cfg, info)
         out = storage.normalise(cfg.output)
         print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}")
         print("validation (best epoch):", json.dumps(config["val_metrics"], indent=1))
