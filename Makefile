@@ -25,10 +25,10 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) workflows/synthesize.py --output $(DEMO_DIR)/volumes --volumes 6 --size 256 --slices 48
+	$(PY) workflows/synthesize.py --output $(DEMO_DIR)/volumes --volumes 10 --size 256 --slices 48
 	$(PY) workflows/prepare.py --input $(DEMO_DIR)/volumes --output $(DEMO_DIR)/prepared --image-size 128 --keep-liver 0.5 --val-fraction 0.2
 	rm -rf $(DEMO_DIR)/run
-	$(PY) workflows/train.py --data $(DEMO_DIR)/prepared --output $(DEMO_DIR)/run --num-workers 2 --epochs 3 --base-width 8 --batch-size 16 --lr 1e-3 --name demo
+	$(PY) workflows/train.py --data $(DEMO_DIR)/prepared --output $(DEMO_DIR)/run --num-workers 1 --cpus-per-worker 2 --epochs 8 --base-width 16 --batch-size 16 --lr 1e-3 --name demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py

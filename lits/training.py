@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -514,6 +515,8 @@ def train(cfg: TrainConfig, info: Optional[Dict] = None) -> Dict:
     Returns:
         The exported model's config.json content.
     """
+    # Workers run in other directories: every URI they see must be absolute.
+    cfg = dataclasses.replace(cfg, data=storage.normalise(cfg.data), output=storage.normalise(cfg.output))
     info = info or check_data(cfg)
     storage.check_writable(cfg.output, cfg.s3_endpoint)
     check_resources(cfg)

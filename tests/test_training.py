@@ -108,6 +108,14 @@ def test_killed_worker_is_replaced_and_the_run_finishes(ray_train_cluster, prepa
     assert outcome["config"]["training"]["epochs_run"] == 4
 
 
+def test_relative_paths_reach_the_workers(ray_train_cluster, prepared, tmp_path, monkeypatch):
+    # Ray workers run in their own directories: a relative --output must still land here.
+    monkeypatch.chdir(tmp_path)
+    training.train(TrainConfig(data=os.path.relpath(prepared), output="rel", epochs=1, name="rel", **TINY))
+    assert [r["epoch"] for r in read_metrics(str(tmp_path / "rel"))] == ["1"]
+    assert os.path.exists(tmp_path / "rel" / "curves.png") and os.path.exists(tmp_path / "rel" / "model" / "weights.pt")
+
+
 def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_path):
     with pytest.raises(UserError, match="no manifest.json under"):
         training.check_data(TrainConfig(data=str(tmp_path), output=str(tmp_path / "o")))
