@@ -136,3 +136,21 @@ def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_pa
     assert res.returncode == 2 and "train: error: no manifest.json under" in res.stderr and "Traceback" not in res.stderr
     res = run_workflow("train", "--data", prepared, "--output", str(tmp_path / "o"), "--num-gpus", "2", "--num-workers", "3")
     assert res.returncode == 2 and "each worker takes one GPU" in res.stderr
+
+
+def test_train_from_and_to_s3(ray_train_cluster, s3_server, prepared):
+    from lits import storage
+    from tests.conftest import make_bucket, upload_tree
+
+    make_bucket(s3_server, "train-data")
+    make_bucket(s3_server, "train-runs")
+    upload_tree(s3_server, prepared, "s3://train-data/prep")
+    cfg = TrainConfig(data="s3://train-data/prep", output="s3://train-runs/r", epochs=1, name="s3run",
+                      s3_endpoint=s3_server, **TINY)
+    config = training.train(cfg)
+    files = storage.list_files("s3://train-runs/r", s3_server)
+    names = {f[len("s3://train-runs/r/"):] for f in files}
+    assert {"metrics.csv", "curves.png", "model/weights.pt", "model/config.json", "s3run/lits_run.json"} <= names
+    assert any(n.startswith("s3run/checkpoint_") for n in names)
+    saved = json.loads(storage.read_bytes("s3://train-runs/r/model/config.json", s3_server))
+    assert saved == config and saved["training"]["data"] == "s3://train-data/prep"
