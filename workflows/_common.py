@@ -25,24 +25,20 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None) -> None:
-    """Join the cluster at `address`, or start a local Ray using this machine's CPUs."""
+def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Join the cluster at `address`, or start a local Ray with `num_cpus` (default: this machine's)."""
     import ray
 
-    env = {}
-    if s3_endpoint:
-        env["AWS_ENDPOINT_URL"] = s3_endpoint
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env = {"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}} if s3_endpoint else None
     if address:
         logging.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         logging.info("starting a local Ray (no --address given)")
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 def make_config(cls, **fields):

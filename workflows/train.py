@@ -13,7 +13,7 @@ import os
 import sys
 
 import _common  # noqa: F401
-from _common import make_config, setup_logging, user_errors
+from _common import make_config, setup_logging, start_ray, user_errors
 
 from lits.config import AMP_MODES, TASKS, TrainConfig
 
@@ -58,18 +58,9 @@ def main(argv=None) -> int:
 
         info = training.check_data(cfg)  # before paying for Ray
         storage.check_writable(cfg.output, cfg.s3_endpoint)
-        import ray
-
-        env = {"AWS_ENDPOINT_URL": storage.resolve_endpoint(cfg.s3_endpoint)} if storage.resolve_endpoint(cfg.s3_endpoint) else {}
-        if args.address:
-            ray.init(address=args.address, runtime_env={"env_vars": env} if env else None)
-        else:
-            # One logical CPU beyond the training workers, so Ray Data can read while they train.
-            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1), include_dashboard=False,
-                     runtime_env={"env_vars": env} if env else None)
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        # Locally, one logical CPU beyond the training workers, so Ray Data can read while they train.
+        start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint),
+                  num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1))
         config = training.train(cfg, info)
         out = storage.normalise(cfg.output)
         print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}")
