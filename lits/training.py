@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import lits
-from lits import storage
+from lits import inference, storage
 from lits.config import TrainConfig
 from lits.errors import UserError
-from lits.schema import CLASS_NAMES, MANIFEST_NAME, WINDOW_CUSTOM, WINDOW_LIVER
+from lits.schema import CLASS_NAMES, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -363,41 +363,25 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     weights = state["best_model"] or state["model"]
     test_metrics = evaluate_split(cfg, info.get("test_uris", []), weights)
-    buf = io.BytesIO()
-    torch.save(weights, buf)
     history = state["history"]
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), history[-1])
     prepare = info["prepare_config"]
-    config = {
-        "format_version": 1,
-        "package_version": lits.__version__,
-        "architecture": {"name": "UNet", "in_channels": 3, "out_channels": cfg.classes,
-                         "base_width": cfg.base_width, "depth": cfg.depth},
-        "task": cfg.task,
-        "class_names": list(CLASS_NAMES) if cfg.task == "liver-tumour" else ["background", "tumour"],
-        "output": "softmax over 3 classes" if cfg.task == "liver-tumour" else "sigmoid, tumour probability",
-        "input": {"height": info["image_shape"][0], "width": info["image_shape"][1], "channels": 3,
-                  "layout": "NCHW float32 = uint8 image (H, W, C) / 255"},
-        "preprocessing": {
-            "canonical_layout": "(Z, H, W): rows anterior->posterior, columns patient right->left",
-            "image_size": prepare.get("image_size", info["image_shape"][0]),
-            "context": prepare.get("context", 0),
-            "windows": [list(WINDOW_LIVER), list(WINDOW_CUSTOM)],
-            "third_channel": "fastai freqhist over the volume, 100 bins" if not prepare.get("context") else None,
-            "resize": {"image": "INTER_AREA", "mask": "INTER_NEAREST"},
-        },
-        "training": {"data": storage.normalise(cfg.data), "manifest_sha256": info["manifest_sha256"],
-                     "config": cfg.to_dict(), "epochs_run": len(history), "best_epoch": state["best_epoch"]},
-        "val_metrics": {k: v for k, v in best.items() if k.startswith("val_")},
-        "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_volume"} if test_metrics else None,
-        "weights": "weights.pt",
-    }
-    out = storage.join(storage.normalise(cfg.output), "model")
+    architecture = {"name": "UNet", "in_channels": 3, "out_channels": cfg.classes,
+                    "base_width": cfg.base_width, "depth": cfg.depth}
+    config = inference.model_config(
+        architecture, cfg.task, image_size=prepare.get("image_size", info["image_shape"][0]),
+        context=prepare.get("context", 0),
+        extra={
+            "package_version": lits.__version__,
+            "training": {"data": storage.normalise(cfg.data), "manifest_sha256": info["manifest_sha256"],
+                         "config": cfg.to_dict(), "epochs_run": len(history), "best_epoch": state["best_epoch"]},
+            "val_metrics": {k: v for k, v in best.items() if k.startswith("val_")},
+            "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_volume"} if test_metrics else None,
+        })
+    out = storage.normalise(cfg.output)
     if test_metrics:
-        storage.write_bytes(storage.join(storage.normalise(cfg.output), "test_metrics.json"),
-                            json.dumps(test_metrics, indent=1).encode(), cfg.s3_endpoint)
-    storage.write_bytes(storage.join(out, "weights.pt"), buf.getvalue(), cfg.s3_endpoint)
-    storage.write_bytes(storage.join(out, "config.json"), json.dumps(config, indent=1).encode(), cfg.s3_endpoint)
+        storage.write_bytes(storage.join(out, "test_metrics.json"), json.dumps(test_metrics, indent=1).encode(), cfg.s3_endpoint)
+    inference.save_model(storage.join(out, "model"), weights, config, cfg.s3_endpoint)
     return config
 
 

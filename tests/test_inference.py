@@ -1,0 +1,157 @@
+"""Inference without Ray: geometry undone exactly, post-processing, reports, model loading."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lits import ct, inference, masks, volumes
+from lits.errors import BadInputError, UserError
+from lits.model import UNet
+
+
+def tiny_model(folder, image_size=32, task="liver-tumour", seed=0):
+    """A random-weight width-4 U-Net exported like train.py's model/ (what serving loads)."""
+    torch.manual_seed(seed)
+    out = 3 if task == "liver-tumour" else 1
+    model = UNet(3, out, base_width=4, depth=3)
+    arch = {"name": "UNet", "in_channels": 3, "out_channels": out, "base_width": 4, "depth": 3}
+    inference.save_model(str(folder), model.state_dict(), inference.model_config(arch, task, image_size, 0))
+    return str(folder)
+
+
+class Oracle:
+    """A 'model' that answers with the reference labels of the slices it is given, as one-hot
+    probabilities area-resampled to model size like the images (a perfect model's answer):
+    whatever the pipeline gets wrong about geometry shows."""
+
+    def __init__(self, labels_canonical, size):
+        self.labels = labels_canonical
+        self.size = size
+        self.next_z = 0
+
+    def __call__(self, images):
+        n = len(images)
+        out = np.zeros((n, self.size, self.size, 3), np.uint8)
+        for i in range(n):
+            one_hot = np.stack([np.where(self.labels[self.next_z + i] == c, 255, 0) for c in range(3)], -1)
+            out[i] = ct.resize_image(one_hot.astype(np.uint8), self.size)
+        self.next_z += n
+        return inference.Done(out)
+
+
+def spec_for(size, task="liver-tumour"):
+    return inference.ModelSpec(uri="oracle", model_id="0" * 16, task=task, out_channels=3, base_width=4,
+                               depth=3, image_size=size, context=0)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_segment_array_undoes_orientation_exactly(nifti_dir, index):
+    hu, geometry = volumes.read_nifti(os.path.join(nifti_dir, f"volume-{index}.nii.gz"))
+    seg, _ = volumes.read_nifti(os.path.join(nifti_dir, f"segmentation-{index}.nii.gz"))
+    ref = volumes.as_labels(seg, "ref")
+    canonical = geometry.to_canonical(ref)
+    size = canonical.shape[1]
+    oracle = Oracle(canonical, size)
+    labels, timings = inference.segment_array(hu, geometry, spec_for(size), oracle, chunk=5, postprocess=False)
+    assert labels.shape == hu.shape and labels.dtype == np.uint8
+    assert np.array_equal(labels, ref), geometry.axcodes
+    assert timings["segment_s"] > 0
+
+
+def test_downsampled_model_recovers_reference_closely(nifti_dir):
+    hu, geometry = volumes.read_nifti(os.path.join(nifti_dir, "volume-2.nii.gz"))
+    seg, _ = volumes.read_nifti(os.path.join(nifti_dir, "segmentation-2.nii.gz"))
+    ref = volumes.as_labels(seg, "ref")
+    oracle = Oracle(geometry.to_canonical(ref), 32)
+    labels, _ = inference.segment_array(hu, geometry, spec_for(32), oracle, chunk=7)
+    liver_p, liver_r = labels >= 1, ref >= 1
+    dice = 2 * np.sum(liver_p & liver_r) / (liver_p.sum() + liver_r.sum())
+    assert dice > 0.98
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_postprocess_keeps_largest_liver_component_and_tumour_inside_it():
+    labels = np.zeros((6, 10, 10), np.uint8)
+    labels[1:5, 1:6, 1:6] = 1       # the liver: 100 voxels
+    labels[2:4, 2:4, 2:4] = 2       # a tumour inside it
+    labels[0, 8:10, 8:10] = 1       # an island of "liver"
+    labels[5, 8, 0:2] = 2           # an island of "tumour" elsewhere
+    out = masks.postprocess(labels)
+    expected = labels.copy()
+    expected[0, 8:10, 8:10] = 0
+    expected[5, 8, 0:2] = 0
+    assert np.array_equal(out, expected)
+    assert labels[0, 8, 8] == 1  # input untouched
+    assert not masks.postprocess(np.zeros((3, 4, 4), np.uint8)).any()
+
+
+def test_components_use_26_connectivity():
+    mask = np.zeros((4, 4, 4), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = True   # corner-touching: one lesion
+    mask[3, 3, 3] = True                   # apart: another
+    assert masks.component_sizes(mask).tolist() == [2, 1]
+    assert masks.component_sizes(np.zeros((2, 2, 2), bool)).size == 0
+
+
+def test_volume_report_measures_in_millilitres():
+    affine = np.diag([0.5, -0.5, 2.0, 1.0])  # 0.5 mm^3 per voxel
+    geometry = volumes.Geometry.from_affine(affine, (10, 10, 10))
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:8, :8, :5] = 1                   # 320 voxels of liver
+    labels[0:2, 0:2, 0:2] = 2                # lesion of 8 voxels
+    labels[5:7, 5:7, 3] = 2                  # lesion of 4 voxels
+    report = inference.volume_report(labels, geometry, spec_for(10))
+    assert report["liver_volume_ml"] == pytest.approx(320 * 0.5 / 1000)
+    assert report["tumour_volume_ml"] == pytest.approx(12 * 0.5 / 1000)
+    assert report["lesion_count"] == 2
+    assert report["lesion_volumes_ml"] == [pytest.approx(0.004), pytest.approx(0.002)]
+    assert report["tumour_burden_percent"] == pytest.approx(100 * 12 / 320, abs=1e-3)
+
+
+def test_predictor_loads_weights_only_and_outputs_probabilities(tmp_path):
+    spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
+    assert spec.image_size == 32 and spec.model_id == inference.model_id_of((tmp_path / "model" / "weights.pt").read_bytes())
+    predictor = inference.Predictor(spec, weights, device="cpu", max_batch=3)
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    probs = predictor(images)
+    assert probs.shape == (7, 32, 32, 3) and probs.dtype == np.uint8
+    # softmax probabilities * 255, rounded per class: each pixel sums to 255 +- 2
+    assert np.abs(probs.astype(int).sum(-1) - 255).max() <= 2
+    # batching does not change the answer
+    assert np.array_equal(probs[3:5], predictor(images[3:5]))
+
+
+def test_segment_bytes_keeps_input_geometry(nifti_dir, tmp_path):
+    spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
+    predictor = inference.Predictor(spec, weights, device="cpu")
+    path = os.path.join(nifti_dir, "volume-3.nii.gz")
+    with open(path, "rb") as f:
+        mask_bytes, report = inference.segment_bytes(f.read(), "volume-3", spec, lambda x: inference.Done(predictor(x)))
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(mask_bytes)
+    src, got = nib.load(path), nib.load(str(out))
+    assert got.shape == src.shape
+    assert np.allclose(got.affine, src.affine)
+    assert nib.aff2axcodes(got.affine) == nib.aff2axcodes(src.affine)
+    assert got.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(got.dataobj))) <= {0, 1, 2}
+    assert report["model_id"] == spec.model_id and report["shape"] == list(src.shape)
+    json.dumps(report)  # serialisable
+
+
+def test_bad_inputs_and_models_give_clear_errors(tmp_path):
+    spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
+    with pytest.raises(BadInputError, match="not a NIfTI"):
+        inference.segment_bytes(b"x" * 1000, "junk.nii", spec, lambda x: None)
+    with pytest.raises(UserError, match="config.json is missing"):
+        inference.load_spec(str(tmp_path / "nowhere"))
+    other = tiny_model(tmp_path / "other", task="tumour")
+    (tmp_path / "model" / "weights.pt").write_bytes((tmp_path / "other" / "weights.pt").read_bytes())
+    spec, weights = inference.load_spec(str(tmp_path / "model"))
+    with pytest.raises(UserError, match="does not fit"):
+        inference.Predictor(spec, weights, device="cpu")
+    assert other
