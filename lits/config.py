@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 INPUT_FORMATS = ("auto", "nifti", "images")
 SYNTH_FORMATS = ("nifti", "images")
@@ -201,6 +201,68 @@ class TrainConfig:
     @property
     def classes(self) -> int:
         return 3 if self.task == "liver-tumour" else 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The Ray Serve app (`workflows/serve.py`) and the bulk jobs it runs.
+
+    Attributes:
+        model: URI of an exported model folder (weights.pt + config.json).
+        replicas: fixed number of model replicas, or None to autoscale between min and max.
+        min_replicas, max_replicas: autoscaling bounds (used when replicas is None).
+        num_gpus_per_replica: 0 (CPU) or 1.
+        cpus_per_replica: CPUs reserved (and torch threads) per model replica.
+        max_batch_size: slices per forward pass, gathered across requests by @serve.batch.
+        batch_wait_s: how long a replica waits to fill a batch.
+        chunk: slices a volume sends per request (a volume pipelines its chunks).
+        host, port: where the HTTP proxy listens.
+        allow_prefixes: URI prefixes jobs may read and write; empty: any s3:// URI, no local path.
+        max_body_mb: largest accepted request body (a /v1/segment upload).
+        job_concurrency: volumes in flight per job; None: the cluster's CPU count.
+        token_sha256: sha256 hex of the API token (from LITS_API_TOKEN); None: no auth.
+    """
+
+    model: str
+    replicas: Optional[int] = 1
+    min_replicas: int = 1
+    max_replicas: int = 1
+    num_gpus_per_replica: float = 0
+    cpus_per_replica: int = 1
+    max_batch_size: int = 32
+    batch_wait_s: float = 0.01
+    chunk: int = 16
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allow_prefixes: Tuple[str, ...] = ()
+    max_body_mb: int = 1024
+    job_concurrency: Optional[int] = None
+    token_sha256: Optional[str] = None
+    s3_endpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.replicas is None and not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                             f"{self.min_replicas}..{self.max_replicas}")
+        if self.num_gpus_per_replica not in (0, 1):
+            raise ValueError(f"num_gpus_per_replica must be 0 or 1, got {self.num_gpus_per_replica}")
+        if self.cpus_per_replica < 1 and not self.num_gpus_per_replica:
+            raise ValueError("cpus_per_replica must be >= 1 for CPU replicas")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"max_batch_size must be between 1 and 1024, got {self.max_batch_size}")
+        if not 1 <= self.chunk <= self.max_batch_size:
+            raise ValueError(f"chunk must be between 1 and max_batch_size ({self.max_batch_size}), got {self.chunk}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.max_body_mb < 1:
+            raise ValueError(f"max_body_mb must be >= 1, got {self.max_body_mb}")
+        if self.job_concurrency is not None and self.job_concurrency < 1:
+            raise ValueError(f"job_concurrency must be >= 1, got {self.job_concurrency}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -187,7 +187,8 @@ class Predictor:
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             for start in range(0, len(images), self.max_batch):
-                x = torch.from_numpy(np.ascontiguousarray(images[start:start + self.max_batch])).to(self.device)
+                # Arrays from Ray's object store are read-only: torch wants a writable buffer.
+                x = torch.from_numpy(np.require(images[start:start + self.max_batch], requirements=["C", "W"])).to(self.device)
                 x = x.permute(0, 3, 1, 2).float().div_(255.0)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)

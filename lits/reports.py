@@ -91,3 +91,33 @@ def contact_sheet(tiles: List[Tuple[str, np.ndarray, np.ndarray]], columns: int 
         cv2.putText(sheet, caption[:32], (x + 3, y + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     return buf.tobytes()
+
+
+def progress_line(job: Dict, width: int = 30) -> str:
+    """One line of a job's progress: bar, counts, throughput."""
+    c = job["counts"]
+    finished = c["done"] + c["skipped"] + c["failed"]
+    filled = int(round(width * job["progress"]))
+    rate = f", {job['slices_per_s']:.1f} slices/s" if job.get("slices_per_s") else ""
+    total = c["total"] if c["total"] else "?"
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} volumes "
+            f"(done {c['done']}, skipped {c['skipped']}, failed {c['failed']}){rate} {job['state']}")
+
+
+def job_summary(job: Dict) -> str:
+    """The table that ends a bulk job: counts, throughput, every failed volume, where outputs are."""
+    c = job["counts"]
+    lines = [
+        f"job {job['job_id']} {job['state']} in {job['elapsed_s']:.1f} s (model {job['model_id']})",
+        "",
+        table(["volumes", "done", "skipped", "failed", "ignored", "slices segmented", "slices/s"],
+              [[c["total"], c["done"], c["skipped"], c["failed"], c["ignored"], job["slices_segmented"],
+                job["slices_per_s"] if job["slices_per_s"] is not None else "-"]], align_right_from=0),
+    ]
+    if job.get("error"):
+        lines += ["", f"error: {job['error']}"]
+    if job["failed"]:
+        lines += ["", f"failed volumes: {len(job['failed'])}"]
+        lines += [f"  {f['input']}: {f['reason']}" for f in job["failed"]]
+    lines += ["", f"outputs: {job['output']} (<name>_seg.nii.gz, <name>.json); summary: {job['summary']}"]
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Serve an exported model on Ray Serve: POST /v1/segment, bulk jobs under /v1/jobs, docs at /docs.
+
+    python workflows/serve.py --model s3://bucket/runs/model --min-replicas 1 --max-replicas 8 --num-gpus-per-replica 1
+    python workflows/serve.py --model demo-output/run/model --allow-prefix "$PWD/demo-output"
+
+Set LITS_API_TOKEN to require `Authorization: Bearer <token>` on every /v1 call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+import _common  # noqa: F401
+from _common import make_config, setup_logging, start_ray, user_errors
+
+from lits.config import ServeConfig
+from lits.errors import UserError
+
+DEFAULT_MODEL = os.path.join("demo-output", "run", "model")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = ServeConfig(model="-")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="exported model folder: train.py's OUTPUT/model (default: %(default)s, what `make demo` trains)")
+    p.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (default: autoscale between --min/--max-replicas)")
+    p.add_argument("--min-replicas", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--max-replicas", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="(default: %(default)s)")
+    p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="CPUs and torch threads per replica (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="slices per request from a volume (default: %(default)s)")
+    p.add_argument("--host", default=d.host, help="HTTP host; 0.0.0.0 to listen on every interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="(default: %(default)s)")
+    p.add_argument("--allow-prefix", action="append", default=[], help="URI prefix jobs may read and write (repeatable); "
+                   "without it any s3:// URI and no local path")
+    p.add_argument("--max-body-mb", type=int, default=d.max_body_mb, help="largest /v1/segment upload (default: %(default)s)")
+    p.add_argument("--job-concurrency", type=int, default=None, help="volumes in flight per job (default: the cluster's CPUs)")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--detach", action="store_true", help="with --address: deploy, then exit and leave the app running")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    with user_errors("serve"):
+        from lits import inference, serving, storage
+
+        cfg = make_config(
+            ServeConfig, model=storage.normalise(args.model), replicas=args.replicas, min_replicas=args.min_replicas,
+            max_replicas=max(args.max_replicas, args.min_replicas) if args.replicas is None else args.max_replicas,
+            num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+            max_batch_size=args.max_batch_size, chunk=min(args.chunk, args.max_batch_size), host=args.host, port=args.port,
+            allow_prefixes=tuple(storage.normalise(p) for p in args.allow_prefix), max_body_mb=args.max_body_mb,
+            job_concurrency=args.job_concurrency, token_sha256=serving.token_sha256(os.environ.get(serving.TOKEN_ENV)),
+            s3_endpoint=storage.resolve_endpoint(args.s3_endpoint),
+        )
+        if args.detach and not args.address:
+            raise UserError("--detach needs --address: a local Ray ends with this process")
+        spec, _ = inference.load_spec(cfg.model, cfg.s3_endpoint)  # a bad model fails here, not in a replica
+        start_ray(args.address, cfg.s3_endpoint)
+        serving.deploy(cfg)
+        url = f"http://{cfg.host}:{cfg.port}"
+        print(f"serving model {spec.model_id} ({cfg.model}) at {url}  (API docs: {url}/docs)", flush=True)
+        if not cfg.token_sha256:
+            print(f"no {serving.TOKEN_ENV} set: the API accepts every caller", flush=True)
+        if args.detach:
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(3600):
+                pass
+        except KeyboardInterrupt:
+            pass
+        logging.info("shutting down the application")
+        from ray import serve
+
+        serve.delete(serving.APP_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
