@@ -62,9 +62,10 @@ def _replica_lost(exc: BaseException) -> bool:
 class _Pending:
     """A chunk sent to the model deployment; `.result()` resends it when its replica was lost."""
 
-    def __init__(self, handle, images: np.ndarray):
+    def __init__(self, handle, images: np.ndarray, resent: Optional[List[int]] = None):
         self.handle = handle
         self.images = images
+        self.resent = resent if resent is not None else []
         self.response = handle.predict.remote(images)
 
     def result(self, timeout_s: Optional[float] = None) -> np.ndarray:
@@ -77,6 +78,7 @@ class _Pending:
                 log.warning("model replica lost (%s); resending %d slices (try %d of %d)",
                             type(exc).__name__, len(self.images), attempt + 1, RETRIES)
                 time.sleep(RETRY_WAIT_S * (attempt + 1))
+                self.resent.append(len(self.images))
                 self.response = self.handle.predict.remote(self.images)
         raise AssertionError("unreachable")
 
@@ -118,12 +120,13 @@ def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_na
     spec_obj = inference.ModelSpec.from_dict(spec)
     uris = output_uris(output, rel_name)
     result = {"input": uri, "name": rel_name, "node_id": ray.get_runtime_context().get_node_id()}
+    resent: List[int] = []
     try:
         if not overwrite and already_done(uris, spec_obj.model_id, s3_endpoint):
             return {**result, "status": "skipped"}
         handle = model_handle(app_name)
         report = inference.segment_uri(uri, uris["mask"], uris["report"], spec_obj,
-                                       lambda images: _Pending(handle, images), s3_endpoint, chunk)
+                                       lambda images: _Pending(handle, images, resent), s3_endpoint, chunk)
     except BadInputError as exc:
         return {**result, "status": "failed", "reason": str(exc)}
     except UserError as exc:  # e.g. the output became unwritable
@@ -133,7 +136,7 @@ def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_na
         return {**result, "status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
     return {**result, "status": "done", "slices": report["slices"], "seconds": report["seconds"]["total"],
             "liver_volume_ml": report["liver_volume_ml"], "tumour_volume_ml": report["tumour_volume_ml"],
-            "lesion_count": report["lesion_count"]}
+            "lesion_count": report["lesion_count"], "chunks_resent": len(resent)}
 
 
 @ray.remote(num_cpus=1, max_retries=2)
@@ -202,6 +205,7 @@ class JobRunner:
         self.failed: List[Dict] = []
         self.results: List[Dict] = []
         self.slices = 0
+        self.chunks_resent = 0
         self.times = {"submitted": _now(), "started": None, "finished": None}
         self.started_s: Optional[float] = None
         self.finished_s: Optional[float] = None
@@ -233,6 +237,7 @@ class JobRunner:
                 "counts": counts,
                 "progress": round(finished / counts["total"], 4) if counts["total"] else (1.0 if self.state in FINAL_STATES else 0.0),
                 "slices_segmented": self.slices,
+                "chunks_resent": self.chunks_resent,
                 "slices_per_s": round(self.slices / elapsed, 2) if elapsed > 0 else None,
                 "elapsed_s": round(elapsed, 1),
                 "failed": list(self.failed),
@@ -253,6 +258,7 @@ class JobRunner:
                 self.failed.append({"input": result["input"], "reason": result["reason"]})
             if result["status"] == "done":
                 self.slices += int(result.get("slices", 0))
+                self.chunks_resent += int(result.get("chunks_resent", 0))
             self.results.append(result)
 
     def _run(self) -> None:

@@ -1,0 +1,338 @@
+"""Ray Serve app and bulk jobs, end to end: real Ray, real HTTP, a real S3-protocol server."""
+
+import concurrent.futures
+import gzip
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import free_port, make_bucket, run_workflow, synthesize, upload_tree
+from test_inference import tiny_model
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-token"
+
+
+def s3fs_for(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+
+
+def bad_volumes(folder):
+    """Three unusable 'volumes': cut-off gzip, not NIfTI at all, a single slice."""
+    good = gzip.compress(nib.Nifti1Image(np.zeros((16, 16, 8), np.int16), np.eye(4)).to_bytes())
+    (folder / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
+    (folder / "notes.nii").write_bytes(b"this is not a NIfTI file\n" * 40)
+    (folder / "flat.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(np.zeros((32, 32, 1), np.int16), np.eye(4)).to_bytes()))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3_server):
+    """Ray (4 logical CPUs) + the app on a free port, with a token, an allow-list and a bucket:
+    archive/ct/ (4 good volumes, their reference segmentations, 3 bad files) and archive/many/
+    (8 larger volumes)."""
+    import ray
+
+    from lits import serving
+    from lits.config import ServeConfig
+
+    os.environ["AWS_ENDPOINT_URL"] = s3_server
+    root = tmp_path_factory.mktemp("serving")
+    ct = root / "ct"
+    synthesize(ct, volumes=4, size=64, slices=24, seed=3)
+    bad_volumes(ct)
+    many = root / "many"
+    synthesize(many, volumes=8, size=96, slices=48, seed=4)
+    for f in many.glob("segmentation-*"):
+        f.unlink()
+    make_bucket(s3_server, "archive")
+    make_bucket(s3_server, "other")
+    upload_tree(s3_server, str(ct), "s3://archive/ct")
+    upload_tree(s3_server, str(many), "s3://archive/many")
+    model = tiny_model(root / "model")
+    port = free_port()
+    local_out = root / "local-out"
+    local_out.mkdir()
+    cfg = ServeConfig(model=model, port=port, allow_prefixes=("s3://archive", str(local_out)), max_body_mb=1,
+                      batch_wait_s=0.2, chunk=8, max_batch_size=16, token_sha256=serving.token_sha256(TOKEN),
+                      s3_endpoint=s3_server)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serving.deploy(cfg)
+        yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "root": root, "model": model,
+               "local_out": str(local_out)}
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def call(server, method, path, body=None, token=TOKEN, raw=None, headers=None):
+    """(status, parsed JSON or bytes, headers) of one HTTP request."""
+    h = dict(headers or {})
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    data = raw
+    if body is not None:
+        data = json.dumps(body).encode()
+        h["Content-Type"] = "application/json"
+    request = urllib.request.Request(server["url"] + path, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            payload, status, got = r.read(), r.status, dict(r.headers)
+    except urllib.error.HTTPError as exc:
+        payload, status, got = exc.read(), exc.code, dict(exc.headers)
+    try:
+        return status, json.loads(payload), got
+    except ValueError:
+        return status, payload, got
+
+
+def wait_job(server, job_id, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, job, _ = call(server, "GET", f"/v1/jobs/{job_id}")
+        assert status == 200, job
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end in {timeout} s")
+
+
+def run_job(server, **request):
+    status, body, _ = call(server, "POST", "/v1/jobs", request)
+    assert status == 202, body
+    return wait_job(server, body["job_id"])
+
+
+@pytest.fixture(scope="module")
+def first_job(server):
+    return run_job(server, input="s3://archive/ct", output="s3://archive/seg")
+
+
+def test_job_segments_good_volumes_and_lists_bad_ones(server, first_job, tmp_path):
+    import SimpleITK as sitk
+
+    job = first_job
+    assert job["state"] == "succeeded", job
+    assert job["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4}
+    reasons = {os.path.basename(f["input"]): f["reason"] for f in job["failed"]}
+    assert set(reasons) == {"truncated.nii.gz", "notes.nii", "flat.nii.gz"}
+    assert "truncated" in reasons["truncated.nii.gz"]
+    assert "not a NIfTI" in reasons["notes.nii"]
+    assert "implausible dimensions" in reasons["flat.nii.gz"]
+    fs = s3fs_for(server["endpoint"])
+    for i in range(4):
+        fs.get(f"archive/seg/volume-{i}_seg.nii.gz", str(tmp_path / f"m{i}.nii.gz"))
+        source = str(server["root"] / "ct" / f"volume-{i}.nii.gz")
+        # A second reader (SimpleITK) agrees that the mask sits exactly on its volume.
+        img, mask = sitk.ReadImage(source), sitk.ReadImage(str(tmp_path / f"m{i}.nii.gz"))
+        assert mask.GetSize() == img.GetSize()
+        assert np.allclose(mask.GetSpacing(), img.GetSpacing(), atol=1e-5)
+        assert np.allclose(mask.GetOrigin(), img.GetOrigin(), atol=1e-4)
+        assert np.allclose(mask.GetDirection(), img.GetDirection(), atol=1e-6)
+        labels = sitk.GetArrayFromImage(mask)
+        assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+        report = json.loads(fs.cat_file(f"archive/seg/volume-{i}.json"))
+        assert report["model_id"] == job["model_id"]
+        voxel_ml = float(np.prod(img.GetSpacing())) / 1000
+        assert report["liver_volume_ml"] == pytest.approx(np.count_nonzero(labels >= 1) * voxel_ml, rel=1e-3, abs=1e-3)
+        assert report["tumour_volume_ml"] == pytest.approx(np.count_nonzero(labels == 2) * voxel_ml, rel=1e-3, abs=1e-3)
+        assert report["slices"] == 24
+    # no outputs for bad volumes or reference segmentations, nothing half-written
+    names = sorted(os.path.basename(p) for p in fs.ls("archive/seg"))
+    assert names == ["_jobs"] + sorted([f"volume-{i}.json" for i in range(4)] + [f"volume-{i}_seg.nii.gz" for i in range(4)])
+    summary = json.loads(fs.cat_file(f"archive/seg/_jobs/{job['job_id']}.json"))
+    assert summary["state"] == "succeeded" and len(summary["volumes"]) == 7
+    assert summary["counts"]["done"] == 4
+
+
+def test_second_submission_skips_and_overwrite_recomputes(server, first_job):
+    fs = s3fs_for(server["endpoint"])
+    before = fs.info("archive/seg/volume-0.json")["LastModified"]
+    again = run_job(server, input="s3://archive/ct", output="s3://archive/seg")
+    assert again["counts"]["skipped"] == 4 and again["counts"]["done"] == 0 and again["counts"]["failed"] == 3
+    assert fs.info("archive/seg/volume-0.json")["LastModified"] == before
+    redo = run_job(server, input="s3://archive/ct/volume-1.nii.gz", output="s3://archive/seg", overwrite=True)
+    assert redo["counts"] == {"total": 1, "done": 1, "skipped": 0, "failed": 0, "ignored": 0}
+    status, listing, _ = call(server, "GET", "/v1/jobs")
+    assert status == 200
+    assert {first_job["job_id"], again["job_id"], redo["job_id"]} <= {j["job_id"] for j in listing}
+
+
+def test_cancel_stops_a_job(server):
+    status, body, _ = call(server, "POST", "/v1/jobs", {"input": "s3://archive/many", "output": "s3://archive/cancelled",
+                                                         "concurrency": 1})
+    assert status == 202
+    time.sleep(1.0)
+    status, job, _ = call(server, "DELETE", f"/v1/jobs/{body['job_id']}")
+    assert status == 200
+    job = wait_job(server, body["job_id"])
+    assert job["state"] == "cancelled"
+    assert job["counts"]["done"] < job["counts"]["total"] == 8
+    fs = s3fs_for(server["endpoint"])
+    summary = json.loads(fs.cat_file(f"archive/cancelled/_jobs/{body['job_id']}.json"))
+    assert summary["state"] == "cancelled"
+    # every mask written before the cancel has its report: nothing half-done under a final name
+    masks = {p for p in fs.ls("archive/cancelled") if p.endswith("_seg.nii.gz")}
+    reports = {p for p in fs.ls("archive/cancelled") if p.endswith(".json")}
+    assert {m.replace("_seg.nii.gz", ".json") for m in masks} >= reports
+
+
+def test_replica_killed_during_a_job_loses_no_volume(server):
+    """A second app whose batches wait 2 s for slices: half a second after a volume finished,
+    the next volumes' chunks sit queued in the replica when it is killed; the job must resend
+    them and finish every volume."""
+    from ray import serve
+
+    from lits import jobs, serving
+    from lits.config import ServeConfig
+
+    cfg = ServeConfig(model=server["model"], batch_wait_s=2.0, max_batch_size=128, chunk=8, s3_endpoint=server["endpoint"])
+    handle = serving.deploy(cfg, http=False, app_name="lits-kill")
+    try:
+        pid = handle.describe.remote().result()["pid"]
+        job_id = jobs.submit_job({"input": "s3://archive/many", "output": "s3://archive/killed", "overwrite": False},
+                                 "lits-kill", cfg.chunk, 2, server["endpoint"])
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            job = jobs.get_job(job_id)
+            if job["counts"]["done"] >= 1:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        job = jobs.get_job(job_id)
+        assert job["state"] == "running" and job["counts"]["done"] < 8, job
+        os.kill(pid, signal.SIGKILL)
+        while job["state"] == "running" and time.time() < deadline + 180:
+            time.sleep(0.5)
+            job = jobs.get_job(job_id)
+        assert job["state"] == "succeeded", job
+        assert job["counts"]["done"] == 8 and job["counts"]["failed"] == 0, job
+        assert job["chunks_resent"] >= 1, job  # the chunks the dead replica held were sent again
+        assert handle.describe.remote().result()["pid"] != pid  # Serve replaced the replica
+    finally:
+        serve.delete("lits-kill")
+
+
+def test_segment_endpoint_answers_concurrent_requests(server):
+    volumes = [server["root"] / "ct" / f"volume-{i}.nii.gz" for i in range(3)]
+
+    def post(path):
+        return call(server, "POST", f"/v1/segment?name={path.name}", raw=path.read_bytes(),
+                    headers={"Content-Type": "application/octet-stream"})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(post, volumes))
+    for path, (status, payload, headers) in zip(volumes, answers):
+        assert status == 200, payload
+        mask = nib.Nifti1Image.from_bytes(gzip.decompress(payload))
+        source = nib.load(str(path))
+        assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+        report = json.loads(headers["x-lits-report"])
+        assert report["input"] == path.name and report["shape"] == list(source.shape)
+        assert headers["content-disposition"].endswith(f'{path.name[:-7]}_seg.nii.gz"')
+
+
+def test_segment_endpoint_rejects_bad_bodies(server):
+    status, body, _ = call(server, "POST", "/v1/segment", raw=b"junk" * 100)
+    assert status == 422 and "not a NIfTI" in body["detail"]
+    status, body, _ = call(server, "POST", "/v1/segment", raw=b"\0" * (1024 * 1024 + 10))
+    assert status == 413 and "limit of 1 MB" in body["detail"]
+    status, body, _ = call(server, "POST", "/v1/segment", raw=b"")
+    assert status == 400
+
+
+def test_auth(server):
+    assert call(server, "GET", "/healthz", token=None)[0] == 200
+    assert call(server, "GET", "/docs", token=None)[0] == 200
+    for token in (None, "wrong"):
+        status, body, headers = call(server, "GET", "/v1/jobs", token=token)
+        assert status == 401 and "token" in body["detail"]
+        assert call(server, "POST", "/v1/segment", token=token, raw=b"x")[0] == 401
+        assert call(server, "POST", "/v1/jobs", {"input": "s3://archive/ct", "output": "s3://archive/x"}, token=token)[0] == 401
+
+
+@pytest.mark.parametrize("uri, status", [
+    ("s3://other/ct", 403),
+    ("s3://archive-evil/ct", 403),
+    ("/etc", 403),
+    ("file:///etc/passwd", 403),
+    ("s3://archive/../other/ct", 400),
+    ("s3://archive/ct/./x", 400),
+    ("relative/path", 400),
+    ("http://example.com/ct", 400),
+    ("s3://archive/nothing-here", 404),
+])
+def test_job_uris_are_checked(server, uri, status):
+    got, body, _ = call(server, "POST", "/v1/jobs", {"input": uri, "output": "s3://archive/out"})
+    assert got == status, body
+
+
+def test_job_requests_are_validated(server):
+    assert call(server, "POST", "/v1/jobs", {"input": "s3://archive/ct", "output": "s3://other/out"})[0] == 403
+    assert call(server, "POST", "/v1/jobs", {"input": "s3://archive/ct", "output": "s3://archive/o", "extra": 1})[0] == 422
+    assert call(server, "GET", "/v1/jobs/0123456789ab")[0] == 404
+    assert call(server, "GET", "/v1/jobs/..%2F..")[0] == 404
+    assert call(server, "DELETE", "/v1/jobs/0123456789ab")[0] == 404
+
+
+def test_check_uri_rules(tmp_path):
+    from lits.serving import AccessError, check_uri
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "escape").symlink_to("/etc")
+    assert check_uri("s3://bucket/a/", []) == "s3://bucket/a"
+    assert check_uri(str(allowed / "x"), [str(allowed)]) == str(allowed / "x")
+    assert check_uri("file://" + str(allowed), [str(allowed)]) == str(allowed)
+    cases = [("/tmp/x", [], 403), (str(allowed / "escape" / "passwd"), [str(allowed)], 403),
+             ("s3://bucket/a\\..\\b", [], 400), ("s3://b/a/../c", [], 400), ("s3://b/x\n", [], 400),
+             ("s3://", [], 400), ("s3://bucketx/a", ["s3://bucket"], 403)]
+    for uri, allow, status in cases:
+        with pytest.raises(AccessError) as err:
+            check_uri(uri, allow)
+        assert err.value.status == status, uri
+
+
+def test_segment_workflow_against_the_server(server):
+    env = {"LITS_API_TOKEN": TOKEN}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = run_workflow("segment", "--input", "s3://archive/ct", "--output", "s3://archive/cli",
+                            "--server", server["url"], timeout=300)
+        os.environ["LITS_API_TOKEN"] = "wrong"
+        denied = run_workflow("segment", "--input", "s3://archive/ct", "--output", "s3://archive/cli",
+                              "--server", server["url"], timeout=60)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert proc.returncode == 1, proc.stderr  # three bad volumes
+    assert "failed volumes: 3" in proc.stdout and "succeeded" in proc.stdout
+    assert "4/7 volumes" not in proc.stdout and "7/7 volumes" in proc.stderr
+    assert denied.returncode == 2 and "401" in denied.stderr and "LITS_API_TOKEN" in denied.stderr
+    assert len(denied.stderr.strip().splitlines()) == 1
+
+
+def test_segment_workflow_runs_self_contained(server, tmp_path):
+    out = tmp_path / "seg"
+    proc = run_workflow("segment", "--input", str(server["root"] / "ct"), "--output", str(out),
+                        "--model", server["model"], timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [f"volume-{i}_seg.nii.gz" for i in range(4)]
+    assert "done 4" in proc.stderr and "failed volumes: 3" in proc.stdout
+    missing = run_workflow("segment", "--input", str(server["root"] / "ct"), "--output", str(out),
+                           "--model", str(tmp_path / "no-model"), timeout=60)
+    assert missing.returncode == 2 and "config.json is missing" in missing.stderr
