@@ -222,7 +222,8 @@ class ServeConfig:
         host, port: where the HTTP proxy listens.
         allow_prefixes: URI prefixes jobs may read and write; empty: any s3:// URI, no local path.
         max_body_mb: largest accepted request body (a /v1/segment upload).
-        job_concurrency: volumes in flight per job; None: the cluster's CPU count.
+        job_concurrency: volumes in flight per job; None: the cluster's CPUs / cpus_per_volume.
+        cpus_per_volume: CPUs each volume task reserves (it waits on the model part of the time).
         token_sha256: sha256 hex of the API token (from LITS_API_TOKEN); None: no auth.
     """
 
@@ -240,6 +241,7 @@ class ServeConfig:
     allow_prefixes: Tuple[str, ...] = ()
     max_body_mb: int = 1024
     job_concurrency: Optional[int] = None
+    cpus_per_volume: float = 1.0
     token_sha256: Optional[str] = None
     s3_endpoint: Optional[str] = None
 
@@ -261,6 +263,8 @@ class ServeConfig:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
         if self.max_body_mb < 1:
             raise ValueError(f"max_body_mb must be >= 1, got {self.max_body_mb}")
+        if not 0 < self.cpus_per_volume <= 64:
+            raise ValueError(f"cpus_per_volume must be in (0, 64], got {self.cpus_per_volume}")
         if self.job_concurrency is not None and self.job_concurrency < 1:
             raise ValueError(f"job_concurrency must be >= 1, got {self.job_concurrency}")
 

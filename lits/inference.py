@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -268,19 +269,24 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
         prep_s += time.perf_counter() - t
         pending.append((start, submit(images)))
     labels = np.empty((n, h, w), np.uint8)
+    size = spec.image_size
+    coarse = np.empty((n, size, size), np.uint8)
     wait_s = resize_s = 0.0
     for start, future in pending:
         t = time.perf_counter()
         probs = future.result()
         t2 = time.perf_counter()
         labels[start:start + len(probs)] = probs_to_labels(probs, (h, w), spec.task)
+        coarse[start:start + len(probs)] = probs_to_labels(probs, (size, size), spec.task)
         wait_s += t2 - t
         resize_s += time.perf_counter() - t2
     t = time.perf_counter()
     if postprocess and spec.task == "liver-tumour":
-        labels = masks.postprocess(labels)
+        # Components are found at the model's resolution (16x fewer voxels at 512 -> 128).
+        labels = masks.postprocess(labels) if (h, w) == (size, size) else masks.postprocess_guided(labels, coarse)
     post_s = time.perf_counter() - t
-    labels_file = np.ascontiguousarray(geometry.from_canonical(labels))
+    # Fortran order is NIfTI's on-disk order: the file writes without a transposing copy (10x).
+    labels_file = np.asfortranarray(geometry.from_canonical(labels))
     timings = {"preprocess_s": prep_s, "predict_wait_s": wait_s, "resize_back_s": resize_s,
                "postprocess_s": post_s, "segment_s": time.perf_counter() - t0}
     return labels_file, {k: round(v, 3) for k, v in timings.items()}
@@ -314,19 +320,10 @@ def output_name(relative: str) -> str:
     raise ValueError(f"{relative} is not .nii or .nii.gz")
 
 
-def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: int = 16) -> Tuple[bytes, Dict]:
-    """Segment NIfTI bytes; return the .nii.gz mask bytes (the input's affine) and the report.
-
-    Raises:
-        BadInputError: not NIfTI, not 3-D, absurd dimensions, NaN HU.
-    """
-    t0 = time.perf_counter()
-    hu_file, geometry = volumes.parse_nifti(data, name)
+def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
+                    chunk: int, read_s: float) -> Tuple[np.ndarray, Dict]:
     volumes.check_hu(hu_file, name)
-    read_s = time.perf_counter() - t0
     labels, timings = segment_array(hu_file, geometry, spec, submit, chunk)
-    t = time.perf_counter()
-    mask_bytes = volumes.nifti_bytes(labels, geometry.affine_array, compress=True)
     report = {
         "input": name,
         "model_id": spec.model_id,
@@ -336,16 +333,48 @@ def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk
         "spacing_mm": [round(s, 6) for s in geometry.spacing],
         "slices": int(geometry.canonical_shape[0]),
         **volume_report(labels, geometry, spec),
-        "seconds": {"read": round(read_s, 3), **timings, "encode": round(time.perf_counter() - t, 3)},
+        "seconds": {"read": round(read_s, 3), **timings},
     }
+    return labels, report
+
+
+def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: int = 16) -> Tuple[bytes, Dict]:
+    """Segment NIfTI bytes; return the .nii.gz mask bytes (the input's affine) and the report.
+
+    Raises:
+        BadInputError: not NIfTI, not 3-D, absurd dimensions, NaN HU.
+    """
+    t0 = time.perf_counter()
+    hu_file, geometry = volumes.parse_nifti(data, name)
+    labels, report = _segment_parsed(hu_file, geometry, name, spec, submit, chunk, time.perf_counter() - t0)
+    t = time.perf_counter()
+    mask_bytes = volumes.nifti_bytes(labels, geometry.affine_array, compress=True)
+    report["seconds"]["encode"] = round(time.perf_counter() - t, 3)
     return mask_bytes, report
 
 
-def segment_uri(uri: str, mask_uri: str, report_uri: str, spec: ModelSpec, submit: Submit,
-                s3_endpoint: Optional[str] = None, chunk: int = 16) -> Dict:
-    """Segment the NIfTI at `uri`; write the mask, then the report (last: its presence means done).
+def preview_png(hu_file: np.ndarray, labels_file: np.ndarray, geometry: volumes.Geometry, title: str) -> bytes:
+    """PNG of the predicted outlines over the liver window: the axial slice with the most liver
+    (or tumour) and the coronal plane through it, superior up, the patient's right on the left."""
+    from lits import reports
 
-    Both writes are atomic. Returns the report.
+    hu = geometry.to_canonical(hu_file)
+    labels = geometry.to_canonical(labels_file)
+    area = np.count_nonzero(labels, axis=(1, 2))
+    z = int(np.argmax(area)) if area.any() else len(labels) // 2
+    rows = np.count_nonzero(labels[z], axis=1)
+    y = int(np.argmax(rows)) if rows.any() else labels.shape[1] // 2
+    axial = ct.window(hu[z], *WINDOW_LIVER)[..., None]
+    coronal = ct.window(hu[::-1, y, :], *WINDOW_LIVER)[..., None]
+    return reports.contact_sheet([(f"{title} axial {z}", axial, labels[z]),
+                                  (f"coronal {y}", coronal, np.ascontiguousarray(labels[::-1, y, :]))],
+                                 columns=2, tile=256)
+
+
+def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit,
+                s3_endpoint: Optional[str] = None, chunk: int = 16) -> Dict:
+    """Segment the NIfTI at `uri`; write outputs['mask'], outputs['preview'], then outputs['report']
+    (last: its presence means done). Every write is atomic. Returns the report.
 
     Raises:
         BadInputError: unreadable or invalid volume (nothing is written).
@@ -356,12 +385,16 @@ def segment_uri(uri: str, mask_uri: str, report_uri: str, spec: ModelSpec, submi
     except UserError as exc:
         raise BadInputError(str(exc)) from exc
     fetch_s = time.perf_counter() - t0
-    mask_bytes, report = segment_bytes(data, uri, spec, submit, chunk)
     t = time.perf_counter()
-    storage.write_bytes(mask_uri, mask_bytes, s3_endpoint)
-    report["mask"] = mask_uri
+    hu_file, geometry = volumes.parse_nifti(data, uri)
+    del data
+    labels, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk, time.perf_counter() - t)
+    t = time.perf_counter()
+    storage.write_bytes(outputs["mask"], volumes.nifti_bytes(labels, geometry.affine_array, compress=True), s3_endpoint)
+    storage.write_bytes(outputs["preview"], preview_png(hu_file, labels, geometry, os.path.basename(outputs["mask"])[:-len("_seg.nii.gz")]), s3_endpoint)
+    report.update(mask=outputs["mask"], preview=outputs["preview"])
     report["seconds"]["fetch"] = round(fetch_s, 3)
     report["seconds"]["write"] = round(time.perf_counter() - t, 3)
     report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    storage.write_bytes(report_uri, json.dumps(report, indent=1).encode(), s3_endpoint)
+    storage.write_bytes(outputs["report"], json.dumps(report, indent=1).encode(), s3_endpoint)
     return report

@@ -6,8 +6,8 @@ tasks in flight across the cluster. Each task reads, preprocesses and post-proce
 worker and sends its slices, chunk by chunk, to the model deployment, where @serve.batch
 gathers slices of many volumes into one forward pass.
 
-Outputs per input `INPUT/<rel>.nii[.gz]`: `OUTPUT/<rel>_seg.nii.gz` then `OUTPUT/<rel>.json`
-(the report, written last: its presence with this model's id means done). Both writes are
+Outputs per input `INPUT/<rel>.nii[.gz]`: `OUTPUT/<rel>_seg.nii.gz`, `OUTPUT/<rel>_preview.png`,
+then `OUTPUT/<rel>.json` (the report, written last: its presence with this model's id means done). Both writes are
 atomic. At the end `OUTPUT/_jobs/<job_id>.json` holds the summary.
 
 Failure rules: a bad volume is recorded with its reason and the job goes on; a lost model
@@ -99,7 +99,8 @@ def describe_model(app_name: str) -> Dict:
 # --- one volume -----------------------------------------------------------------------------------
 
 def output_uris(output: str, rel_name: str) -> Dict[str, str]:
-    return {"mask": storage.join(output, rel_name + "_seg.nii.gz"), "report": storage.join(output, rel_name + ".json")}
+    return {"mask": storage.join(output, rel_name + "_seg.nii.gz"), "preview": storage.join(output, rel_name + "_preview.png"),
+            "report": storage.join(output, rel_name + ".json")}
 
 
 def already_done(uris: Dict[str, str], model_id: str, s3_endpoint: Optional[str]) -> bool:
@@ -125,7 +126,7 @@ def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_na
         if not overwrite and already_done(uris, spec_obj.model_id, s3_endpoint):
             return {**result, "status": "skipped"}
         handle = model_handle(app_name)
-        report = inference.segment_uri(uri, uris["mask"], uris["report"], spec_obj,
+        report = inference.segment_uri(uri, uris, spec_obj,
                                        lambda images: _Pending(handle, images, resent), s3_endpoint, chunk)
     except BadInputError as exc:
         return {**result, "status": "failed", "reason": str(exc)}
@@ -185,16 +186,19 @@ class JobRunner:
         request: {'input', 'output', 'overwrite'} (URIs already checked and normalised).
         app_name: the Serve application holding the model deployment.
         chunk: slices per model request.
-        concurrency: volumes in flight; None: the cluster's CPU count.
+        concurrency: volumes in flight; None: the cluster's CPUs / cpus_per_volume.
+        cpus_per_volume: CPUs a volume task reserves. A task waits on the model for much of
+            its time, so below 1 lets more volumes overlap on a CPU-only machine.
     """
 
     def __init__(self, job_id: str, request: Dict, app_name: str, chunk: int = 16,
-                 concurrency: Optional[int] = None, s3_endpoint: Optional[str] = None):
+                 concurrency: Optional[int] = None, s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0):
         self.job_id = job_id
         self.request = dict(request)
         self.app_name = app_name
         self.chunk = chunk
-        self.concurrency = concurrency or max(1, min(256, int(ray.cluster_resources().get("CPU", 1))))
+        self.cpus_per_volume = cpus_per_volume
+        self.concurrency = concurrency or max(1, min(256, int(ray.cluster_resources().get("CPU", 1) / cpus_per_volume)))
         self.s3_endpoint = s3_endpoint
         self.lock = threading.Lock()
         self.cancel_requested = threading.Event()
@@ -306,7 +310,7 @@ class JobRunner:
                 return
             while pending and len(in_flight) < self.concurrency:
                 uri, rel = pending.pop(0)
-                ref = segment_volume_task.remote(uri, rel, self.request["output"], spec, self.app_name,
+                ref = segment_volume_task.options(num_cpus=self.cpus_per_volume).remote(uri, rel, self.request["output"], spec, self.app_name,
                                                  bool(self.request.get("overwrite")), self.chunk, self.s3_endpoint)
                 in_flight[ref] = uri
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
@@ -347,14 +351,14 @@ def _job_ids() -> List[str]:
 
 
 def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optional[int] = None,
-               s3_endpoint: Optional[str] = None) -> str:
+               s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0) -> str:
     """Start a job on the cluster; return its id at once (the job runs in its own actor)."""
     _forget_old_jobs()
     job_id = uuid.uuid4().hex[:12]
     runner = ray.remote(JobRunner).options(
         name=ACTOR_PREFIX + job_id, namespace=JOBS_NAMESPACE, lifetime="detached", num_cpus=0,
         max_concurrency=8, max_restarts=0,
-    ).remote(job_id, request, app_name, chunk, concurrency, s3_endpoint)
+    ).remote(job_id, request, app_name, chunk, concurrency, s3_endpoint, cpus_per_volume)
     ray.get(runner.start.remote())
     return job_id
 

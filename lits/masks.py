@@ -270,6 +270,18 @@ def component_sizes(mask: np.ndarray) -> np.ndarray:
     return np.sort(np.bincount(ids.reshape(-1), minlength=count + 1)[1:])[::-1]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """bool mask of the largest 3-D connected component (26-connectivity) of a boolean mask."""
+    out = np.zeros(mask.shape, bool)
+    if not mask.any():
+        return out
+    box = _bounding_box(mask)
+    ids, count = label_components(mask[box])
+    largest = 1 + int(np.argmax(np.bincount(ids.reshape(-1), minlength=count + 1)[1:]))
+    out[box] = ids == largest
+    return out
+
+
 def postprocess(labels: np.ndarray) -> np.ndarray:
     """Keep the largest connected liver component (tumour counts as liver) and tumour inside it.
 
@@ -282,15 +294,32 @@ def postprocess(labels: np.ndarray) -> np.ndarray:
     Returns:
         uint8 (Z, H, W): a new array; every voxel outside the kept component is 0.
     """
-    liver = labels >= 1
+    return np.where(largest_component(labels >= 1), labels, 0).astype(labels.dtype, copy=False)
+
+
+def postprocess_guided(labels: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """`postprocess` for a full-resolution label volume, choosing the component on a coarse one.
+
+    The largest liver component is found on `coarse` (the model-resolution labels, e.g. 16x
+    fewer voxels), grown by one coarse voxel, resized to the full in-plane size, and every
+    full-resolution liver voxel outside it is cleared. Only a full-resolution island that lies
+    within one coarse voxel of the kept component survives where `postprocess` would drop it.
+
+    Args:
+        labels: uint8 (Z, H, W) full-resolution labels.
+        coarse: uint8 (Z, h, w) labels of the same slices at the model's resolution.
+    Returns:
+        uint8 (Z, H, W), a new array.
+    """
+    from scipy import ndimage
+
+    keep = largest_component(coarse >= 1)
     out = np.zeros_like(labels)
-    if not liver.any():
+    if not keep.any():
         return out
-    box = _bounding_box(liver)
-    ids, count = label_components(liver[box])
-    if count == 0:
-        return out
-    largest = 1 + int(np.argmax(np.bincount(ids.reshape(-1), minlength=count + 1)[1:]))
-    keep = ids == largest
-    out[box] = np.where(keep, labels[box], 0)
+    keep = ndimage.binary_dilation(keep, structure=CONNECTIVITY_3D)
+    h, w = labels.shape[1:]
+    for z in np.nonzero(keep.any(axis=(1, 2)))[0]:
+        full = cv2.resize(keep[z].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        out[z] = labels[z] * full
     return out

@@ -119,5 +119,5 @@ def job_summary(job: Dict) -> str:
     if job["failed"]:
         lines += ["", f"failed volumes: {len(job['failed'])}"]
         lines += [f"  {f['input']}: {f['reason']}" for f in job["failed"]]
-    lines += ["", f"outputs: {job['output']} (<name>_seg.nii.gz, <name>.json); summary: {job['summary']}"]
+    lines += ["", f"outputs: {job['output']} (<name>_seg.nii.gz, <name>_preview.png, <name>.json); summary: {job['summary']}"]
     return "\n".join(lines)

@@ -149,6 +149,8 @@ def model_deployment(cfg: ServeConfig):
         # Requests are chunks; a replica must hold enough of them to fill a batch of slices.
         "max_ongoing_requests": max(64, 4 * cfg.max_batch_size // cfg.chunk),
         "health_check_period_s": 5,
+        # One access-log line per chunk would bury everything else; failures still log.
+        "logging_config": {"log_level": "WARNING"},
     }
     if cfg.replicas is not None:
         options["num_replicas"] = cfg.replicas
@@ -258,7 +260,8 @@ class Api:
         if not await asyncio.to_thread(storage.exists, job["input"], self.cfg.s3_endpoint):
             raise HTTPException(404, f"input {body.input} does not exist")
         job_id = await asyncio.to_thread(jobs.submit_job, job, self.app_name, self.cfg.chunk,
-                                         body.concurrency or self.cfg.job_concurrency, self.cfg.s3_endpoint)
+                                         body.concurrency or self.cfg.job_concurrency, self.cfg.s3_endpoint,
+                                         self.cfg.cpus_per_volume)
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
     @api.get("/v1/jobs")
@@ -297,5 +300,5 @@ def deploy(cfg: ServeConfig, http: bool = True, app_name: str = APP_NAME):
     if http:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         return serve.run(build_app(cfg, app_name), name=app_name, route_prefix="/")
-    serve.start(proxy_location="Disabled")
-    return serve.run(model_deployment(cfg), name=app_name, route_prefix=None)
+    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+    return serve.run(model_deployment(cfg), name=app_name, route_prefix=None, logging_config={"log_level": "WARNING"})

@@ -239,7 +239,8 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True, le
     image.header.set_qform(image.affine, code=1)
     image.header.set_sform(image.affine, code=1)
     raw = image.to_bytes()
-    return gzip.compress(raw, compresslevel=level, mtime=0) if compress else raw
+    # ISA-L's level 1 is ~6x faster than zlib's and smaller on label masks.
+    return _gzip_impl.compress(raw, compresslevel=level, mtime=0) if compress else raw
 
 
 def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray, s3_endpoint: Optional[str] = None) -> None:

@@ -155,3 +155,23 @@ def test_bad_inputs_and_models_give_clear_errors(tmp_path):
     with pytest.raises(UserError, match="does not fit"):
         inference.Predictor(spec, weights, device="cpu")
     assert other
+
+
+def test_guided_postprocess_matches_full_resolution_on_upsampled_labels():
+    rng = np.random.default_rng(5)
+    coarse = np.zeros((8, 16, 16), np.uint8)
+    coarse[1:7, 2:10, 2:10] = 1
+    coarse[3:5, 4:6, 4:6] = 2
+    coarse[0:2, 13:16, 13:16] = 1   # a separate island
+    coarse[7, 14, 0:3] = 2          # tumour outside the liver
+    full = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
+    guided = masks.postprocess_guided(full, coarse)
+    assert np.array_equal(guided, masks.postprocess(full))
+    assert guided[0, 60, 60] == 0 and guided[3, 10, 10] == 1 and guided[3, 18, 18] == 2
+    assert not masks.postprocess_guided(full, np.zeros_like(coarse)).any()
+    noisy = full.copy()
+    noisy[rng.random(full.shape) < 0.001] = 1
+    kept = masks.postprocess_guided(noisy, coarse)
+    far = np.ones(full.shape, bool)
+    far[:, :48, :48] = False  # within reach of the kept liver
+    assert not kept[far & (coarse.repeat(4, 1).repeat(4, 2) == 0)].any()

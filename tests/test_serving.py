@@ -152,7 +152,8 @@ def test_job_segments_good_volumes_and_lists_bad_ones(server, first_job, tmp_pat
         assert report["slices"] == 24
     # no outputs for bad volumes or reference segmentations, nothing half-written
     names = sorted(os.path.basename(p) for p in fs.ls("archive/seg"))
-    assert names == ["_jobs"] + sorted([f"volume-{i}.json" for i in range(4)] + [f"volume-{i}_seg.nii.gz" for i in range(4)])
+    assert names == ["_jobs"] + sorted([f"volume-{i}{suffix}" for i in range(4)
+                                      for suffix in (".json", "_seg.nii.gz", "_preview.png")])
     summary = json.loads(fs.cat_file(f"archive/seg/_jobs/{job['job_id']}.json"))
     assert summary["state"] == "succeeded" and len(summary["volumes"]) == 7
     assert summary["counts"]["done"] == 4

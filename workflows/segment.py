@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=1, help="model replicas, without --server (default: %(default)s)")
     p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="without --server (default: %(default)s)")
     p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="without --server (default: %(default)s)")
+    p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
+                   "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
     p.add_argument("--address", default=None, help="Ray cluster to join, without --server; e.g. 'auto'")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -153,13 +155,15 @@ def run_locally(args) -> dict:
     cfg = make_config(ServeConfig, model=storage.normalise(args.model), replicas=args.replicas,
                       num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                       max_batch_size=args.max_batch_size, chunk=min(ServeConfig.chunk, args.max_batch_size),
-                      job_concurrency=args.concurrency, s3_endpoint=s3)
+                      job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume, s3_endpoint=s3)
     if args.concurrency is not None and args.concurrency < 1:
         raise UserError("--concurrency must be >= 1")
     spec, _ = inference.load_spec(cfg.model, s3)  # before paying for Ray
     storage.require(args.input, s3)
     storage.check_writable(args.output, s3)
     start_ray(args.address, s3)
+    if not args.verbose:  # Serve's start-up and shutdown chatter would bury the progress bar
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app_name = f"lits-segment-{uuid.uuid4().hex[:8]}"
     logging.info("deploying model %s as Serve app %s", spec.model_id, app_name)
     serving.deploy(cfg, http=False, app_name=app_name)
@@ -169,10 +173,11 @@ def run_locally(args) -> dict:
 
         concurrency = args.concurrency
         if concurrency is None and not args.address:  # a local Ray: leave the replica its CPUs
-            concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) - cfg.replicas * cfg.cpus_per_replica)
+            free = ray.cluster_resources().get("CPU", 1) - cfg.replicas * cfg.cpus_per_replica
+            concurrency = max(1, int(free / cfg.cpus_per_volume))
         request = {"input": storage.normalise(args.input), "output": storage.normalise(args.output),
                    "overwrite": args.overwrite}
-        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, s3)
+        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, s3, cfg.cpus_per_volume)
         logging.info("job %s started: %s -> %s", job_id, request["input"], request["output"])
         job = follow(lambda: jobs.get_job(job_id))
         return job

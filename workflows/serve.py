@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-replicas", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="(default: %(default)s)")
     p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="CPUs and torch threads per replica (default: %(default)s)")
+    p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
+                   "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
     p.add_argument("--chunk", type=int, default=d.chunk, help="slices per request from a volume (default: %(default)s)")
     p.add_argument("--host", default=d.host, help="HTTP host; 0.0.0.0 to listen on every interface (default: %(default)s)")
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
             num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
             max_batch_size=args.max_batch_size, chunk=min(args.chunk, args.max_batch_size), host=args.host, port=args.port,
             allow_prefixes=tuple(storage.normalise(p) for p in args.allow_prefix), max_body_mb=args.max_body_mb,
-            job_concurrency=args.job_concurrency, token_sha256=serving.token_sha256(os.environ.get(serving.TOKEN_ENV)),
+            job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(serving.TOKEN_ENV)),
             s3_endpoint=storage.resolve_endpoint(args.s3_endpoint),
         )
         if args.detach and not args.address:
