@@ -88,6 +88,7 @@ def model_handle(app_name: str):
 
     from lits.serving import MODEL_DEPLOYMENT
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one "router started" line per worker otherwise
     return serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
 
 
