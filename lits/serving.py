@@ -270,21 +270,23 @@ class Api:
         found = await asyncio.to_thread(jobs.list_jobs)
         return [{k: j[k] for k in ("job_id", "state", "input", "output", "counts", "progress", "times")} for j in found]
 
-    @api.get("/v1/jobs/{job_id}")
-    async def get(self, request: Request, job_id: str) -> Dict:
-        self.authorise(request)
-        job = await asyncio.to_thread(jobs.get_job, job_id) if re.fullmatch(r"[0-9a-f]{12}", job_id) else None
+    @staticmethod
+    async def _job_or_404(action, job_id: str) -> Dict:
+        job = await asyncio.to_thread(action, job_id) if re.fullmatch(r"[0-9a-f]{12}", job_id) else None
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
+    @api.get("/v1/jobs/{job_id}")
+    async def get(self, request: Request, job_id: str) -> Dict:
+        self.authorise(request)
+        return await self._job_or_404(jobs.get_job, job_id)
+
     @api.delete("/v1/jobs/{job_id}")
     async def cancel(self, request: Request, job_id: str) -> Dict:
+        """Stop submitting volumes, cancel those in flight; finished volumes stay."""
         self.authorise(request)
-        job = await asyncio.to_thread(jobs.cancel_job, job_id) if re.fullmatch(r"[0-9a-f]{12}", job_id) else None
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
-        return job
+        return await self._job_or_404(jobs.cancel_job, job_id)
 
 
 def build_app(cfg: ServeConfig, app_name: str = APP_NAME):

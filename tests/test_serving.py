@@ -337,3 +337,31 @@ def test_segment_workflow_runs_self_contained(server, tmp_path):
     missing = run_workflow("segment", "--input", str(server["root"] / "ct"), "--output", str(out),
                            "--model", str(tmp_path / "no-model"), timeout=60)
     assert missing.returncode == 2 and "config.json is missing" in missing.stderr
+
+
+def test_serve_workflow_starts_answers_and_stops(server, tmp_path):
+    """workflows/serve.py as a user runs it: its own local Ray, a token, SIGTERM to stop."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, WORKFLOWS
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, LITS_API_TOKEN="t0ken")
+    proc = subprocess.Popen([sys.executable, os.path.join(WORKFLOWS, "serve.py"), "--model", server["model"],
+                             "--port", str(port), "--allow-prefix", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed once the app is up
+        assert line.startswith("serving model") and f":{port}" in line, (line, proc.stderr.read() if proc.poll() else "")
+        local = {"url": f"http://127.0.0.1:{port}"}
+        status, body, _ = call(local, "GET", "/healthz", token=None)
+        assert status == 200 and body["model_id"] == call(server, "GET", "/healthz", token=None)[1]["model_id"]
+        assert call(local, "GET", "/v1/jobs", token="t0ken")[0] == 200
+        assert call(local, "GET", "/v1/jobs", token=TOKEN)[0] == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    bad = run_workflow("serve", "--model", str(tmp_path / "missing"), timeout=60)
+    assert bad.returncode == 2 and "config.json is missing" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

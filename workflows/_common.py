@@ -41,6 +41,21 @@ def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpu
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+# Where `make demo` exports its model: the default --model of serve.py and segment.py.
+DEFAULT_MODEL = os.path.join("demo-output", "run", "model")
+
+
+def add_model_args(p, d) -> None:
+    """Flags of the model deployment shared by serve.py and segment.py (`d`: a default ServeConfig)."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="exported model folder: train.py's OUTPUT/model "
+                   "(default: %(default)s, what `make demo` trains)")
+    p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="(default: %(default)s)")
+    p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="CPUs and torch threads per replica (default: %(default)s)")
+    p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
+                   "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
+
+
 def make_config(cls, **fields):
     """Build a stage config; its validation errors are the user's (bad flags)."""
     try:

@@ -25,12 +25,11 @@ import urllib.request
 import uuid
 
 import _common  # noqa: F401
-from _common import make_config, setup_logging, start_ray, user_errors
+from _common import add_model_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import ServeConfig
 from lits.errors import UserError
 
-DEFAULT_MODEL = os.path.join("demo-output", "run", "model")
 TOKEN_ENV = "LITS_API_TOKEN"
 
 
@@ -41,18 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for masks, reports and _jobs/<id>.json")
     p.add_argument("--server", default=None, help="URL of a running serve.py, e.g. http://127.0.0.1:8000 "
                    f"(token from {TOKEN_ENV}); without it a local Ray and Serve run the job")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="exported model folder, without --server "
-                   "(default: %(default)s, what `make demo` trains)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="follow the job with a progress bar until it ends (default: on; --no-wait prints the job id)")
     p.add_argument("--overwrite", action="store_true", help="recompute volumes whose outputs exist for this model")
     p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the cluster's CPUs)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas, without --server (default: %(default)s)")
-    p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="without --server (default: %(default)s)")
-    p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="without --server (default: %(default)s)")
-    p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
-                   "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
+    add_model_args(p, d)  # these apply without --server: the server has its own
     p.add_argument("--address", default=None, help="Ray cluster to join, without --server; e.g. 'auto'")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--verbose", action="store_true")

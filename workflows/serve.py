@@ -17,26 +17,18 @@ import sys
 import threading
 
 import _common  # noqa: F401
-from _common import make_config, setup_logging, start_ray, user_errors
+from _common import add_model_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import ServeConfig
 from lits.errors import UserError
 
-DEFAULT_MODEL = os.path.join("demo-output", "run", "model")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     d = ServeConfig(model="-")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="exported model folder: train.py's OUTPUT/model (default: %(default)s, what `make demo` trains)")
+    add_model_args(p, d)
     p.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (default: autoscale between --min/--max-replicas)")
     p.add_argument("--min-replicas", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--max-replicas", type=int, default=1, help="(default: %(default)s)")
-    p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="(default: %(default)s)")
-    p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="CPUs and torch threads per replica (default: %(default)s)")
-    p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
-                   "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
     p.add_argument("--chunk", type=int, default=d.chunk, help="slices per request from a volume (default: %(default)s)")
     p.add_argument("--host", default=d.host, help="HTTP host; 0.0.0.0 to listen on every interface (default: %(default)s)")
     p.add_argument("--port", type=int, default=d.port, help="(default: %(default)s)")
