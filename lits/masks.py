@@ -239,7 +239,7 @@ def render_colour_mask(labels: np.ndarray, colormap: str) -> np.ndarray:
 CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
 
 
-def _bounding_box(mask: np.ndarray) -> Tuple[slice, ...]:
+def bounding_box(mask: np.ndarray) -> Tuple[slice, ...]:
     """The smallest box (one slice per axis) holding every True voxel of a non-empty mask."""
     box = []
     for axis in range(mask.ndim):
@@ -265,7 +265,7 @@ def component_sizes(mask: np.ndarray) -> np.ndarray:
     """Voxel counts of the 3-D connected components of `mask`, largest first (int64)."""
     if not mask.any():
         return np.zeros(0, dtype=np.int64)
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     ids, count = label_components(mask[box])
     return np.sort(np.bincount(ids.reshape(-1), minlength=count + 1)[1:])[::-1]
 
@@ -275,7 +275,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape, bool)
     if not mask.any():
         return out
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     ids, count = label_components(mask[box])
     largest = 1 + int(np.argmax(np.bincount(ids.reshape(-1), minlength=count + 1)[1:]))
     out[box] = ids == largest

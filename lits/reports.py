@@ -121,3 +121,65 @@ def job_summary(job: Dict) -> str:
         lines += [f"  {f['input']}: {f['reason']}" for f in job["failed"]]
     lines += ["", f"outputs: {job['output']} (<name>_seg.nii.gz, <name>_preview.png, <name>.json); summary: {job['summary']}"]
     return "\n".join(lines)
+
+
+# Outline colours (RGB) of comparison pictures: reference in green / red, prediction in cyan / yellow.
+REFERENCE_COLOURS = ((1, (0, 200, 0)), (2, (255, 40, 40)))
+PREDICTION_COLOURS = ((1, (0, 220, 255)), (2, (255, 230, 0)))
+
+
+def _outline(picture: np.ndarray, labels: np.ndarray, colours) -> None:
+    for label, colour in colours:
+        region = (labels >= label).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(picture, contours, -1, colour, 1)
+
+
+def comparison_sheet(tiles: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]], tile: int = 320) -> bytes:
+    """PNG bytes of slices side by side, each with reference and predicted outlines.
+
+    Args:
+        tiles: (caption, grey uint8 (H, W), reference labels (H, W), predicted labels (H, W)).
+        tile: side of each tile in pixels (outlines are drawn after resizing, so stay 1 px).
+    """
+    legend = 16
+    sheet = np.full((tile + 18 + legend, len(tiles) * tile, 3), 24, np.uint8)
+    for n, (caption, grey, ref, pred) in enumerate(tiles):
+        picture = cv2.cvtColor(cv2.resize(grey, (tile, tile), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB)
+        _outline(picture, cv2.resize(ref, (tile, tile), interpolation=cv2.INTER_NEAREST), REFERENCE_COLOURS)
+        _outline(picture, cv2.resize(pred, (tile, tile), interpolation=cv2.INTER_NEAREST), PREDICTION_COLOURS)
+        x = n * tile
+        sheet[18:18 + tile, x:x + tile] = picture
+        cv2.putText(sheet, caption[:48], (x + 3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
+    y = tile + 18 + 12
+    for i, (text, colour) in enumerate((("reference liver", REFERENCE_COLOURS[0][1]), ("tumour", REFERENCE_COLOURS[1][1]),
+                                        ("predicted liver", PREDICTION_COLOURS[0][1]), ("tumour", PREDICTION_COLOURS[1][1]))):
+        cv2.putText(sheet, text, (4 + i * 120, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return buf.tobytes()
+
+
+def evaluation_summary(summary: Dict) -> str:
+    """The table that ends `evaluate`: challenge aggregates per class, lesions, failures, outputs."""
+    agg = summary["aggregate"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    rows = [[name, f(c["dice_per_case"]), f(c["dice_global"]), f(c["voe"]), f(c["rvd"]), f(c["assd"]), f(c["mssd"]),
+             f(c["slice_dice"]), f(c["slice_iou"])] for name, c in ((n, agg[n]) for n in ("liver", "tumour"))]
+    les = agg["lesions"]
+    lines = [f"evaluated {summary['cases_evaluated']} case(s) in {summary['seconds']:.1f} s", "",
+             table(["class", "Dice/case", "Dice global", "VOE", "RVD", "ASSD mm", "MSSD mm", "slice Dice", "slice IoU"], rows),
+             "", f"lesions: recall {f(les['recall'])} of {les['reference']}, precision {f(les['precision'])} of "
+                 f"{les['predicted']} predicted; tumour burden RMSE {f(agg['tumour_burden']['rmse'])}"]
+    if summary["failed"]:
+        lines += ["", f"cases not evaluated: {len(summary['failed'])}"]
+        lines += [f"  {x['case']}: {x['reason']}" for x in summary["failed"]]
+    unmatched = len(summary["unmatched_pred"]) + len(summary["unmatched_ref"])
+    if unmatched:
+        lines += ["", f"unmatched files: {len(summary['unmatched_pred'])} prediction(s), {len(summary['unmatched_ref'])} "
+                      "reference(s) (listed in report.md)"]
+    lines += ["", f"outputs: {summary['output']} (metrics.csv, summary.json, report.md"
+                  + (", overlays.png, dice_boxplot.png)" if summary.get("pictures") else ")")]
+    return "\n".join(lines)

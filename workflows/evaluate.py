@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Score predicted segmentations against references with the LiTS challenge metrics.
+
+    python workflows/evaluate.py --pred s3://archive/seg/ --ref s3://archive/lits/ --images s3://archive/lits/
+    python workflows/evaluate.py --pred demo-output/segmentations --ref demo-output/new-scans --images demo-output/new-scans
+
+Pairs '<name>_seg.nii.gz' (a bulk job's output) or 'segmentation-N.nii[.gz]' predictions with
+'segmentation-N.nii[.gz]' references; writes metrics.csv, summary.json, report.md, overlays.png and
+dice_boxplot.png under --output (default: PRED/_evaluation). Exit status 0, 1 when a pair could not be
+evaluated, 2 for a bad flag or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import _common  # noqa: F401
+from _common import setup_logging, start_ray, user_errors
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", required=True, help="folder or s3:// prefix of predicted segmentations")
+    p.add_argument("--ref", required=True, help="folder or s3:// prefix of reference segmentations")
+    p.add_argument("--output", default=None, help="where the report goes (default: PRED/_evaluation)")
+    p.add_argument("--images", default=None, help="folder or s3:// prefix of the CT volumes (volume-N.nii[.gz]), "
+                   "drawn under the overlays")
+    p.add_argument("--local", action="store_true", help="evaluate in this process, without Ray")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    with user_errors("evaluate"):
+        from lits import evaluation, reports, storage
+
+        s3 = storage.resolve_endpoint(args.s3_endpoint)
+        for uri in (args.pred, args.ref) + ((args.images,) if args.images else ()):
+            storage.require(uri, s3)
+        if not args.local:
+            start_ray(args.address, s3)
+
+        def progress(done: int, total: int, row: dict) -> None:
+            if "error" in row:
+                logging.info("[%*d/%d] case %s: not evaluated: %s", len(str(total)), done, total, row["case"], row["error"])
+            else:
+                logging.info("[%*d/%d] case %s: liver Dice %.4f, tumour Dice %.4f (%.1f s)", len(str(total)), done, total,
+                             row["case"], row["liver_dice"], row["tumour_dice"], row["seconds"])
+
+        summary = evaluation.evaluate(args.pred, args.ref, args.output, args.images, s3,
+                                      evaluation.run_local if args.local else evaluation.run_ray, progress)
+        print(reports.evaluation_summary(summary))
+        return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
