@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"(token from {TOKEN_ENV}); without it a local Ray and Serve run the job")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="follow the job with a progress bar until it ends (default: on; --no-wait prints the job id)")
+    p.add_argument("--ref", default=None, help="reference segmentations (segmentation-N.nii[.gz]): evaluate the job's "
+                   "masks against them into OUTPUT/_evaluation when the job ends")
     p.add_argument("--overwrite", action="store_true", help="recompute volumes whose outputs exist for this model")
     p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the cluster's CPUs)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas, without --server (default: %(default)s)")
@@ -117,6 +119,12 @@ def _call(server: str, method: str, path: str, body=None) -> dict:
         raise UserError(f"cannot reach {server} ({getattr(exc, 'reason', exc)}); is workflows/serve.py running there?") from exc
 
 
+def storage_endpoint(args):
+    from lits import storage
+
+    return storage.resolve_endpoint(args.s3_endpoint)
+
+
 def _as_uri(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
@@ -190,11 +198,27 @@ def main(argv=None) -> int:
     with user_errors("segment"):
         from lits import reports
 
+        if args.ref:
+            from lits import storage
+
+            storage.require(args.ref, storage.resolve_endpoint(args.s3_endpoint))
         job = run_on_server(args) if args.server else run_locally(args)
         if not job:
             return 0
         print(reports.job_summary(job))
-        return 0 if job["state"] == "succeeded" and not job["counts"]["failed"] else 1
+        status = 0 if job["state"] == "succeeded" and not job["counts"]["failed"] else 1
+        if args.ref and job["state"] == "succeeded" and job["counts"]["done"] + job["counts"]["skipped"]:
+            from lits import evaluation
+
+            print()
+            # Locally Ray is still up (run_locally leaves it to the process's end); against a
+            # server this process reads the masks itself.
+            runner = evaluation.run_local if args.server else evaluation.run_ray
+            summary = evaluation.evaluate(_as_uri(args.output), _as_uri(args.ref), None, _as_uri(args.input),
+                                          storage_endpoint(args), runner)
+            print(reports.evaluation_summary(summary))
+            status = max(status, 1 if summary["failed"] else 0)
+        return status
     return 0
 
 

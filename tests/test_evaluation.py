@@ -1,0 +1,118 @@
+"""Evaluation: pairing, geometry checks, aggregates against direct computation, outputs, the workflow."""
+
+import csv
+import io
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import make_bucket, run_workflow, upload_tree
+from lits import evaluation, metrics, volumes
+
+
+def test_case_keys():
+    assert evaluation.case_key("s3://b/x/volume-3_seg.nii.gz") == "3"
+    assert evaluation.case_key("/d/segmentation-03.nii") == "3"
+    assert evaluation.case_key("/d/sub/patient7_seg.nii.gz") == "patient7"
+    assert evaluation.case_key("/d/patient7.nii.gz") == "patient7"
+    assert evaluation.case_key("/d/volume-3.json") is None
+
+
+def _labels(path):
+    data, geometry = volumes.read_nifti(str(path))
+    return volumes.as_labels(data, str(path)), geometry
+
+
+@pytest.fixture
+def folders(nifti_dir, tmp_path):
+    """pred/: case 0 perfect, case 1 with its tumour removed and liver eroded, case 2 on a shifted
+    grid, case 5 without a reference; ref/: segmentations 0-3 (3 without a prediction)."""
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    for i in range(4):
+        shutil.copy(os.path.join(nifti_dir, f"segmentation-{i}.nii.gz"), ref / f"segmentation-{i}.nii.gz")
+    shutil.copy(os.path.join(nifti_dir, "segmentation-0.nii.gz"), pred / "volume-0_seg.nii.gz")
+    labels, geometry = _labels(ref / "segmentation-1.nii.gz")
+    worse = np.where(labels == 2, 1, labels).astype(np.uint8)
+    worse[:, :, ::4] = 0
+    volumes.write_nifti(str(pred / "volume-1_seg.nii.gz"), worse, geometry.affine_array)
+    labels2, geometry2 = _labels(ref / "segmentation-2.nii.gz")
+    shifted = geometry2.affine_array.copy()
+    shifted[:3, 3] += 5.0
+    volumes.write_nifti(str(pred / "volume-2_seg.nii.gz"), labels2, shifted)
+    shutil.copy(os.path.join(nifti_dir, "segmentation-5.nii.gz"), pred / "volume-5_seg.nii.gz")
+    return {"ref": ref, "pred": pred, "images": nifti_dir, "worse": worse}
+
+
+def test_pairing_lists_unmatched_files(folders):
+    found = evaluation.pair_files(str(folders["pred"]), str(folders["ref"]), str(folders["images"]))
+    assert [p[0] for p in found["pairs"]] == ["0", "1", "2"]
+    assert all(os.path.basename(p[3]).startswith("volume-") for p in found["pairs"])
+    assert [os.path.basename(u) for u in found["unmatched_pred"]] == ["volume-5_seg.nii.gz"]
+    assert [os.path.basename(u) for u in found["unmatched_ref"]] == ["segmentation-3.nii.gz"]
+
+
+def test_evaluate_writes_exact_metrics_and_pictures(folders, tmp_path):
+    out = tmp_path / "eval"
+    summary = evaluation.evaluate(str(folders["pred"]), str(folders["ref"]), str(out), str(folders["images"]),
+                                  runner=evaluation.run_local)
+    assert summary["cases_evaluated"] == 2
+    assert [f["case"] for f in summary["failed"]] == ["2"] and "geometry mismatch" in summary["failed"][0]["reason"]
+    rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text())))
+    assert [r["case"] for r in rows] == ["0", "1", "2"]
+    assert float(rows[0]["liver_dice"]) == 1.0 and float(rows[0]["tumour_assd"]) == 0.0
+    # case 1 against a direct computation of the same metrics
+    ref, geometry = _labels(folders["ref"] / "segmentation-1.nii.gz")
+    direct = metrics.volume_metrics(folders["worse"], ref, geometry.spacing, axial_axis=geometry._file_axis_of(2)[0])
+    assert float(rows[1]["liver_dice"]) == pytest.approx(direct["liver"]["dice"])
+    assert float(rows[1]["liver_assd"]) == pytest.approx(direct["liver"]["assd"])
+    assert float(rows[1]["tumour_dice"]) == 0.0 and direct["tumour"]["ref_voxels"] > 0
+    agg = summary["aggregate"]
+    assert agg["liver"]["dice_per_case"] == pytest.approx((1.0 + direct["liver"]["dice"]) / 2)
+    ref0, _ = _labels(folders["ref"] / "segmentation-0.nii.gz")
+    inter = np.count_nonzero(ref0 >= 1) + direct["liver"]["intersection"]
+    size = 2 * np.count_nonzero(ref0 >= 1) + direct["liver"]["pred_voxels"] + direct["liver"]["ref_voxels"]
+    assert agg["liver"]["dice_global"] == pytest.approx(2 * inter / size)
+    # every lesion of case 0 is found, none of case 1's
+    lesions0 = metrics.lesion_detection(ref0 == 2, ref0 == 2)["ref_lesions"]
+    assert agg["lesions"]["recall"] == pytest.approx(lesions0 / (lesions0 + direct["tumour"]["ref_lesions"]))
+    assert agg["tumour"]["distance_undefined_cases"] == 1  # case 1 predicts no tumour
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["aggregate"]["liver"]["dice_per_case"] == pytest.approx(agg["liver"]["dice_per_case"])
+    report = (out / "report.md").read_text()
+    assert "| liver |" in report and "geometry mismatch" in report and "segmentation-3.nii.gz" in report
+    for picture in ("overlays.png", "dice_boxplot.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_pairs_is_one_clear_error(folders, tmp_path):
+    from lits.errors import UserError
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no prediction under .* matches a reference"):
+        evaluation.evaluate(str(empty), str(folders["ref"]), runner=evaluation.run_local)
+
+
+@pytest.mark.slow
+def test_evaluate_workflow_on_ray_and_s3(folders, ray_cluster, s3_server, tmp_path):
+    make_bucket(s3_server, "evalb")
+    upload_tree(s3_server, str(folders["pred"]), "s3://evalb/pred")
+    upload_tree(s3_server, str(folders["ref"]), "s3://evalb/ref")
+    proc = run_workflow("evaluate", "--pred", "s3://evalb/pred", "--ref", "s3://evalb/ref", "--output", "s3://evalb/eval",
+                        "--address", ray_cluster, "--s3-endpoint", s3_server)
+    assert proc.returncode == 1, proc.stderr  # case 2 could not be evaluated
+    assert "evaluated 2 case(s)" in proc.stdout and "geometry mismatch" in proc.stdout
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    summary = json.loads(fs.cat_file("evalb/eval/summary.json"))
+    assert summary["cases_evaluated"] == 2 and summary["aggregate"]["liver"]["dice_per_case"] < 1.0
+    missing = run_workflow("evaluate", "--pred", str(tmp_path / "nope"), "--ref", str(folders["ref"]), "--local")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
