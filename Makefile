@@ -30,12 +30,13 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)/run
 	$(PY) workflows/train.py --data $(DEMO_DIR)/prepared --output $(DEMO_DIR)/run --num-workers 1 --cpus-per-worker 2 --epochs 8 --base-width 16 --batch-size 16 --lr 1e-3 --name demo
 	$(PY) workflows/synthesize.py --output $(DEMO_DIR)/new-scans --volumes 4 --size 256 --slices 48 --seed 7 --first-id 100
-	$(PY) workflows/segment.py --input $(DEMO_DIR)/new-scans --output $(DEMO_DIR)/segmentations --model $(DEMO_DIR)/run/model --cpus-per-volume 0.5
+	$(PY) workflows/segment.py --input $(DEMO_DIR)/new-scans --output $(DEMO_DIR)/segmentations --model $(DEMO_DIR)/run/model --ref $(DEMO_DIR)/new-scans --cpus-per-volume 0.5
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/segment.py
+	$(PY) benchmarks/evaluate.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
