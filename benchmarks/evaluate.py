@@ -71,7 +71,7 @@ def main() -> None:
     print("| metric | medpy | lits.metrics | equal |\n|---|---|---|---|")
     for k in ("dice", "jaccard", "rvd", "assd", "mssd"):
         print(f"| {k} | {a[k]:.6f} | {b[k]:.6f} | {'yes' if np.isclose(a[k], b[k], rtol=1e-9) else 'NO'} |")
-    print(f"\n| implementation | seconds per class | speed-up |\n|---|---|---|")
+    print("\n| implementation | seconds per class | speed-up |\n|---|---|---|")
     print(f"| medpy dc + jc + ravd + assd + hd | {t_medpy:.2f} | 1.0x |")
     print(f"| lits.metrics.class_metrics (all of them + RMSD) | {t_lits:.2f} | {t_medpy / t_lits:.1f}x |")
 

@@ -108,10 +108,18 @@ def _tensor_shape(schema, column: str, uri: str):
     return tuple(int(s) for s in shape)
 
 
-def check_resources(cfg: TrainConfig) -> None:
+def check_resources(cfg: TrainConfig, strict: bool = True) -> None:
+    """UserError when the cluster lacks the GPUs or CPUs asked for; with strict=False (a cluster
+    joined by address, which an autoscaler may grow) a warning instead."""
     import ray
 
     have = ray.cluster_resources()
+    if not strict:
+        if cfg.num_gpus > have.get("GPU", 0) or cfg.workers * cfg.cpus_per_worker > have.get("CPU", 0):
+            log.warning("the cluster has %d GPU(s) and %d CPU(s) now, the run asks %d GPU(s) and %d CPU(s): "
+                        "training starts when the autoscaler has added nodes (a fixed cluster waits forever)",
+                        int(have.get("GPU", 0)), int(have.get("CPU", 0)), cfg.num_gpus, cfg.workers * cfg.cpus_per_worker)
+        return
     if cfg.num_gpus > have.get("GPU", 0):
         raise UserError(f"--num-gpus {cfg.num_gpus} asked, the Ray cluster has {int(have.get('GPU', 0))} GPU(s); "
                         "lower --num-gpus, add GPU nodes, or use --num-gpus 0 --num-workers N on CPUs")
@@ -159,6 +167,7 @@ def _autocast(cfg: TrainConfig, device):
 
 def train_loop_per_worker(config: Dict) -> None:
     """One data-parallel worker: train, validate, checkpoint, report; see the module doc."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -192,6 +201,12 @@ def train_loop_per_worker(config: Dict) -> None:
         state.update(saved)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    # Where the group runs, recorded in every metrics row (which nodes trained, e.g. after a restart).
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    nodes = ";".join(sorted(set(nodes)))
     loss_fn = bce_dice_loss if cfg.task == "tumour" else ce_dice_loss
     autocast, scaler = _autocast(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -279,6 +294,7 @@ def train_loop_per_worker(config: Dict) -> None:
             "images_per_s_per_worker": round(train_totals[1] / world / max(train_s, 1e-9), 2),
             # share of the training time a worker spent waiting for its next batch (ingest-bound if high)
             "data_wait_fraction": round(data_wait / max(train_s, 1e-9), 3),
+            "nodes": nodes,
         }
         for k, c in enumerate(classes):
             name = CLASS_NAMES[c]
@@ -321,8 +337,10 @@ def train_loop_per_worker(config: Dict) -> None:
 def write_metrics(cfg: TrainConfig, history: List[Dict]) -> None:
     """OUT/metrics.csv (one row per epoch) and OUT/curves.png, both rewritten atomically."""
     buf = io.StringIO()
-    fields = list(history[0].keys())
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    fields: List[str] = []
+    for row in history:  # rows of a run resumed from an older version may lack newer columns
+        fields += [k for k in row if k not in fields]
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -490,12 +508,13 @@ def claim_run(cfg: TrainConfig, info: Dict) -> bool:
     return False
 
 
-def train(cfg: TrainConfig, info: Optional[Dict] = None) -> Dict:
+def train(cfg: TrainConfig, info: Optional[Dict] = None, strict_resources: bool = True) -> Dict:
     """Check, train (resuming when the run exists), export. Ray must be initialised by the caller.
 
     Args:
         cfg: the stage's configuration.
         info: `check_data(cfg)` when the caller already ran it (before starting Ray).
+        strict_resources: refuse a run the cluster cannot host now (False on clusters that autoscale).
     Returns:
         The exported model's config.json content.
     """
@@ -503,7 +522,7 @@ def train(cfg: TrainConfig, info: Optional[Dict] = None) -> Dict:
     cfg = dataclasses.replace(cfg, data=storage.normalise(cfg.data), output=storage.normalise(cfg.output))
     info = info or check_data(cfg)
     storage.check_writable(cfg.output, cfg.s3_endpoint)
-    check_resources(cfg)
+    check_resources(cfg, strict_resources)
     if claim_run(cfg, info):
         log.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)
     log.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         # Locally, one logical CPU beyond the training workers, so Ray Data can read while they train.
         start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint),
                   num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1))
-        config = training.train(cfg, info)
+        # A cluster joined by address may autoscale: missing GPUs are a warning there, an error locally.
+        config = training.train(cfg, info, strict_resources=not args.address)
         out = storage.normalise(cfg.output)
         print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}")
         print("validation (best epoch):", json.dumps(config["val_metrics"], indent=1))

@@ -1,0 +1,70 @@
+"""cluster.yaml: valid for Ray's autoscaler, and every node type fits what the workflows request."""
+
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from lits.config import ServeConfig, TrainConfig
+
+# vCPUs and GPUs of the instance types cluster.yaml may use (AWS's published figures).
+INSTANCES = {"m6i.2xlarge": (8, 0), "c6i.4xlarge": (16, 0), "g5.12xlarge": (48, 4), "p4d.24xlarge": (96, 8)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_validates_against_rays_schema(cluster):
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema_path = os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")
+    import json
+
+    with open(schema_path) as f:
+        jsonschema.validate(cluster, json.load(f))
+    # what `ray up` does before launching: fill in the provider's defaults, then its own checks
+    validate_config(prepare_config(cluster))
+    broken = dict(cluster, available_node_types={**cluster["available_node_types"], "gpu": {"resources": "four"}})
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        validate_config(prepare_config(broken))
+
+
+def test_node_types_declare_what_their_instances_have(cluster):
+    types = cluster["available_node_types"]
+    for name, node in types.items():
+        vcpus, gpus = INSTANCES[node["node_config"]["InstanceType"]]
+        declared = node["resources"]
+        if name != cluster["head_node_type"]:  # the head offers no CPU to tasks on purpose
+            assert declared["CPU"] <= vcpus, name
+        assert declared.get("GPU", 0) == gpus, name
+        assert "IamInstanceProfile" in node["node_config"], f"{name}: S3 goes through an instance profile"
+    assert types["cpu-spot"]["min_workers"] == 0 and types["gpu"]["min_workers"] == 0
+    assert types["cpu-spot"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "--dashboard-host=0.0.0.0" in " ".join(cluster["head_start_ray_commands"])
+
+
+def test_workflow_requests_fit_the_node_types(cluster):
+    gpu = cluster["available_node_types"]["gpu"]["resources"]
+    cpu = cluster["available_node_types"]["cpu-spot"]["resources"]
+    train = TrainConfig(data="-", output="-", num_gpus=4)
+    # train --num-gpus 4 on one GPU node: 4 x (1 GPU + cpus_per_worker CPU), a CPU left for Ray Data
+    assert train.workers <= gpu["GPU"] and train.workers * train.cpus_per_worker + 1 <= gpu["CPU"]
+    serve = ServeConfig(model="-", num_gpus_per_replica=1)
+    assert serve.num_gpus_per_replica <= gpu["GPU"] and serve.cpus_per_replica <= gpu["CPU"] / gpu["GPU"]
+    # prepare, bulk-job volume tasks and evaluate take 1 CPU per volume
+    assert serve.cpus_per_volume <= cpu["CPU"]
+
+
+def test_nodes_run_the_submitters_version(cluster):
+    import ray
+
+    setup = " ".join(cluster["setup_commands"])
+    assert cluster["file_mounts"]["/home/ubuntu/lits"] == "."  # the checkout, as it is
+    assert "pip install --quiet -e ~/lits" in setup
+    assert f"ray[data,train,serve,default]=={ray.__version__}" in setup
