@@ -24,13 +24,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# synthesise -> prepare -> train -> serve -> bulk job -> evaluate; `make demo S3=1` keeps everything in an
+# embedded S3-compatible server
 demo: $(STAMP)
-	$(PY) workflows/synthesize.py --output $(DEMO_DIR)/volumes --volumes 10 --size 256 --slices 48
-	$(PY) workflows/prepare.py --input $(DEMO_DIR)/volumes --output $(DEMO_DIR)/prepared --image-size 128 --keep-liver 0.5 --val-fraction 0.2
-	rm -rf $(DEMO_DIR)/run
-	$(PY) workflows/train.py --data $(DEMO_DIR)/prepared --output $(DEMO_DIR)/run --num-workers 1 --cpus-per-worker 2 --epochs 8 --base-width 16 --batch-size 16 --lr 1e-3 --name demo
-	$(PY) workflows/synthesize.py --output $(DEMO_DIR)/new-scans --volumes 4 --size 256 --slices 48 --seed 7 --first-id 100
-	$(PY) workflows/segment.py --input $(DEMO_DIR)/new-scans --output $(DEMO_DIR)/segmentations --model $(DEMO_DIR)/run/model --ref $(DEMO_DIR)/new-scans --cpus-per-volume 0.5
+	$(PY) workflows/demo.py --output $(DEMO_DIR) $(if $(S3),--s3)
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py

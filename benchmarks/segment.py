@@ -115,7 +115,7 @@ def main() -> None:
 
     cpus = os.cpu_count() or 1
     t = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     cfg = ServeConfig(model=model_dir, port=8765, cpus_per_replica=args.cpus_per_replica, allow_prefixes=(work,),
                       cpus_per_volume=args.cpus_per_volume)
     serving.deploy(cfg)

@@ -84,7 +84,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     import shutil
 

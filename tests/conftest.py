@@ -32,7 +32,7 @@ def ray_cluster():
     """A local 2-CPU Ray for the module; yields its address for workflow subprocesses."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -107,7 +107,7 @@ def ray_train_cluster():
     """A local Ray with 3 logical CPUs: two 1-CPU training workers plus one for Ray Data's reads."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -58,7 +58,10 @@ def two_nodes():
     os.environ["RAY_AUTH_MODE"] = "token"
     port = free_port()
     address = f"127.0.0.1:{port}"
-    head = _start(["--head", f"--port={port}", "--num-cpus=3", "--resources={\"node_head\": 1}",
+    # Its own temp dir: `ray start --head` writes the cluster's address file there, not into
+    # /tmp/ray where every later `ray.init()` on this machine would find it.
+    temp_dir = f"/tmp/lits-mn-{port}"
+    head = _start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=3", "--resources={\"node_head\": 1}",
                    "--include-dashboard=false", "--node-ip-address=127.0.0.1"])
     procs = [head]
     try:
@@ -79,6 +82,9 @@ def two_nodes():
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if old_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:

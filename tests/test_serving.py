@@ -65,7 +65,7 @@ def server(tmp_path_factory, s3_server):
     cfg = ServeConfig(model=model, port=port, allow_prefixes=("s3://archive", str(local_out)), max_body_mb=1,
                       batch_wait_s=0.2, chunk=8, max_batch_size=16, token_sha256=serving.token_sha256(TOKEN),
                       s3_endpoint=s3_server)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serving.deploy(cfg)
         yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "root": root, "model": model,

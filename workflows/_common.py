@@ -35,7 +35,9 @@ def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpu
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         logging.info("starting a local Ray (no --address given)")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        # address="local": always a fresh Ray, never one found through RAY_ADDRESS or the address
+        # file a `ray start` leaves in /tmp/ray (possibly stale: that would hang for minutes).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""The whole product on this machine, with the embedded defaults (`make demo`, `make demo S3=1`):
+
+    synthesize -> prepare -> train (CPU) -> serve (HTTP) -> bulk segmentation job -> evaluate
+
+Each step is the real command (printed before it runs), so what works here is what a user types.
+With --s3 an embedded S3-compatible server (moto, on 127.0.0.1) holds every input and output, and
+the results are mirrored to OUTPUT/s3-mirror/ at the end so the pictures can be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import _common  # noqa: F401
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKEN = "demo-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step(title: str, script: str, *args: str, env=None) -> None:
+    command = [sys.executable, os.path.join(HERE, f"{script}.py"), *args]
+    print(f"\n=== {title}\n$ python workflows/{script}.py {shlex.join(args)}", flush=True)
+    started = time.time()
+    code = subprocess.call(command, env=env)
+    if code not in (0,):
+        raise SystemExit(f"demo: step '{title}' failed (exit {code}); its messages are above")
+    print(f"--- {title}: {time.time() - started:.0f} s", flush=True)
+
+
+def start_server(model: str, port: int, allow: str, env) -> subprocess.Popen:
+    args = ["--model", model, "--port", str(port), "--allow-prefix", allow, "--cpus-per-volume", "0.5"]
+    print(f"\n=== serve the model (background)\n$ LITS_API_TOKEN=... python workflows/serve.py {shlex.join(args)}", flush=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), *args], env=dict(env, LITS_API_TOKEN=TOKEN),
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith("serving model"):
+        proc.wait(timeout=60)
+        raise SystemExit("demo: the server did not start; its messages are above")
+    print(line.strip(), flush=True)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as r:
+        print("GET /healthz ->", r.read().decode(), flush=True)
+    return proc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="demo-output", help="local folder for everything (default: %(default)s)")
+    p.add_argument("--s3", action="store_true", help="keep data and results in an embedded S3-compatible server")
+    p.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
+    args = p.parse_args(argv)
+
+    local = os.path.abspath(args.output)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    server = None
+    if args.s3:
+        from moto.server import ThreadedMotoServer
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",
+                   AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        import s3fs
+
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        fs.mkdir("demo")
+        root = "s3://demo"
+        print(f"embedded S3-compatible server at {endpoint}, bucket s3://demo", flush=True)
+    else:
+        root = local
+    uri = {k: f"{root}/{k}" for k in ("volumes", "prepared", "run", "new-scans", "segmentations", "evaluation")}
+    serve_proc = None
+    try:
+        # synthesize writes local folders; with --s3 they are uploaded
+        step("synthesise 10 training volumes", "synthesize", "--output", os.path.join(local, "volumes"), "--volumes", "10",
+             "--size", "256", "--slices", "48", env=env)
+        step("synthesise 4 unseen scans", "synthesize", "--output", os.path.join(local, "new-scans"), "--volumes", "4",
+             "--size", "256", "--slices", "48", "--seed", "7", "--first-id", "100", env=env)
+        if args.s3:
+            for name in ("volumes", "new-scans"):
+                fs.put(os.path.join(local, name) + "/", f"demo/{name}/", recursive=True)
+            print("uploaded volumes/ and new-scans/ to s3://demo", flush=True)
+        step("prepare", "prepare", "--input", uri["volumes"], "--output", uri["prepared"], "--image-size", "128",
+             "--keep-liver", "0.5", "--val-fraction", "0.2", env=env)
+        if not args.s3:
+            import shutil
+
+            shutil.rmtree(uri["run"], ignore_errors=True)
+        step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "1", "--cpus-per-worker",
+             "2", "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "16", "--lr", "1e-3", "--name", "demo",
+             env=env)
+        port = free_port()
+        serve_proc = start_server(f"{uri['run']}/model", port, root, env)
+        step("bulk segmentation job through the server", "segment", "--input", uri["new-scans"], "--output",
+             uri["segmentations"], "--server", f"http://127.0.0.1:{port}", "--overwrite",
+             env=dict(env, LITS_API_TOKEN=TOKEN))
+    finally:
+        if serve_proc is not None and serve_proc.poll() is None:
+            serve_proc.send_signal(signal.SIGTERM)
+            try:
+                serve_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve_proc.pid, signal.SIGKILL)
+    try:
+        step("evaluate", "evaluate", "--pred", uri["segmentations"], "--ref", uri["new-scans"], "--images", uri["new-scans"],
+             "--output", uri["evaluation"], "--local", env=env)
+        if args.s3:
+            mirror = os.path.join(local, "s3-mirror")
+            fs.get("demo/", mirror + "/", recursive=True)
+            shown = mirror
+        else:
+            shown = local
+        from lits import storage
+
+        summary = json.loads(storage.read_bytes(f"{uri['evaluation']}/summary.json"))
+        jobs = [f for f in storage.list_files(f"{uri['segmentations']}/_jobs") if f.endswith(".json")]
+        job = json.loads(storage.read_bytes(jobs[-1]))
+    finally:
+        if server is not None:
+            server.stop()
+    agg = summary["aggregate"]
+    print("\n" + "=" * 72)
+    print(f"demo done{' (data and results in the embedded S3 server, mirrored locally)' if args.s3 else ''}")
+    print(f"  volumes segmented: {job['counts']['done']} of {job['counts']['total']} ({job['counts']['failed']} failed), "
+          f"{job['slices_per_s']} slices/s")
+    print(f"  Dice per case on the unseen scans: liver {agg['liver']['dice_per_case']:.3f}, "
+          f"tumour {agg['tumour']['dice_per_case']:.3f} (an {args.epochs}-epoch width-16 model: tumours need a longer run, "
+          "see README)")
+    print("  pictures:")
+    for rel in ("prepared/preview.png", "run/curves.png", "segmentations/volume-100_preview.png",
+                "evaluation/overlays.png", "evaluation/dice_boxplot.png"):
+        print(f"    {os.path.join(shown, rel)}")
+    print(f"  tables: {os.path.join(shown, 'evaluation', 'report.md')}, {os.path.join(shown, 'run', 'metrics.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
