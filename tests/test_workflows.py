@@ -1,5 +1,6 @@
 """Command-line behaviour that needs no Ray: flags, bad input and output, synthesize."""
 
+import json
 import os
 
 import pytest
@@ -65,3 +66,16 @@ def test_synthesize_cli(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["segmentation-0.nii", "segmentation-1.nii", "volume-0.nii", "volume-1.nii"]
     res = run_workflow("synthesize", "--output", str(tmp_path), "--volumes", "0")
     assert "volumes must be >= 1" in one_line_error(res, "synthesize")
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_product(tmp_path):
+    """make demo's script end to end (1 epoch): every stage, the server over HTTP, the summary."""
+    proc = run_workflow("demo", "--output", str(tmp_path / "demo"), "--epochs", "1", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "volumes segmented: 4 of 4 (0 failed)" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "evaluation" / "summary.json").read_text())
+    assert summary["cases_evaluated"] == 4 and not summary["unmatched_pred"]
+    for rel in ("prepared/preview.png", "run/curves.png", "segmentations/volume-100_preview.png",
+                "evaluation/overlays.png", "evaluation/dice_boxplot.png"):
+        assert (tmp_path / "demo" / rel).stat().st_size > 1000, rel

@@ -102,10 +102,11 @@ def main(argv=None) -> int:
             print("uploaded volumes/ and new-scans/ to s3://demo", flush=True)
         step("prepare", "prepare", "--input", uri["volumes"], "--output", uri["prepared"], "--image-size", "128",
              "--keep-liver", "0.5", "--val-fraction", "0.2", env=env)
-        if not args.s3:
+        if not args.s3:  # a re-run starts from scratch (train would resume, jobs would skip)
             import shutil
 
-            shutil.rmtree(uri["run"], ignore_errors=True)
+            for name in ("run", "segmentations", "evaluation"):
+                shutil.rmtree(uri[name], ignore_errors=True)
         step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "1", "--cpus-per-worker",
              "2", "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "16", "--lr", "1e-3", "--name", "demo",
              env=env)
