@@ -47,6 +47,13 @@ def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpu
 DEFAULT_MODEL = os.path.join("demo-output", "run", "model")
 
 
+def add_cluster_args(p) -> None:
+    """--address, --s3-endpoint and --verbose: the same on every workflow."""
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+
+
 def add_model_args(p, d) -> None:
     """Flags of the model deployment shared by serve.py and segment.py (`d`: a default ServeConfig)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="exported model folder: train.py's OUTPUT/model "

@@ -17,7 +17,7 @@ import logging
 import sys
 
 import _common  # noqa: F401
-from _common import setup_logging, start_ray, user_errors
+from _common import add_cluster_args, setup_logging, start_ray, user_errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,9 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", default=None, help="folder or s3:// prefix of the CT volumes (volume-N.nii[.gz]), "
                    "drawn under the overlays")
     p.add_argument("--local", action="store_true", help="evaluate in this process, without Ray")
-    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--verbose", action="store_true")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 

@@ -11,7 +11,7 @@ import logging
 import sys
 
 import _common  # noqa: F401  (sys.path and shared helpers)
-from _common import make_config, setup_logging, start_ray, user_errors
+from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import INPUT_FORMATS, PrepareConfig
 
@@ -29,10 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of volumes for validation (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="fraction of volumes for test (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the slice filter (default: %(default)s)")
-    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any input failed")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 

@@ -25,7 +25,7 @@ import urllib.request
 import uuid
 
 import _common  # noqa: F401
-from _common import add_model_args, make_config, setup_logging, start_ray, user_errors
+from _common import add_cluster_args, add_model_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import ServeConfig
 from lits.errors import UserError
@@ -48,9 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the cluster's CPUs)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas, without --server (default: %(default)s)")
     add_model_args(p, d)  # these apply without --server: the server has its own
-    p.add_argument("--address", default=None, help="Ray cluster to join, without --server; e.g. 'auto'")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--verbose", action="store_true")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 

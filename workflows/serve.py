@@ -17,7 +17,7 @@ import sys
 import threading
 
 import _common  # noqa: F401
-from _common import add_model_args, make_config, setup_logging, start_ray, user_errors
+from _common import add_cluster_args, add_model_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import ServeConfig
 from lits.errors import UserError
@@ -36,10 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "without it any s3:// URI and no local path")
     p.add_argument("--max-body-mb", type=int, default=d.max_body_mb, help="largest /v1/segment upload (default: %(default)s)")
     p.add_argument("--job-concurrency", type=int, default=None, help="volumes in flight per job (default: the cluster's CPUs)")
-    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--detach", action="store_true", help="with --address: deploy, then exit and leave the app running")
-    p.add_argument("--verbose", action="store_true")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 import _common  # noqa: F401
-from _common import make_config, setup_logging, start_ray, user_errors
+from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import AMP_MODES, TASKS, TrainConfig
 
@@ -38,9 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs and torch threads per worker (default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--verbose", action="store_true")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 
