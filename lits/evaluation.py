@@ -305,7 +305,6 @@ def evaluate(pred: str, ref: str, output: Optional[str] = None, images: Optional
     Raises:
         UserError: a missing folder, or no pair at all.
     """
-    t0 = time.perf_counter()
     pred, ref = storage.normalise(pred), storage.normalise(ref)
     output = storage.normalise(output) if output else storage.join(pred, "_evaluation")
     images = storage.normalise(images) if images else None
@@ -314,6 +313,20 @@ def evaluate(pred: str, ref: str, output: Optional[str] = None, images: Optional
         raise UserError(f"no prediction under {pred} matches a reference under {ref} (predictions: '<name>_seg.nii.gz' "
                         f"or 'segmentation-N.nii[.gz]'; references: 'segmentation-N.nii[.gz]'); "
                         f"{len(found['unmatched_pred'])} prediction(s), {len(found['unmatched_ref'])} reference(s) found")
+    return evaluate_pairs(found, output, {"pred": pred, "ref": ref, "images": images}, s3_endpoint, runner, progress)
+
+
+def evaluate_pairs(found: Dict, output: str, sources: Dict, s3_endpoint: Optional[str] = None, runner: Callable = run_ray,
+                   progress: Optional[Callable[[int, int, Dict], None]] = None) -> Dict:
+    """Evaluate `found['pairs']` ((case, pred URI, ref URI, image URI or None)) and write the outputs.
+
+    Args:
+        found: as `pair_files` returns it.
+        output: folder or prefix for metrics.csv, report.md, pictures and summary.json (last).
+        sources: {'pred', 'ref', 'images'}: what the report says was compared.
+    """
+    t0 = time.perf_counter()
+    output = storage.normalise(output)
     storage.check_writable(output, s3_endpoint)
     rows: List[Dict] = []
     for row in runner(found["pairs"], s3_endpoint):
@@ -324,10 +337,10 @@ def evaluate(pred: str, ref: str, output: Optional[str] = None, images: Optional
     rows.sort(key=lambda r: order[r["case"]])
     image_of = {k: img for k, _, _, img in found["pairs"]}
     summary = {
-        "pred": pred, "ref": ref, "images": images, "output": output,
+        **sources, "output": output,
         "cases_evaluated": sum(1 for r in rows if "error" not in r),
         "failed": [{"case": r["case"], "prediction": r["prediction"], "reason": r["error"]} for r in rows if "error" in r],
-        "unmatched_pred": found["unmatched_pred"], "unmatched_ref": found["unmatched_ref"],
+        "unmatched_pred": found.get("unmatched_pred", []), "unmatched_ref": found.get("unmatched_ref", []),
         "aggregate": aggregate(rows),
     }
     picks = pick_cases(rows)

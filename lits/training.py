@@ -87,6 +87,9 @@ def check_data(cfg: TrainConfig) -> Dict:
     if image_shape[0] % factor or image_shape[1] % factor:
         raise UserError(f"image size {image_shape[:2]} is not divisible by 2^(depth-1) = {factor}; change --depth or --image-size")
     val_ids = sorted({v["volume_id"] for v in manifest["volumes"] if v["split"] == "val"})
+    # The test split's original volumes (NIfTI input only: image datasets have no geometry).
+    test_volumes = [(v["volume_id"], v["inputs"]["volume"], v["inputs"]["segmentation"]) for v in manifest["volumes"]
+                    if v["split"] == "test" and v.get("format") == "nifti" and "inputs" in v]
     return {
         "image_shape": list(image_shape),
         "val_volumes": val_ids,
@@ -96,6 +99,7 @@ def check_data(cfg: TrainConfig) -> Dict:
         "train_uris": [storage.join(data, s) for s in splits["train"]["shards"]],
         "val_uris": [storage.join(data, s) for s in splits["val"]["shards"]],
         "test_uris": [storage.join(data, s) for s in splits.get("test", {}).get("shards", [])],
+        "test_volumes": test_volumes,
     }
 
 
@@ -451,6 +455,48 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     return result
 
 
+def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: str, s3_endpoint: Optional[str]) -> Optional[str]:
+    """Segment one test volume with the exported model, as serving does (a Ray task); its mask URI,
+    or None when the volume cannot be read any more."""
+    from lits import inference, jobs
+    from lits.errors import BadInputError
+
+    spec, weights = inference.load_spec(model_uri, s3_endpoint)
+    predictor = inference.Predictor(spec, weights)
+    outputs = jobs.output_uris(out, volume_id)
+    try:
+        inference.segment_uri(volume_uri, outputs, spec, lambda images: inference.Done(predictor(images)), s3_endpoint)
+    except BadInputError as exc:
+        log.warning("test volume %s: %s", volume_id, exc)
+        return None
+    return outputs["mask"]
+
+
+def evaluate_test_volumes(cfg: TrainConfig, info: Dict) -> Optional[Dict]:
+    """The exported model on the test split's whole volumes at their original resolution: segment
+    each (one Ray task, on a GPU when training used GPUs) into OUT/test_evaluation/predictions/,
+    then the LiTS evaluation (lits.evaluation, the code evaluate.py runs) into OUT/test_evaluation/."""
+    import ray
+
+    from lits import evaluation
+
+    if not info.get("test_volumes"):
+        return None
+    out = storage.join(storage.normalise(cfg.output), "test_evaluation")
+    predictions = storage.join(out, "predictions")
+    model_uri = storage.join(storage.normalise(cfg.output), "model")
+    resources = {"num_gpus": 1} if cfg.num_gpus else {"num_cpus": cfg.cpus_per_worker}
+    task = ray.remote(max_retries=1, **resources)(_segment_test_volume)
+    refs = [task.remote(vid, vol, model_uri, predictions, cfg.s3_endpoint) for vid, vol, _ in info["test_volumes"]]
+    masks = ray.get(refs)
+    pairs = [(vid, mask, seg, vol) for (vid, vol, seg), mask in zip(info["test_volumes"], masks) if mask]
+    if not pairs:
+        return None
+    log.info("evaluating %d test volume(s) at their original resolution", len(pairs))
+    return evaluation.evaluate_pairs({"pairs": pairs}, out, {"pred": predictions, "ref": "the prepare input's test split",
+                                                            "images": None}, cfg.s3_endpoint, evaluation.run_ray)
+
+
 def build_trainer(cfg: TrainConfig, info: Dict):
     """The TorchTrainer for `cfg`: datasets, scaling, storage, failures, checkpoints."""
     import ray.data
@@ -530,4 +576,8 @@ def train(cfg: TrainConfig, info: Optional[Dict] = None, strict_resources: bool 
     result = build_trainer(cfg, info).fit()
     if result.checkpoint is None:
         raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")
-    return export_model(cfg, info, result.checkpoint)
+    config = export_model(cfg, info, result.checkpoint)
+    summary = evaluate_test_volumes(cfg, info)
+    if summary:
+        config = dict(config, test_evaluation=summary)  # returned to the caller; config.json stays as exported
+    return config

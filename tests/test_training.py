@@ -29,7 +29,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     synthesize(root / "vol", volumes=6, size=64, slices=24)
     pipeline.prepare(PrepareConfig(input=str(root / "vol"), output=str(root / "prep"), image_size=32,
-                                   keep_liver=0.5, keep_empty=0.2, val_fraction=0.2, test_fraction=0.0),
+                                   keep_liver=0.5, keep_empty=0.2, val_fraction=0.2, test_fraction=0.2),
                      pipeline.run_local)
     return str(root / "prep")
 
@@ -51,6 +51,15 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     assert any(n.startswith("checkpoint_") for n in os.listdir(os.path.join(out, "t1")))
     # the exported model: weights-only state_dict + config.json that rebuild the network
     saved = json.load(open(os.path.join(out, "model", "config.json")))
+    # the test split's whole volumes, segmented by the exported model and scored by lits.evaluation
+    evaluated = config.pop("test_evaluation")
+    test_ids = [v["volume_id"] for v in json.load(open(os.path.join(prepared, "manifest.json")))["volumes"] if v["split"] == "test"]
+    assert evaluated["cases_evaluated"] == len(test_ids) >= 1
+    assert 0.0 <= evaluated["aggregate"]["liver"]["dice_per_case"] <= 1.0
+    on_disk = json.load(open(os.path.join(out, "test_evaluation", "summary.json")))
+    assert on_disk["aggregate"] == evaluated["aggregate"]
+    assert sorted(os.listdir(os.path.join(out, "test_evaluation", "predictions"))) == sorted(
+        f"{v}{suffix}" for v in test_ids for suffix in (".json", "_preview.png", "_seg.nii.gz"))
     assert saved == config and saved["task"] == "liver-tumour" and saved["input"]["height"] == 32
     assert saved["training"]["manifest_sha256"] and saved["val_metrics"]["val_loss"] == pytest.approx(float(rows[0]["val_loss"]), rel=1e-4)
     weights = torch.load(os.path.join(out, "model", "weights.pt"), weights_only=True)
@@ -150,7 +159,9 @@ def test_train_from_and_to_s3(ray_train_cluster, s3_server, prepared):
     config = training.train(cfg)
     files = storage.list_files("s3://train-runs/r", s3_server)
     names = {f[len("s3://train-runs/r/"):] for f in files}
-    assert {"metrics.csv", "curves.png", "model/weights.pt", "model/config.json", "s3run/lits_run.json"} <= names
+    assert {"metrics.csv", "curves.png", "model/weights.pt", "model/config.json", "s3run/lits_run.json",
+            "test_evaluation/summary.json", "test_evaluation/metrics.csv"} <= names
     assert any(n.startswith("s3run/checkpoint_") for n in names)
+    assert config.pop("test_evaluation")["cases_evaluated"] == 1
     saved = json.loads(storage.read_bytes("s3://train-runs/r/model/config.json", s3_server))
     assert saved == config and saved["training"]["data"] == "s3://train-data/prep"

@@ -65,7 +65,12 @@ def main(argv=None) -> int:
         print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}")
         print("validation (best epoch):", json.dumps(config["val_metrics"], indent=1))
         if config["test_metrics"]:
-            print("test split:", json.dumps(config["test_metrics"], indent=1))
+            print("test split, prepared slices:", json.dumps(config["test_metrics"], indent=1))
+        if config.get("test_evaluation"):
+            from lits import reports
+
+            print("\ntest split, whole volumes at their original resolution (LiTS metrics):")
+            print(reports.evaluation_summary(config["test_evaluation"]))
         print(f"model: {storage.join(out, 'model')}  metrics: {storage.join(out, 'metrics.csv')}  curves: {storage.join(out, 'curves.png')}")
     return 0
 
