@@ -155,8 +155,6 @@ def run_locally(args) -> dict:
                       num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                       max_batch_size=args.max_batch_size, chunk=min(ServeConfig.chunk, args.max_batch_size),
                       job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume, s3_endpoint=s3)
-    if args.concurrency is not None and args.concurrency < 1:
-        raise UserError("--concurrency must be >= 1")
     spec, _ = inference.load_spec(cfg.model, s3)  # before paying for Ray
     storage.require(args.input, s3)
     storage.check_writable(args.output, s3)
