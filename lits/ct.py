@@ -125,6 +125,24 @@ def slice_image(hu: np.ndarray, z: int, breaks: np.ndarray, context: int = 0) ->
     return np.ascontiguousarray(np.stack(channels, axis=-1))
 
 
+def model_inputs(hu: np.ndarray, zs, breaks: np.ndarray, context: int, size: int) -> np.ndarray:
+    """The model's input images of canonical slices `zs`: `slice_image` resized to size x size.
+
+    What prepare stores and what inference feeds the model: one implementation.
+
+    Args:
+        hu: canonical (Z, H, W) HU.
+        zs: slice indices.
+        breaks: `freqhist_breaks(hu)` (ignored for context 1).
+    Returns:
+        uint8 (len(zs), size, size, 3).
+    """
+    out = np.empty((len(zs), size, size, 3), np.uint8)
+    for i, z in enumerate(zs):
+        out[i] = resize_image(slice_image(hu, int(z), breaks, context), size)
+    return out
+
+
 def stack_context(channel0: np.ndarray, z: int) -> np.ndarray:
     """2.5-D image from one channel per slice: channel0[z-1], [z], [z+1], edges repeated.
 

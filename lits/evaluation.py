@@ -107,7 +107,7 @@ def evaluate_pair(key: str, pred_uri: str, ref_uri: str, s3_endpoint: Optional[s
         _check_geometry(pred_geometry, ref_geometry, pred_uri, ref_uri)
         pred = volumes.as_labels(pred_raw, pred_uri)
         ref = volumes.as_labels(ref_raw, ref_uri)
-        axial = ref_geometry._file_axis_of(2)[0]
+        axial = ref_geometry.axial_axis
         m = metrics.volume_metrics(pred, ref, ref_geometry.spacing, axial_axis=axial)
     except BadInputError as exc:
         return {**row, "error": str(exc)}

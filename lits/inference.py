@@ -71,7 +71,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**d)
+        """From `to_dict`'s output, or any dict holding those keys (e.g. a replica's describe())."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 def model_id_of(weights: bytes) -> str:
@@ -219,11 +220,7 @@ def preprocess(hu: np.ndarray, spec: ModelSpec, z: slice, breaks: np.ndarray) ->
     Returns:
         uint8 (n, S, S, 3).
     """
-    zs = range(*z.indices(hu.shape[0]))
-    out = np.empty((len(zs), spec.image_size, spec.image_size, 3), np.uint8)
-    for i, k in enumerate(zs):
-        out[i] = ct.resize_image(ct.slice_image(hu, k, breaks, spec.context), spec.image_size)
-    return out
+    return ct.model_inputs(hu, range(*z.indices(hu.shape[0])), breaks, spec.context, spec.image_size)
 
 
 def probs_to_labels(probs: np.ndarray, shape: Tuple[int, int], task: str) -> np.ndarray:
@@ -270,20 +267,22 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
         pending.append((start, submit(images)))
     labels = np.empty((n, h, w), np.uint8)
     size = spec.image_size
-    coarse = np.empty((n, size, size), np.uint8)
+    guided = postprocess and spec.task == "liver-tumour" and (h, w) != (size, size)
+    coarse = np.empty((n, size, size), np.uint8) if guided else None
     wait_s = resize_s = 0.0
     for start, future in pending:
         t = time.perf_counter()
         probs = future.result()
         t2 = time.perf_counter()
         labels[start:start + len(probs)] = probs_to_labels(probs, (h, w), spec.task)
-        coarse[start:start + len(probs)] = probs_to_labels(probs, (size, size), spec.task)
+        if guided:
+            coarse[start:start + len(probs)] = probs_to_labels(probs, (size, size), spec.task)
         wait_s += t2 - t
         resize_s += time.perf_counter() - t2
     t = time.perf_counter()
     if postprocess and spec.task == "liver-tumour":
         # Components are found at the model's resolution (16x fewer voxels at 512 -> 128).
-        labels = masks.postprocess(labels) if (h, w) == (size, size) else masks.postprocess_guided(labels, coarse)
+        labels = masks.postprocess_guided(labels, coarse) if guided else masks.postprocess(labels)
     post_s = time.perf_counter() - t
     # Fortran order is NIfTI's on-disk order: the file writes without a transposing copy (10x).
     labels_file = np.asfortranarray(geometry.from_canonical(labels))

@@ -300,7 +300,7 @@ class JobRunner:
         if not volumes:
             raise UserError(f"no .nii or .nii.gz volumes under {self.request['input']} "
                             f"({len(listing['ignored'])} ignored: reference segmentations or outputs)")
-        spec = {k: self.model[k] for k in inference.ModelSpec.__dataclass_fields__}
+        spec = inference.ModelSpec.from_dict(self.model).to_dict()
         pending = list(volumes)
         in_flight: Dict = {}
         while pending or in_flight:

@@ -238,7 +238,7 @@ class Api:
         if not data:
             raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
-        result = await jobs.segment_upload_task.remote(data, safe, self._model_spec(await self.spec()),
+        result = await jobs.segment_upload_task.remote(data, safe, inference.ModelSpec.from_dict(await self.spec()).to_dict(),
                                                        self.app_name, self.cfg.chunk)
         if "error" in result:
             raise HTTPException(422, result["error"])
@@ -247,10 +247,6 @@ class Api:
             "X-LiTS-Report": json.dumps(result["report"], separators=(",", ":")),
             "Content-Disposition": f'attachment; filename="{stem}_seg.nii.gz"',
         })
-
-    @staticmethod
-    def _model_spec(described: Dict) -> Dict:
-        return {k: described[k] for k in inference.ModelSpec.__dataclass_fields__}
 
     @api.post("/v1/jobs", status_code=202)
     async def create_job(self, request: Request, body: JobRequest) -> Dict:

@@ -141,10 +141,9 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
     table = _empty_table(task.volume_id, size, spacing)
     if kept_z.size:
         breaks = ct.freqhist_breaks(hu) if cfg.context == 0 else np.zeros(1, np.float32)
-        images = np.empty((kept_z.size, size, size, 3), np.uint8)
+        images = ct.model_inputs(hu, kept_z, breaks, cfg.context, size)
         mask_out = np.empty((kept_z.size, size, size), np.uint8)
         for i, z in enumerate(kept_z):
-            images[i] = ct.resize_image(ct.slice_image(hu, int(z), breaks, cfg.context), size)
             mask_out[i] = ct.resize_mask(labels[z], size)
         table = SliceTable(
             volume_id=task.volume_id,

@@ -101,6 +101,11 @@ class Geometry:
         """(x, y, z) mm = (W, H, Z) = (column, row, slice): SimpleITK's spacing order."""
         return tuple(self.spacing[self._file_axis_of(a)[0]] for a in (0, 1, 2))
 
+    @property
+    def axial_axis(self) -> int:
+        """The file axis that runs through axial slices (canonical Z)."""
+        return self._file_axis_of(2)[0]
+
     def file_slice_index(self, z: np.ndarray) -> np.ndarray:
         """Index along the file's axial axis of canonical slice(s) z."""
         axis, flipped = self._file_axis_of(2)

@@ -67,7 +67,7 @@ def test_evaluate_writes_exact_metrics_and_pictures(folders, tmp_path):
     assert float(rows[0]["liver_dice"]) == 1.0 and float(rows[0]["tumour_assd"]) == 0.0
     # case 1 against a direct computation of the same metrics
     ref, geometry = _labels(folders["ref"] / "segmentation-1.nii.gz")
-    direct = metrics.volume_metrics(folders["worse"], ref, geometry.spacing, axial_axis=geometry._file_axis_of(2)[0])
+    direct = metrics.volume_metrics(folders["worse"], ref, geometry.spacing, axial_axis=geometry.axial_axis)
     assert float(rows[1]["liver_dice"]) == pytest.approx(direct["liver"]["dice"])
     assert float(rows[1]["liver_assd"]) == pytest.approx(direct["liver"]["assd"])
     assert float(rows[1]["tumour_dice"]) == 0.0 and direct["tumour"]["ref_voxels"] > 0

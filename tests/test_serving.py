@@ -365,3 +365,9 @@ def test_serve_workflow_starts_answers_and_stops(server, tmp_path):
     assert proc.returncode == 0, err
     bad = run_workflow("serve", "--model", str(tmp_path / "missing"), timeout=60)
     assert bad.returncode == 2 and "config.json is missing" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = run_workflow("serve", "--model", server["model"], "--port", str(taken.getsockname()[1]), timeout=60)
+    assert busy.returncode == 2 and "choose another --port" in busy.stderr

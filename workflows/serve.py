@@ -59,6 +59,14 @@ def main(argv=None) -> int:
         if args.detach and not args.address:
             raise UserError("--detach needs --address: a local Ray ends with this process")
         spec, _ = inference.load_spec(cfg.model, cfg.s3_endpoint)  # a bad model fails here, not in a replica
+        if not args.address:  # locally the proxy binds on this machine: a taken port fails here, not in its actor
+            import socket
+
+            with socket.socket() as probe:
+                try:
+                    probe.bind((cfg.host, cfg.port))
+                except OSError as exc:
+                    raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}); choose another --port") from exc
         start_ray(args.address, cfg.s3_endpoint)
         serving.deploy(cfg)
         url = f"http://{cfg.host}:{cfg.port}"
