@@ -131,7 +131,7 @@ def _clusters(ids: np.ndarray, lab: np.ndarray, count: np.ndarray) -> np.ndarray
         (solid if core else small).append((centre, pixels))
         if not weight.any():
             break
-    centres = [c for c, _ in solid]
+    centres = [c for c, _ in _drop_jpeg_doubles(solid)]
     if len(centres) >= 2 and small:
         # A region too small for a 3x3 core (a tumour of a few pixels) is still a colour of the
         # mask when its lightness lies beyond every solid colour: JPEG halos are mixtures of
@@ -142,6 +142,31 @@ def _clusters(ids: np.ndarray, lab: np.ndarray, count: np.ndarray) -> np.ndarray
         if beyond:
             centres.append(max(beyond, key=lambda pc: pc[0])[1])
     return np.array(centres, dtype=np.float32).reshape(-1, 3)
+
+
+def _drop_jpeg_doubles(solid):
+    """Solid (centre, pixels) clusters without JPEG doubles, when there are more than three.
+
+    A small region of one colour beside a large region of the same colour (a lesion of a few
+    pixels beside a large one) can come out of JPEG as its own solid cluster: chroma is stored
+    at half resolution, so its hue bleeds towards the surrounding colour and its centre lands
+    just beyond _MODE_RADIUS from the large region's. Such a double is dropped (its pixels then
+    go to the nearest colour left) when it is within 2 * _MODE_RADIUS of a cluster at least
+    eight times its size. Only a mask that would otherwise be refused for too many colours is
+    touched, so no mask that decoded before decodes differently.
+    """
+    if len(solid) <= 3:
+        return solid
+    solid = sorted(solid, key=lambda cp: -cp[1])
+    while len(solid) > 3:
+        for i in range(len(solid) - 1, 0, -1):  # smallest first
+            centre, pixels = solid[i]
+            if any(float(np.sum((centre - c) ** 2)) < (2 * _MODE_RADIUS) ** 2 and p >= 8 * pixels for c, p in solid[:i]):
+                del solid[i]
+                break
+        else:
+            break
+    return solid
 
 
 def decode_colour_mask(image: np.ndarray, name: str = "mask") -> np.ndarray:
@@ -158,8 +183,9 @@ def decode_colour_mask(image: np.ndarray, name: str = "mask") -> np.ndarray:
         uint8 (H, W) labels.
     Raises:
         BadInputError: more than three solid colours, colours off a sequential colormap (lightness
-            not monotonic from background, or "liver" enclosed by "tumour"), or too many pixels
-            that belong to no colour (not a colour-mapped label mask).
+            not monotonic from background), a "liver" that touches the background nowhere (walled
+            in by "tumour": swapped palette or all-tumour outline, indistinguishable), or too many
+            pixels that belong to no colour (not a colour-mapped label mask).
     """
     rgb = _to_rgb(np.asarray(image))
     if rgb.dtype != np.uint8:
@@ -198,19 +224,31 @@ def decode_colour_mask(image: np.ndarray, name: str = "mask") -> np.ndarray:
     for label, k in enumerate(others, start=1):
         lut[k] = label
     labels = lut[nearest]
-    if len(others) == 2 and _enclosed_by(labels, inner=1, outer=2):
+    if len(others) == 2 and _liver_walled_in(labels):
         raise BadInputError(
-            f"{name}: the colour decoded as liver lies inside the one decoded as tumour; its colours do not "
-            "follow a sequential colormap from background (tumour lies inside liver)"
+            f"{name}: the colour decoded as liver lies wholly inside the one decoded as tumour and touches the "
+            "background nowhere; either tumour covers the liver's whole outline or the colormap is not sequential "
+            "(liver and tumour colours swapped), and the image cannot tell which"
         )
     return labels
 
 
-def _enclosed_by(labels: np.ndarray, inner: int, outer: int) -> bool:
-    """True when most of the one-pixel ring around label `inner` is label `outer`."""
-    region = (labels == inner).astype(np.uint8)
-    ring = cv2.dilate(region, np.ones((3, 3), np.uint8)).astype(bool) & ~region.astype(bool)
-    return bool(ring.any()) and float(np.mean(labels[ring] == outer)) > 0.5
+def _liver_walled_in(labels: np.ndarray) -> bool:
+    """True when no solid part of the decoded liver (label 1) comes within 2 px of the background.
+
+    The one geometric doubt left once lightness has ordered the colours. Tumour may border
+    background (lesions on the liver surface) and may border liver along most of its outline
+    (several or large lesions), so neither says anything; a liver of which no part reaches the
+    background is what a non-sequential palette that swaps liver and tumour also produces. A
+    solid part survives a 3x3 erosion, so the one- or two-pixel rings of in-between colours
+    that JPEG leaves along a tumour's edge with the background never count as liver here.
+    """
+    kernel = np.ones((3, 3), np.uint8)
+    core = cv2.erode((labels == 1).astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    if not core.any():
+        return False
+    near_background = cv2.dilate((labels == 0).astype(np.uint8), np.ones((5, 5), np.uint8))
+    return not bool((core & near_background).any())
 
 
 def render_colour_mask(labels: np.ndarray, colormap: str) -> np.ndarray:

@@ -173,13 +173,25 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
 
 
 def _read_image(uri: str, cfg: PrepareConfig, flags: int) -> np.ndarray:
+    """One slice file as uint8 (H, W, 3) RGB.
+
+    Raises:
+        BadInputError: unreadable, empty, truncated or not an image; one line naming `uri`, so
+            that the caller drops this slice only.
+    """
     try:
         data = storage.read_bytes(uri, cfg.s3_endpoint)
     except Exception as exc:
-        raise BadInputError(f"{uri}: cannot read ({exc})") from exc
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        raise BadInputError(f"{uri}: cannot read ({' '.join(str(exc).split())})") from exc
+    if not data:
+        # cv2.imdecode asserts on an empty buffer instead of returning None.
+        raise BadInputError(f"{uri}: empty file (0 bytes); re-export this slice or remove it")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        image = None
     if image is None:
-        raise BadInputError(f"{uri}: not a decodable JPEG/PNG image ({len(data)} bytes)")
+        raise BadInputError(f"{uri}: not a decodable JPEG/PNG image ({len(data)} bytes; truncated or not an image)")
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
@@ -188,8 +200,9 @@ def _read_image(uri: str, cfg: PrepareConfig, flags: int) -> np.ndarray:
 def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
     """Decode one volume's converted slices: masks inverted to labels, images taken as they are.
 
-    Per-file problems (unreadable image, undecodable mask) drop that slice and are reported in
-    `failed`; the rest of the volume goes on. Raises BadInputError when no slice survives.
+    Per-file problems (an empty, truncated or undecodable image or mask file, a mask that is not
+    a colour-mapped label mask) drop that slice and are reported in `failed`, one line naming the
+    file; the rest of the volume goes on. Raises BadInputError when no slice survives.
     """
     started = time.perf_counter()
     failed: List[Dict] = []
