@@ -7,8 +7,9 @@ worker and sends its slices, chunk by chunk, to the model deployment, where @ser
 gathers slices of many volumes into one forward pass.
 
 Outputs per input `INPUT/<rel>.nii[.gz]`: `OUTPUT/<rel>_seg.nii.gz`, `OUTPUT/<rel>_preview.png`,
-then `OUTPUT/<rel>.json` (the report, written last: its presence with this model's id means done). Both writes are
-atomic. At the end `OUTPUT/_jobs/<job_id>.json` holds the summary.
+then `OUTPUT/<rel>.json` (the report, written last: its presence with this model's id means done). Every write
+is atomic, and a volume's outputs are all or nothing (`segment_volume`). At the end `OUTPUT/_jobs/<job_id>.json`
+holds the summary.
 
 Failure rules: a bad volume is recorded with its reason and the job goes on; a lost model
 replica costs a retry of the chunks it held (`RETRIES`), a lost CPU worker a retry of its volume
@@ -115,20 +116,42 @@ def already_done(uris: Dict[str, str], model_id: str, s3_endpoint: Optional[str]
     return report.get("model_id") == model_id and storage.exists(uris["mask"], s3_endpoint)
 
 
-@ray.remote(num_cpus=1, max_retries=2)
-def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_name: str, overwrite: bool,
-                        chunk: int, s3_endpoint: Optional[str]) -> Dict:
-    """Segment one volume of a job; never raises for a bad volume (returns status 'failed')."""
-    spec_obj = inference.ModelSpec.from_dict(spec)
+def remove_outputs(uris: Dict[str, str], s3_endpoint: Optional[str]) -> None:
+    """Delete a volume's report, preview and mask (report first: it is what marks a volume done)."""
+    for key in ("report", "preview", "mask"):
+        storage.delete(uris[key], s3_endpoint)
+
+
+def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
+                   overwrite: bool, chunk: int, s3_endpoint: Optional[str]) -> Dict:
+    """One volume of a job (what `segment_volume_task` runs); never raises for a bad volume.
+
+    Outputs are all or nothing: stale ones (another model's, or a half-written earlier try) are
+    removed before the volume is segmented, and whatever this call wrote is removed again when it
+    stops before the report (a cancel's KeyboardInterrupt, a failed write). So no mask or preview
+    lies under its final name without this model's report, and no report describes another
+    model's mask.
+
+    Returns:
+        {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
+    """
     uris = output_uris(output, rel_name)
-    result = {"input": uri, "name": rel_name, "node_id": ray.get_runtime_context().get_node_id()}
-    resent: List[int] = []
+    result = {"input": uri, "name": rel_name}
     try:
-        if not overwrite and already_done(uris, spec_obj.model_id, s3_endpoint):
+        done_before = already_done(uris, spec.model_id, s3_endpoint)
+        if done_before and not overwrite:
             return {**result, "status": "skipped"}
-        handle = model_handle(app_name)
-        report = inference.segment_uri(uri, uris, spec_obj,
-                                       lambda images: _Pending(handle, images, resent), s3_endpoint, chunk)
+        if not done_before:
+            remove_outputs(uris, s3_endpoint)
+        try:
+            report = inference.segment_uri(uri, uris, spec, submit, s3_endpoint, chunk)
+        except BaseException:
+            try:
+                if not already_done(uris, spec.model_id, s3_endpoint):
+                    remove_outputs(uris, s3_endpoint)
+            except Exception as exc:  # the first failure is the one to report
+                log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
+            raise
     except BadInputError as exc:
         return {**result, "status": "failed", "reason": str(exc)}
     except UserError as exc:  # e.g. the output became unwritable
@@ -138,7 +161,27 @@ def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_na
         return {**result, "status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
     return {**result, "status": "done", "slices": report["slices"], "seconds": report["seconds"]["total"],
             "liver_volume_ml": report["liver_volume_ml"], "tumour_volume_ml": report["tumour_volume_ml"],
-            "lesion_count": report["lesion_count"], "chunks_resent": len(resent)}
+            "lesion_count": report["lesion_count"]}
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_name: str, overwrite: bool,
+                        chunk: int, s3_endpoint: Optional[str]) -> Dict:
+    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`."""
+    resent: List[int] = []
+    handles: List = []
+
+    def submit(images: np.ndarray) -> _Pending:
+        if not handles:  # one handle per task, made only when a volume needs the model
+            handles.append(model_handle(app_name))
+        return _Pending(handles[0], images, resent)
+
+    result = segment_volume(uri, rel_name, output, inference.ModelSpec.from_dict(spec), submit, overwrite, chunk,
+                            s3_endpoint)
+    result["node_id"] = ray.get_runtime_context().get_node_id()
+    if result["status"] == "done":
+        result["chunks_resent"] = len(resent)
+    return result
 
 
 @ray.remote(num_cpus=1, max_retries=2)

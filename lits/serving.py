@@ -6,7 +6,8 @@
     Every volume task sends chunks of slices to SegmentModel; @serve.batch gathers chunks of
     many volumes (and requests) into forward passes of at most max_batch_size slices.
 
-Security: with a token configured every /v1 call needs `Authorization: Bearer <token>` (401);
+Security: with a token configured every /v1 call needs `Authorization: Bearer <token>` (401;
+a dependency of the `/v1` router, so no route can be added without it);
 job URIs must lie under an allowed prefix (403) and carry no path tricks (400); request bodies
 are size-limited (413); weights are only ever loaded with weights_only=True.
 """
@@ -22,7 +23,7 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -173,6 +174,16 @@ api = FastAPI(
 )
 
 
+async def require_token(request: Request) -> None:
+    """The token check of every /v1 route: this replica's `Api.authorise` (401 without the token)."""
+    serve.get_replica_context().servable_object.authorise(request)
+
+
+# Every route of this router needs the token: the check is the router's dependency, not a call
+# each handler has to remember. Only /healthz (and the OpenAPI docs) live outside it.
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str = Field(description="URI prefix (s3://bucket/prefix) holding .nii / .nii.gz volumes")
@@ -181,9 +192,9 @@ class JobRequest(BaseModel):
     concurrency: Optional[int] = Field(None, ge=1, le=4096, description="volumes in flight (default: cluster CPUs)")
 
 
-@serve.deployment(name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
 class Api:
+    """The HTTP API of one ingress replica (made a Serve deployment below, once its routes exist)."""
+
     def __init__(self, model, settings: Dict, app_name: str = APP_NAME):
         self.model = model
         self.cfg = ServeConfig(**settings)
@@ -228,12 +239,11 @@ class Api:
         spec = await self.spec()
         return {"status": "ok", "model_id": spec["model_id"], "model": spec["uri"], "version": lits.__version__}
 
-    @api.post("/v1/segment", responses={200: {"content": {"application/gzip": {}},
-                                             "description": "the mask as .nii.gz; the report in X-LiTS-Report"}})
+    @v1.post("/segment", responses={200: {"content": {"application/gzip": {}},
+                                          "description": "the mask as .nii.gz; the report in X-LiTS-Report"}})
     async def segment(self, request: Request, name: str = "upload") -> Response:
         """Body: one .nii or .nii.gz file. Returns the uint8 label mask with the input's shape and
         affine as .nii.gz; the per-volume report (JSON) is in the X-LiTS-Report header."""
-        self.authorise(request)
         data = await self.read_body(request)
         if not data:
             raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
@@ -248,10 +258,9 @@ class Api:
             "Content-Disposition": f'attachment; filename="{stem}_seg.nii.gz"',
         })
 
-    @api.post("/v1/jobs", status_code=202)
-    async def create_job(self, request: Request, body: JobRequest) -> Dict:
+    @v1.post("/jobs", status_code=202)
+    async def create_job(self, body: JobRequest) -> Dict:
         """Start a bulk job: every volume under `input` -> mask + report under `output`."""
-        self.authorise(request)
         job = {"input": self.access(body.input), "output": self.access(body.output), "overwrite": body.overwrite}
         if not await asyncio.to_thread(storage.exists, job["input"], self.cfg.s3_endpoint):
             raise HTTPException(404, f"input {body.input} does not exist")
@@ -260,9 +269,8 @@ class Api:
                                          self.cfg.cpus_per_volume)
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
-    @api.get("/v1/jobs")
-    async def list_all(self, request: Request) -> List[Dict]:
-        self.authorise(request)
+    @v1.get("/jobs")
+    async def list_all(self) -> List[Dict]:
         found = await asyncio.to_thread(jobs.list_jobs)
         return [{k: j[k] for k in ("job_id", "state", "input", "output", "counts", "progress", "times")} for j in found]
 
@@ -273,16 +281,19 @@ class Api:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
-    @api.get("/v1/jobs/{job_id}")
-    async def get(self, request: Request, job_id: str) -> Dict:
-        self.authorise(request)
+    @v1.get("/jobs/{job_id}")
+    async def get(self, job_id: str) -> Dict:
         return await self._job_or_404(jobs.get_job, job_id)
 
-    @api.delete("/v1/jobs/{job_id}")
-    async def cancel(self, request: Request, job_id: str) -> Dict:
+    @v1.delete("/jobs/{job_id}")
+    async def cancel(self, job_id: str) -> Dict:
         """Stop submitting volumes, cancel those in flight; finished volumes stay."""
-        self.authorise(request)
         return await self._job_or_404(jobs.cancel_job, job_id)
+
+
+api.include_router(v1)
+# The ingress is applied after include_router: Serve binds the routes it finds on `api` to Api.
+Api = serve.deployment(name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0})(serve.ingress(api)(Api))
 
 
 def build_app(cfg: ServeConfig, app_name: str = APP_NAME):

@@ -1,9 +1,15 @@
-"""Ray Serve app and bulk jobs, end to end: real Ray, real HTTP, a real S3-protocol server."""
+"""Ray Serve app and bulk jobs, end to end: real Ray, real HTTP, a real S3-protocol server.
+
+Every test that uses the `server` fixture starts Ray and the app, so it is marked slow; the URI
+rules and a job's per-volume outputs are checked without them.
+"""
 
 import concurrent.futures
 import gzip
+import http.client
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -14,9 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import free_port, make_bucket, run_workflow, synthesize, upload_tree
+from lits import inference
 from test_inference import tiny_model
-
-pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-token"
 
@@ -121,6 +126,7 @@ def first_job(server):
     return run_job(server, input="s3://archive/ct", output="s3://archive/seg")
 
 
+@pytest.mark.slow
 def test_job_segments_good_volumes_and_lists_bad_ones(server, first_job, tmp_path):
     import SimpleITK as sitk
 
@@ -159,6 +165,7 @@ def test_job_segments_good_volumes_and_lists_bad_ones(server, first_job, tmp_pat
     assert summary["counts"]["done"] == 4
 
 
+@pytest.mark.slow
 def test_second_submission_skips_and_overwrite_recomputes(server, first_job):
     fs = s3fs_for(server["endpoint"])
     before = fs.info("archive/seg/volume-0.json")["LastModified"]
@@ -172,6 +179,86 @@ def test_second_submission_skips_and_overwrite_recomputes(server, first_job):
     assert {first_job["job_id"], again["job_id"], redo["job_id"]} <= {j["job_id"] for j in listing}
 
 
+def wait_local_job(job_id, timeout=180):
+    """The status of a job submitted with lits.jobs (no HTTP) once it has ended."""
+    from lits import jobs
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = jobs.get_job(job_id)
+        if job["state"] in jobs.FINAL_STATES:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_new_model_recomputes_every_volume(server, tmp_path):
+    """Outputs of one model are no reason to skip a volume for another: README's "a new model
+    recomputes everything". A second app serves other weights; its job over the same output
+    segments every volume again and every report then names it."""
+    from ray import serve
+
+    from lits import jobs, serving
+    from lits.config import ServeConfig
+
+    first = run_job(server, input="s3://archive/ct", output="s3://archive/remodel")
+    assert first["counts"]["done"] == 4
+    cfg = ServeConfig(model=tiny_model(tmp_path / "model-b", seed=1), chunk=8, max_batch_size=16, batch_wait_s=0.05,
+                      s3_endpoint=server["endpoint"])
+    serving.deploy(cfg, http=False, app_name="lits-model-b")
+    try:
+        job_id = jobs.submit_job({"input": "s3://archive/ct", "output": "s3://archive/remodel", "overwrite": False},
+                                 "lits-model-b", cfg.chunk, None, server["endpoint"])
+        second = wait_local_job(job_id)
+    finally:
+        serve.delete("lits-model-b")
+    assert second["state"] == "succeeded", second
+    assert second["model_id"] != first["model_id"]
+    assert second["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4}, second
+    fs = s3fs_for(server["endpoint"])
+    for i in range(4):
+        assert json.loads(fs.cat_file(f"archive/remodel/volume-{i}.json"))["model_id"] == second["model_id"]
+
+
+def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_path, monkeypatch):
+    """A job's volume stopped between its mask and its report (the KeyboardInterrupt a cancel raises
+    arrives while the preview is written): the mask it wrote is removed again, and so is a stale
+    report of another model. Run to the end, the volume has all three outputs."""
+    from lits import jobs, storage
+
+    spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
+    predictor = inference.Predictor(spec, weights, device="cpu")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "volume-0.json").write_text(json.dumps({"model_id": "f" * 16}))  # another model's outputs
+    (out / "volume-0_seg.nii.gz").write_bytes(b"old mask")
+    source = os.path.join(nifti_dir, "volume-0.nii.gz")
+    real_write = storage.write_bytes
+
+    def write_until_preview(uri, data, s3_endpoint=None):
+        if uri.endswith("_preview.png"):
+            assert os.path.exists(out / "volume-0_seg.nii.gz")  # the new mask is in place by now
+            raise KeyboardInterrupt
+        real_write(uri, data, s3_endpoint)
+
+    def segment():
+        return jobs.segment_volume(source, "volume-0", str(out), spec, lambda x: inference.Done(predictor(x)),
+                                   overwrite=False, chunk=8, s3_endpoint=None)
+
+    monkeypatch.setattr(storage, "write_bytes", write_until_preview)
+    with pytest.raises(KeyboardInterrupt):
+        segment()
+    assert os.listdir(out) == []
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    result = segment()
+    assert result["status"] == "done" and result["slices"] == 24
+    assert sorted(os.listdir(out)) == ["volume-0.json", "volume-0_preview.png", "volume-0_seg.nii.gz"]
+    assert json.loads((out / "volume-0.json").read_text())["model_id"] == spec.model_id
+    assert segment()["status"] == "skipped"
+
+
+@pytest.mark.slow
 def test_cancel_stops_a_job(server):
     status, body, _ = call(server, "POST", "/v1/jobs", {"input": "s3://archive/many", "output": "s3://archive/cancelled",
                                                          "concurrency": 1})
@@ -185,12 +272,17 @@ def test_cancel_stops_a_job(server):
     fs = s3fs_for(server["endpoint"])
     summary = json.loads(fs.cat_file(f"archive/cancelled/_jobs/{body['job_id']}.json"))
     assert summary["state"] == "cancelled"
-    # every mask written before the cancel has its report: nothing half-done under a final name
-    masks = {p for p in fs.ls("archive/cancelled") if p.endswith("_seg.nii.gz")}
-    reports = {p for p in fs.ls("archive/cancelled") if p.endswith(".json")}
-    assert {m.replace("_seg.nii.gz", ".json") for m in masks} >= reports
+    # every mask written before the cancel has its report and every report its mask and preview:
+    # nothing half-done under a final name
+    names = [os.path.basename(p) for p in fs.ls("archive/cancelled")]
+    masks = {n[:-len("_seg.nii.gz")] for n in names if n.endswith("_seg.nii.gz")}
+    previews = {n[:-len("_preview.png")] for n in names if n.endswith("_preview.png")}
+    reports = {n[:-len(".json")] for n in names if n.endswith(".json")}
+    assert masks == reports == previews
+    assert len(reports) >= job["counts"]["done"]
 
 
+@pytest.mark.slow
 def test_replica_killed_during_a_job_loses_no_volume(server):
     """A second app whose batches wait 2 s for slices: half a second after a volume finished,
     the next volumes' chunks sit queued in the replica when it is killed; the job must resend
@@ -227,6 +319,7 @@ def test_replica_killed_during_a_job_loses_no_volume(server):
         serve.delete("lits-kill")
 
 
+@pytest.mark.slow
 def test_segment_endpoint_answers_concurrent_requests(server):
     volumes = [server["root"] / "ct" / f"volume-{i}.nii.gz" for i in range(3)]
 
@@ -246,6 +339,7 @@ def test_segment_endpoint_answers_concurrent_requests(server):
         assert headers["content-disposition"].endswith(f'{path.name[:-7]}_seg.nii.gz"')
 
 
+@pytest.mark.slow
 def test_segment_endpoint_rejects_bad_bodies(server):
     status, body, _ = call(server, "POST", "/v1/segment", raw=b"junk" * 100)
     assert status == 422 and "not a NIfTI" in body["detail"]
@@ -255,16 +349,52 @@ def test_segment_endpoint_rejects_bad_bodies(server):
     assert status == 400
 
 
-def test_auth(server):
+@pytest.mark.slow
+def test_every_api_route_needs_the_token(server, first_job):
+    """Every route in the OpenAPI schema, called without the token or with a wrong one, answers 401;
+    only /healthz (and the docs, which are not in the schema) are open."""
     assert call(server, "GET", "/healthz", token=None)[0] == 200
     assert call(server, "GET", "/docs", token=None)[0] == 200
-    for token in (None, "wrong"):
-        status, body, headers = call(server, "GET", "/v1/jobs", token=token)
-        assert status == 401 and "token" in body["detail"]
-        assert call(server, "POST", "/v1/segment", token=token, raw=b"x")[0] == 401
-        assert call(server, "POST", "/v1/jobs", {"input": "s3://archive/ct", "output": "s3://archive/x"}, token=token)[0] == 401
+    status, schema, _ = call(server, "GET", "/openapi.json", token=None)
+    assert status == 200
+    routes = {(method.upper(), path) for path, ops in schema["paths"].items() for method in ops}
+    assert routes >= {("POST", "/v1/segment"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs"),
+                      ("GET", "/v1/jobs/{job_id}"), ("DELETE", "/v1/jobs/{job_id}")}
+    guarded = sorted(r for r in routes if r[1] != "/healthz")
+    # path parameters name a real job: a route that skipped the check would answer 200, not 404
+    for method, path in guarded:
+        url = re.sub(r"\{[^}]+\}", first_job["job_id"], path)
+        for token in (None, "wrong"):
+            got, body, headers = call(server, method, url, token=token, raw=b"x" if method == "POST" else None)
+            assert got == 401, (method, path, token, got, body)
+            assert "token" in body["detail"]
+            assert {k.lower(): v for k, v in headers.items()}.get("www-authenticate") == "Bearer"
+    # and with the token the same real job is there (so the 401s above were about the token)
+    assert call(server, "GET", f"/v1/jobs/{first_job['job_id']}")[0] == 200
 
 
+@pytest.mark.slow
+def test_body_limit_holds_for_a_chunked_upload(server):
+    """A chunked upload declares no Content-Length: the limit is enforced while the body streams in."""
+    def post_chunked(parts):
+        connection = http.client.HTTPConnection("127.0.0.1", int(server["url"].rsplit(":", 1)[1]), timeout=120)
+        try:
+            connection.request("POST", "/v1/segment?name=volume-0.nii.gz", body=iter(parts),
+                               headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    volume = (server["root"] / "ct" / "volume-0.nii.gz").read_bytes()
+    assert len(volume) < 1024 * 1024  # a chunked upload under the limit is segmented
+    status, payload = post_chunked([volume[i:i + 65536] for i in range(0, len(volume), 65536)])
+    assert status == 200, payload[:300]
+    status, payload = post_chunked([b"\0" * 65536] * 17)  # 1 MiB + 64 KiB, no Content-Length
+    assert status == 413 and b"limit of 1 MB" in payload, payload[:300]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("uri, status", [
     ("s3://other/ct", 403),
     ("s3://archive-evil/ct", 403),
@@ -276,11 +406,13 @@ def test_auth(server):
     ("http://example.com/ct", 400),
     ("s3://archive/nothing-here", 404),
 ])
+@pytest.mark.slow
 def test_job_uris_are_checked(server, uri, status):
     got, body, _ = call(server, "POST", "/v1/jobs", {"input": uri, "output": "s3://archive/out"})
     assert got == status, body
 
 
+@pytest.mark.slow
 def test_job_requests_are_validated(server):
     assert call(server, "POST", "/v1/jobs", {"input": "s3://archive/ct", "output": "s3://other/out"})[0] == 403
     assert call(server, "POST", "/v1/jobs", {"input": "s3://archive/ct", "output": "s3://archive/o", "extra": 1})[0] == 422
@@ -307,6 +439,7 @@ def test_check_uri_rules(tmp_path):
         assert err.value.status == status, uri
 
 
+@pytest.mark.slow
 def test_segment_workflow_against_the_server(server):
     env = {"LITS_API_TOKEN": TOKEN}
     old = {k: os.environ.get(k) for k in env}
@@ -327,6 +460,7 @@ def test_segment_workflow_against_the_server(server):
     assert len(denied.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_segment_workflow_runs_self_contained(server, tmp_path):
     out = tmp_path / "seg"
     proc = run_workflow("segment", "--input", str(server["root"] / "ct"), "--output", str(out),
@@ -339,6 +473,7 @@ def test_segment_workflow_runs_self_contained(server, tmp_path):
     assert missing.returncode == 2 and "config.json is missing" in missing.stderr
 
 
+@pytest.mark.slow
 def test_serve_workflow_starts_answers_and_stops(server, tmp_path):
     """workflows/serve.py as a user runs it: its own local Ray, a token, SIGTERM to stop."""
     import subprocess
