@@ -1,4 +1,5 @@
-"""The prepare stage end to end on a real local Ray: local folders, S3, the image layout, bad input."""
+"""The prepare stage end to end: on a real local Ray (local folders, S3, the image layout, bad input;
+marked slow) and in one process (context images, re-runs, cuts during the commit)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from lits import ct, pipeline, storage
 from lits.config import PrepareConfig
 from lits.schema import COLUMNS, MANIFEST_NAME, SPLITS, WINDOW_LIVER
 from tests.conftest import make_bucket, run_workflow, synthesize, upload_tree
-
-pytestmark = pytest.mark.slow
 
 SIZE = 32
 
@@ -55,6 +54,7 @@ def reference_slice(seg_path: str, file_index: int) -> np.ndarray:
     return ras[::-1, ::-1, k].T
 
 
+@pytest.mark.slow
 def test_prepare_local_nifti_end_to_end(ray_cluster, nifti_dir, tmp_path):
     out = str(tmp_path / "out")
     cfg = PrepareConfig(input=nifti_dir, output=out, image_size=SIZE, keep_liver=0.5, keep_empty=0.3,
@@ -156,10 +156,64 @@ def test_rerun_replaces_output_and_interruption_keeps_previous(nifti_dir, tmp_pa
     assert not [p for p in os.listdir(out) if p.startswith(".")]
 
 
+class Cut(OSError):
+    """The failure injected into prepare's commit."""
+
+
+def test_a_cut_during_the_swap_never_leaves_a_lying_manifest(nifti_dir, tmp_path, monkeypatch):
+    """prepare dies at each step of its commit in turn (that storage call and every later one fail,
+    as when the process is killed; even its own clean-up): README's promise holds at every cut, no
+    manifest, never a manifest naming shards that are not there, and the next run completes."""
+    out = str(tmp_path / "out")
+    common = dict(input=nifti_dir, output=out, image_size=SIZE, val_fraction=0.2, test_fraction=0.2)
+    real_commit = pipeline.commit
+    originals = {name: getattr(storage, name) for name in ("write_bytes", "delete", "move_tree")}
+    state = {"armed": False, "calls": [], "cut": None}
+
+    def commit(*args):
+        state["armed"] = True
+        real_commit(*args)
+
+    def counted(name):
+        def call(uri, *rest, **kwargs):
+            if state["armed"]:
+                state["calls"].append(f"{name} {os.path.relpath(uri, out)}")
+                if state["cut"] is not None and len(state["calls"]) >= state["cut"]:
+                    raise Cut(f"cut at commit step {len(state['calls'])}")
+            return originals[name](uri, *rest, **kwargs)
+        return call
+
+    def run(cut, **changes):
+        state.update(armed=False, calls=[], cut=cut)
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "commit", commit)
+            for name in originals:
+                m.setattr(storage, name, counted(name))
+            return pipeline.prepare(PrepareConfig(**common, **changes), pipeline.run_local)
+
+    run(None)
+    steps = list(state["calls"])
+    assert f"write_bytes {MANIFEST_NAME}" in steps and sum(s.startswith("move_tree") for s in steps) == 3, steps
+    for cut in range(1, len(steps) + 2):
+        # the run after a cut removes what it left and completes: the previous output of the next cut
+        complete = run(None)
+        assert listed_shards(out) == manifest_shards(complete) and not [p for p in os.listdir(out) if p.startswith(".")]
+        if cut > len(steps):
+            break
+        with pytest.raises(Cut):
+            run(cut, keep_empty=0.5, seed=cut)  # other settings: other shards
+        manifest_path = os.path.join(out, MANIFEST_NAME)
+        if os.path.exists(manifest_path):  # only when the cut came before anything was touched
+            manifest = json.load(open(manifest_path))
+            assert manifest_shards(manifest) <= listed_shards(out), steps[cut - 1]
+            assert cut == 1 and manifest["splits"] == complete["splits"], steps[cut - 1]
+
+
 def _write(path, data, affine=np.eye(4)):
     nib.save(nib.Nifti1Image(data, affine), path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_and_the_rest_completes(ray_cluster, nifti_dir, tmp_path):
     src = tmp_path / "in"
     (src / "volume_pt1").mkdir(parents=True)
@@ -225,6 +279,7 @@ def test_bad_inputs_are_reported_and_the_rest_completes(ray_cluster, nifti_dir, 
     assert json.load(open(out / MANIFEST_NAME))["volumes"] == manifest["volumes"]  # previous output kept
 
 
+@pytest.mark.slow
 def test_image_layout_matches_nifti_labels(ray_cluster, tmp_path):
     # The same six phantoms as NIfTI and as the converted JPEG dataset (two colormaps); 128 px,
     # because at 64 px a tumour cap is a pixel or two, which no JPEG keeps.
@@ -261,6 +316,7 @@ def test_image_layout_matches_nifti_labels(ray_cluster, tmp_path):
     assert all(np.isnan(s).all() for s in a["spacing"])
 
 
+@pytest.mark.slow
 def test_prepare_s3_to_s3(ray_cluster, s3_server, nifti_dir):
     make_bucket(s3_server, "lits-in")
     make_bucket(s3_server, "lits-out")
