@@ -21,6 +21,29 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 
 
+# Fixtures that start Ray (or the Serve app on it): a test using one is marked slow.
+RAY_FIXTURES = {"ray_cluster", "ray_train_cluster", "server", "two_nodes"}
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_ray(request):
+    """`make test-fast` (-m "not slow") promises no Ray: a test outside the slow marker fails when it
+    uses a Ray fixture or initialises Ray in this process (ray.init, or Ray Data's automatic start).
+    Workflows run as subprocesses are not seen here; those that start Ray are marked by hand."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    used = RAY_FIXTURES & set(request.fixturenames)
+    assert not used, f"{request.node.nodeid} uses {sorted(used)}, which start Ray: mark it slow"
+    ray = sys.modules.get("ray")
+    running_before = bool(ray and ray.is_initialized())
+    yield
+    ray = sys.modules.get("ray")
+    if not running_before and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked slow")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

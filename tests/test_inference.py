@@ -149,12 +149,13 @@ def test_bad_inputs_and_models_give_clear_errors(tmp_path):
         inference.segment_bytes(b"x" * 1000, "junk.nii", spec, lambda x: None)
     with pytest.raises(UserError, match="config.json is missing"):
         inference.load_spec(str(tmp_path / "nowhere"))
-    other = tiny_model(tmp_path / "other", task="tumour")
+    other, _ = inference.load_spec(tiny_model(tmp_path / "other", task="tumour"))
+    assert other.out_channels == 1 and spec.out_channels == 3  # the two models really differ in shape
     (tmp_path / "model" / "weights.pt").write_bytes((tmp_path / "other" / "weights.pt").read_bytes())
     spec, weights = inference.load_spec(str(tmp_path / "model"))
+    assert spec.model_id == other.model_id  # the tumour model's weights under the liver-tumour config
     with pytest.raises(UserError, match="does not fit"):
         inference.Predictor(spec, weights, device="cpu")
-    assert other
 
 
 def test_guided_postprocess_matches_full_resolution_on_upsampled_labels():

@@ -138,7 +138,7 @@ def test_as_labels_accepts_uint8_and_integral_floats_only():
 @pytest.mark.parametrize("axcodes", ["LPS", "RAS", "LPI", "PLS", "SPL"])
 def test_canonical_layout_agrees_with_simpleitk(tmp_path, rng, axcodes):
     """A second reader: SimpleITK oriented to LPS gives its array as [S, P, L] = our (Z, H, W)."""
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk  # a test dependency: without it this fails, it does not skip
     data = rng.integers(-1000, 1000, size=(7, 6, 5)).astype(np.int16)
     path = str(tmp_path / "v.nii.gz")
     volumes.write_nifti(path, data, affine_for(axcodes, spacing=(0.7, 0.8, 2.5)))
