@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Benchmark of `prepare`: the Ray pipeline against a single-process loop, .nii.gz decode speed,
-and memory per volume. Prints markdown tables (paste them into README).
+"""Benchmark of `prepare`: the Ray pipeline against a single-process loop (with the time of each
+stage, and a shard-by-shard comparison of the two outputs), .nii.gz decode speed, memory per
+volume, and the effect of Ray Data's per-operator resource reservation. Prints markdown tables
+(paste them into README).
 
     python benchmarks/prepare.py --volumes 60 --slices 120 --size 512
 
-Synthetic volumes are generated once into --workdir and reused by later runs.
+Synthetic volumes are generated once into --workdir and reused by later runs. Exits non-zero when
+the two runs' shards differ.
 """
 
 from __future__ import annotations
@@ -118,6 +121,81 @@ print(json.dumps({"traced_peak": traced, "rss_before_kb": before, "rss_peak_kb":
 """
 
 
+_IMPORT_RSS_PROBE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import ray.data, lits.pipeline  # what a prepare worker imports before its first volume
+with open("/proc/self/status") as f:
+    print([int(l.split()[1]) for l in f if l.startswith("VmRSS")][0])
+"""
+
+
+def import_rss_mb() -> float:
+    """Resident size of a fresh Python process once it has imported ray.data and lits.pipeline."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_RSS_PROBE, ROOT], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1e3
+
+
+def timed_prepare(cfg: PrepareConfig, runner):
+    """Run prepare and time its stages from the progress callback.
+
+    Returns:
+        (manifest, {'total', 'first' (first volume done), 'last' (last volume done), 'commit'
+        (after the last volume: manifest, preview, splits moved), 'volume_mean' and 'volume_sum'
+        (slicing seconds per volume as recorded in the manifest, shard write excluded)}).
+    """
+    marks = []
+    t0 = time.perf_counter()
+    manifest = pipeline.prepare(cfg, runner, lambda done, total, result: marks.append(time.perf_counter() - t0))
+    total = time.perf_counter() - t0
+    volume_s = [e["seconds"]["total"] for e in manifest["volumes"]]
+    return manifest, {"total": total, "first": marks[0], "last": marks[-1], "commit": total - marks[-1],
+                      "volume_mean": float(np.mean(volume_s)), "volume_sum": float(np.sum(volume_s))}
+
+
+def compare_shards(dir_a: str, manifest_a: dict, dir_b: str, manifest_b: dict) -> str:
+    """How the two runs' shards compare: byte for byte, or (when only the bytes differ) as decoded
+    tables. Exits with a message naming the shards when the runs wrote different data."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers the tensor column type, so the tables decode)
+
+    def names(manifest):
+        return sorted(s for split in manifest["splits"].values() for s in split["shards"])
+
+    if names(manifest_a) != names(manifest_b):
+        sys.exit(f"the runs wrote different shards: {sorted(set(names(manifest_a)) ^ set(names(manifest_b)))}")
+    by_bytes = [n for n in names(manifest_a)
+                if open(os.path.join(dir_a, n), "rb").read() != open(os.path.join(dir_b, n), "rb").read()]
+    by_rows = [n for n in by_bytes if not pq.read_table(os.path.join(dir_a, n)).equals(pq.read_table(os.path.join(dir_b, n)))]
+    if by_rows:
+        sys.exit(f"{len(by_rows)} shards hold different rows in the two runs: {by_rows[:5]}")
+    if by_bytes:
+        return f"{len(names(manifest_a))} shards hold the same rows ({len(by_bytes)} differ in their bytes)"
+    return f"{len(names(manifest_a))} shards identical byte for byte"
+
+
+def reservation_probe(rows: int = 12, cpu_s: float = 0.5) -> dict:
+    """CPUs kept busy by a one-operator Ray Data map of `rows` CPU-bound rows (`cpu_s` of CPU each),
+    with Ray Data's per-operator resource reservation on (its default) and off (what run_ray sets).
+    Busy CPUs = CPU seconds spent in the rows / wall seconds of the whole map. Ray must be running."""
+    import ray.data
+
+    def spin(row):
+        start = time.thread_time()
+        while time.thread_time() - start < cpu_s:
+            pass
+        return {"cpu": time.thread_time() - start}
+
+    busy = {}
+    for enabled in (True, False):
+        ds = ray.data.range(rows, override_num_blocks=rows).map(spin, num_cpus=1)
+        ds.context.op_resource_reservation_enabled = enabled
+        t0 = time.perf_counter()
+        cpu = sum(r["cpu"] for r in ds.iter_rows())
+        busy[enabled] = cpu / (time.perf_counter() - t0)
+    return busy
+
+
 def memory_probe(task) -> dict:
     """Peak memory of slicing one volume, in a fresh process (after a warm-up on the same volume)."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, ROOT, json.dumps(task.to_dict())],
@@ -138,20 +216,16 @@ def main() -> None:
     generate(data, args.volumes, args.size, args.slices)
     cfg = PrepareConfig(input=data, output=os.path.join(args.workdir, "out-local"))
     tasks, _, _ = pipeline.discover(cfg)
-    slices = args.volumes * args.slices
 
     # 1. decode speed, one thread
     paths = sorted(os.path.join(data, f) for f in os.listdir(data) if f.startswith("volume-"))[: args.decode_files]
     decode = time_decode(paths)
 
-    # 2. memory of one volume in a fresh process
-    mem = memory_probe(tasks[0])
+    # 2. memory of one volume in a fresh process; a fresh process's size after a worker's imports
+    mem = dict(memory_probe(tasks[0]), import_rss_mb=import_rss_mb())
 
     # 3. single-process loop vs Ray pipeline (Ray start included), same functions, same files
-    t0 = time.perf_counter()
-    local = pipeline.prepare(cfg, pipeline.run_local)
-    local_s = time.perf_counter() - t0
-
+    local, local_t = timed_prepare(cfg, pipeline.run_local)
     t0 = time.perf_counter()
     import ray
 
@@ -161,23 +235,48 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     start_s = time.perf_counter() - t0
     ray_cfg = PrepareConfig(input=data, output=os.path.join(args.workdir, "out-ray"))
-    distributed = pipeline.prepare(ray_cfg, pipeline.run_ray)
-    ray_s = time.perf_counter() - t0
+    distributed, ray_t = timed_prepare(ray_cfg, pipeline.run_ray)
     cpus = int(ray.cluster_resources().get("CPU", 0))
+
+    # 4. Ray Data's per-operator reservation, on and off, on a plain CPU-bound map
+    reservation = reservation_probe()
     ray.shutdown()
-    assert local["splits"] == distributed["splits"], "the two runs must produce the same shards"
+    same = compare_shards(cfg.output, local, ray_cfg.output, distributed)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"\n### prepare: {args.volumes} volumes x {args.slices} slices of {args.size}x{args.size} "
-          f"int16 .nii.gz ({slices} slices) on {machine}\n")
-    kept = sum(local["totals"]["kept"].values())
-    rows = [
-        ["single-process loop (run_local)", f"{local_s:.1f}", f"{slices / local_s:.0f}", "1.00x"],
+          f"int16 .nii.gz ({args.volumes * args.slices} slices) on {machine}\n")
+    print_pipeline(args.volumes * args.slices, local_t, ray_t, start_s, cpus)
+    print(f"\n{sum(local['totals']['kept'].values())} slices kept and written; {same} between the two runs.\n")
+    print_probes(decode, mem, reservation, cpus)
+
+
+def print_pipeline(slices: int, local_t: dict, ray_t: dict, start_s: float, cpus: int) -> None:
+    """The speed-up table and the time of each stage of both runs."""
+    local_s, ray_s = local_t["total"], start_s + ray_t["total"]
+    print(_markdown(["run", "seconds", "input slices/s", "speed-up", "speed-up without Ray's start"], [
+        ["single-process loop (run_local)", f"{local_s:.1f}", f"{slices / local_s:.0f}", "1.00x", "-"],
         [f"Ray Data pipeline, {cpus} CPUs (start {start_s:.1f} s included)", f"{ray_s:.1f}", f"{slices / ray_s:.0f}",
-         f"{local_s / ray_s:.2f}x"],
-    ]
-    print(_markdown(["run", "seconds", "input slices/s", "speed-up"], rows))
-    print(f"\n{kept} slices kept and written; shards identical between the two runs.\n")
+         f"{local_s / ray_s:.2f}x", f"{local_s / ray_t['total']:.2f}x"],
+    ]))
+    print("\n### where the time goes (seconds from the start of prepare())\n")
+
+    def row(name, key, digits=2):
+        return [name, f"{local_t[key]:.{digits}f}", f"{ray_t[key]:.{digits}f}"]
+
+    busy = [t["volume_sum"] / t["last"] for t in (local_t, ray_t)]
+    print(_markdown(["stage", "single process", f"Ray Data, {cpus} CPUs"], [
+        ["ray.init (before prepare)", "-", f"{start_s:.2f}"],
+        row("first volume done (Ray: executor and workers started, first imports, one volume)", "first"),
+        row("last volume done", "last"),
+        row("commit after the last volume (preview, splits moved, manifest)", "commit"),
+        row("slicing one volume, mean (read to resized slices; shard write not included)", "volume_mean", 3),
+        ["CPUs busy slicing (slicing seconds / time to the last volume)", f"{busy[0]:.2f}", f"{busy[1]:.2f}"],
+    ]))
+
+
+def print_probes(decode: dict, mem: dict, reservation: dict, cpus: int) -> None:
+    """The decode, memory and reservation tables."""
     print("### .nii.gz decode, one thread (MB/s of decoded voxels)\n")
     sitk = decode.get("SimpleITK ReadImage")
     rows = [[name, f"{mbps:.0f}", f"{mbps / sitk:.2f}" if sitk else "-"] for name, mbps in decode.items()]
@@ -189,6 +288,12 @@ def main() -> None:
         ["one volume's voxels (int16)", f"{vol_mb:.0f}", "1.00"],
         ["peak traced allocations (tracemalloc)", f"{mem['traced_peak'] / 1e6:.0f}", f"{mem['traced_peak'] / 1e6 / vol_mb:.2f}"],
         ["peak RSS growth while slicing (sampled every ms)", f"{rss_mb:.0f}", f"{rss_mb / vol_mb:.2f}"],
+        ["RSS of a fresh process after importing ray.data and lits.pipeline", f"{mem['import_rss_mb']:.0f}", "-"],
+    ]))
+    print(f"\n### Ray Data's per-operator resource reservation (one map of 12 rows x 0.5 s CPU, {cpus} CPUs)\n")
+    print(_markdown(["reservation", f"CPUs busy (of {cpus})"], [
+        ["on (Ray Data's default)", f"{reservation[True]:.2f}"],
+        ["off (what pipeline.run_ray sets)", f"{reservation[False]:.2f}"],
     ]))
 
 

@@ -236,8 +236,8 @@ def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterat
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # One CPU per volume: the work is numpy/cv2/zlib, single-threaded per volume.
     ds = ds.map(_map_row, fn_kwargs={"cfg": cfg, "staging": staging}, num_cpus=1)
-    # Ray Data reserves half of the cluster per operator by default; with one map operator
-    # that reservation idles CPUs (measured: 1.3 of 2 CPUs busy; 1.96 without it).
+    # Ray Data reserves part of the cluster per operator by default; with one map operator that
+    # reservation idles CPUs (benchmarks/prepare.py measures CPUs busy with it on and off).
     ds.context.op_resource_reservation_enabled = False
     for row in ds.iter_rows():
         yield json.loads(row["result"])
