@@ -123,6 +123,7 @@ class SynthConfig:
 
 TASKS = ("liver-tumour", "tumour")
 AMP_MODES = ("auto", "off")
+SCHEDULES = ("poly", "plateau")
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,18 @@ class TrainConfig:
         amp: 'auto' (bf16 autocast on GPUs that support it, fp16 otherwise; off on CPU) or 'off'.
         max_failures: worker-group restarts from the last checkpoint before giving up.
         name: run name; the same name in the same output resumes.
-        lr_drop_epoch: the original's fixed drop to lr/10.
-        patience: early stopping on val loss (best weights kept).
-        plateau_patience: epochs without improvement before lr /= 10.
+        schedule: 'poly' (nnU-Net: a one-epoch linear warm-up, then lr * (1 - t)^0.9 over the run,
+            no early stopping) or 'plateau' (the original's: lr / 10 at lr_drop_epoch and after
+            plateau_patience epochs without val-loss improvement, early stop after patience).
+        lr_drop_epoch: the original's fixed drop to lr/10 ('plateau' only).
+        patience: early stopping on val loss ('plateau' only; best weights kept in both).
+        plateau_patience: epochs without improvement before lr /= 10 ('plateau' only).
+        crop: side of the square training patches in pixels; None: half the prepared image size.
+            Each streamed batch of slices gives (S // crop)^2 patch batches, so an epoch covers the
+            pixels of one pass over the split in that many more (cheaper) steps; crop = S trains on
+            whole slices, as the original did.
+        tumour_fraction: least share of patches centred on tumour in every training batch (nnU-Net
+            forces a third of each batch to hold foreground); 0 crops at random only.
         augment: the original's random affine and flips.
         steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
         cpus_per_worker: CPUs (and torch threads) per worker.
@@ -162,9 +172,12 @@ class TrainConfig:
     max_failures: int = 2
     name: str = "lits-unet"
     seed: int = 0
+    schedule: str = "poly"
     lr_drop_epoch: int = 30
     patience: int = 5
     plateau_patience: int = 3
+    crop: Optional[int] = None
+    tumour_fraction: float = 0.33
     augment: bool = True
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1
@@ -187,6 +200,11 @@ class TrainConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.base_width < 1 or not 2 <= self.depth <= 7:
             raise ValueError("base_width must be >= 1 and depth between 2 and 7")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check_fraction("tumour_fraction", self.tumour_fraction)
+        if self.crop is not None and self.crop < 8:
+            raise ValueError(f"crop must be >= 8 pixels, got {self.crop}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.max_failures < 0:

@@ -173,6 +173,7 @@ def aggregate(rows: List[Dict]) -> Dict:
     pred_lesions = sum(r["tumour_pred_lesions"] for r in ok)
     out["lesions"] = {
         "reference": ref_lesions,
+        "detected": sum(r["tumour_ref_detected"] for r in ok),
         "predicted": pred_lesions,
         "recall": sum(r["tumour_ref_detected"] for r in ok) / ref_lesions if ref_lesions else None,
         "precision": sum(r["tumour_pred_correct"] for r in ok) / pred_lesions if pred_lesions else None,

@@ -34,6 +34,10 @@ from lits.schema import CLASS_NAMES, LIVER, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = 1
+# What inference does by default with a newly exported model (config.json's "inference"), measured
+# by benchmarks/levers.py on unseen scans: mirroring +0.03 tumour Dice per case for 3 forward
+# passes; dropping tumour specks under 0.1 mL removed a quarter of the false lesions, Dice unchanged.
+DEFAULT_INFERENCE = {"mirror": True, "min_tumour_ml": 0.1}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -51,6 +55,9 @@ class ModelSpec:
         out_channels, base_width, depth: the U-Net.
         image_size: the square slice size the model was trained at (prepare's --image-size).
         context: prepare's --context (0: three windows of one slice; 1: 2.5-D).
+        mirror: test-time mirroring (config.json's inference.mirror; off for models exported
+            before it existed).
+        min_tumour_ml: tumour components smaller than this become liver (inference.min_tumour_ml).
     """
 
     uri: str
@@ -61,6 +68,8 @@ class ModelSpec:
     depth: int
     image_size: int
     context: int
+    mirror: bool = False
+    min_tumour_ml: float = 0.0
 
     @property
     def probability_channels(self) -> int:
@@ -72,7 +81,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         """From `to_dict`'s output, or any dict holding those keys (e.g. a replica's describe())."""
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def model_id_of(weights: bytes) -> str:
@@ -103,6 +112,7 @@ def model_config(architecture: Dict, task: str, image_size: int, context: int, e
             "third_channel": "fastai freqhist over the volume, 100 bins" if not context else None,
             "resize": {"image": "INTER_AREA", "mask": "INTER_NEAREST"},
         },
+        "inference": dict(DEFAULT_INFERENCE),
         "weights": WEIGHTS_NAME,
     }
     config.update(extra or {})
@@ -143,7 +153,9 @@ def load_spec(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[ModelSpec, b
     weights = storage.read_bytes(weights_uri, s3_endpoint)
     spec = ModelSpec(uri=uri, model_id=model_id_of(weights), task=task, out_channels=int(arch["out_channels"]),
                      base_width=int(arch["base_width"]), depth=int(arch["depth"]),
-                     image_size=int(pre["image_size"]), context=int(pre.get("context") or 0))
+                     image_size=int(pre["image_size"]), context=int(pre.get("context") or 0),
+                     mirror=bool(config.get("inference", {}).get("mirror", False)),
+                     min_tumour_ml=float(config.get("inference", {}).get("min_tumour_ml", 0.0)))
     return spec, weights
 
 
@@ -155,15 +167,19 @@ class Predictor:
             unpickling code).
         device: 'cuda', 'cpu' or None (CUDA when available).
         max_batch: slices per forward pass.
+        tta: test-time mirroring: average the probabilities of the slice and of its left-right and
+            up-down mirror images (3 forward passes; nnU-Net mirrors every axis); None: spec.mirror.
     """
 
-    def __init__(self, spec: ModelSpec, weights: bytes, device: Optional[str] = None, max_batch: int = 32):
+    def __init__(self, spec: ModelSpec, weights: bytes, device: Optional[str] = None, max_batch: int = 32,
+                 tta: Optional[bool] = None):
         import torch
 
         from lits.model import UNet
 
         self.spec = spec
         self.max_batch = max_batch
+        self.tta = spec.mirror if tta is None else tta
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = UNet(3, spec.out_channels, spec.base_width, spec.depth)
         try:
@@ -194,10 +210,20 @@ class Predictor:
                 x = x.permute(0, 3, 1, 2).float().div_(255.0)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                logits = self.model(x).float()
-                probs = torch.softmax(logits, dim=1) if self.spec.task == "liver-tumour" else torch.sigmoid(logits)
+                probs = self._probs(x)
+                if self.tta:
+                    for dims in ((3,), (2,)):
+                        probs += self._probs(x.flip(dims)).flip(dims)
+                    probs /= 3.0
                 out[start:start + len(x)] = probs.mul_(255.0).round_().byte().permute(0, 2, 3, 1).cpu().numpy()
         return out
+
+
+    def _probs(self, x):
+        import torch
+
+        logits = self.model(x).float()
+        return torch.softmax(logits, dim=1) if self.spec.task == "liver-tumour" else torch.sigmoid(logits)
 
 
 class Done:
@@ -248,7 +274,8 @@ Submit = Callable[[np.ndarray], object]  # images (n, S, S, 3) -> object with .r
 
 
 def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSpec, submit: Submit,
-                  chunk: int = 16, postprocess: bool = True) -> Tuple[np.ndarray, Dict[str, float]]:
+                  chunk: int = 16, postprocess: bool = True, min_tumour_ml: Optional[float] = None
+                  ) -> Tuple[np.ndarray, Dict[str, float]]:
     """Segment one volume given in file order; returns (uint8 file-order labels, timings).
 
     Chunks of `chunk` slices are submitted as soon as they are preprocessed, so a remote
@@ -283,6 +310,9 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
     if postprocess and spec.task == "liver-tumour":
         # Components are found at the model's resolution (16x fewer voxels at 512 -> 128).
         labels = masks.postprocess_guided(labels, coarse) if guided else masks.postprocess(labels)
+    min_tumour_ml = spec.min_tumour_ml if min_tumour_ml is None else min_tumour_ml
+    if postprocess and min_tumour_ml:
+        labels = masks.drop_small_tumours(labels, abs(float(np.linalg.det(geometry.affine_array[:3, :3]))) / 1000.0, min_tumour_ml)
     post_s = time.perf_counter() - t
     # Fortran order is NIfTI's on-disk order: the file writes without a transposing copy (10x).
     labels_file = np.asfortranarray(geometry.from_canonical(labels))

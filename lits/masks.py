@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from lits.errors import BadInputError
-from lits.schema import CATEGORY_LIVER, CATEGORY_TUMOUR
+from lits.schema import CATEGORY_LIVER, CATEGORY_TUMOUR, LIVER, TUMOUR
 
 
 def categorise(labels: np.ndarray) -> np.ndarray:
@@ -360,4 +360,30 @@ def postprocess_guided(labels: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     for z in np.nonzero(keep.any(axis=(1, 2)))[0]:
         full = cv2.resize(keep[z].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         out[z] = labels[z] * full
+    return out
+
+
+def drop_small_tumours(labels: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """Relabel tumour components (26-connected) smaller than `min_ml` millilitres as liver.
+
+    Specks of a few voxels are the commonest false lesions of a slice-wise model; a real lesion
+    below the limit is lost with them, so the limit stays below what the evaluation counts.
+
+    Args:
+        labels: uint8 (Z, H, W) labels.
+    Returns:
+        uint8 labels, a new array when anything changed.
+    """
+    tumour = labels == TUMOUR
+    if not min_ml or not tumour.any():
+        return labels
+    box = bounding_box(tumour)
+    ids, count = label_components(tumour[box])
+    sizes = np.bincount(ids.reshape(-1), minlength=count + 1)
+    small = (sizes * voxel_ml < min_ml)
+    small[0] = False
+    if not small.any():
+        return labels
+    out = labels.copy()
+    out[box][small[ids]] = LIVER
     return out

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import lits
-from lits import inference, storage
+from lits import inference, split_evaluation, storage
 from lits.config import TrainConfig
 from lits.errors import UserError
 from lits.schema import CLASS_NAMES, MANIFEST_NAME
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 MATERIALIZE_FRACTION = 0.25  # of the cluster's object store
-METRIC_CLASSES = {"liver-tumour": (1, 2), "tumour": (2,)}
 
 
 # --- before any worker starts ------------------------------------------------------------------
@@ -86,6 +84,9 @@ def check_data(cfg: TrainConfig) -> Dict:
     factor = 2 ** (cfg.depth - 1)
     if image_shape[0] % factor or image_shape[1] % factor:
         raise UserError(f"image size {image_shape[:2]} is not divisible by 2^(depth-1) = {factor}; change --depth or --image-size")
+    crop = patch_size(cfg, image_shape[0])
+    if crop > image_shape[0] or crop % factor:
+        raise UserError(f"--crop {crop} must be at most the image size {image_shape[0]} and divisible by 2^(depth-1) = {factor}")
     val_ids = sorted({v["volume_id"] for v in manifest["volumes"] if v["split"] == "val"})
     # The test split's original volumes (NIfTI input only: image datasets have no geometry).
     test_volumes = [(v["volume_id"], v["inputs"]["volume"], v["inputs"]["segmentation"]) for v in manifest["volumes"]
@@ -112,6 +113,12 @@ def _tensor_shape(schema, column: str, uri: str):
     return tuple(int(s) for s in shape)
 
 
+def patch_size(cfg: TrainConfig, side: int) -> int:
+    """The training patch side: cfg.crop, or half the slice side (at least 2^(depth-1))."""
+    factor = 2 ** (cfg.depth - 1)
+    return cfg.crop if cfg.crop else max(factor, side // 2 // factor * factor)
+
+
 def check_resources(cfg: TrainConfig, strict: bool = True) -> None:
     """UserError when the cluster lacks the GPUs or CPUs asked for; with strict=False (a cluster
     joined by address, which an autoscaler may grow) a warning instead."""
@@ -134,39 +141,47 @@ def check_resources(cfg: TrainConfig, strict: bool = True) -> None:
 
 # --- inside each worker --------------------------------------------------------------------------
 
-def _to_tensors(batch, device, channels_last: bool):
+def _resume(model, optimizer, checkpoint) -> Dict:
+    """Load a checkpoint into the model and optimizer (both already on the training device, so
+    Adam's state lands where the parameters live); return the rest of the saved state."""
     import torch
 
-    image = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(device, non_blocking=True)
-    image = image.permute(0, 3, 1, 2).float().div_(255.0)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    mask = torch.from_numpy(np.require(batch["mask"], requirements=["C", "W"])).to(device, non_blocking=True).long()
-    return image, mask
+    with checkpoint.as_directory() as d:
+        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(saved.pop("model"))
+    optimizer.load_state_dict(saved.pop("optimizer"))
+    return saved
 
 
-def _target(mask, task: str):
-    return (mask == 2).long() if task == "tumour" else mask
+def _metrics_row(cfg: TrainConfig, epoch: int, lr: float, totals, val, collective, world: int, started: float,
+                 nodes: str, n_volumes: int) -> Dict:
+    from lits import metrics
+    from lits.train_steps import METRIC_CLASSES
 
-
-def _predict_labels(logits, task: str):
-    import torch
-
-    if task == "tumour":
-        return (torch.sigmoid(logits[:, 0].float()) > 0.5).long() * 2
-    return logits.argmax(dim=1)
-
-
-def _autocast(cfg: TrainConfig, device):
-    import contextlib
-
-    import torch
-
-    if cfg.amp == "off" or device.type != "cuda":
-        return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    train_totals = collective.sum(np.array([totals.loss_sum, totals.images, totals.replaced]))
+    val_loss, slice_sums, volume_counts = (collective.sum(v) for v in val)
+    volume_dice, volume_iou = metrics.dice_iou(volume_counts)
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_totals[0] / max(1, train_totals[1]),
+        "val_loss": val_loss[0] / max(1, val_loss[1]),
+        "train_images": int(train_totals[1]),
+        # slices swapped in from the tumour reservoir so every batch holds cfg.tumour_fraction tumour
+        "tumour_swapped": int(train_totals[2]),
+        "seconds": round(time.perf_counter() - started, 2),
+        "images_per_s_per_worker": round(train_totals[1] / world / max(totals.train_s, 1e-9), 2),
+        # share of the training time a worker spent waiting for its next batch (ingest-bound if high)
+        "data_wait_fraction": round(totals.data_wait_s / max(totals.train_s, 1e-9), 3),
+        "nodes": nodes,
+    }
+    for k, c in enumerate(METRIC_CLASSES[cfg.task]):
+        name = CLASS_NAMES[c]
+        row[f"val_dice_{name}_slice"] = slice_sums[k, 0] / max(1, val_loss[1])
+        row[f"val_iou_{name}_slice"] = slice_sums[k, 1] / max(1, val_loss[1])
+        row[f"val_dice_{name}_volume"] = float(volume_dice[:, k].mean()) if n_volumes else float("nan")
+        row[f"val_iou_{name}_volume"] = float(volume_iou[:, k].mean()) if n_volumes else float("nan")
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
 
 
 def train_loop_per_worker(config: Dict) -> None:
@@ -177,10 +192,10 @@ def train_loop_per_worker(config: Dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from lits import metrics
-    from lits.augment import random_affine
-    from lits.losses import bce_dice_loss, ce_dice_loss
     from lits.model import UNet
+    from lits.sampling import PatchBatches
+    from lits.train_steps import (Collective, TrainState, autocast_for, learning_rate, schedule_step,
+                                  train_one_epoch, validate)
 
     cfg = TrainConfig(**config["cfg"])
     info = config["info"]
@@ -193,147 +208,64 @@ def train_loop_per_worker(config: Dict) -> None:
     model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    state = {"epoch": 0, "history": [], "best_val_loss": math.inf, "best_epoch": -1, "best_model": None,
-             "bad_epochs": 0, "plateau_scale": 1.0, "plateau_bad": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        state.update(saved)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    state, history, best_model = TrainState(), [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        saved = _resume(core, optimizer, checkpoint)
+        state, history, best_model = TrainState.from_dict(saved), saved["history"], saved.get("best_model")
+    resumed_from = state.epoch if checkpoint else None
+    state = dataclasses.replace(state, starts=state.starts + 1)
+    # Who trains, for operators and for tests that must stop only this run's workers.
+    storage.write_bytes(storage.join(cfg.output, cfg.name, "workers", f"rank-{rank}.json"),
+                        json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                                    "start": state.starts, "resumed_from_epoch": resumed_from}).encode(), cfg.s3_endpoint)
     # Where the group runs, recorded in every metrics row (which nodes trained, e.g. after a restart).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     nodes = ";".join(sorted(set(nodes)))
-    loss_fn = bce_dice_loss if cfg.task == "tumour" else ce_dice_loss
-    autocast, scaler = _autocast(cfg, device)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    collective = Collective(device, world)
+    autocast, scaler = autocast_for(cfg, device)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state.epoch)
+    crop = patch_size(cfg, info["image_shape"][0])
+    sampler = PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng([cfg.seed, rank, state.epoch]))
     val_index = {v: i for i, v in enumerate(info["val_volumes"])}
-    classes = METRIC_CLASSES[cfg.task]
+    steps_estimate = max(1, info["train_slices"] // (world * cfg.batch_size)) * (info["image_shape"][0] // crop) ** 2
+    if cfg.steps_per_epoch:
+        steps_estimate = min(steps_estimate, cfg.steps_per_epoch)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
-    def all_sum(array: np.ndarray) -> np.ndarray:
-        if world == 1:
-            return array
-        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
-        dist.all_reduce(t)
-        return t.numpy()
-
-    for epoch in range(state["epoch"], cfg.epochs):
+    while state.epoch < cfg.epochs and not state.stopped_early:
         started = time.perf_counter()
-        lr = cfg.lr * (0.1 if epoch >= cfg.lr_drop_epoch else 1.0) * state["plateau_scale"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        loss_sum, seen, steps = 0.0, 0, 0
+        epoch, lr = state.epoch, learning_rate(cfg, state, 0.0)
         batches = iter(train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                                 local_shuffle_buffer_size=4 * cfg.batch_size,
                                                 local_shuffle_seed=cfg.seed + 7919 * epoch + rank))
-        data_wait = 0.0
-        while cfg.steps_per_epoch is None or steps < cfg.steps_per_epoch:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            data_wait += time.perf_counter() - waited
-            # DDP needs the same number of steps on every worker: stop when any shard runs dry.
-            if world > 1:
-                flag = torch.tensor([0.0 if batch is None else 1.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                if flag.item() == 0:
-                    break
-            elif batch is None:
-                break
-            image, mask = _to_tensors(batch, device, channels_last)
-            if cfg.augment:
-                image, mask = random_affine(image, mask, generator)
-            with autocast:
-                logits = model(image)
-                loss = loss_fn(logits, _target(mask, cfg.task))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            loss_sum += float(loss.detach()) * len(image)
-            seen += len(image)
-            steps += 1
-        train_s = time.perf_counter() - started
-
-        core.eval()
-        volume_counts = np.zeros((len(val_index), len(classes), 3))
-        slice_sums = np.zeros((len(classes), 2))  # per-slice Dice sum, IoU sum
-        val_loss = np.zeros(2)  # sum, slices
-        with torch.no_grad():
-            for batch in val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-                image, mask = _to_tensors(batch, device, channels_last)
-                with autocast:
-                    logits = core(image)
-                    loss = loss_fn(logits, _target(mask, cfg.task))
-                val_loss += (float(loss) * len(image), len(image))
-                counts = metrics.overlap_counts(_predict_labels(logits, cfg.task).cpu().numpy(), mask.cpu().numpy(), classes)
-                dice, iou = metrics.dice_iou(counts)
-                slice_sums[:, 0] += dice.sum(0)
-                slice_sums[:, 1] += iou.sum(0)
-                for vid, c in zip(batch["volume_id"], counts):
-                    volume_counts[val_index[str(vid)]] += c
-        train_totals = all_sum(np.array([loss_sum, seen]))
-        val_loss, slice_sums, volume_counts = all_sum(val_loss), all_sum(slice_sums), all_sum(volume_counts)
-        volume_dice, volume_iou = metrics.dice_iou(volume_counts)
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_totals[0] / max(1, train_totals[1]),
-            "val_loss": val_loss[0] / max(1, val_loss[1]),
-            "train_images": int(train_totals[1]),
-            "seconds": round(time.perf_counter() - started, 2),
-            "images_per_s_per_worker": round(train_totals[1] / world / max(train_s, 1e-9), 2),
-            # share of the training time a worker spent waiting for its next batch (ingest-bound if high)
-            "data_wait_fraction": round(data_wait / max(train_s, 1e-9), 3),
-            "nodes": nodes,
-        }
-        for k, c in enumerate(classes):
-            name = CLASS_NAMES[c]
-            row[f"val_dice_{name}_slice"] = slice_sums[k, 0] / max(1, val_loss[1])
-            row[f"val_iou_{name}_slice"] = slice_sums[k, 1] / max(1, val_loss[1])
-            row[f"val_dice_{name}_volume"] = float(volume_dice[:, k].mean()) if len(val_index) else float("nan")
-            row[f"val_iou_{name}_volume"] = float(volume_iou[:, k].mean()) if len(val_index) else float("nan")
-        row = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
-        improved = row["val_loss"] < state["best_val_loss"] - 1e-6
+        totals = train_one_epoch(model, optimizer, batches, cfg, state, steps_estimate, device, generator, sampler,
+                                 collective, autocast, scaler, channels_last)
+        val = validate(core, val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"), cfg, val_index,
+                       device, autocast, channels_last)
+        row = _metrics_row(cfg, epoch, lr, totals, val, collective, world, started, nodes, len(val_index))
+        state, improved = schedule_step(state, row["val_loss"], cfg)
         if improved:
-            state.update(best_val_loss=row["val_loss"], best_epoch=epoch + 1, bad_epochs=0, plateau_bad=0,
-                         best_model={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-            state["plateau_bad"] += 1
-            if state["plateau_bad"] >= cfg.plateau_patience:
-                state["plateau_scale"] *= 0.1
-                state["plateau_bad"] = 0
-        stop = state["bad_epochs"] >= cfg.patience
-        row["best_epoch"] = state["best_epoch"]
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if stop:
-            state["epoch"] = cfg.epochs  # a resumed run does not train past early stopping
+            best_model = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        row.update(best_epoch=state.best_epoch, group_start=state.starts,
+                   resumed_from_epoch="" if resumed_from is None else resumed_from)
+        history.append(row)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({**state, "model": {k: v.cpu() for k, v in core.state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "stopped_early": stop},
-                           os.path.join(tmp, STATE_FILE))
-                write_metrics(cfg, state["history"])
+                torch.save({**state.to_dict(), "history": history, "best_model": best_model,
+                            "model": {k: v.cpu() for k, v in core.state_dict().items()},
+                            "optimizer": optimizer.state_dict()}, os.path.join(tmp, STATE_FILE))
+                write_metrics(cfg, history)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
-        if stop:
-            break
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -384,7 +316,7 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     weights = state["best_model"] or state["model"]
-    test_metrics = evaluate_split(cfg, info.get("test_uris", []), weights)
+    test_metrics = split_evaluation.evaluate_split(cfg, info.get("test_uris", []), weights)
     history = state["history"]
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), history[-1])
     prepare = info["prepare_config"]
@@ -405,96 +337,6 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
         storage.write_bytes(storage.join(out, "test_metrics.json"), json.dumps(test_metrics, indent=1).encode(), cfg.s3_endpoint)
     inference.save_model(storage.join(out, "model"), weights, config, cfg.s3_endpoint)
     return config
-
-
-def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size: int = 32) -> Optional[Dict]:
-    """Per-volume and per-slice Dice/IoU of `weights` on the prepared slices of `uris` (in-process).
-
-    Per-volume scores sum intersections and sizes over a volume's prepared slices (all tumour
-    slices, the kept fraction of the others), at the prepared resolution.
-    """
-    import ray.data.extensions  # noqa: F401
-    import torch
-
-    from lits import metrics
-    from lits.model import UNet
-
-    if not uris:
-        return None
-    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
-    model.load_state_dict(weights)
-    model.eval()
-    classes = METRIC_CLASSES[cfg.task]
-    per_volume: Dict[str, np.ndarray] = {}
-    slice_scores = []
-    with torch.no_grad():
-        for uri in uris:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(uri, cfg.s3_endpoint)), columns=["volume_id", "image", "mask"])
-            images = table.column("image").combine_chunks().to_numpy_ndarray()
-            masks = table.column("mask").combine_chunks().to_numpy_ndarray()
-            vids = table.column("volume_id").to_pylist()
-            for start in range(0, len(vids), batch_size):
-                x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
-                pred = _predict_labels(model(x), cfg.task).numpy()
-                counts = metrics.overlap_counts(pred, masks[start:start + batch_size], classes)
-                slice_scores.append(np.stack(metrics.dice_iou(counts), axis=-1))
-                for vid, c in zip(vids[start:start + batch_size], counts):
-                    per_volume[vid] = per_volume.get(vid, 0) + c
-    slice_scores = np.concatenate(slice_scores)  # (slices, classes, [dice, iou])
-    names = sorted(per_volume, key=lambda v: int(v.split("-")[1]))
-    volume_dice, volume_iou = metrics.dice_iou(np.stack([per_volume[v] for v in names]))
-    result = {"volumes": len(names), "slices": int(slice_scores.shape[0]), "per_volume": {}}
-    for k, c in enumerate(classes):
-        name = CLASS_NAMES[c]
-        result[f"dice_{name}_volume"] = float(volume_dice[:, k].mean())
-        result[f"iou_{name}_volume"] = float(volume_iou[:, k].mean())
-        result[f"dice_{name}_slice"] = float(slice_scores[:, k, 0].mean())
-        result[f"iou_{name}_slice"] = float(slice_scores[:, k, 1].mean())
-    for i, v in enumerate(names):
-        result["per_volume"][v] = {f"dice_{CLASS_NAMES[c]}": float(volume_dice[i, k]) for k, c in enumerate(classes)}
-    return result
-
-
-def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: str, s3_endpoint: Optional[str]) -> Optional[str]:
-    """Segment one test volume with the exported model, as serving does (a Ray task); its mask URI,
-    or None when the volume cannot be read any more."""
-    from lits import inference, jobs
-    from lits.errors import BadInputError
-
-    spec, weights = inference.load_spec(model_uri, s3_endpoint)
-    predictor = inference.Predictor(spec, weights)
-    outputs = jobs.output_uris(out, volume_id)
-    try:
-        inference.segment_uri(volume_uri, outputs, spec, lambda images: inference.Done(predictor(images)), s3_endpoint)
-    except BadInputError as exc:
-        log.warning("test volume %s: %s", volume_id, exc)
-        return None
-    return outputs["mask"]
-
-
-def evaluate_test_volumes(cfg: TrainConfig, info: Dict) -> Optional[Dict]:
-    """The exported model on the test split's whole volumes at their original resolution: segment
-    each (one Ray task, on a GPU when training used GPUs) into OUT/test_evaluation/predictions/,
-    then the LiTS evaluation (lits.evaluation, the code evaluate.py runs) into OUT/test_evaluation/."""
-    import ray
-
-    from lits import evaluation
-
-    if not info.get("test_volumes"):
-        return None
-    out = storage.join(storage.normalise(cfg.output), "test_evaluation")
-    predictions = storage.join(out, "predictions")
-    model_uri = storage.join(storage.normalise(cfg.output), "model")
-    resources = {"num_gpus": 1} if cfg.num_gpus else {"num_cpus": cfg.cpus_per_worker}
-    task = ray.remote(max_retries=1, **resources)(_segment_test_volume)
-    refs = [task.remote(vid, vol, model_uri, predictions, cfg.s3_endpoint) for vid, vol, _ in info["test_volumes"]]
-    masks = ray.get(refs)
-    pairs = [(vid, mask, seg, vol) for (vid, vol, seg), mask in zip(info["test_volumes"], masks) if mask]
-    if not pairs:
-        return None
-    log.info("evaluating %d test volume(s) at their original resolution", len(pairs))
-    return evaluation.evaluate_pairs({"pairs": pairs}, out, {"pred": predictions, "ref": "the prepare input's test split",
-                                                            "images": None}, cfg.s3_endpoint, evaluation.run_ray)
 
 
 def build_trainer(cfg: TrainConfig, info: Dict):
@@ -577,7 +419,7 @@ def train(cfg: TrainConfig, info: Optional[Dict] = None, strict_resources: bool 
     if result.checkpoint is None:
         raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")
     config = export_model(cfg, info, result.checkpoint)
-    summary = evaluate_test_volumes(cfg, info)
+    summary = split_evaluation.evaluate_test_volumes(cfg, info)
     if summary:
         config = dict(config, test_evaluation=summary)  # returned to the caller; config.json stays as exported
     return config

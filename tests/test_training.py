@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -85,12 +84,13 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
         training.train(TrainConfig(data=str(other), output=out, epochs=3, name="t1", **TINY))
 
 
-def _worker_pids():
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def _own_worker_pid(out: str, name: str, rank: int) -> int:
+    """The PID rank `rank` of this run recorded under the run's own folder (never a process found by name)."""
+    with open(os.path.join(out, name, "workers", f"rank-{rank}.json")) as f:
+        return json.load(f)["pid"]
 
 
-def test_killed_worker_is_replaced_and_the_run_finishes(ray_train_cluster, prepared, tmp_path):
+def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_train_cluster, prepared, tmp_path):
     out = str(tmp_path / "run")
     cfg = TrainConfig(data=prepared, output=out, epochs=4, name="kill", max_failures=2, **TINY)
     outcome = {}
@@ -103,18 +103,29 @@ def test_killed_worker_is_replaced_and_the_run_finishes(ray_train_cluster, prepa
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.exists(os.path.join(out, "metrics.csv")) and len(read_metrics(out)) >= 1):
-        time.sleep(0.5)
-    pids = _worker_pids()
-    assert pids, "no training worker process found"
-    os.kill(pids[-1], signal.SIGKILL)
+    deadline = time.time() + 600
+    while thread.is_alive() and time.time() < deadline and not (
+            os.path.exists(os.path.join(out, "metrics.csv")) and len(read_metrics(out)) >= 1):
+        time.sleep(0.2)
+    first = read_metrics(out)
+    assert first and len(first) < 4, "the run ended before a worker could be killed; make the epochs longer"
+    victim = _own_worker_pid(out, "kill", 1)
+    os.kill(victim, signal.SIGKILL)
     thread.join(timeout=400)
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
     assert outcome["config"]["training"]["epochs_run"] == 4
+    # the group restarted (a new worker process) and resumed from a checkpoint, not from scratch
+    assert _own_worker_pid(out, "kill", 1) != victim
+    assert rows[0]["group_start"] == "1" and rows[0]["resumed_from_epoch"] == ""
+    assert rows[-1]["group_start"] == "2"
+    resumed = int(rows[-1]["resumed_from_epoch"])
+    assert 1 <= resumed <= len(first) + 1
+    # epochs before the resume point are the first attempt's rows, untouched
+    kept = min(resumed, len(first))
+    assert rows[:kept] == first[:kept]
 
 
 def test_relative_paths_reach_the_workers(ray_train_cluster, prepared, tmp_path, monkeypatch):

@@ -144,9 +144,11 @@ def main(argv=None) -> int:
     print(f"demo done{' (data and results in the embedded S3 server, mirrored locally)' if args.s3 else ''}")
     print(f"  volumes segmented: {job['counts']['done']} of {job['counts']['total']} ({job['counts']['failed']} failed), "
           f"{job['slices_per_s']} slices/s")
-    print(f"  Dice per case on the unseen scans: liver {agg['liver']['dice_per_case']:.3f}, "
-          f"tumour {agg['tumour']['dice_per_case']:.3f} (an {args.epochs}-epoch width-16 model: tumours need a longer run, "
-          "see README)")
+    les = agg["lesions"]
+    print(f"  Dice per case on the {summary['cases_evaluated']} unseen scans: liver {agg['liver']['dice_per_case']:.3f}, "
+          f"tumour {agg['tumour']['dice_per_case']:.3f} (an {args.epochs}-epoch width-16 model at 128 pixels)")
+    print(f"  lesions found: {les['detected']} of {les['reference']} present ({les['predicted']} predicted, "
+          f"{'-' if les['precision'] is None else format(les['precision'], '.0%')} of them correct)")
     print("  pictures:")
     for rel in ("prepared/preview.png", "run/curves.png", "segmentations/volume-100_preview.png",
                 "evaluation/overlays.png", "evaluation/dice_boxplot.png"):

@@ -15,7 +15,7 @@ import sys
 import _common  # noqa: F401
 from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
-from lits.config import AMP_MODES, TASKS, TrainConfig
+from lits.config import AMP_MODES, SCHEDULES, TASKS, TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts (default: %(default)s)")
     p.add_argument("--name", default=d.name, help="run name; the same name resumes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--crop", type=int, default=None, help="side of the square training patches; each batch of slices "
+                   "gives (S/crop)^2 patch batches, so an epoch covers one pass over the split's pixels "
+                   "(default: half the prepared image size; the image size trains on whole slices)")
+    p.add_argument("--tumour-fraction", type=float, default=d.tumour_fraction,
+                   help="least share of patches centred on tumour in every batch (default: %(default)s, as nnU-Net)")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                   help="poly: warm-up then lr*(1-t)^0.9 over the run; plateau: the original's drops and early "
+                   "stopping (default: %(default)s)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs and torch threads per worker (default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
@@ -50,7 +58,8 @@ def main(argv=None) -> int:
             TrainConfig, data=args.data, output=args.output, num_gpus=args.num_gpus, num_workers=args.num_workers,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, task=args.task, base_width=args.base_width,
             depth=args.depth, amp=args.amp, max_failures=args.max_failures, name=args.name, seed=args.seed,
-            augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
+            augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, crop=args.crop,
+            tumour_fraction=args.tumour_fraction, schedule=args.schedule, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
         )
         from lits import storage, training
 

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""What each training lever contributes, at whole-volume level, in one process (no Ray).
+
+Trains the product's own step (lits.train_steps: patch sampler, loss, schedule, augmentation) on a
+prepared split held in memory, segments unseen scans with the product's inference path
+(lits.inference.segment_array: preprocessing, probabilities resized back, post-processing) and
+scores them with lits.metrics, for each variant given. Same data, same seed, same CPU threads for
+every variant, so the rows compare.
+
+    python benchmarks/accuracy.py                       # once: synthesizes and prepares bench-output/accuracy
+    python benchmarks/levers.py --prepared bench-output/accuracy/prepared --unseen bench-output/accuracy/unseen \\
+        --variant "original: crop=128 tumour_fraction=0 schedule=plateau" --variant "recipe:"
+
+A variant is 'name: key=value ...' over TrainConfig fields (plus tta=1, min_tumour_ml=X for inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from lits import inference, metrics, storage, volumes  # noqa: E402
+from lits.config import TrainConfig  # noqa: E402
+from lits.model import UNet  # noqa: E402
+from lits.sampling import PatchBatches  # noqa: E402
+from lits.train_steps import TrainState, schedule_step, train_one_epoch, validate  # noqa: E402
+from lits.training import patch_size  # noqa: E402
+
+BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
+
+
+def load_split(prepared: str, split: str):
+    import json
+
+    import ray.data.extensions  # noqa: F401  (tensor columns)
+
+    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
+    tables = [pq.read_table(os.path.join(prepared, s), columns=["volume_id", "image", "mask"])
+              for s in manifest["splits"][split]["shards"]]
+    images = np.concatenate([t.column("image").combine_chunks().to_numpy_ndarray() for t in tables])
+    masks = np.concatenate([t.column("mask").combine_chunks().to_numpy_ndarray() for t in tables])
+    vids = np.array(sum((t.column("volume_id").to_pylist() for t in tables), []))
+    return images, masks, vids, manifest["config"]
+
+
+def parse_variant(text: str):
+    name, _, rest = text.partition(":")
+    train, infer = {}, {}
+    for item in rest.split():
+        key, _, value = item.partition("=")
+        target = infer if key in ("tta", "min_tumour_ml") else train
+        field = TrainConfig.__dataclass_fields__.get(key)
+        if field is not None and field.type in ("int", "Optional[int]"):
+            target[key] = int(value)
+        elif value in ("True", "False"):
+            target[key] = value == "True"
+        else:
+            try:
+                target[key] = float(value) if "." in value or "e" in value else int(value)
+            except ValueError:
+                target[key] = value
+    return name.strip(), train, infer
+
+
+def train_variant(cfg: TrainConfig, train, val, threads: int):
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    images, masks, _, _ = train
+    side = images.shape[1]
+    crop = patch_size(cfg, side)
+    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    steps_estimate = len(images) // cfg.batch_size * (side // crop) ** 2
+    val_index = {v: i for i, v in enumerate(sorted(set(val[2])))}
+    state, best, started, steps = TrainState(), None, time.perf_counter(), 0
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        order = rng.permutation(len(images))
+        batches = iter({"image": images[order[i:i + cfg.batch_size]], "mask": masks[order[i:i + cfg.batch_size]]}
+                       for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size))
+        totals = train_one_epoch(model, optimizer, batches, cfg, state, steps_estimate, torch.device("cpu"), generator,
+                                 sampler)
+        steps += totals.steps
+        vb = ({"image": val[0][i:i + 32], "mask": val[1][i:i + 32], "volume_id": val[2][i:i + 32]}
+              for i in range(0, len(val[0]), 32))
+        val_loss, _, _ = validate(model, vb, cfg, val_index, torch.device("cpu"))
+        state, improved = schedule_step(state, val_loss[0] / max(1, val_loss[1]), cfg)
+        if improved:
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return best, time.perf_counter() - started, steps
+
+
+def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dict):
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    spec = inference.ModelSpec(uri="memory", model_id="x", task=cfg.task, out_channels=cfg.classes,
+                               base_width=cfg.base_width, depth=cfg.depth, image_size=prepare_cfg["image_size"],
+                               context=prepare_cfg.get("context", 0))
+    predictor = inference.Predictor(spec, buf.getvalue(), device="cpu", tta=bool(infer.get("tta", 0)))
+    rows = []
+    for name in sorted(f for f in os.listdir(unseen) if f.startswith("volume-")):
+        hu, geometry = volumes.read_nifti(os.path.join(unseen, name))
+        ref, _ = volumes.read_nifti(os.path.join(unseen, name.replace("volume-", "segmentation-")))
+        labels, _ = inference.segment_array(hu, geometry, spec, lambda x: inference.Done(predictor(x)),
+                                            min_tumour_ml=infer.get("min_tumour_ml"))
+        counts = metrics.overlap_counts(labels[None], np.asarray(ref)[None], (1, 2))
+        dice, _ = metrics.dice_iou(counts)
+        found = metrics.lesion_detection(labels == 2, np.asarray(ref) == 2)
+        rows.append((dice[0, 0], dice[0, 1], found["ref_detected"], found["ref_lesions"], found["pred_lesions"]))
+    rows = np.array(rows, float)
+    return rows[:, 0].mean(), rows[:, 1].mean(), int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--unseen", required=True)
+    p.add_argument("--variant", action="append", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    train = load_split(args.prepared, "train")
+    val = load_split(args.prepared, "val")
+    print(f"{len(train[0])} train slices, {len(val[0])} val slices; unseen: {args.unseen}", flush=True)
+    print("| variant | train min | steps | liver Dice/case | tumour Dice/case | lesions found | predicted |", flush=True)
+    print("|---|---|---|---|---|---|---|", flush=True)
+    trained = {}  # variants differing only in inference flags share one training
+    for text in args.variant:
+        name, overrides, infer = parse_variant(text)
+        cfg = TrainConfig(data="-", output="-", **{**BASE, **overrides})
+        key = repr(sorted(overrides.items()))
+        if key not in trained:
+            trained[key] = train_variant(cfg, train, val, args.threads)
+        weights, seconds, steps = trained[key]
+        liver, tumour, found, present, predicted = score_unseen(weights, cfg, train[3], args.unseen, infer)
+        print(f"| {name} | {seconds / 60:.1f} | {steps} | {liver:.3f} | {tumour:.3f} | {found}/{present} | {predicted} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Does training learn? The product's own step (lits.train_steps: patch sampler, loss, schedule,
+augmentation) for a few dozen seeded steps on synthetic slices, in one process, no Ray.
+
+Fails when the optimizer does not step, the loss does not reach the gradients, the sampler loses
+the masks' alignment with the images, or the rate schedule is zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lits import ct, metrics
+from lits.config import TrainConfig
+from lits.model import UNet
+from lits.sampling import PatchBatches
+from lits.synthetic import make_phantom
+from lits.train_steps import TrainState, predict_labels, train_one_epoch
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def slices():
+    """Liver slices of two seeded phantoms at 64 x 64: (images uint8 (N, 64, 64, 3), masks uint8 (N, 64, 64))."""
+    images, masks = [], []
+    for seed in (1, 2):
+        phantom = make_phantom(np.random.default_rng(seed), size=SIZE, slices=24)
+        zs = np.nonzero(phantom.labels.max(axis=(1, 2)) > 0)[0]
+        images.append(ct.model_inputs(phantom.hu, zs, ct.freqhist_breaks(phantom.hu), 0, SIZE))
+        masks.append(phantom.labels[zs])
+    return np.concatenate(images), np.concatenate(masks)
+
+
+def liver_dice(model, images, masks) -> float:
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred = predict_labels(model(x), "liver-tumour").numpy()
+    counts = metrics.overlap_counts(pred[None], masks[None], (1,))
+    return float(metrics.dice_iou(counts)[0][0, 0])
+
+
+def train(slices, steps_per_epoch: int = 25, epochs: int = 6):
+    images, masks = slices
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = TrainConfig(data="-", output="-", epochs=epochs, batch_size=8, base_width=8, depth=3, lr=3e-3, crop=32)
+    model = UNet(3, 3, cfg.base_width, cfg.depth)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = PatchBatches(32, cfg.tumour_fraction, 64, np.random.default_rng(0))
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    before = liver_dice(model, images, masks)
+    losses = []
+    state = TrainState()
+    for epoch in range(epochs):
+        def batches():
+            while True:
+                idx = rng.integers(0, len(images), size=8)
+                yield {"image": images[idx], "mask": masks[idx]}
+        cfg_epoch = TrainConfig(**{**cfg.to_dict(), "steps_per_epoch": steps_per_epoch})
+        totals = train_one_epoch(model, optimizer, batches(), cfg_epoch, state, steps_per_epoch, torch.device("cpu"),
+                                 generator, sampler)
+        losses.append(totals.loss_sum / totals.images)
+        state = TrainState(epoch=epoch + 1)
+    return before, liver_dice(model, images, masks), losses
+
+
+def test_training_learns_liver(slices):
+    before, after, losses = train(slices)
+    # seeded, measured: loss per epoch 2.01 -> 1.05, liver Dice 0.12 -> 0.94 (150 steps, ~2 s)
+    assert losses[-1] < 0.65 * losses[0], losses
+    assert after > 0.85 and after > before + 0.5, (before, after)
+
+
+def test_patches_keep_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 64, 64), np.uint8)
+    masks[:, 20:40, 20:40] = 1
+    masks[0, 28:32, 28:32] = 2
+    images = np.repeat(masks[..., None] * 100, 3, axis=-1).astype(np.uint8)
+    sampler = PatchBatches(32, 0.5, 8, rng)
+    for out in sampler({"image": images, "mask": masks}):
+        assert out["image"].shape == (4, 32, 32, 3) and out["mask"].shape == (4, 32, 32)
+        np.testing.assert_array_equal(out["image"][..., 0], out["mask"] * 100)
+        # at least half of every batch is centred on tumour (only slice 0 has any)
+        assert (out["mask"] == 2).reshape(4, -1).any(axis=1).sum() >= 2
+    assert sampler.filled == 1
+    # a batch without tumour still gets tumour patches from the reservoir
+    outs = list(sampler({"image": images[1:], "mask": masks[1:]}))
+    assert len(outs) == 4 and all((o["mask"] == 2).reshape(3, -1).any(axis=1).sum() >= 2 for o in outs)
+    assert sampler.swapped >= 8
