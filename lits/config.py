@@ -152,7 +152,9 @@ class TrainConfig:
             pixels of one pass over the split in that many more (cheaper) steps; crop = S trains on
             whole slices, as the original did.
         tumour_fraction: least share of patches centred on tumour in every training batch (nnU-Net
-            forces a third of each batch to hold foreground); 0 crops at random only.
+            forces a third to hold foreground). 0 (default) crops at random: prepare's filter already
+            keeps every tumour slice and few others, and forcing a third more cost 0.08 tumour Dice
+            on unseen scans (benchmarks/levers.py); set it when prepare keeps most slices.
         augment: the original's random affine and flips.
         steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
         cpus_per_worker: CPUs (and torch threads) per worker.
@@ -177,7 +179,7 @@ class TrainConfig:
     patience: int = 5
     plateau_patience: int = 3
     crop: Optional[int] = None
-    tumour_fraction: float = 0.33
+    tumour_fraction: float = 0.0
     augment: bool = True
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1

@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo-output", help="local folder for everything (default: %(default)s)")
     p.add_argument("--s3", action="store_true", help="keep data and results in an embedded S3-compatible server")
-    p.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
     args = p.parse_args(argv)
+    began = time.time()
 
     local = os.path.abspath(args.output)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     serve_proc = None
     try:
         # synthesize writes local folders; with --s3 they are uploaded
-        step("synthesise 10 training volumes", "synthesize", "--output", os.path.join(local, "volumes"), "--volumes", "10",
+        step("synthesise 12 training volumes", "synthesize", "--output", os.path.join(local, "volumes"), "--volumes", "12",
              "--size", "256", "--slices", "48", env=env)
         step("synthesise 4 unseen scans", "synthesize", "--output", os.path.join(local, "new-scans"), "--volumes", "4",
              "--size", "256", "--slices", "48", "--seed", "7", "--first-id", "100", env=env)
@@ -101,14 +102,14 @@ def main(argv=None) -> int:
                 fs.put(os.path.join(local, name) + "/", f"demo/{name}/", recursive=True)
             print("uploaded volumes/ and new-scans/ to s3://demo", flush=True)
         step("prepare", "prepare", "--input", uri["volumes"], "--output", uri["prepared"], "--image-size", "128",
-             "--keep-liver", "0.5", "--val-fraction", "0.2", env=env)
+             "--val-fraction", "0.2", env=env)
         if not args.s3:  # a re-run starts from scratch (train would resume, jobs would skip)
             import shutil
 
             for name in ("run", "segmentations", "evaluation"):
                 shutil.rmtree(uri[name], ignore_errors=True)
-        step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "1", "--cpus-per-worker",
-             "2", "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "16", "--lr", "1e-3", "--name", "demo",
+        step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "2",
+             "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "16", "--lr", "1e-3", "--name", "demo",
              env=env)
         port = free_port()
         serve_proc = start_server(f"{uri['run']}/model", port, root, env)
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
             server.stop()
     agg = summary["aggregate"]
     print("\n" + "=" * 72)
-    print(f"demo done{' (data and results in the embedded S3 server, mirrored locally)' if args.s3 else ''}")
+    print(f"demo done in {(time.time() - began) / 60:.1f} min"
+          f"{' (data and results in the embedded S3 server, mirrored locally)' if args.s3 else ''}")
     print(f"  volumes segmented: {job['counts']['done']} of {job['counts']['total']} ({job['counts']['failed']} failed), "
           f"{job['slices_per_s']} slices/s")
     les = agg["lesions"]

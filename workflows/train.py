@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "gives (S/crop)^2 patch batches, so an epoch covers one pass over the split's pixels "
                    "(default: half the prepared image size; the image size trains on whole slices)")
     p.add_argument("--tumour-fraction", type=float, default=d.tumour_fraction,
-                   help="least share of patches centred on tumour in every batch (default: %(default)s, as nnU-Net)")
+                   help="least share of patches centred on tumour in every batch (default: %(default)s: random "
+                   "patches; nnU-Net forces 0.33, which helps when prepare keeps most non-tumour slices)")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                    help="poly: warm-up then lr*(1-t)^0.9 over the run; plateau: the original's drops and early "
                    "stopping (default: %(default)s)")
