@@ -242,9 +242,14 @@ class ServeConfig:
         host, port: where the HTTP proxy listens.
         allow_prefixes: URI prefixes jobs may read and write; empty: any s3:// URI, no local path.
         max_body_mb: largest accepted request body (a /v1/segment upload).
-        job_concurrency: volumes in flight per job; None: the cluster's CPUs / cpus_per_volume.
+        job_concurrency: volumes in flight per job; None: the volume pool's CPUs / cpus_per_volume.
         cpus_per_volume: CPUs each volume task reserves (it waits on the model part of the time).
         token_sha256: sha256 hex of the API token (from LITS_API_TOKEN); None: no auth.
+        volume_cpus: CPUs reserved for volume tasks (a placement group); None: what is free once the
+            replicas are placed, less what autoscaling to max_replicas would take.
+        jobs_state: folder or s3:// prefix of the job records; None: $LITS_JOBS_STATE or ~/.cache/lits/jobs.
+        model_wait_s: longest wait for one answer of the model deployment before it is asked again.
+        max_uploads: /v1/segment uploads read and segmented at once; more wait their turn.
     """
 
     model: str
@@ -264,6 +269,10 @@ class ServeConfig:
     cpus_per_volume: float = 1.0
     token_sha256: Optional[str] = None
     s3_endpoint: Optional[str] = None
+    volume_cpus: Optional[float] = None
+    jobs_state: Optional[str] = None
+    model_wait_s: float = 60.0
+    max_uploads: int = 8
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas < 1:
@@ -287,6 +296,12 @@ class ServeConfig:
             raise ValueError(f"cpus_per_volume must be in (0, 64], got {self.cpus_per_volume}")
         if self.job_concurrency is not None and self.job_concurrency < 1:
             raise ValueError(f"job_concurrency must be >= 1, got {self.job_concurrency}")
+        if self.volume_cpus is not None and self.volume_cpus < max(1.0, self.cpus_per_volume):
+            raise ValueError(f"volume_cpus must be >= max(1, cpus_per_volume), got {self.volume_cpus}")
+        if not self.model_wait_s > 0:
+            raise ValueError(f"model_wait_s must be > 0, got {self.model_wait_s}")
+        if self.max_uploads < 1:
+            raise ValueError(f"max_uploads must be >= 1, got {self.max_uploads}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,19 +1,17 @@
 """Bulk segmentation jobs: every NIfTI under a prefix -> a mask and a report per volume.
 
-A job is a `JobRunner` actor (named, detached: it outlives the HTTP replica that created it
-and is found again by its id). It lists the inputs, then keeps at most `concurrency` volume
-tasks in flight across the cluster. Each task reads, preprocesses and post-processes on a CPU
-worker and sends its slices, chunk by chunk, to the model deployment, where @serve.batch
-gathers slices of many volumes into one forward pass.
-
-Outputs per input `INPUT/<rel>.nii[.gz]`: `OUTPUT/<rel>_seg.nii.gz`, `OUTPUT/<rel>_preview.png`,
-then `OUTPUT/<rel>.json` (the report, written last: its presence with this model's id means done). Every write
-is atomic, and a volume's outputs are all or nothing (`segment_volume`). At the end `OUTPUT/_jobs/<job_id>.json`
-holds the summary.
+A running job is a `JobRunner` actor (named, detached: it outlives the HTTP replica that created
+it and is found again by its id). It lists the inputs, then keeps at most `concurrency` volume
+tasks (`lits.job_tasks`) in flight inside the app's volume pool. When it ends it writes
+`OUTPUT/_jobs/<job_id>.json` (the summary), updates the job's record and exits: a finished job
+costs no process. Where a job is, is kept in a small record per job in the jobs state folder
+(`<state>/<job_id>.json`, written when the job is submitted); the status of a finished job is read
+from its summary through that record, so it survives the actor and a restart of the server.
 
 Failure rules: a bad volume is recorded with its reason and the job goes on; a lost model
-replica costs a retry of the chunks it held (`RETRIES`), a lost CPU worker a retry of its volume
-(Ray's task retries), never the volume.
+replica costs a resend of the chunks it held, a lost CPU worker a retry of its volume (Ray's task
+retries), never the volume. A cancel cancels the volume tasks (forcefully when they do not stop
+within `CANCEL_GRACE_S`), so their CPUs are free once the job says `cancelled`.
 """
 
 from __future__ import annotations
@@ -26,201 +24,43 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import ray
 
-from lits import inference, storage
-from lits.errors import BadInputError, UserError
+from lits import access, inference, storage
+from lits.errors import UserError
+from lits.job_tasks import (MODEL_WAIT_S, describe_model, find_pool, in_pool, list_inputs, output_uris,  # noqa: F401
+                            pool_shape, segment_upload_task, segment_volume, segment_volume_task)
 
 log = logging.getLogger(__name__)
 
 JOBS_NAMESPACE = "lits-jobs"
 ACTOR_PREFIX = "lits-job-"
 JOBS_FOLDER = "_jobs"
-MAX_KEPT_JOBS = 100  # finished job actors kept for GET /v1/jobs; summaries stay in the bucket
-RETRIES = 5  # per chunk, when the model replica that held it is lost
-RETRY_WAIT_S = 2.0
+JOBS_STATE_ENV = "LITS_JOBS_STATE"
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+CANCEL_GRACE_S = 10.0  # how long cancelled volume tasks may take to stop before they are killed
+EXIT_AFTER_S = 1.0  # a finished job's actor answers this long from memory, then exits
+STATUS_WAIT_S = 10.0
+LOST = ("the job stopped without a summary (its server or cluster stopped while it ran); submit it again: "
+        "finished volumes are skipped")
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-# --- talking to the model deployment -------------------------------------------------------------
-
-def _replica_lost(exc: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError,
-            DeploymentUnavailableError)
-    return isinstance(exc, lost) or "ActorDied" in type(exc).__name__ or "Unavailable" in type(exc).__name__
+def default_jobs_state() -> str:
+    """Where job records live unless the server is told (`--jobs-state`): $LITS_JOBS_STATE or
+    ~/.cache/lits/jobs."""
+    return os.environ.get(JOBS_STATE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lits", "jobs")
 
 
-class _Pending:
-    """A chunk sent to the model deployment; `.result()` resends it when its replica was lost."""
+def _record_uri(jobs_state: str, job_id: str) -> str:
+    return storage.join(storage.normalise(jobs_state), f"{job_id}.json")
 
-    def __init__(self, handle, images: np.ndarray, resent: Optional[List[int]] = None):
-        self.handle = handle
-        self.images = images
-        self.resent = resent if resent is not None else []
-        self.response = handle.predict.remote(images)
-
-    def result(self, timeout_s: Optional[float] = None) -> np.ndarray:
-        for attempt in range(RETRIES + 1):
-            try:
-                return self.response.result()
-            except Exception as exc:
-                if not _replica_lost(exc) or attempt == RETRIES:
-                    raise
-                log.warning("model replica lost (%s); resending %d slices (try %d of %d)",
-                            type(exc).__name__, len(self.images), attempt + 1, RETRIES)
-                time.sleep(RETRY_WAIT_S * (attempt + 1))
-                self.resent.append(len(self.images))
-                self.response = self.handle.predict.remote(self.images)
-        raise AssertionError("unreachable")
-
-
-def model_handle(app_name: str):
-    from ray import serve
-
-    from lits.serving import MODEL_DEPLOYMENT
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one "router started" line per worker otherwise
-    return serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
-
-
-def describe_model(app_name: str) -> Dict:
-    """The deployed model's spec (ModelSpec as a dict) plus batching facts."""
-    return model_handle(app_name).describe.remote().result()
-
-
-# --- one volume -----------------------------------------------------------------------------------
-
-def output_uris(output: str, rel_name: str) -> Dict[str, str]:
-    return {"mask": storage.join(output, rel_name + "_seg.nii.gz"), "preview": storage.join(output, rel_name + "_preview.png"),
-            "report": storage.join(output, rel_name + ".json")}
-
-
-def already_done(uris: Dict[str, str], model_id: str, s3_endpoint: Optional[str]) -> bool:
-    """True when this model's report and mask for the volume exist (the report is written last)."""
-    if not storage.exists(uris["report"], s3_endpoint):
-        return False
-    try:
-        report = json.loads(storage.read_bytes(uris["report"], s3_endpoint))
-    except (ValueError, UserError):
-        return False
-    return report.get("model_id") == model_id and storage.exists(uris["mask"], s3_endpoint)
-
-
-def remove_outputs(uris: Dict[str, str], s3_endpoint: Optional[str]) -> None:
-    """Delete a volume's report, preview and mask (report first: it is what marks a volume done)."""
-    for key in ("report", "preview", "mask"):
-        storage.delete(uris[key], s3_endpoint)
-
-
-def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
-                   overwrite: bool, chunk: int, s3_endpoint: Optional[str]) -> Dict:
-    """One volume of a job (what `segment_volume_task` runs); never raises for a bad volume.
-
-    Outputs are all or nothing: stale ones (another model's, or a half-written earlier try) are
-    removed before the volume is segmented, and whatever this call wrote is removed again when it
-    stops before the report (a cancel's KeyboardInterrupt, a failed write). So no mask or preview
-    lies under its final name without this model's report, and no report describes another
-    model's mask.
-
-    Returns:
-        {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
-    """
-    uris = output_uris(output, rel_name)
-    result = {"input": uri, "name": rel_name}
-    try:
-        done_before = already_done(uris, spec.model_id, s3_endpoint)
-        if done_before and not overwrite:
-            return {**result, "status": "skipped"}
-        if not done_before:
-            remove_outputs(uris, s3_endpoint)
-        try:
-            report = inference.segment_uri(uri, uris, spec, submit, s3_endpoint, chunk)
-        except BaseException:
-            try:
-                if not already_done(uris, spec.model_id, s3_endpoint):
-                    remove_outputs(uris, s3_endpoint)
-            except Exception as exc:  # the first failure is the one to report
-                log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
-            raise
-    except BadInputError as exc:
-        return {**result, "status": "failed", "reason": str(exc)}
-    except UserError as exc:  # e.g. the output became unwritable
-        return {**result, "status": "failed", "reason": str(exc)}
-    except Exception as exc:
-        log.error("volume %s: %s", uri, traceback.format_exc())
-        return {**result, "status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
-    return {**result, "status": "done", "slices": report["slices"], "seconds": report["seconds"]["total"],
-            "liver_volume_ml": report["liver_volume_ml"], "tumour_volume_ml": report["tumour_volume_ml"],
-            "lesion_count": report["lesion_count"]}
-
-
-@ray.remote(num_cpus=1, max_retries=2)
-def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_name: str, overwrite: bool,
-                        chunk: int, s3_endpoint: Optional[str]) -> Dict:
-    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`."""
-    resent: List[int] = []
-    handles: List = []
-
-    def submit(images: np.ndarray) -> _Pending:
-        if not handles:  # one handle per task, made only when a volume needs the model
-            handles.append(model_handle(app_name))
-        return _Pending(handles[0], images, resent)
-
-    result = segment_volume(uri, rel_name, output, inference.ModelSpec.from_dict(spec), submit, overwrite, chunk,
-                            s3_endpoint)
-    result["node_id"] = ray.get_runtime_context().get_node_id()
-    if result["status"] == "done":
-        result["chunks_resent"] = len(resent)
-    return result
-
-
-@ray.remote(num_cpus=1, max_retries=2)
-def segment_upload_task(data: bytes, name: str, spec: Dict, app_name: str, chunk: int) -> Dict:
-    """Segment uploaded NIfTI bytes (POST /v1/segment): {'mask': bytes, 'report'} or {'error'}."""
-    handle = model_handle(app_name)
-    try:
-        mask, report = inference.segment_bytes(data, name, inference.ModelSpec.from_dict(spec),
-                                               lambda images: _Pending(handle, images), chunk)
-    except BadInputError as exc:
-        return {"error": str(exc)}
-    return {"mask": mask, "report": report}
-
-
-# --- listing --------------------------------------------------------------------------------------
-
-def list_inputs(input_uri: str, output_uri: str, s3_endpoint: Optional[str]) -> Dict[str, List]:
-    """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri]}.
-
-    Reference segmentations (segmentation-N.nii*) and anything under the output prefix are
-    ignored, so a job may point at a LiTS folder and write inside it.
-    """
-    root = storage.normalise(input_uri)
-    out = storage.normalise(output_uri)
-    files = storage.list_files(root, s3_endpoint)
-    single = files == [root]
-    volumes, ignored = [], []
-    for uri in files:
-        if not uri.endswith(inference.NIFTI_SUFFIXES):
-            continue
-        rel = os.path.basename(uri) if single else uri[len(root):].lstrip("/")
-        if uri == out or uri.startswith(out.rstrip("/") + "/") or os.path.basename(uri).startswith("segmentation-"):
-            ignored.append(uri)
-            continue
-        volumes.append((uri, inference.output_name(rel)))
-    return {"volumes": volumes, "ignored": ignored}
-
-
-# --- the job ----------------------------------------------------------------------------------
 
 class JobRunner:
     """One bulk job's state and its driving thread (a Ray actor; see `submit_job`).
@@ -228,22 +68,28 @@ class JobRunner:
     Args:
         job_id: the id; the actor is named ACTOR_PREFIX + job_id in JOBS_NAMESPACE.
         request: {'input', 'output', 'overwrite'} (URIs already checked and normalised).
-        app_name: the Serve application holding the model deployment.
+        app_name: the Serve application holding the model deployment (and its volume pool).
         chunk: slices per model request.
-        concurrency: volumes in flight; None: the cluster's CPUs / cpus_per_volume.
+        concurrency: volumes in flight; None: what the app's volume pool holds / cpus_per_volume.
         cpus_per_volume: CPUs a volume task reserves. A task waits on the model for much of
             its time, so below 1 lets more volumes overlap on a CPU-only machine.
+        jobs_state: the folder of job records; allow: the server's allow-list (every file a
+            volume reads or writes must resolve inside it); wait_s: longest wait for the model.
     """
 
     def __init__(self, job_id: str, request: Dict, app_name: str, chunk: int = 16,
-                 concurrency: Optional[int] = None, s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0):
+                 concurrency: Optional[int] = None, s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0,
+                 jobs_state: Optional[str] = None, allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S):
         self.job_id = job_id
         self.request = dict(request)
         self.app_name = app_name
         self.chunk = chunk
         self.cpus_per_volume = cpus_per_volume
-        self.concurrency = concurrency or max(1, min(256, int(ray.cluster_resources().get("CPU", 1) / cpus_per_volume)))
+        self.concurrency = concurrency
         self.s3_endpoint = s3_endpoint
+        self.jobs_state = jobs_state or default_jobs_state()
+        self.allow = tuple(allow)
+        self.wait_s = wait_s
         self.lock = threading.Lock()
         self.cancel_requested = threading.Event()
         self.state = "queued"
@@ -318,7 +164,7 @@ class JobRunner:
         except UserError as exc:
             state = "failed"
             self._set(error=str(exc))
-        except Exception as exc:  # a bug or a lost cluster: the job fails, the actor stays to tell
+        except Exception as exc:  # a bug or a lost cluster: the job fails and says why
             log.error("job %s: %s", self.job_id, traceback.format_exc())
             state = "failed"
             self._set(error=f"internal error: {type(exc).__name__}: {exc}")
@@ -332,9 +178,30 @@ class JobRunner:
                 state = "failed"
                 self._set(error=f"cannot write the job summary: {exc}")
         self._set(state=state)
+        self._exit()
+
+    def _exit(self) -> None:
+        """Leave the job's status to its record and summary, and end this actor (its memory)."""
+        try:
+            storage.write_bytes(_record_uri(self.jobs_state, self.job_id), json.dumps(self.status()).encode(),
+                                self.s3_endpoint)
+        except Exception as exc:  # without its record the actor is the only one who knows: it stays
+            log.error("job %s: cannot write its record under %s (%s); its actor stays", self.job_id, self.jobs_state, exc)
+            return
+        time.sleep(EXIT_AFTER_S)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _concurrency(self, pool) -> int:
+        if self.concurrency:
+            return self.concurrency
+        if pool is None:
+            log.warning("job %s: app %s has no volume pool; its tasks may take the CPUs a model replica needs",
+                        self.job_id, self.app_name)
+            return max(1, min(256, int(ray.cluster_resources().get("CPU", 1) / self.cpus_per_volume)))
+        return max(1, int(pool_shape(pool)[0] / self.cpus_per_volume))
 
     def _run_volumes(self) -> None:
-        self._set(model=describe_model(self.app_name))
+        self._set(model=describe_model(self.app_name, self.wait_s))
         listing = list_inputs(self.request["input"], self.request["output"], self.s3_endpoint)
         volumes = listing["volumes"]
         with self.lock:
@@ -344,19 +211,21 @@ class JobRunner:
             raise UserError(f"no .nii or .nii.gz volumes under {self.request['input']} "
                             f"({len(listing['ignored'])} ignored: reference segmentations or outputs)")
         spec = inference.ModelSpec.from_dict(self.model).to_dict()
+        pool = find_pool(self.app_name)
+        cpus = min(self.cpus_per_volume, pool_shape(pool)[1]) if pool is not None else self.cpus_per_volume
+        task = segment_volume_task.options(num_cpus=cpus, **in_pool(pool))
+        concurrency = self._concurrency(pool)
         pending = list(volumes)
         in_flight: Dict = {}
         while pending or in_flight:
             if self.cancel_requested.is_set():
-                for ref in in_flight:
-                    ray.cancel(ref)
-                ray.wait(list(in_flight), num_returns=len(in_flight), timeout=30)
+                self._stop(list(in_flight))
                 return
-            while pending and len(in_flight) < self.concurrency:
+            while pending and len(in_flight) < concurrency:
                 uri, rel = pending.pop(0)
-                ref = segment_volume_task.options(num_cpus=self.cpus_per_volume).remote(uri, rel, self.request["output"], spec, self.app_name,
-                                                 bool(self.request.get("overwrite")), self.chunk, self.s3_endpoint)
-                in_flight[ref] = uri
+                in_flight[task.remote(uri, rel, self.request["output"], spec, self.app_name,
+                                      bool(self.request.get("overwrite")), self.chunk, self.s3_endpoint,
+                                      self.allow, self.wait_s)] = uri
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
                 uri = in_flight.pop(ref)
@@ -370,16 +239,31 @@ class JobRunner:
                     result = {"input": uri, "status": "failed", "reason": f"worker crashed repeatedly: {exc}"}
                 self._record(result)
 
+    @staticmethod
+    def _stop(refs: List) -> None:
+        """Cancel the volume tasks in flight and wait until they have stopped (their CPUs are free):
+        a KeyboardInterrupt first (a volume then removes its partial outputs), a kill after
+        CANCEL_GRACE_S."""
+        for ref in refs:
+            ray.cancel(ref)
+        left = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)[1] if refs else []
+        for ref in left:
+            ray.cancel(ref, force=True)
+        if left:
+            ray.wait(left, num_returns=len(left), timeout=CANCEL_GRACE_S)
+
     def _write_summary(self, state: str) -> None:
         summary = self.status()
         summary["state"] = state
         summary["model"] = self.model
         summary["volumes"] = sorted(self.results, key=lambda r: r.get("name") or r["input"])
         summary["nodes"] = sorted({r["node_id"] for r in self.results if r.get("node_id")})
-        storage.write_bytes(summary["summary"], json.dumps(summary, indent=1).encode(), self.s3_endpoint)
+        uri = summary["summary"]
+        access.check_resolved(uri, self.allow, "write")
+        storage.write_bytes(uri, json.dumps(summary, indent=1).encode(), self.s3_endpoint)
 
 
-# --- the job registry (named actors) ----------------------------------------------------------
+# --- the registry: live actors, then records and summaries --------------------------------------
 
 def _actor(job_id: str):
     try:
@@ -388,52 +272,78 @@ def _actor(job_id: str):
         return None
 
 
-def _job_ids() -> List[str]:
-    names = ray.util.list_named_actors(all_namespaces=True)
-    return [n["name"][len(ACTOR_PREFIX):] for n in names
-            if n.get("namespace") == JOBS_NAMESPACE and n["name"].startswith(ACTOR_PREFIX)]
-
-
 def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optional[int] = None,
-               s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0) -> str:
-    """Start a job on the cluster; return its id at once (the job runs in its own actor)."""
-    _forget_old_jobs()
+               s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0, jobs_state: Optional[str] = None,
+               allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S) -> str:
+    """Start a job on the cluster; return its id at once (the job runs in its own actor).
+
+    The job's record (its queued status, naming its summary) is written first: a job whose id was
+    handed out can always be found."""
     job_id = uuid.uuid4().hex[:12]
+    jobs_state = jobs_state or default_jobs_state()
+    args = (job_id, request, app_name, chunk, concurrency, s3_endpoint, cpus_per_volume, jobs_state, tuple(allow), wait_s)
+    storage.write_bytes(_record_uri(jobs_state, job_id), json.dumps(JobRunner(*args).status()).encode(), s3_endpoint)
     runner = ray.remote(JobRunner).options(
         name=ACTOR_PREFIX + job_id, namespace=JOBS_NAMESPACE, lifetime="detached", num_cpus=0,
         max_concurrency=8, max_restarts=0,
-    ).remote(job_id, request, app_name, chunk, concurrency, s3_endpoint, cpus_per_volume)
+    ).remote(*args)
     ray.get(runner.start.remote())
     return job_id
 
 
-def get_job(job_id: str) -> Optional[Dict]:
-    actor = _actor(job_id)
-    if actor is None:
-        return None
+def _read_json(uri: str, s3_endpoint: Optional[str]) -> Optional[Dict]:
     try:
-        return ray.get(actor.status.remote(), timeout=30)
-    except ray.exceptions.RayActorError:
+        return json.loads(storage.read_bytes(uri, s3_endpoint))
+    except Exception as exc:  # unreadable or gone: the caller says what that means for the job
+        log.debug("cannot read %s: %s", uri, exc)
         return None
 
 
-def cancel_job(job_id: str) -> Optional[Dict]:
+def _from_record(record: Dict, s3_endpoint: Optional[str]) -> Dict:
+    """A job without an actor: its summary (the finished job's state), else its record."""
+    summary = _read_json(record["summary"], s3_endpoint)
+    if summary and summary.get("job_id") == record["job_id"]:
+        return {k: summary[k] for k in record if k in summary}
+    if record.get("state") in FINAL_STATES:
+        return record
+    return {**record, "state": "failed", "error": LOST}
+
+
+def get_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:
+    """The job's status: from its actor while it runs, from its summary (through its record) after."""
     actor = _actor(job_id)
-    return ray.get(actor.cancel.remote(), timeout=30) if actor else None
+    if actor is not None:
+        try:
+            return ray.get(actor.status.remote(), timeout=STATUS_WAIT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # it just ended (or is too busy to answer): the record knows
+    record = _read_json(_record_uri(jobs_state or default_jobs_state(), job_id), s3_endpoint)
+    if record is None or record.get("job_id") != job_id:
+        return None
+    if actor is not None and record.get("state") not in FINAL_STATES:
+        return record
+    return _from_record(record, s3_endpoint)
 
 
-def list_jobs() -> List[Dict]:
-    jobs = [j for j in (get_job(i) for i in _job_ids()) if j]
-    return sorted(jobs, key=lambda j: j["times"]["submitted"], reverse=True)
+def cancel_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:
+    actor = _actor(job_id)
+    if actor is not None:
+        try:
+            return ray.get(actor.cancel.remote(), timeout=STATUS_WAIT_S)
+        except ray.exceptions.RayActorError:
+            pass  # it just ended: nothing left to cancel
+    return get_job(job_id, jobs_state, s3_endpoint)
 
 
-def _forget_old_jobs() -> None:
-    """Kill the actors of the oldest finished jobs beyond MAX_KEPT_JOBS (summaries stay)."""
-    ids = _job_ids()
-    if len(ids) < MAX_KEPT_JOBS:
-        return
-    finished = [j for j in list_jobs() if j["state"] in FINAL_STATES]
-    for job in finished[MAX_KEPT_JOBS // 2:]:
-        actor = _actor(job["job_id"])
-        if actor:
-            ray.kill(actor)
+def list_jobs(jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> List[Dict]:
+    """Every job with a record in the state folder, newest first (finished ones from their records)."""
+    folder = storage.normalise(jobs_state or default_jobs_state())
+    if not storage.exists(folder, s3_endpoint):
+        return []
+    found = []
+    for uri in storage.list_files(folder, s3_endpoint):
+        record = _read_json(uri, s3_endpoint) if uri.endswith(".json") else None
+        if not record or "job_id" not in record:
+            continue
+        found.append(record if record.get("state") in FINAL_STATES else get_job(record["job_id"], folder, s3_endpoint))
+    return sorted((j for j in found if j), key=lambda j: j["times"]["submitted"], reverse=True)

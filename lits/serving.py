@@ -6,6 +6,11 @@
     Every volume task sends chunks of slices to SegmentModel; @serve.batch gathers chunks of
     many volumes (and requests) into forward passes of at most max_batch_size slices.
 
+Reliability: volume tasks run in the app's volume pool (a placement group beside the replicas'
+CPUs, `lits.job_tasks`), so a replica that dies is always replaced; every wait on the model has a
+deadline. The ingress takes many requests at once (light routes never queue behind uploads) and
+runs at most `max_uploads` uploads together; job status is read off the upload path.
+
 Security: with a token configured every /v1 call needs `Authorization: Bearer <token>` (401;
 a dependency of the `/v1` router, so no route can be added without it);
 job URIs must lie under an allowed prefix (403) and carry no path tricks (400); request bodies
@@ -14,13 +19,14 @@ are size-limited (413); weights are only ever loaded with weights_only=True.
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -28,76 +34,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 import lits
-from lits import inference, jobs, storage
+from lits import inference, job_tasks, jobs, storage
+from lits.access import AccessError, check_uri  # noqa: F401  (the URI rules, where the API applies them)
 from lits.config import ServeConfig
 from lits.errors import UserError
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "lits"
-MODEL_DEPLOYMENT = "SegmentModel"
+MODEL_DEPLOYMENT = job_tasks.MODEL_DEPLOYMENT
 API_DEPLOYMENT = "Api"
 TOKEN_ENV = "LITS_API_TOKEN"
+API_MAX_ONGOING = 1000  # requests one ingress replica takes at once (Serve's default, 5, starves /healthz)
 
 
 def token_sha256(token: Optional[str]) -> Optional[str]:
     return hashlib.sha256(token.encode()).hexdigest() if token else None
-
-
-# --- URI access rules (pure) -------------------------------------------------------------------
-
-class AccessError(Exception):
-    """A job URI the server refuses: `status` 400 (malformed) or 403 (outside the allow-list)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _normalise_allowed(prefix: str) -> str:
-    uri = storage.normalise(prefix)
-    return uri if storage.is_s3(uri) else os.path.realpath(uri)
-
-
-def check_uri(uri: str, allow_prefixes: Sequence[str]) -> str:
-    """The normalised URI when a job may use it; AccessError otherwise.
-
-    Rules: s3:// or a local path (file:// or absolute); no '.' or '..' segment, NUL, backslash or
-    control character; with no allow-list any s3:// URI and no local path; with one, the URI
-    must equal an allowed prefix or lie under it (compared by path segment, local paths after
-    resolving symlinks).
-    """
-    if not isinstance(uri, str) or not uri.strip():
-        raise AccessError(400, "empty URI")
-    if any(ord(c) < 32 for c in uri) or "\\" in uri:
-        raise AccessError(400, f"{uri!r}: control characters and backslashes are not allowed in URIs")
-    scheme = _SCHEME.match(uri)
-    if scheme and scheme.group(0).lower() not in ("s3://", "file://"):
-        raise AccessError(400, f"{uri!r}: unsupported scheme; use s3:// (or a local path where allowed)")
-    path = uri[scheme.end():] if scheme else uri
-    if any(seg in (".", "..") for seg in path.split("/")):
-        raise AccessError(400, f"{uri!r}: '.' and '..' path segments are not allowed")
-    local = not (scheme and scheme.group(0).lower() == "s3://")
-    if local and not path.startswith("/"):
-        raise AccessError(400, f"{uri!r}: local paths must be absolute")
-    try:
-        normal = storage.normalise(uri)
-    except UserError as exc:
-        raise AccessError(400, str(exc)) from exc
-    if local:
-        normal = os.path.realpath(normal)
-    allowed = [_normalise_allowed(p) for p in allow_prefixes]
-    if not allowed:
-        if local:
-            raise AccessError(403, f"{uri!r}: local paths are refused; start the server with --allow-prefix for them")
-        return normal
-    for prefix in allowed:
-        if normal == prefix or normal.startswith(prefix.rstrip("/") + "/"):
-            return normal
-    raise AccessError(403, f"{uri!r} lies outside the allowed prefixes ({', '.join(allowed)})")
 
 
 # --- the model deployment ----------------------------------------------------------------------
@@ -189,22 +141,38 @@ class JobRequest(BaseModel):
     input: str = Field(description="URI prefix (s3://bucket/prefix) holding .nii / .nii.gz volumes")
     output: str = Field(description="URI prefix for <name>_seg.nii.gz, <name>.json and _jobs/<id>.json")
     overwrite: bool = Field(False, description="recompute volumes whose outputs exist for this model")
-    concurrency: Optional[int] = Field(None, ge=1, le=4096, description="volumes in flight (default: cluster CPUs)")
+    concurrency: Optional[int] = Field(None, ge=1, le=4096, description="volumes in flight (default: the volume pool's CPUs / cpus_per_volume)")
 
 
 class Api:
-    """The HTTP API of one ingress replica (made a Serve deployment below, once its routes exist)."""
+    """The HTTP API of one ingress replica (made a Serve deployment below, once its routes exist).
+
+    Light routes (/healthz, job status) never wait behind uploads: the deployment takes
+    API_MAX_ONGOING requests at once, uploads queue on a semaphore of `max_uploads` inside it, and
+    job status calls run on their own threads."""
 
     def __init__(self, model, settings: Dict, app_name: str = APP_NAME):
         self.model = model
         self.cfg = ServeConfig(**settings)
         self.app_name = app_name
+        self.jobs_state = self.cfg.jobs_state or jobs.default_jobs_state()
         self._spec: Optional[Dict] = None
+        self._pool = None
+        self._uploads: Optional[asyncio.Semaphore] = None
+        self._light = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="status")
 
     async def spec(self) -> Dict:
         if self._spec is None:
-            self._spec = await self.model.describe.remote()
+            try:
+                self._spec = await asyncio.wait_for(self.model.describe.remote(), timeout=self.cfg.model_wait_s)
+            except asyncio.TimeoutError as exc:
+                raise HTTPException(503, f"the model deployment did not answer in {self.cfg.model_wait_s:.0f} s; "
+                                         "try again when its replica has started") from exc
         return self._spec
+
+    async def light(self, fn, *args):
+        """Run a short blocking call (job status, a record) on the status threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._light, fn, *args)
 
     def authorise(self, request: Request) -> None:
         if not self.cfg.token_sha256:
@@ -239,17 +207,36 @@ class Api:
         spec = await self.spec()
         return {"status": "ok", "model_id": spec["model_id"], "model": spec["uri"], "version": lits.__version__}
 
+    def _submit_upload(self, data: bytes, name: str, spec: Dict):
+        if self._pool is None:
+            self._pool = job_tasks.find_pool(self.app_name)
+        return job_tasks.segment_upload_task.options(num_cpus=self.cfg.cpus_per_volume, **job_tasks.in_pool(self._pool)).remote(
+            data, name, spec, self.app_name, self.cfg.chunk, self.cfg.model_wait_s)
+
     @v1.post("/segment", responses={200: {"content": {"application/gzip": {}},
                                           "description": "the mask as .nii.gz; the report in X-LiTS-Report"}})
     async def segment(self, request: Request, name: str = "upload") -> Response:
         """Body: one .nii or .nii.gz file. Returns the uint8 label mask with the input's shape and
         affine as .nii.gz; the per-volume report (JSON) is in the X-LiTS-Report header."""
-        data = await self.read_body(request)
-        if not data:
-            raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
-        result = await jobs.segment_upload_task.remote(data, safe, inference.ModelSpec.from_dict(await self.spec()).to_dict(),
-                                                       self.app_name, self.cfg.chunk)
+        if self._uploads is None:
+            self._uploads = asyncio.Semaphore(self.cfg.max_uploads)
+        spec = inference.ModelSpec.from_dict(await self.spec()).to_dict()
+        async with self._uploads:  # the body is read in turn too: memory stays max_uploads bodies
+            data = await self.read_body(request)
+            if not data:
+                raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
+            # Putting the body into the object store copies it: off the event loop.
+            ref = await asyncio.to_thread(self._submit_upload, data, safe, spec)
+            del data
+            try:
+                result = await ref
+            except Exception as exc:  # the model gone for good, a bug or a lost worker: one line
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, job_tasks.ModelUnavailable):
+                    raise HTTPException(503, str(cause)) from exc
+                log.error("upload %s: %s", safe, exc)
+                raise HTTPException(500, f"internal error while segmenting {safe}: {type(exc).__name__}") from exc
         if "error" in result:
             raise HTTPException(422, result["error"])
         stem = safe[:-7] if safe.endswith(".nii.gz") else safe[:-4] if safe.endswith(".nii") else safe
@@ -266,17 +253,18 @@ class Api:
             raise HTTPException(404, f"input {body.input} does not exist")
         job_id = await asyncio.to_thread(jobs.submit_job, job, self.app_name, self.cfg.chunk,
                                          body.concurrency or self.cfg.job_concurrency, self.cfg.s3_endpoint,
-                                         self.cfg.cpus_per_volume)
+                                         self.cfg.cpus_per_volume, self.jobs_state, self.cfg.allow_prefixes,
+                                         self.cfg.model_wait_s)
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
     @v1.get("/jobs")
     async def list_all(self) -> List[Dict]:
-        found = await asyncio.to_thread(jobs.list_jobs)
+        found = await self.light(jobs.list_jobs, self.jobs_state, self.cfg.s3_endpoint)
         return [{k: j[k] for k in ("job_id", "state", "input", "output", "counts", "progress", "times")} for j in found]
 
-    @staticmethod
-    async def _job_or_404(action, job_id: str) -> Dict:
-        job = await asyncio.to_thread(action, job_id) if re.fullmatch(r"[0-9a-f]{12}", job_id) else None
+    async def _job_or_404(self, action, job_id: str) -> Dict:
+        valid = re.fullmatch(r"[0-9a-f]{12}", job_id)
+        job = await self.light(action, job_id, self.jobs_state, self.cfg.s3_endpoint) if valid else None
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
@@ -293,7 +281,9 @@ class Api:
 
 api.include_router(v1)
 # The ingress is applied after include_router: Serve binds the routes it finds on `api` to Api.
-Api = serve.deployment(name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0})(serve.ingress(api)(Api))
+# Many requests at once: a light call must never wait at the proxy behind uploads (they queue inside).
+Api = serve.deployment(name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
+                       max_ongoing_requests=API_MAX_ONGOING)(serve.ingress(api)(Api))
 
 
 def build_app(cfg: ServeConfig, app_name: str = APP_NAME):
@@ -301,13 +291,41 @@ def build_app(cfg: ServeConfig, app_name: str = APP_NAME):
     return Api.bind(model_deployment(cfg), cfg.to_dict(), app_name)
 
 
+def volume_cpus(cfg: ServeConfig) -> float:
+    """CPUs for the volume pool: cfg.volume_cpus, else what is free now (the replicas are placed)
+    less what autoscaling up to max_replicas would take."""
+    if cfg.volume_cpus is not None:
+        return cfg.volume_cpus
+    import ray
+
+    placed = cfg.replicas if cfg.replicas is not None else cfg.min_replicas
+    most = cfg.replicas if cfg.replicas is not None else cfg.max_replicas
+    return ray.available_resources().get("CPU", 0.0) - (most - placed) * cfg.cpus_per_replica
+
+
 def deploy(cfg: ServeConfig, http: bool = True, app_name: str = APP_NAME):
-    """Start Serve (HTTP on cfg.host:cfg.port, or no proxy) and run the app; returns its handle.
+    """Start Serve (HTTP on cfg.host:cfg.port, or no proxy), run the app and reserve its volume
+    pool (`job_tasks.create_pool`); returns the model deployment's handle.
 
     Without http only the model deployment runs (what a local `segment.py` needs).
     """
     if http:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        return serve.run(build_app(cfg, app_name), name=app_name, route_prefix="/")
-    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
-    return serve.run(model_deployment(cfg), name=app_name, route_prefix=None, logging_config={"log_level": "WARNING"})
+        handle = serve.run(build_app(cfg, app_name), name=app_name, route_prefix="/")
+    else:
+        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        handle = serve.run(model_deployment(cfg), name=app_name, route_prefix=None,
+                           logging_config={"log_level": "WARNING"})
+    try:
+        cpus = job_tasks.create_pool(app_name, volume_cpus(cfg), cfg.cpus_per_volume)
+    except UserError:
+        serve.delete(app_name)
+        raise
+    log.info("app %s: %g CPUs reserved for volume tasks", app_name, cpus)
+    return handle
+
+
+def undeploy(app_name: str = APP_NAME) -> None:
+    """Remove the app and free its volume pool."""
+    serve.delete(app_name)
+    job_tasks.remove_pool(app_name)

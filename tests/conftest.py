@@ -44,6 +44,20 @@ def fast_tests_start_no_ray(request):
         pytest.fail(f"{request.node.nodeid} started Ray but is not marked slow")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jobs_state_folder(tmp_path_factory):
+    """Job records (lits.jobs) go to a temporary folder, not ~/.cache: set before any Ray starts,
+    so its workers, the Serve replicas and workflow subprocesses inherit it."""
+    folder = str(tmp_path_factory.mktemp("jobs-state"))
+    old = os.environ.get("LITS_JOBS_STATE")
+    os.environ["LITS_JOBS_STATE"] = folder
+    yield folder
+    if old is None:
+        os.environ.pop("LITS_JOBS_STATE", None)
+    else:
+        os.environ["LITS_JOBS_STATE"] = old
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

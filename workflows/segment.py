@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref", default=None, help="reference segmentations (segmentation-N.nii[.gz]): evaluate the job's "
                    "masks against them into OUTPUT/_evaluation when the job ends")
     p.add_argument("--overwrite", action="store_true", help="recompute volumes whose outputs exist for this model")
-    p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the cluster's CPUs)")
+    p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the volume pool's "
+                   "CPUs / --cpus-per-volume: the CPUs the model replicas leave free)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas, without --server (default: %(default)s)")
     add_model_args(p, d)  # these apply without --server: the server has its own
     add_cluster_args(p)
@@ -146,8 +147,6 @@ def run_on_server(args) -> dict:
 # --- self-contained ----------------------------------------------------------------------------
 
 def run_locally(args) -> dict:
-    from ray import serve
-
     from lits import inference, jobs, serving, storage
 
     s3 = storage.resolve_endpoint(args.s3_endpoint)
@@ -166,15 +165,11 @@ def run_locally(args) -> dict:
     serving.deploy(cfg, http=False, app_name=app_name)
     job_id = None
     try:
-        import ray
-
-        concurrency = args.concurrency
-        if concurrency is None and not args.address:  # a local Ray: leave the replica its CPUs
-            free = ray.cluster_resources().get("CPU", 1) - cfg.replicas * cfg.cpus_per_replica
-            concurrency = max(1, int(free / cfg.cpus_per_volume))
+        # Volume tasks run in the app's volume pool (the CPUs the replica does not hold); by
+        # default as many at once as it has room for.
         request = {"input": storage.normalise(args.input), "output": storage.normalise(args.output),
                    "overwrite": args.overwrite}
-        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, s3, cfg.cpus_per_volume)
+        job_id = jobs.submit_job(request, app_name, cfg.chunk, args.concurrency, s3, cfg.cpus_per_volume)
         logging.info("job %s started: %s -> %s", job_id, request["input"], request["output"])
         job = follow(lambda: jobs.get_job(job_id))
         return job
@@ -185,7 +180,7 @@ def run_locally(args) -> dict:
             follow(lambda: jobs.get_job(job_id))
         raise SystemExit(130)
     finally:
-        serve.delete(app_name)
+        serving.undeploy(app_name)
 
 
 def main(argv=None) -> int:

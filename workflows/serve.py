@@ -35,7 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-prefix", action="append", default=[], help="URI prefix jobs may read and write (repeatable); "
                    "without it any s3:// URI and no local path")
     p.add_argument("--max-body-mb", type=int, default=d.max_body_mb, help="largest /v1/segment upload (default: %(default)s)")
-    p.add_argument("--job-concurrency", type=int, default=None, help="volumes in flight per job (default: the cluster's CPUs)")
+    p.add_argument("--job-concurrency", type=int, default=None, help="volumes in flight per job (default: the volume "
+                   "pool's CPUs / --cpus-per-volume)")
+    p.add_argument("--volume-cpus", type=float, default=None, help="CPUs reserved for volume tasks (default: what is "
+                   "free once the replicas are placed, less what autoscaling to --max-replicas takes)")
+    p.add_argument("--jobs-state", default=None, help="folder or s3:// prefix of the job records (default: "
+                   "$LITS_JOBS_STATE or ~/.cache/lits/jobs; on a cluster use s3://…)")
+    p.add_argument("--max-uploads", type=int, default=d.max_uploads, help="/v1/segment uploads segmented at once; "
+                   "more wait their turn (default: %(default)s)")
     p.add_argument("--detach", action="store_true", help="with --address: deploy, then exit and leave the app running")
     add_cluster_args(p)
     return p.parse_args(argv)
@@ -54,7 +61,8 @@ def main(argv=None) -> int:
             max_batch_size=args.max_batch_size, chunk=min(args.chunk, args.max_batch_size), host=args.host, port=args.port,
             allow_prefixes=tuple(storage.normalise(p) for p in args.allow_prefix), max_body_mb=args.max_body_mb,
             job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(serving.TOKEN_ENV)),
-            s3_endpoint=storage.resolve_endpoint(args.s3_endpoint),
+            s3_endpoint=storage.resolve_endpoint(args.s3_endpoint), volume_cpus=args.volume_cpus,
+            jobs_state=storage.normalise(args.jobs_state) if args.jobs_state else None, max_uploads=args.max_uploads,
         )
         if args.detach and not args.address:
             raise UserError("--detach needs --address: a local Ray ends with this process")
@@ -83,9 +91,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             pass
         logging.info("shutting down the application")
-        from ray import serve
-
-        serve.delete(serving.APP_NAME)
+        serving.undeploy(serving.APP_NAME)
     return 0
 
 

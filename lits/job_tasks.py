@@ -1,0 +1,314 @@
+"""The volume tasks of bulk jobs and uploads, the model waits they make, and the CPUs they may use.
+
+A volume task reads, preprocesses and post-processes on a CPU worker and sends its slices, chunk
+by chunk, to the model deployment. Two rules keep a lost model replica from hanging the service:
+
+- **The volume pool.** `serving.deploy` reserves the CPUs volume tasks may use in a placement group
+  (`create_pool`) after the replicas are placed, leaving what the replicas hold (and what autoscaling
+  may add) outside it. Every volume task of a job or an upload runs inside the pool, so a replica
+  that dies frees CPUs no volume task can take, and its replacement is scheduled.
+- **Deadlines.** Every wait on the model ends after `wait_s`; a chunk whose replica was lost, or that
+  got no answer in time, is sent again (`RETRIES` times, with back-off), then its volume fails.
+
+Outputs per input `INPUT/<rel>.nii[.gz]`: `OUTPUT/<rel>_seg.nii.gz`, `OUTPUT/<rel>_preview.png`,
+then `OUTPUT/<rel>.json` (the report, written last: its presence with this model's id means done).
+Every write is atomic, and a volume's outputs are all or nothing (`segment_volume`). Every file a
+volume reads or writes is resolved and checked against the server's allow-list first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import ray
+
+from lits import access, inference, storage
+from lits.errors import BadInputError, UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_DEPLOYMENT = "SegmentModel"
+POOL_PREFIX = "lits-volumes-"
+RETRIES = 5  # per chunk, when the model replica that held it is lost or does not answer in time
+RETRY_WAIT_S = 2.0
+MODEL_WAIT_S = 60.0  # the longest wait for one answer of the model deployment
+# Files the product writes itself: a job pointed at a folder holding earlier outputs skips them.
+PRODUCT_SUFFIXES = ("_seg.nii.gz", "_seg.nii")
+
+
+# --- talking to the model deployment -------------------------------------------------------------
+
+def _replica_lost(exc: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError,
+            DeploymentUnavailableError)
+    return isinstance(exc, lost) or "ActorDied" in type(exc).__name__ or "Unavailable" in type(exc).__name__
+
+
+class ModelUnavailable(RuntimeError):
+    """The model deployment gave no answer within every try's deadline."""
+
+
+def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[List[int]] = None, size: int = 0):
+    """`send()` (a DeploymentResponse) until it answers: each try waits at most `wait_s`; a timed-out
+    try is cancelled and a lost replica's is sent again, `RETRIES` times with back-off."""
+    response = send()
+    for attempt in range(RETRIES + 1):
+        try:
+            return response.result(timeout_s=wait_s)
+        except Exception as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            if not (timed_out or _replica_lost(exc)):
+                raise
+            if timed_out:
+                response.cancel()
+            if attempt == RETRIES:
+                raise ModelUnavailable(f"the model deployment did not answer {what} in {RETRIES + 1} tries of "
+                                       f"{wait_s:.0f} s (last: {type(exc).__name__})") from exc
+            log.warning("model %s (%s); sending %s again (try %d of %d)", "timed out" if timed_out else "replica lost",
+                        type(exc).__name__, what, attempt + 1, RETRIES)
+            time.sleep(RETRY_WAIT_S * (attempt + 1))
+            if resent is not None:
+                resent.append(size)
+            response = send()
+    raise AssertionError("unreachable")
+
+
+class _Pending:
+    """A chunk sent to the model deployment; `.result()` waits with a deadline and resends."""
+
+    def __init__(self, handle, images: np.ndarray, resent: Optional[List[int]] = None, wait_s: float = MODEL_WAIT_S):
+        self.handle = handle
+        self.images = images
+        self.resent = resent if resent is not None else []
+        self.wait_s = wait_s
+        self.response = handle.predict.remote(images)
+
+    def result(self, timeout_s: Optional[float] = None) -> np.ndarray:
+        first = [self.response]
+
+        def send():
+            return first.pop() if first else self.handle.predict.remote(self.images)
+
+        return call_model(send, f"{len(self.images)} slices", self.wait_s, self.resent, len(self.images))
+
+
+def model_handle(app_name: str):
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one "router started" line per worker otherwise
+    return serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
+
+
+def describe_model(app_name: str, wait_s: float = MODEL_WAIT_S) -> Dict:
+    """The deployed model's spec (ModelSpec as a dict) plus batching facts."""
+    handle = model_handle(app_name)
+    return call_model(lambda: handle.describe.remote(), "describe()", wait_s)
+
+
+# --- the volume pool ------------------------------------------------------------------------------
+
+def pool_name(app_name: str) -> str:
+    return POOL_PREFIX + app_name
+
+
+def _pools(app_name: str, states=("CREATED",)) -> List:
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    return [PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))) for pg_id, info in placement_group_table().items()
+            if info.get("name") == pool_name(app_name) and info.get("state") in states]
+
+
+def find_pool(app_name: str):
+    """The app's volume pool (a created placement group), or None."""
+    found = _pools(app_name)
+    return found[0] if found else None
+
+
+def pool_shape(pg) -> Tuple[float, float]:
+    """(CPUs the pool holds, CPUs of its largest bundle: the most one task in it may ask)."""
+    from ray.util.placement_group import placement_group_table
+
+    cpus = [float(b.get("CPU", 0)) for b in placement_group_table(pg)["bundles"].values()]
+    return sum(cpus), max(cpus, default=0.0)
+
+
+def remove_pool(app_name: str) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for pg in _pools(app_name, ("CREATED", "PENDING", "PREPARED", "RESCHEDULING")):
+        remove_placement_group(pg)
+
+
+def create_pool(app_name: str, cpus: float, cpus_per_volume: float, timeout_s: float = 120) -> float:
+    """Reserve `cpus` CPUs (bundles of max(1, cpus_per_volume)) for the volume tasks of `app_name`;
+    returns the CPUs reserved. UserError when they cannot be had in `timeout_s`."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = max(1.0, float(cpus_per_volume))
+    count = int(cpus // bundle)
+    if count < 1:
+        raise UserError(f"no CPU is left for volume tasks ({cpus:g} after the model replicas' reservation; each needs "
+                        f"{bundle:g}): give the cluster more CPUs, or lower --cpus-per-replica / --max-replicas")
+    remove_pool(app_name)
+    pg = placement_group([{"CPU": bundle}] * count, strategy="PACK", name=pool_name(app_name), lifetime="detached")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        remove_placement_group(pg)
+        raise UserError(f"could not reserve {count * bundle:g} CPUs for volume tasks in {timeout_s:.0f} s; "
+                        "pass a smaller --volume-cpus") from exc
+    return count * bundle
+
+
+def in_pool(pg) -> Dict:
+    """Task options that run a task inside the pool `pg` (any bundle); {} without one."""
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=-1)}
+
+
+# --- one volume -----------------------------------------------------------------------------------
+
+def output_uris(output: str, rel_name: str) -> Dict[str, str]:
+    return {"mask": storage.join(output, rel_name + "_seg.nii.gz"), "preview": storage.join(output, rel_name + "_preview.png"),
+            "report": storage.join(output, rel_name + ".json")}
+
+
+def already_done(uris: Dict[str, str], model_id: str, s3_endpoint: Optional[str]) -> bool:
+    """True when this model's report and mask for the volume exist (the report is written last)."""
+    if not storage.exists(uris["report"], s3_endpoint):
+        return False
+    try:
+        report = json.loads(storage.read_bytes(uris["report"], s3_endpoint))
+    except (ValueError, UserError):
+        return False
+    return report.get("model_id") == model_id and storage.exists(uris["mask"], s3_endpoint)
+
+
+def remove_outputs(uris: Dict[str, str], s3_endpoint: Optional[str]) -> None:
+    """Delete a volume's report, preview and mask (report first: it is what marks a volume done)."""
+    for key in ("report", "preview", "mask"):
+        storage.delete(uris[key], s3_endpoint)
+
+
+def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit,
+                            overwrite: bool, chunk: int, s3_endpoint: Optional[str]) -> Optional[Dict]:
+    """The report, or None when this model's outputs exist and `overwrite` is off."""
+    done_before = already_done(uris, spec.model_id, s3_endpoint)
+    if done_before and not overwrite:
+        return None
+    if not done_before:
+        remove_outputs(uris, s3_endpoint)
+    try:
+        return inference.segment_uri(uri, uris, spec, submit, s3_endpoint, chunk)
+    except BaseException:
+        try:
+            if not already_done(uris, spec.model_id, s3_endpoint):
+                remove_outputs(uris, s3_endpoint)
+        except Exception as exc:  # the first failure is the one to report
+            log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
+        raise
+
+
+def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
+                   overwrite: bool, chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = ()) -> Dict:
+    """One volume of a job (what `segment_volume_task` runs); never raises for a bad volume.
+
+    Outputs are all or nothing: stale ones (another model's, or a half-written earlier try) are
+    removed before the volume is segmented, and whatever this call wrote is removed again when it
+    stops before the report (a cancel's KeyboardInterrupt, a failed write). So no mask or preview
+    lies under its final name without this model's report, and no report describes another
+    model's mask. With an allow-list, the input and every output must resolve inside it (a
+    symlink out of it fails the volume before anything is read or written).
+
+    Returns:
+        {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
+    """
+    uris = output_uris(output, rel_name)
+    result = {"input": uri, "name": rel_name}
+    try:
+        access.check_resolved(uri, allow, "read")
+        for key in ("report", "mask", "preview"):
+            access.check_resolved(uris[key], allow, "write")
+        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, s3_endpoint)
+    except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
+        return {**result, "status": "failed", "reason": str(exc)}
+    except Exception as exc:
+        log.error("volume %s: %s", uri, traceback.format_exc())
+        return {**result, "status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
+    if report is None:
+        return {**result, "status": "skipped"}
+    return {**result, "status": "done", "slices": report["slices"], "seconds": report["seconds"]["total"],
+            "liver_volume_ml": report["liver_volume_ml"], "tumour_volume_ml": report["tumour_volume_ml"],
+            "lesion_count": report["lesion_count"]}
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_name: str, overwrite: bool,
+                        chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = (),
+                        wait_s: float = MODEL_WAIT_S) -> Dict:
+    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`."""
+    resent: List[int] = []
+    handles: List = []
+
+    def submit(images: np.ndarray) -> _Pending:
+        if not handles:  # one handle per task, made only when a volume needs the model
+            handles.append(model_handle(app_name))
+        return _Pending(handles[0], images, resent, wait_s)
+
+    result = segment_volume(uri, rel_name, output, inference.ModelSpec.from_dict(spec), submit, overwrite, chunk,
+                            s3_endpoint, allow)
+    result["node_id"] = ray.get_runtime_context().get_node_id()
+    if result["status"] == "done":
+        result["chunks_resent"] = len(resent)
+    return result
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def segment_upload_task(data: bytes, name: str, spec: Dict, app_name: str, chunk: int,
+                        wait_s: float = MODEL_WAIT_S) -> Dict:
+    """Segment uploaded NIfTI bytes (POST /v1/segment): {'mask': bytes, 'report'} or {'error'} (one line)."""
+    handle = model_handle(app_name)
+    try:
+        mask, report = inference.segment_bytes(data, name, inference.ModelSpec.from_dict(spec),
+                                               lambda images: _Pending(handle, images, None, wait_s), chunk)
+    except BadInputError as exc:
+        return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    return {"mask": mask, "report": report}
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+def list_inputs(input_uri: str, output_uri: str, s3_endpoint: Optional[str]) -> Dict[str, List]:
+    """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri]}.
+
+    Reference segmentations (segmentation-N.nii*), the product's own masks (*_seg.nii*) and anything
+    under the output prefix are ignored, so a job may point at a LiTS folder and write inside it;
+    reports (.json) and previews (.png) are not NIfTI and never listed.
+    """
+    root = storage.normalise(input_uri)
+    out = storage.normalise(output_uri)
+    files = storage.list_files(root, s3_endpoint)
+    single = files == [root]
+    volumes, ignored = [], []
+    for uri in files:
+        if not uri.endswith(inference.NIFTI_SUFFIXES):
+            continue
+        rel = os.path.basename(uri) if single else uri[len(root):].lstrip("/")
+        base = os.path.basename(uri)
+        if (uri == out or uri.startswith(out.rstrip("/") + "/") or base.startswith("segmentation-")
+                or base.endswith(PRODUCT_SUFFIXES)):
+            ignored.append(uri)
+            continue
+        volumes.append((uri, inference.output_name(rel)))
+    return {"volumes": volumes, "ignored": ignored}
