@@ -16,7 +16,7 @@ from lits.config import TrainConfig
 from lits.model import UNet
 from lits.sampling import PatchBatches
 from lits.synthetic import make_phantom
-from lits.train_steps import TrainState, predict_labels, train_one_epoch
+from lits.train_steps import TrainState, autocast_for, predict_labels, to_tensors, train_one_epoch, train_step
 
 SIZE = 64
 
@@ -92,3 +92,23 @@ def test_patches_keep_image_and_mask_aligned():
     outs = list(sampler({"image": images[1:], "mask": masks[1:]}))
     assert len(outs) == 4 and all((o["mask"] == 2).reshape(3, -1).any(axis=1).sum() >= 2 for o in outs)
     assert sampler.swapped >= 8
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_gpu_branches_of_the_step_run_on_cpu(slices, bf16):
+    """The lines a GPU run takes first (autocast, the fp16 GradScaler branch, channels_last, pinned
+    copies skipped on CPU) run here too, so a first GPU run is not their first run."""
+    images, masks = slices
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="-", output="-", batch_size=4, base_width=4, depth=3, lr=1e-3)
+    model = UNet(3, 3, cfg.base_width, cfg.depth).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    autocast, scaler = autocast_for(cfg, torch.device("cpu"), bf16=bf16)
+    assert (scaler is None) == bf16  # fp16 needs a GradScaler, bf16 does not
+    image, mask = to_tensors({"image": images[:4], "mask": masks[:4]}, torch.device("cpu"), channels_last=True)
+    assert image.is_contiguous(memory_format=torch.channels_last) and image.dtype == torch.float32
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(model, optimizer, image, mask, cfg, torch.Generator().manual_seed(0), autocast, scaler)
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert autocast_for(TrainConfig(data="-", output="-", amp="off"), torch.device("cpu"), bf16=True)[1] is None

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
           f"{job['slices_per_s']} slices/s")
     les = agg["lesions"]
     print(f"  Dice per case on the {summary['cases_evaluated']} unseen scans: liver {agg['liver']['dice_per_case']:.3f}, "
-          f"tumour {agg['tumour']['dice_per_case']:.3f} (an {args.epochs}-epoch width-16 model at 128 pixels)")
+          f"tumour {agg['tumour']['dice_per_case']:.3f} ({args.epochs} epochs of a width-16 U-Net at 128 pixels)")
     print(f"  lesions found: {les['detected']} of {les['reference']} present ({les['predicted']} predicted, "
           f"{'-' if les['precision'] is None else format(les['precision'], '.0%')} of them correct)")
     print("  pictures:")
