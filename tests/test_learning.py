@@ -112,3 +112,24 @@ def test_gpu_branches_of_the_step_run_on_cpu(slices, bf16):
     assert torch.isfinite(loss) and loss.item() > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert autocast_for(TrainConfig(data="-", output="-", amp="off"), torch.device("cpu"), bf16=True)[1] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_on_cuda_learns_with_its_own_autocast(slices):
+    """On a GPU machine: the step with the device's own autocast choice, pinned copies and
+    channels_last lowers the loss (the same step the CPU tests run)."""
+    images, masks = slices
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="-", output="-", batch_size=8, base_width=8, depth=3, lr=3e-3)
+    model = UNet(3, 3, cfg.base_width, cfg.depth).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    autocast, scaler = autocast_for(cfg, device)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(60):
+        idx = np.arange(step * 8, step * 8 + 8) % len(images)
+        image, mask = to_tensors({"image": images[idx], "mask": masks[idx]}, device, channels_last=True)
+        losses.append(float(train_step(model, optimizer, image, mask, cfg, generator, autocast, scaler)))
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
