@@ -37,6 +37,8 @@ class PrepareConfig:
         seed: seeds the split and the slice filter.
         strict: exit non-zero when any input failed.
         s3_endpoint: S3-compatible endpoint URL (None: AWS_ENDPOINT_URL or AWS itself).
+        max_voxels: a NIfTI whose header declares more voxels is refused before it is inflated
+            (the default is lits.volumes.MAX_VOXELS, 4x the largest LiTS volume).
     """
 
     input: str
@@ -51,6 +53,7 @@ class PrepareConfig:
     seed: int = 0
     strict: bool = False
     s3_endpoint: Optional[str] = None
+    max_voxels: int = 2 ** 30
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -74,6 +77,8 @@ class PrepareConfig:
             raise ValueError(f"context must be 0 (three windows) or 1 (2.5-D: z-1, z, z+1), got {self.context}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.max_voxels < 8:
+            raise ValueError(f"max_voxels must be at least 8 (2x2x2), got {self.max_voxels}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

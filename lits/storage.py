@@ -146,6 +146,35 @@ def read_bytes(uri: str, s3_endpoint: Optional[str] = None) -> bytes:
         return fs.cat_file(path)
 
 
+def iter_bytes(uri: str, s3_endpoint: Optional[str] = None, chunk_size: int = 16 << 20) -> Iterator[bytes]:
+    """The bytes of `uri` in pieces of `chunk_size` (one open, sequential reads of that size; on S3
+    range requests): a reader that stops early never fetches the rest."""
+    fs, path = filesystem(uri, s3_endpoint)
+    with user_errors(uri, "read"):
+        with fs.open(path, "rb", block_size=chunk_size) as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+
+
+class TransientError(OSError):
+    """A network failure that another try may not meet (prepare's Ray tasks retry it)."""
+
+
+def is_transient(exc: Optional[BaseException]) -> bool:
+    """Whether a connection failure or a timeout is anywhere in `exc`'s chain of causes."""
+    seen = 0
+    while exc is not None and seen < 16:
+        name = type(exc).__name__
+        if isinstance(exc, (ConnectionError, TimeoutError)) or "ConnectionError" in name or "ClientConnector" in name \
+                or "Timeout" in name:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def write_bytes(uri: str, data: bytes, s3_endpoint: Optional[str] = None) -> None:
     """Write `data` to `uri` atomically (temporary sibling + rename locally, one PUT on S3)."""
     uri = normalise(uri)
@@ -174,6 +203,20 @@ def delete(uri: str, s3_endpoint: Optional[str] = None) -> None:
         fs.invalidate_cache()
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def move_file(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:
+    """Move one file to `dst` (replacing it): a rename locally, copy+delete on S3."""
+    src, dst = normalise(src), normalise(dst)
+    fs, src_path = filesystem(src, s3_endpoint)
+    _, dst_path = filesystem(dst, s3_endpoint)
+    with user_errors(dst, "move into"):
+        if is_s3(src):
+            fs.copy(src_path, dst_path)
+            fs.rm(src_path)
+        else:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
 
 
 def move_tree(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:

@@ -1,18 +1,21 @@
 """NIfTI read / validate / canonicalise / save, and the geometry record that undoes it.
 
-Reading decodes the whole file in one call (ISA-L inflate for .nii.gz, see `decompress`) and
-views the voxels in place with ``np.frombuffer``: no per-chunk gzip stream, no float64 copy.
+Reading is bounded by what the header declares: the header (the first 348 or 540 decoded bytes) is
+read and checked first (3-D, real-valued voxels, at most MAX_VOXELS), then exactly the voxels it
+declares are inflated (lits.inflate: streamed, capped per call) into one preallocated buffer;
+whatever follows them is refused without inflating it. A few megabytes of gzip that would inflate to
+gigabytes therefore cost one header's worth of memory and a one-line error.
 Canonical layout and axis names: see lits.schema.
 """
 
 from __future__ import annotations
 
-import gzip
+import contextlib
 import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -20,25 +23,27 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from lits import storage
 from lits.errors import BadInputError
+from lits.inflate import DecodedStream
 
 log = logging.getLogger(__name__)
 
-try:  # ISA-L's inflate is ~2x zlib's on CT data; fall back to zlib where no wheel exists
+try:  # ISA-L's level 1 is ~6x faster than zlib's; fall back to zlib where no wheel exists
     from isal import igzip as _gzip_impl
 except ImportError:  # pragma: no cover - exercised only where isal is missing
-    _gzip_impl = gzip
+    import gzip as _gzip_impl
 
 # The file axes are first brought to LPS, then transposed to (S, P, L) = (Z, H, W).
 CANONICAL_AXCODES = ("L", "P", "S")
 # A dimension outside these bounds is not a CT volume (or a corrupt header).
 MIN_DIM, MAX_DIM = 2, 4096
-
-
-def decompress(data: bytes) -> bytes:
-    """Inflate a (possibly multi-member) gzip stream in one call; other bytes pass through."""
-    if data[:2] != b"\x1f\x8b":
-        return data
-    return _gzip_impl.decompress(data)
+# The most voxels a header may declare: 4x the largest LiTS volume (512 x 512 x 987 = 2.6e8), so
+# a corrupt or crafted header cannot make a reader allocate gigabytes. prepare's --max-voxels
+# overrides it; serving uses it as is.
+MAX_VOXELS = 2 ** 30
+# Extensions between the header and the voxels: more than this is no real file's.
+MAX_DATA_OFFSET = 64 << 20
+_HEADER_CHUNK = 64 << 10  # file bytes read to reach a header: one small (range) read
+_DATA_CHUNK = 16 << 20  # file bytes read at a time for the voxels
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,41 @@ class Geometry:
         }
 
 
+@dataclass(frozen=True)
+class Header:
+    """What a NIfTI header declares, checked before any voxel is read.
+
+    Attributes:
+        shape: the file array's shape (i, j, k), trailing singleton dimensions dropped.
+        dtype: the stored voxel type (real: int, uint or float).
+        header_bytes: 348 (NIfTI-1) or 540 (NIfTI-2).
+        offset: where the voxels start in the decoded file.
+        scaling: (slope, inter) applied on read (voxels become float32), or None.
+        geometry: the affine and what follows from it.
+    """
+
+    shape: Tuple[int, int, int]
+    dtype: np.dtype
+    header_bytes: int
+    offset: int
+    scaling: Optional[Tuple[float, float]]
+    geometry: Geometry
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def file_bytes(self) -> int:
+        """The decoded file's size: the header, its extensions and the voxels, nothing after."""
+        return self.offset + self.voxels * self.dtype.itemsize
+
+    @property
+    def array_bytes(self) -> int:
+        """The size of the array a read returns."""
+        return self.voxels * (4 if self.scaling else self.dtype.itemsize)
+
+
 def _header_class(raw: bytes, name: str):
     if len(raw) < 348:
         raise BadInputError(f"{name}: truncated or not a NIfTI file ({len(raw)} bytes)")
@@ -133,67 +173,122 @@ def _header_class(raw: bytes, name: str):
     raise BadInputError(f"{name}: not a NIfTI-1/2 file (bad header size); expected .nii or .nii.gz")
 
 
-def parse_nifti(data: bytes, name: str = "<bytes>") -> Tuple[np.ndarray, Geometry]:
-    """Decode NIfTI bytes (.nii or .nii.gz) into a read-only file-order array and its geometry.
+def _scaling(slope, inter) -> Optional[Tuple[float, float]]:
+    slope_set = slope is not None and not (np.isnan(slope) or slope in (0.0, 1.0))
+    inter_set = inter is not None and not np.isnan(inter) and inter != 0.0
+    if not (slope_set or inter_set):
+        return None
+    return (float(slope) if slope and not np.isnan(slope) else 1.0, float(inter) if inter_set else 0.0)
 
-    Args:
-        data: the file's bytes, gzip-compressed or not.
-        name: how errors name the input.
-    Returns:
-        (array, geometry): the voxels in file order (i, j, k), with scl_slope/inter applied (then
-        float32; otherwise the stored dtype, e.g. int16 or uint8), viewing the decoded buffer.
-    Raises:
-        BadInputError: truncated or corrupt file, not NIfTI, not 3-D, absurd dimensions.
-    """
-    try:
-        raw = decompress(data)
-    except Exception as exc:  # isal/zlib raise several types for corrupt or cut-off streams
-        raise BadInputError(f"{name}: truncated or corrupt gzip data ({exc}); re-download the file") from exc
+
+def _read_header(stream: DecodedStream, name: str, max_voxels: int) -> Header:
+    """Read and check the header at the start of `stream` (only its bytes are inflated)."""
+    raw = stream.read(348)
     header_class = _header_class(raw, name)
+    if header_class is nib.Nifti2Header:
+        raw += stream.read(540 - 348)
+        if len(raw) < 540:
+            raise BadInputError(f"{name}: truncated NIfTI-2 header ({len(raw)} of 540 bytes); re-download the file")
     try:
         header = header_class.from_fileobj(io.BytesIO(raw), check=True)
         shape = tuple(int(s) for s in header.get_data_shape())
         dtype = header.get_data_dtype()
+        kind = header.get_value_label("datatype")
         offset = int(header.get_data_offset())
         affine = header.get_best_affine()
         slope, inter = header.get_slope_inter()
-    except BadInputError:
-        raise
     except Exception as exc:
         raise BadInputError(f"{name}: unreadable NIfTI header ({exc})") from exc
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
         raise BadInputError(f"{name}: data is {len(shape)}-D {shape}; a CT volume must be 3-D")
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise BadInputError(f"{name}: voxels are {kind} ({dtype.name if dtype.fields is None else 'RGB'}), not one "
+                            "real number each; save HU as int16 or float32 and labels as uint8")
     if any(not MIN_DIM <= s <= MAX_DIM for s in shape):
         raise BadInputError(f"{name}: implausible dimensions {shape} (each must be {MIN_DIM}..{MAX_DIM})")
+    count = math.prod(shape)
+    if count > max_voxels:
+        raise BadInputError(f"{name}: the header declares {shape[0]}x{shape[1]}x{shape[2]} = {count} voxels, over the "
+                            f"limit of {max_voxels}; a corrupt or crafted file (prepare's --max-voxels raises the limit)")
+    if not len(raw) <= offset <= MAX_DATA_OFFSET:
+        raise BadInputError(f"{name}: the header puts the voxels at byte {offset}, outside {len(raw)}..{MAX_DATA_OFFSET} "
+                            "(a .hdr of a .hdr/.img pair, or corrupt); save the volume as one .nii.gz")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BadInputError(f"{name}: the header's affine is singular or not finite")
-    count = math.prod(shape)
-    needed = offset + count * dtype.itemsize
-    if len(raw) < needed:
+    return Header(shape=shape, dtype=dtype, header_bytes=len(raw), offset=offset,
+                  scaling=_scaling(slope, inter), geometry=Geometry.from_affine(affine, shape))
+
+
+def _decode(stream: DecodedStream, name: str, max_voxels: int) -> Tuple[np.ndarray, Geometry]:
+    header = _read_header(stream, name, max_voxels)
+    held = header.header_bytes + stream.skip(header.offset - header.header_bytes)
+    raw = np.empty(header.voxels * header.dtype.itemsize, np.uint8)
+    held += stream.readinto(memoryview(raw))
+    if held < header.file_bytes:
         raise BadInputError(
-            f"{name}: truncated: the header promises {needed} bytes, the file holds {len(raw)}; re-download it"
+            f"{name}: truncated: the header promises {header.file_bytes} bytes, the file holds {held}; re-download it"
         )
-    array = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
-    if not dtype.isnative:
-        array = array.astype(dtype.newbyteorder("="))
-    scaled = slope is not None and not (np.isnan(slope) or slope in (0.0, 1.0)) or (
-        inter is not None and not np.isnan(inter) and inter != 0.0
-    )
-    if scaled:
-        array = array.astype(np.float32) * np.float32(slope if slope and not np.isnan(slope) else 1.0)
-        array += np.float32(inter if inter and not np.isnan(inter) else 0.0)
-    return array, Geometry.from_affine(affine, shape)
+    if not stream.at_end():
+        raise BadInputError(f"{name}: data continue after the {header.file_bytes} bytes the header declares (trailing "
+                            "data: a corrupt or crafted file); re-export the volume")
+    array = raw.view(header.dtype).reshape(header.shape, order="F")
+    if not header.dtype.isnative:
+        array = array.byteswap(inplace=True).view(header.dtype.newbyteorder("="))
+    if header.scaling:
+        scaled = array.astype(np.float32)
+        del array, raw
+        scaled *= np.float32(header.scaling[0])
+        scaled += np.float32(header.scaling[1])
+        array = scaled
+    array.flags.writeable = False
+    return array, header.geometry
 
 
-def read_nifti(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[np.ndarray, Geometry]:
-    """Read a .nii / .nii.gz from any URI; see `parse_nifti`."""
+def parse_nifti(data: bytes, name: str = "<bytes>", max_voxels: int = MAX_VOXELS) -> Tuple[np.ndarray, Geometry]:
+    """Decode NIfTI bytes (.nii or .nii.gz) into a read-only file-order array and its geometry.
+
+    Args:
+        data: the file's bytes, gzip-compressed or not.
+        name: how errors name the input.
+        max_voxels: the most voxels the header may declare.
+    Returns:
+        (array, geometry): the voxels in file order (i, j, k), with scl_slope/inter applied (then
+        float32; otherwise the stored dtype, e.g. int16 or uint8), in native byte order.
+    Raises:
+        BadInputError: truncated or corrupt file, not NIfTI, not 3-D, complex or RGB voxels, absurd
+            dimensions, more than `max_voxels` voxels, data after the declared voxels.
+    """
+    return _decode(DecodedStream([data], name), name, max_voxels)
+
+
+@contextlib.contextmanager
+def _file(uri: str, s3_endpoint: Optional[str], chunk_size: int) -> Iterator[DecodedStream]:
+    """The file at `uri` as a `DecodedStream` stream read `chunk_size` bytes at a time."""
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from storage.iter_bytes(uri, s3_endpoint, chunk_size)
+        except Exception as exc:
+            raise BadInputError(f"{uri}: cannot read ({exc})") from exc
+
+    reader = chunks()
     try:
-        data = storage.read_bytes(uri, s3_endpoint)
-    except Exception as exc:
-        raise BadInputError(f"{uri}: cannot read ({exc})") from exc
-    return parse_nifti(data, uri)
+        yield DecodedStream(reader, uri)
+    finally:
+        reader.close()
+
+
+def read_nifti(uri: str, s3_endpoint: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> Tuple[np.ndarray, Geometry]:
+    """Read a .nii / .nii.gz from any URI, streamed (never the whole file in memory); see `parse_nifti`."""
+    with _file(uri, s3_endpoint, _DATA_CHUNK) as stream:
+        return _decode(stream, uri, max_voxels)
+
+
+def read_header(uri: str, s3_endpoint: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> Header:
+    """Read and check only the header of a .nii / .nii.gz (one small read); see `parse_nifti`."""
+    with _file(uri, s3_endpoint, _HEADER_CHUNK) as stream:
+        return _read_header(stream, uri, max_voxels)
 
 
 def _chunks(n: int, step: int = 32):

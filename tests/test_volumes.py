@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lits import volumes
+from lits.config import PrepareConfig
 from lits.errors import BadInputError
 from lits.synthetic import _AXIS
 
@@ -146,3 +147,85 @@ def test_canonical_layout_agrees_with_simpleitk(tmp_path, rng, axcodes):
     image = sitk.DICOMOrient(sitk.ReadImage(path), "LPS")
     assert np.array_equal(g.to_canonical(arr), sitk.GetArrayFromImage(image))
     assert np.allclose(g.canonical_spacing, image.GetSpacing(), rtol=1e-6)
+
+
+# --- bounded reading: the header first, then exactly the voxels it declares ------------------
+
+def _gzip_members(*parts: bytes) -> bytes:
+    return b"".join(gzip.compress(p, mtime=0) for p in parts)
+
+
+def test_voxel_types_other_than_real_numbers_are_one_clear_error(tmp_path):
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = str(tmp_path / "volume-3.nii.gz")
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+    with pytest.raises(BadInputError) as caught:
+        volumes.read_nifti(path)
+    assert str(caught.value) == (f"{path}: voxels are RGB (RGB), not one real number each; save HU as int16 or "
+                                 "float32 and labels as uint8")
+    complex_bytes = nib.Nifti1Image(np.zeros((4, 4, 4), np.complex64), np.eye(4)).to_bytes()
+    with pytest.raises(BadInputError) as caught:
+        volumes.parse_nifti(complex_bytes, "upload.nii")
+    assert str(caught.value) == ("upload.nii: voxels are complex64 (complex64), not one real number each; save HU "
+                                 "as int16 or float32 and labels as uint8")
+
+
+def test_a_header_over_the_voxel_limit_is_refused_before_its_voxels(rng):
+    data = rng.integers(0, 3, size=(6, 5, 4)).astype(np.int16)
+    good = volumes.nifti_bytes(data, np.eye(4))
+    assert np.array_equal(volumes.parse_nifti(good, "v", max_voxels=120)[0], data)
+    message = ("v: the header declares 6x5x4 = 120 voxels, over the limit of 119; a corrupt or crafted file "
+               "(prepare's --max-voxels raises the limit)")
+    with pytest.raises(BadInputError) as caught:
+        volumes.parse_nifti(good, "v", max_voxels=119)
+    assert str(caught.value) == message
+    # refused from the header alone: the same file cut right after its header says the same
+    header_only = _gzip_members(gzip.decompress(good)[:352])
+    with pytest.raises(BadInputError) as caught:
+        volumes.parse_nifti(header_only, "v", max_voxels=119)
+    assert str(caught.value) == message
+    assert volumes.MAX_VOXELS == 2 ** 30 == PrepareConfig(input="i", output="o").max_voxels
+
+
+def test_data_after_the_declared_voxels_is_refused(rng):
+    data = rng.integers(0, 3, size=(6, 5, 4)).astype(np.int16)
+    raw = volumes.nifti_bytes(data, np.eye(4), compress=False)
+    declared = len(raw)
+    message = (f"v: data continue after the {declared} bytes the header declares (trailing data: a corrupt or "
+               "crafted file); re-export the volume")
+    for bad in (raw + b"\x00", _gzip_members(raw + b"\x00"), _gzip_members(raw, b"\x00" * 10),
+                _gzip_members(raw) + b"garbage"):
+        with pytest.raises(BadInputError) as caught:
+            volumes.parse_nifti(bad, "v")
+        assert str(caught.value) == message
+    # what a gzip stream may hold and still be the same file: several members, an empty last one (bgzip)
+    for fine in (_gzip_members(raw[:100], raw[100:300], raw[300:]), _gzip_members(raw, b"")):
+        assert np.array_equal(volumes.parse_nifti(fine, "v")[0], data)
+
+
+def test_big_endian_and_scaled_files_decode_in_place(rng):
+    data = rng.integers(-1000, 1000, size=(5, 4, 3)).astype(np.int16)
+    header = nib.Nifti1Header(endianness=">")
+    header.set_data_dtype(np.int16)
+    image = nib.Nifti1Image(data, np.eye(4), header=header)
+    assert image.to_bytes()[:4] == (348).to_bytes(4, "big")
+    arr, _ = volumes.parse_nifti(image.to_bytes(), "v")
+    assert arr.dtype == np.dtype("=i2") and arr.dtype.isnative and np.array_equal(arr, data)
+    image.header.set_slope_inter(2.0, -1024.0)
+    arr, _ = volumes.parse_nifti(gzip.compress(image.to_bytes()), "v")
+    assert arr.dtype == np.float32 and np.array_equal(arr, data.astype(np.float32) * 2 - 1024)
+    assert not arr.flags.writeable
+
+
+def test_read_header_reads_only_the_header(tmp_path, rng):
+    data = rng.integers(0, 3, size=(40, 30, 20)).astype(np.uint8)
+    path = str(tmp_path / "segmentation-1.nii.gz")
+    volumes.write_nifti(path, data, affine_for("RAS"))
+    with open(path, "rb") as f:
+        cut = f.read(300)  # the header, a few of the voxels: read_nifti calls it truncated
+    open(path, "wb").write(cut)
+    header = volumes.read_header(path)
+    assert (header.shape, header.dtype, header.offset, header.scaling) == ((40, 30, 20), np.uint8, 352, None)
+    assert header.file_bytes == 352 + 24000 and header.geometry.axcodes == "RAS"
+    with pytest.raises(BadInputError, match="truncated or corrupt gzip"):
+        volumes.read_nifti(path)
