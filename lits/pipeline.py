@@ -1,12 +1,18 @@
-"""Ray Data assembly of `prepare`: find inputs, split by volume, slice in parallel, write shards.
+"""Ray Data assembly of `prepare`: slice every volume in parallel, then split and commit.
 
-Thin on purpose: the work per volume is lits.slicing.slice_volume (core, no Ray). This module
-adds discovery, the split, Parquet shards with Ray tensor columns, the parallel map and the
-commit protocol that keeps an output directory consistent:
+Thin on purpose: finding inputs, checking headers and drawing the split are lits.discovery, the
+work per volume is lits.slicing.slice_volume (core, no Ray). This module adds Parquet shards with
+Ray tensor columns, the parallel map and the commit protocol that keeps an output consistent:
 
-1. shards are written under OUT/.staging-<run>/<split>/<volume_id>.parquet while the run goes;
-2. once every volume is done, OUT/manifest.json is deleted first, then OUT/train|val|test are
-   replaced by the staged ones, then the new manifest is written (atomically) last.
+1. shards are written as OUT/.staging-<run>/<volume_id>.parquet while the run goes (a shard does
+   not depend on its split);
+2. once every volume is done, the split is drawn over the volumes that succeeded; then
+   OUT/manifest.json is deleted first, OUT/train|val|test are emptied and each shard is moved into
+   its split's folder, and the new manifest is written (atomically) last.
+
+Drawing the split after slicing keeps prepare one pass over the data: a volume's voxels are read
+once, by the task that slices it, and whatever fails (a header, a truncated stream, NaN HU, a
+label 3) is out of the split before it is drawn.
 
 An interrupted run therefore leaves either the previous complete output or no manifest at all;
 a manifest never claims shards that are not there.
@@ -17,12 +23,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 import uuid
-from collections import defaultdict
 from datetime import datetime, timezone
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -31,139 +35,18 @@ import pyarrow.parquet as pq
 import lits
 from lits import storage
 from lits.config import PrepareConfig
+from lits.discovery import assign_splits, check_headers, discover
 from lits.errors import BadInputError, UserError
 from lits.schema import CATEGORY_NAMES, COLUMNS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS
-from lits.slicing import SliceTable, VolumeTask, slice_volume
+from lits.slicing import WORKER_BASE_BYTES, SliceTable, VolumeTask, slice_volume
 
 log = logging.getLogger(__name__)
 
-_NIFTI = re.compile(r"(?:^|/)(volume|segmentation)-(\d+)\.nii(?:\.gz)?$")
-_IMAGE = re.compile(r"(?:^|/)images/(?:.*/)?volume-(\d+)_slice_(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
-_MASK = re.compile(r"(?:^|/)masks/(?:.*/)?volume-(\d+)_slice_(\d+)_mask\.(?:jpe?g|png)$", re.IGNORECASE)
 STAGING_PREFIX = ".staging-"
 PREVIEW_NAME = "preview.png"
-
-
-# --- discovery and split -------------------------------------------------------------------
-
-def _relative(uri: str, root: str) -> str:
-    return uri[len(root):].lstrip("/")
-
-
-def find_nifti_pairs(files: List[str], root: str) -> Tuple[Dict[str, Tuple[str, str]], List[Dict]]:
-    """Pair volume-N / segmentation-N files found anywhere under root.
-
-    Returns:
-        ({volume_id: (volume_uri, segmentation_uri)}, failed entries for unpaired or duplicate files).
-    """
-    found: Dict[str, Dict[str, List[str]]] = defaultdict(lambda: defaultdict(list))
-    for uri in files:
-        m = _NIFTI.search(_relative(uri, root))
-        if m:
-            found[f"volume-{int(m.group(2))}"][m.group(1)].append(uri)
-    pairs, failed = {}, []
-    for vid in sorted(found, key=lambda v: int(v.split("-")[1])):
-        vols, segs = found[vid]["volume"], found[vid]["segmentation"]
-        if len(vols) > 1 or len(segs) > 1:
-            for uri in vols + segs:
-                failed.append({"input": uri, "reason": f"{vid} is present more than once ({len(vols)} volumes, {len(segs)} segmentations); keep one copy"})
-        elif not segs:
-            failed.append({"input": vols[0], "reason": f"no segmentation-{vid.split('-')[1]}.nii[.gz] found for it"})
-        elif not vols:
-            failed.append({"input": segs[0], "reason": f"no volume-{vid.split('-')[1]}.nii[.gz] found for it"})
-        else:
-            pairs[vid] = (vols[0], segs[0])
-    return pairs, failed
-
-
-def find_image_series(files: List[str], root: str) -> Tuple[Dict[str, List[Tuple[int, str, str]]], List[Dict]]:
-    """Pair images/**/volume-N_slice_M.* with masks/**/volume-N_slice_M_mask.*.
-
-    Returns:
-        ({volume_id: [(slice M, image_uri, mask_uri), ...] sorted by M}, failed entries).
-    """
-    images, mask_files = {}, {}
-    failed = []
-    for uri in files:
-        rel = _relative(uri, root)
-        for pattern, into in ((_MASK, mask_files), (_IMAGE, images)):
-            m = pattern.search(rel)
-            if m:
-                key = (int(m.group(1)), int(m.group(2)))
-                if key in into:
-                    failed.append({"input": uri, "reason": f"duplicate of {into[key]}; keep one copy"})
-                else:
-                    into[key] = uri
-                break
-    series: Dict[str, List[Tuple[int, str, str]]] = defaultdict(list)
-    for key in sorted(set(images) | set(mask_files)):
-        if key not in mask_files:
-            failed.append({"input": images[key], "reason": f"no mask volume-{key[0]}_slice_{key[1]}_mask.* under masks/"})
-        elif key not in images:
-            failed.append({"input": mask_files[key], "reason": f"no image volume-{key[0]}_slice_{key[1]}.* under images/"})
-        else:
-            series[f"volume-{key[0]}"].append((key[1], images[key], mask_files[key]))
-    return dict(series), failed
-
-
-def assign_splits(volume_ids: List[str], val_fraction: float, test_fraction: float, seed: int) -> Dict[str, str]:
-    """Split volumes (never slices) into train/val/test, seeded.
-
-    Counts are round(n * fraction), at least one volume for a non-zero fraction as long as
-    training keeps one; ids are sorted before the seeded shuffle, so the split does not depend
-    on listing order.
-    """
-    ids = sorted(volume_ids)
-    n = len(ids)
-    order = np.random.default_rng(seed).permutation(n)
-    counts = {}
-    for name, fraction in (("test", test_fraction), ("val", val_fraction)):
-        counts[name] = max(1, int(round(n * fraction))) if fraction > 0 else 0
-    while counts["test"] + counts["val"] > max(0, n - 1):
-        key = "test" if counts["test"] >= counts["val"] and counts["test"] > 0 else "val"
-        counts[key] -= 1
-    split = {}
-    for rank, i in enumerate(order):
-        split[ids[i]] = "test" if rank < counts["test"] else "val" if rank < counts["test"] + counts["val"] else "train"
-    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
-        if fraction > 0 and counts[name] == 0:
-            log.warning("%d volume(s) are too few for a %s split; it stays empty", n, name)
-    return split
-
-
-def discover(cfg: PrepareConfig) -> Tuple[List[VolumeTask], List[Dict], str]:
-    """List the input and build one task per volume.
-
-    Returns:
-        (tasks sorted by volume id, failed entries, the format found).
-    Raises:
-        UserError: input missing, empty, or holding neither layout (or both, without --format).
-    """
-    root = storage.normalise(cfg.input)
-    files = storage.list_files(root, cfg.s3_endpoint)
-    pairs, nifti_failed = find_nifti_pairs(files, root) if cfg.format in ("auto", "nifti") else ({}, [])
-    series, image_failed = find_image_series(files, root) if cfg.format in ("auto", "images") else ({}, [])
-    has_nifti, has_images = bool(pairs or nifti_failed), bool(series or image_failed)
-    if cfg.format == "auto" and has_nifti and has_images:
-        raise UserError(f"{cfg.input} holds both NIfTI volumes and an images/ + masks/ dataset; choose one with --format nifti|images")
-    fmt = cfg.format if cfg.format != "auto" else ("nifti" if has_nifti else "images" if has_images else "none")
-    if fmt == "none" or (fmt == "nifti" and not has_nifti) or (fmt == "images" and not has_images):
-        what = {"nifti": "volume-N.nii[.gz] + segmentation-N.nii[.gz] pairs",
-                "images": "images/**/volume-N_slice_M.jpg + masks/**/volume-N_slice_M_mask.jpg files"}
-        wanted = what.get(fmt) or f"{what['nifti']} or {what['images']}"
-        raise UserError(f"no {wanted} under {cfg.input} ({len(files)} files looked at); check --input")
-    failed = nifti_failed if fmt == "nifti" else image_failed
-    ids = sorted(pairs if fmt == "nifti" else series, key=lambda v: int(v.split("-")[1]))
-    splits = assign_splits(ids, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    tasks = []
-    for vid in ids:
-        if fmt == "nifti":
-            tasks.append(VolumeTask(vid, splits[vid], "nifti", volume_uri=pairs[vid][0], segmentation_uri=pairs[vid][1]))
-        else:
-            rows = series[vid]
-            tasks.append(VolumeTask(vid, splits[vid], "images", image_uris=tuple(r[1] for r in rows),
-                                    mask_uris=tuple(r[2] for r in rows), slice_numbers=tuple(r[0] for r in rows)))
-    return tasks, failed, fmt
+# A volume is tried at most this often on Ray (a worker killed for memory or crashed, a network
+# failure: storage.TransientError), then reported as failed.
+MAX_TRIES = 3
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -188,28 +71,35 @@ def shard_bytes(table: SliceTable) -> bytes:
     return buf.getvalue()
 
 
+def _failure(task: VolumeTask, reason: str, node_id: Optional[str] = None) -> Dict:
+    return {"volume_id": task.volume_id, "entry": None, "node_id": node_id,
+            "failed": [{"input": task.volume_uri or task.volume_id, "reason": reason}]}
+
+
 def process_task(task: VolumeTask, cfg: PrepareConfig, staging: str) -> Dict:
-    """Slice one volume and write its shard under staging; never raises for bad input.
+    """Slice one volume and write its shard as staging/<volume_id>.parquet; never raises for bad input.
 
     Returns:
-        {'entry': manifest entry or None, 'failed': [{'input', 'reason'}], 'rows': kept slices}.
+        {'volume_id', 'entry': manifest entry (its 'shard' the staged file name, or None when no
+        slice was kept) or None, 'failed': [{'input', 'reason'}], 'node_id'}.
+    Raises:
+        storage.TransientError: a network failure (Ray tries the task again, see run_ray).
     """
     node_id = _node_id()
     try:
         result = slice_volume(task, cfg)
-    except BadInputError as exc:
-        return {"entry": None, "failed": [{"input": task.volume_uri or task.volume_id, "reason": str(exc)}], "node_id": node_id}
-    except Exception as exc:  # a bug or an I/O failure must not take the whole run down
-        log.exception("unexpected failure on %s", task.volume_id)
-        return {"entry": None, "failed": [{"input": task.volume_uri or task.volume_id, "reason": f"{type(exc).__name__}: {exc}"}], "node_id": node_id}
-    entry = dict(result.entry, node_id=node_id)
-    if len(result.table):
-        shard = f"{task.split}/{task.volume_id}.parquet"
-        storage.write_bytes(storage.join(staging, shard), shard_bytes(result.table), cfg.s3_endpoint)
-        entry["shard"] = shard
-    else:
-        entry["shard"] = None
-    return {"entry": entry, "failed": result.failed, "node_id": node_id}
+        entry = dict(result.entry, node_id=node_id, shard=None)
+        if len(result.table):
+            entry["shard"] = f"{task.volume_id}.parquet"
+            storage.write_bytes(storage.join(staging, entry["shard"]), shard_bytes(result.table), cfg.s3_endpoint)
+    except Exception as exc:  # a bad file, a bug or an I/O failure must not take the whole run down
+        if storage.is_transient(exc):
+            raise storage.TransientError(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(exc, BadInputError):
+            log.exception("unexpected failure on %s", task.volume_id)
+        reason = str(exc) if isinstance(exc, BadInputError) else f"{type(exc).__name__}: {exc}"
+        return _failure(task, reason, node_id)
+    return {"volume_id": task.volume_id, "entry": entry, "failed": result.failed, "node_id": node_id}
 
 
 def _node_id() -> Optional[str]:
@@ -228,25 +118,74 @@ def _map_row(row: Dict, cfg: PrepareConfig, staging: str) -> Dict:
     return {"result": json.dumps(process_task(task, cfg, staging))}
 
 
-def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
-    """Slice every task on the Ray cluster (one Ray Data task per volume); yield results as they land."""
+def memory_request(tasks: List[VolumeTask], node_memory: List[float]) -> int:
+    """The memory every prepare task reserves: the largest task's estimate from its headers (Ray
+    Data sets resources per operator, not per row), at most the largest node's memory so that it
+    can be scheduled at all; WORKER_BASE_BYTES when no task has an estimate (images)."""
+    wanted = max([t.memory_bytes for t in tasks] + [WORKER_BASE_BYTES])
+    largest = int(max(node_memory, default=0))
+    if largest and wanted > largest:
+        log.warning("the largest volume wants %.1f GiB, more than any node's %.1f GiB; asking for that",
+                    wanted / 2**30, largest / 2**30)
+        return largest
+    return wanted
+
+
+def _ray_pass(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str, memory: int) -> Iterator[Dict]:
+    """One Ray Data task per volume, each tried once; a task that dies drops only its volume."""
     import ray
 
     items = [{"task": json.dumps(t.to_dict())} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # One CPU per volume: the work is numpy/cv2/zlib, single-threaded per volume.
-    ds = ds.map(_map_row, fn_kwargs={"cfg": cfg, "staging": staging}, num_cpus=1)
+    # One CPU per volume: the work is numpy/cv2/zlib, single-threaded per volume. No Ray retries:
+    # with max_retries != 0 Ray retries a task killed for memory without end (task_oom_retries
+    # is -1 by default), so run_ray retries whole passes itself.
+    ds = ds.map(_map_row, fn_kwargs={"cfg": cfg, "staging": staging}, num_cpus=1, memory=memory, max_retries=0)
     # Ray Data reserves part of the cluster per operator by default; with one map operator that
     # reservation idles CPUs (benchmarks/prepare.py measures CPUs busy with it on and off).
     ds.context.op_resource_reservation_enabled = False
+    ds.context.max_errored_blocks = -1  # a dead task drops its volume's block, not the run
     for row in ds.iter_rows():
         yield json.loads(row["result"])
+
+
+def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
+    """Slice every task on the Ray cluster (one Ray Data task per volume); yield results as they land.
+
+    Every task reserves `memory_request`. A volume whose task died (killed for memory, crashed, a
+    network failure: storage.TransientError) is tried again after the others, with twice the
+    memory (at most a node's), at most MAX_TRIES times in all; then it is yielded as failed.
+    """
+    import ray
+
+    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    memory, largest = memory_request(tasks, nodes), int(max(nodes, default=0))
+    pending = list(tasks)
+    for attempt in range(1, MAX_TRIES + 1):
+        if not pending:
+            return
+        done = set()
+        for result in _ray_pass(pending, cfg, staging, memory):
+            done.add(result["volume_id"])
+            yield result
+        pending = [t for t in pending if t.volume_id not in done]
+        if pending and attempt < MAX_TRIES:
+            memory = min(2 * memory, largest) if largest else 2 * memory
+            log.warning("%d volume(s) died on Ray (killed for memory, crashed, or a network failure): trying "
+                        "again with %.1f GiB each: %s", len(pending), memory / 2**30, " ".join(t.volume_id for t in pending))
+    for task in pending:
+        yield _failure(task, f"{task.volume_id}: its Ray task died in all {MAX_TRIES} tries (killed for memory, "
+                             f"crashed, or a network failure; the last reserved {memory / 2**30:.1f} GiB); see the "
+                             "Ray logs, and run it alone or on a larger node")
 
 
 def run_local(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
     """The same per-volume work in this process, one volume after another (benchmark baseline)."""
     for task in tasks:
-        yield process_task(task, cfg, staging)
+        try:
+            yield process_task(task, cfg, staging)
+        except storage.TransientError as exc:
+            yield _failure(task, f"{task.volume_id}: {exc}; try again when the storage answers")
 
 
 def _clean_stale_staging(output: str, s3_endpoint: Optional[str]) -> None:
@@ -263,7 +202,7 @@ def _clean_stale_staging(output: str, s3_endpoint: Optional[str]) -> None:
 
 
 def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split: int = 4) -> bytes:
-    """PNG contact sheet of kept slices (tumour slices first) from each split's first shards."""
+    """PNG contact sheet of kept slices (tumour slices first) from each split's first staged shards."""
     import ray.data.extensions  # noqa: F401  (registers the tensor type, so columns read back as arrays)
 
     from lits.reports import contact_sheet
@@ -272,7 +211,8 @@ def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split:
     for split in SPLITS:
         chosen = []
         for shard in manifest["splits"][split]["shards"][:3]:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(staging, shard), s3_endpoint)))
+            staged = storage.join(staging, storage.basename(shard))
+            table = pq.read_table(io.BytesIO(storage.read_bytes(staged, s3_endpoint)))
             images = _tensor_column(table, "image")
             mask_column = _tensor_column(table, "mask")
             for i in np.argsort(-np.asarray(table.column("category")), kind="stable")[:per_split]:
@@ -291,7 +231,8 @@ def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def commit(output: str, staging: str, manifest: Dict, s3_endpoint: Optional[str]) -> None:
-    """Replace OUT's splits with the staged ones, then write the manifest (see module doc)."""
+    """Replace OUT's splits with the staged shards, each into its split's folder, then write the
+    manifest (see module doc)."""
     storage.delete(storage.join(output, MANIFEST_NAME), s3_endpoint)
     try:
         picture = preview(staging, manifest, s3_endpoint)
@@ -302,9 +243,9 @@ def commit(output: str, staging: str, manifest: Dict, s3_endpoint: Optional[str]
     manifest["preview"] = PREVIEW_NAME if picture else None
     for split in SPLITS:
         storage.delete(storage.join(output, split), s3_endpoint)
-        staged = storage.join(staging, split)
-        if storage.exists(staged, s3_endpoint):
-            storage.move_tree(staged, storage.join(output, split), s3_endpoint)
+    for split in SPLITS:  # the split decides a shard's folder only now
+        for shard in manifest["splits"][split]["shards"]:
+            storage.move_file(storage.join(staging, storage.basename(shard)), storage.join(output, shard), s3_endpoint)
     storage.delete(staging, s3_endpoint)
     if picture:
         storage.write_bytes(storage.join(output, PREVIEW_NAME), picture, s3_endpoint)
@@ -345,6 +286,26 @@ def build_manifest(cfg: PrepareConfig, fmt: str, entries: List[Dict], failed: Li
     }
 
 
+def place(entries: List[Dict], failed: List[Dict], cfg: PrepareConfig) -> None:
+    """Draw the split over the volumes that succeeded; set each entry's split and final shard path.
+
+    Raises:
+        UserError: too few volumes succeeded for a non-empty val or test split (the failed inputs
+            are logged first, so that the one-line error can point at them).
+    """
+    try:
+        splits = assign_splits([e["volume_id"] for e in entries], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    except UserError as exc:
+        for f in failed:
+            log.warning("failed: %s: %s", f["input"], f["reason"])
+        listed = " (listed above)" if failed else ""
+        raise UserError(f"{len(entries)} volume(s) succeeded and {len(failed)} input(s) failed{listed}: {exc}") from None
+    for e in entries:
+        e["split"] = splits[e["volume_id"]]
+        if e["shard"]:
+            e["shard"] = f"{e['split']}/{e['shard']}"
+
+
 def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[Callable[[int, int, Dict], None]] = None) -> Dict:
     """Run the whole prepare stage and commit its output.
 
@@ -355,12 +316,14 @@ def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[C
     Returns:
         The manifest (also written to OUT/manifest.json when at least one volume succeeded).
     Raises:
-        UserError: missing or empty input, unwritable output.
+        UserError: missing or empty input, unwritable output, too few good volumes for the split.
     """
     started = time.perf_counter()
     output = storage.normalise(cfg.output)
     tasks, failed, fmt = discover(cfg)
     storage.check_writable(output, cfg.s3_endpoint)
+    tasks, header_failed = check_headers(tasks, cfg)
+    failed += header_failed
     _clean_stale_staging(output, cfg.s3_endpoint)
     staging = storage.join(output, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     entries: List[Dict] = []
@@ -371,6 +334,8 @@ def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[C
                 entries.append(result["entry"])
             if progress:
                 progress(done, len(tasks), result)
+        if entries:
+            place(entries, failed, cfg)
         manifest = build_manifest(cfg, fmt, entries, failed, time.perf_counter() - started)
         if entries:
             commit(output, staging, manifest, cfg.s3_endpoint)

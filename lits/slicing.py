@@ -27,21 +27,24 @@ log = logging.getLogger(__name__)
 class VolumeTask:
     """One unit of prepare work: a NIfTI pair, or one volume's slices of the image dataset.
 
+    The task knows nothing of its volume's split: prepare draws the split once every volume is
+    done, over those that succeeded, and moves each shard into its split's folder when it commits.
+
     Attributes:
         volume_id: 'volume-N'.
-        split: 'train', 'val' or 'test'.
         volume_uri, segmentation_uri: the NIfTI pair (format 'nifti').
         image_uris, mask_uris, slice_numbers: parallel lists, sorted by slice number (format 'images').
+        memory_bytes: what slicing it needs at most, from its headers (`memory_bytes`); 0: unknown.
     """
 
     volume_id: str
-    split: str
     format: str
     volume_uri: str = ""
     segmentation_uri: str = ""
     image_uris: Tuple[str, ...] = ()
     mask_uris: Tuple[str, ...] = ()
     slice_numbers: Tuple[int, ...] = ()
+    memory_bytes: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +114,33 @@ def _empty_table(volume_id: str, size: int, spacing) -> SliceTable:
     )
 
 
+def check_pair(task: VolumeTask, volume_shape: Tuple[int, ...], segmentation_shape: Tuple[int, ...]) -> None:
+    """BadInputError unless the segmentation's shape is its volume's."""
+    if tuple(segmentation_shape) != tuple(volume_shape):
+        raise BadInputError(
+            f"{task.segmentation_uri}: shape {tuple(segmentation_shape)} differs from its volume's {tuple(volume_shape)} "
+            f"({task.volume_uri}); the pair must match voxel for voxel"
+        )
+
+
+# What a worker holds besides one volume's arrays: the interpreter with numpy, cv2, pyarrow and
+# Ray's worker (README Performance measures ~260 MB after the imports).
+WORKER_BASE_BYTES = 384 << 20
+
+
+def memory_bytes(volume: volumes.Header, segmentation: volumes.Header, image_size: int) -> int:
+    """The most memory slicing a pair takes, from what its headers declare.
+
+    The decoded volume and segmentation, twice (a scaled volume's float32 copy, labels decoded from
+    a float segmentation, chunked temporaries), every slice's image and mask as if all were kept
+    and their Parquet shard, plus the worker itself.
+    """
+    slices = volume.geometry.canonical_shape[0]
+    arrays = volume.array_bytes + segmentation.array_bytes + volume.voxels
+    kept = slices * image_size * image_size * 4
+    return int(2 * arrays + 2 * kept + WORKER_BASE_BYTES)
+
+
 def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
     """Read, validate and canonicalise a volume/segmentation pair; return its kept slices.
 
@@ -118,14 +148,10 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
         BadInputError: unreadable or invalid inputs (the caller records them as failed).
     """
     started = time.perf_counter()
-    hu_file, geometry = volumes.read_nifti(task.volume_uri, cfg.s3_endpoint)
-    seg_file, seg_geometry = volumes.read_nifti(task.segmentation_uri, cfg.s3_endpoint)
+    hu_file, geometry = volumes.read_nifti(task.volume_uri, cfg.s3_endpoint, cfg.max_voxels)
+    seg_file, _ = volumes.read_nifti(task.segmentation_uri, cfg.s3_endpoint, cfg.max_voxels)
     read_s = time.perf_counter() - started
-    if seg_file.shape != hu_file.shape:
-        raise BadInputError(
-            f"{task.segmentation_uri}: shape {seg_file.shape} differs from its volume's {hu_file.shape} "
-            f"({task.volume_uri}); the pair must match voxel for voxel"
-        )
+    check_pair(task, hu_file.shape, seg_file.shape)
     volumes.check_hu(hu_file, task.volume_uri)
     labels_file = volumes.as_labels(seg_file, task.segmentation_uri)
     del seg_file
@@ -155,7 +181,6 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
         )
     entry = {
         "volume_id": task.volume_id,
-        "split": task.split,
         "format": "nifti",
         "inputs": {"volume": task.volume_uri, "segmentation": task.segmentation_uri},
         "shape": list(geometry.shape),
@@ -269,7 +294,6 @@ def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
     first_shape = sorted(shapes)[0]
     entry = {
         "volume_id": task.volume_id,
-        "split": task.split,
         "format": "images",
         "inputs": {"images": len(task.image_uris), "masks": len(task.mask_uris),
                    "first_image": task.image_uris[0], "first_mask": task.mask_uris[0]},

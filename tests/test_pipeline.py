@@ -167,7 +167,7 @@ def test_a_cut_during_the_swap_never_leaves_a_lying_manifest(nifti_dir, tmp_path
     out = str(tmp_path / "out")
     common = dict(input=nifti_dir, output=out, image_size=SIZE, val_fraction=0.2, test_fraction=0.2)
     real_commit = pipeline.commit
-    originals = {name: getattr(storage, name) for name in ("write_bytes", "delete", "move_tree")}
+    originals = {name: getattr(storage, name) for name in ("write_bytes", "delete", "move_tree", "move_file")}
     state = {"armed": False, "calls": [], "cut": None}
 
     def commit(*args):
@@ -191,9 +191,12 @@ def test_a_cut_during_the_swap_never_leaves_a_lying_manifest(nifti_dir, tmp_path
                 m.setattr(storage, name, counted(name))
             return pipeline.prepare(PrepareConfig(**common, **changes), pipeline.run_local)
 
-    run(None)
+    first = run(None)
     steps = list(state["calls"])
-    assert f"write_bytes {MANIFEST_NAME}" in steps and sum(s.startswith("move_tree") for s in steps) == 3, steps
+    # each shard moves from staging into its split's folder, the manifest is written last
+    moves = [s for s in steps if s.startswith("move_file")]
+    assert steps[-1] == f"write_bytes {MANIFEST_NAME}" and len(moves) == len(manifest_shards(first)) == 6, steps
+    assert all(m.startswith("move_file .staging-") and m.endswith(".parquet") for m in moves), moves
     for cut in range(1, len(steps) + 2):
         # the run after a cut removes what it left and completes: the previous output of the next cut
         complete = run(None)

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="fraction of volumes for test (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the slice filter (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any input failed")
+    p.add_argument("--max-voxels", type=int, default=d.max_voxels, help="refuse a NIfTI whose header declares more "
+                   "voxels, before inflating it (default: %(default)s = 2^30, 4x the largest LiTS volume)")
     add_cluster_args(p)
     return p.parse_args(argv)
 
@@ -39,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         PrepareConfig, input=args.input, output=args.output, format=args.format, image_size=args.image_size,
         keep_liver=args.keep_liver, keep_empty=args.keep_empty, context=args.context,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-        strict=args.strict, s3_endpoint=args.s3_endpoint,
+        strict=args.strict, s3_endpoint=args.s3_endpoint, max_voxels=args.max_voxels,
     )
 
 
@@ -61,8 +63,8 @@ def main(argv=None) -> int:
                 logging.info("[%*d/%d] failed: %s", len(str(total)), done, total, result["failed"][0]["reason"])
             else:
                 s, k = e["slices"], e["kept"]
-                logging.info("[%*d/%d] %s (%s): %d slices (%d empty, %d liver, %d tumour), kept %d, %.1f s",
-                             len(str(total)), done, total, e["volume_id"], e["split"], sum(s.values()),
+                logging.info("[%*d/%d] %s: %d slices (%d empty, %d liver, %d tumour), kept %d, %.1f s",
+                             len(str(total)), done, total, e["volume_id"], sum(s.values()),
                              s["empty"], s["liver"], s["tumour"], sum(k.values()), e["seconds"]["total"])
 
         manifest = pipeline.prepare(cfg, pipeline.run_ray, progress)
