@@ -241,3 +241,36 @@ def test_a_network_failure_is_transient_and_a_bad_file_is_not(tmp_path, monkeypa
     with pytest.raises(Exception) as caught:
         volumes.read_nifti(str(tmp_path / "volume-1.nii"))
     assert not storage.is_transient(caught.value)
+
+
+def test_a_network_failure_mid_run_fails_its_volume_with_a_reason(nifti_dir, tmp_path, monkeypatch):
+    """The bucket answers discovery and the header checks, then goes away: each volume fails with
+    one line saying so (storage.TransientError, which Ray would try again), and the run ends."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port, make_bucket, upload_tree
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would take seconds
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    src = tmp_path / "in"
+    src.mkdir()
+    copy_pair(nifti_dir, 0, src, 0)
+    make_bucket(endpoint, "gone")
+    upload_tree(endpoint, str(src), "s3://gone/ct")
+
+    def bucket_goes_away(tasks, cfg, staging):
+        server.stop()
+        yield from pipeline.run_local(tasks, cfg, staging)
+
+    cfg = PrepareConfig(input="s3://gone/ct", output=str(tmp_path / "out"), image_size=16, val_fraction=0,
+                        test_fraction=0, s3_endpoint=endpoint)
+    manifest = pipeline.prepare(cfg, bucket_goes_away)
+    assert manifest["totals"]["volumes"] == 0 and len(manifest["failed"]) == 1
+    failure = manifest["failed"][0]
+    assert failure["input"] == "s3://gone/ct/volume-0.nii.gz"
+    assert failure["reason"].startswith("volume-0: BadInputError: s3://gone/ct/volume-0.nii.gz: cannot read (")
+    assert "the S3 endpoint is unreachable" in failure["reason"]
+    assert failure["reason"].endswith("; try again when the storage answers") and "\n" not in failure["reason"]
