@@ -139,7 +139,8 @@ def _ray_pass(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str, memory:
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # One CPU per volume: the work is numpy/cv2/zlib, single-threaded per volume. No Ray retries:
     # with max_retries != 0 Ray retries a task killed for memory without end (task_oom_retries
-    # is -1 by default), so run_ray retries whole passes itself.
+    # is -1 by default), so run_ray retries whole passes itself. Ray 2.60 deprecates passing
+    # max_retries this way (removal announced for 2.64) and offers no named parameter for it yet.
     ds = ds.map(_map_row, fn_kwargs={"cfg": cfg, "staging": staging}, num_cpus=1, memory=memory, max_retries=0)
     # Ray Data reserves part of the cluster per operator by default; with one map operator that
     # reservation idles CPUs (benchmarks/prepare.py measures CPUs busy with it on and off).
