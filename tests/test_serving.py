@@ -296,6 +296,9 @@ def pool_cpus_free(app_name):
     from lits import job_tasks
 
     key = f"CPU_group_{job_tasks.find_pool(app_name).id.hex()}"
+    deadline = time.time() + 10
+    while key not in ray.cluster_resources() and time.time() < deadline:  # Ray's view lags a new pool a little
+        time.sleep(0.2)
     return ray.available_resources().get(key, 0.0), ray.cluster_resources()[key]
 
 
