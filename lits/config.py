@@ -163,6 +163,9 @@ class TrainConfig:
         augment: the original's random affine and flips.
         steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
         cpus_per_worker: CPUs (and torch threads) per worker.
+        checkpoint_interval_s: a checkpoint (and curves.png) after the first epoch that ends this
+            long after the last one, and after the last epoch.
+            metrics.csv is rewritten every epoch. 0 checkpoints every epoch.
     """
 
     data: str
@@ -188,6 +191,7 @@ class TrainConfig:
     augment: bool = True
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1
+    checkpoint_interval_s: float = 120.0
     s3_endpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -216,6 +220,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.max_failures < 0:
             raise ValueError("max_failures must be >= 0")
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty word without '/', got {self.name!r}")
 

@@ -240,6 +240,7 @@ def train_loop_per_worker(config: Dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
+    last_saved = time.monotonic()
     while state.epoch < cfg.epochs and not state.stopped_early:
         started = time.perf_counter()
         epoch, lr = state.epoch, learning_rate(cfg, state, 0.0)
@@ -257,21 +258,38 @@ def train_loop_per_worker(config: Dict) -> None:
         row.update(best_epoch=state.best_epoch, group_start=state.starts,
                    resumed_from_epoch="" if resumed_from is None else resumed_from)
         history.append(row)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save({**state.to_dict(), "history": history, "best_model": best_model,
-                            "model": {k: v.cpu() for k, v in core.state_dict().items()},
-                            "optimizer": optimizer.state_dict()}, os.path.join(tmp, STATE_FILE))
-                write_metrics(cfg, history)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
+        last = state.epoch >= cfg.epochs or state.stopped_early
+        save = last or time.monotonic() - last_saved >= cfg.checkpoint_interval_s
+        if save:
+            last_saved = time.monotonic()
+        _report_epoch(cfg, rank, row, history, save, lambda: {
+            **state.to_dict(), "history": history, "best_model": best_model,
+            "model": {k: v.cpu() for k, v in core.state_dict().items()}, "optimizer": optimizer.state_dict()})
+
+
+def _report_epoch(cfg: TrainConfig, rank: int, row: Dict, history: List[Dict], save: bool, saved_state) -> None:
+    """metrics.csv every epoch; with `save`, curves.png and a checkpoint of `saved_state()` (rank 0;
+    Ray deletes the local copy after the upload)."""
+    import ray.train
+    import torch
+
+    if rank == 0:
+        write_metrics(cfg, history, curves=save)
+    ckpt = None
+    if save and rank == 0:
+        tmp = tempfile.mkdtemp(prefix="lits-ckpt-")
+        torch.save(saved_state(), os.path.join(tmp, STATE_FILE))
+        ckpt = ray.train.Checkpoint.from_directory(tmp)
+    # Uploaded synchronously: with CheckpointUploadMode.ASYNC (Ray 2.60) a group restarted after a
+    # killed worker found no checkpoint to resume from (tests/test_training.py's kill test).
+    ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=ckpt,
+                     delete_local_checkpoint_after_upload=True if ckpt else None)
 
 
 # --- outputs -----------------------------------------------------------------------------------
 
-def write_metrics(cfg: TrainConfig, history: List[Dict]) -> None:
-    """OUT/metrics.csv (one row per epoch) and OUT/curves.png, both rewritten atomically."""
+def write_metrics(cfg: TrainConfig, history: List[Dict], curves: bool = True) -> None:
+    """OUT/metrics.csv (one row per epoch) and, with `curves`, OUT/curves.png, rewritten atomically."""
     buf = io.StringIO()
     fields: List[str] = []
     for row in history:  # rows of a run resumed from an older version may lack newer columns
@@ -282,7 +300,8 @@ def write_metrics(cfg: TrainConfig, history: List[Dict]) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     out = storage.normalise(cfg.output)
     storage.write_bytes(storage.join(out, "metrics.csv"), buf.getvalue().encode(), cfg.s3_endpoint)
-    storage.write_bytes(storage.join(out, "curves.png"), curves_png(history), cfg.s3_endpoint)
+    if curves:
+        storage.write_bytes(storage.join(out, "curves.png"), curves_png(history), cfg.s3_endpoint)
 
 
 def curves_png(history: List[Dict]) -> bytes:

@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs and torch threads per worker (default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_interval_s / 60,
+                   help="checkpoint after the first epoch ending this long after the last checkpoint, and after "
+                   "the last epoch; 0: every epoch (default: %(default)s)")
     add_cluster_args(p)
     return p.parse_args(argv)
 
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, task=args.task, base_width=args.base_width,
             depth=args.depth, amp=args.amp, max_failures=args.max_failures, name=args.name, seed=args.seed,
             augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, crop=args.crop,
-            tumour_fraction=args.tumour_fraction, schedule=args.schedule, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
+            tumour_fraction=args.tumour_fraction, schedule=args.schedule,
+            checkpoint_interval_s=args.checkpoint_minutes * 60, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
         )
         from lits import storage, training
 
