@@ -164,7 +164,7 @@ class TrainConfig:
         steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
         cpus_per_worker: CPUs (and torch threads) per worker.
         checkpoint_interval_s: a checkpoint (and curves.png) after the first epoch that ends this
-            long after the last one, and after the last epoch.
+            long after the last one, and after the last epoch; uploaded in the background.
             metrics.csv is rewritten every epoch. 0 checkpoints every epoch.
     """
 

