@@ -86,8 +86,9 @@ class PatchBatches:
         if self.crop > side:
             raise ValueError(f"crop {self.crop} is larger than the slices ({side})")
         has_tumour = (mask == TUMOUR).reshape(n, -1).any(axis=1)
-        for i in np.nonzero(has_tumour)[0]:
-            self._offer(image[i], mask[i])
+        if self.fraction > 0:  # the reservoir only serves forced tumour patches
+            for i in np.nonzero(has_tumour)[0]:
+                self._offer(image[i], mask[i])
         tumour_rows = np.nonzero(has_tumour)[0]
         forced = math.ceil(self.fraction * n) if (tumour_rows.size or self.filled) else 0
         for _ in range((side // self.crop) ** 2):

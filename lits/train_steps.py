@@ -55,8 +55,7 @@ class Collective:
             return array
         import torch.distributed as dist
 
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        t = torch.as_tensor(np.asarray(array, dtype=np.float64), dtype=dtype, device=self.device)
+        t = torch.as_tensor(np.asarray(array, dtype=np.float64), device=self.device)
         dist.all_reduce(t)
         return t.cpu().numpy().astype(np.float64)
 
@@ -188,6 +187,7 @@ def train_one_epoch(model, optimizer, batches: Iterator[Dict[str, np.ndarray]], 
     `learning_rate` step by step over `steps_estimate` steps per epoch."""
     collective = collective or Collective(device)
     totals = EpochTotals()
+    swapped_before = sampler.swapped if sampler is not None else 0
     started = time.perf_counter()
     losses = []  # device tensors: one host sync per epoch, not per step
     model.train()
@@ -209,7 +209,7 @@ def train_one_epoch(model, optimizer, batches: Iterator[Dict[str, np.ndarray]], 
             totals.steps += 1
     totals.loss_sum = float(torch.stack(losses).sum()) if losses else 0.0
     totals.train_s = time.perf_counter() - started
-    totals.replaced = sampler.swapped if sampler is not None else 0
+    totals.replaced = sampler.swapped - swapped_before if sampler is not None else 0  # this epoch's
     return totals
 
 
