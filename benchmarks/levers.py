@@ -27,10 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from lits import inference, metrics, storage, volumes  # noqa: E402
+from lits import inference, metrics, shards, storage, volumes  # noqa: E402
 from lits.config import TrainConfig  # noqa: E402
 from lits.model import UNet  # noqa: E402
 from lits.sampling import PatchBatches  # noqa: E402
@@ -39,20 +38,15 @@ from lits.training import patch_size  # noqa: E402
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
 
-
 def load_split(prepared: str, split: str):
     import json
 
-    import ray.data.extensions  # noqa: F401  (tensor columns)
-
     manifest = json.load(open(os.path.join(prepared, "manifest.json")))
-    tables = [pq.read_table(os.path.join(prepared, s), columns=["volume_id", "image", "mask"])
-              for s in manifest["splits"][split]["shards"]]
-    images = np.concatenate([t.column("image").combine_chunks().to_numpy_ndarray() for t in tables])
-    masks = np.concatenate([t.column("mask").combine_chunks().to_numpy_ndarray() for t in tables])
-    vids = np.array(sum((t.column("volume_id").to_pylist() for t in tables), []))
+    tables = [shards.read_columns(open(os.path.join(prepared, s), "rb").read()) for s in manifest["splits"][split]["shards"]]
+    images = np.concatenate([t["image"] for t in tables])
+    masks = np.concatenate([t["mask"] for t in tables])
+    vids = np.concatenate([t["volume_id"] for t in tables]).astype(str)
     return images, masks, vids, manifest["config"]
-
 
 def parse_variant(text: str):
     name, _, rest = text.partition(":")
@@ -71,7 +65,6 @@ def parse_variant(text: str):
             except ValueError:
                 target[key] = value
     return name.strip(), train, infer
-
 
 def train_variant(cfg: TrainConfig, train, val, threads: int):
     torch.set_num_threads(threads)
@@ -102,7 +95,6 @@ def train_variant(cfg: TrainConfig, train, val, threads: int):
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return best, time.perf_counter() - started, steps
 
-
 def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dict):
     buf = io.BytesIO()
     torch.save(weights, buf)
@@ -122,7 +114,6 @@ def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dic
         rows.append((dice[0, 0], dice[0, 1], found["ref_detected"], found["ref_lesions"], found["pred_lesions"]))
     rows = np.array(rows, float)
     return rows[:, 0].mean(), rows[:, 1].mean(), int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum())
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +139,6 @@ def main(argv=None) -> int:
         print(f"| {name} | {seconds / 60:.1f} | {steps} | {liver:.3f} | {tumour:.3f} | {found}/{present} | {predicted} |",
               flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

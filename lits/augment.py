@@ -34,7 +34,7 @@ def random_affine(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
         generator: the only randomness (a CPU torch.Generator).
         cfg: ranges.
     Returns:
-        (image, mask) of the same shapes and dtypes.
+        (image, mask) of the same shapes and dtypes; the image keeps a channels_last layout.
     """
     n = image.shape[0]
 
@@ -57,4 +57,6 @@ def random_affine(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
     image_out = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     mask_out = F.grid_sample(mask[:, None].to(image.dtype), grid, mode="nearest", padding_mode="border",
                              align_corners=False)[:, 0].round().long()
+    if image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous():
+        image_out = image_out.contiguous(memory_format=torch.channels_last)  # grid_sample returns NCHW
     return image_out, mask_out

@@ -128,6 +128,7 @@ class SynthConfig:
 
 TASKS = ("liver-tumour", "tumour")
 AMP_MODES = ("auto", "off")
+INGEST_MODES = ("auto", "materialize", "stream")
 SCHEDULES = ("poly", "plateau")
 
 
@@ -166,6 +167,12 @@ class TrainConfig:
         checkpoint_interval_s: a checkpoint (and curves.png) after the first epoch that ends this
             long after the last one, and after the last epoch; uploaded in the background.
             metrics.csv is rewritten every epoch. 0 checkpoints every epoch.
+        ingest: 'auto' (materialise the decoded splits when they fit in materialize_gb, else stream),
+            'materialize' or 'stream' (lits.ingest); fixed at launch from the data, never from
+            which nodes are up.
+        materialize_gb: the largest decoded train + val size 'auto' materialises (it lives in the
+            object stores of the cluster; Ray gives each node ~30% of its memory).
+        prefetch_batches: batches each worker's ingest decodes ahead of the training step.
     """
 
     data: str
@@ -192,6 +199,9 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1
     checkpoint_interval_s: float = 120.0
+    ingest: str = "auto"
+    materialize_gb: float = 4.0
+    prefetch_batches: int = 2
     s3_endpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -222,6 +232,10 @@ class TrainConfig:
             raise ValueError("max_failures must be >= 0")
         if self.checkpoint_interval_s < 0:
             raise ValueError(f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
+        if self.ingest not in INGEST_MODES:
+            raise ValueError(f"ingest must be one of {', '.join(INGEST_MODES)}, got {self.ingest!r}")
+        if self.materialize_gb < 0 or self.prefetch_batches < 1:
+            raise ValueError("materialize_gb must be >= 0 and prefetch_batches >= 1")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty word without '/', got {self.name!r}")
 

@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from lits.masks import bounding_box
+from lits.postprocess import bounding_box
 
 
 def overlap_counts(pred: np.ndarray, ref: np.ndarray, classes=(1, 2)) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""Ray Data assembly of `prepare`: slice every volume in parallel, then split and commit.
+"""The Ray assembly of `prepare`: slice every volume in parallel, then split and commit.
 
 Thin on purpose: finding inputs, checking headers and drawing the split are lits.discovery, the
-work per volume is lits.slicing.slice_volume (core, no Ray). This module adds Parquet shards with
-Ray tensor columns, the parallel map and the commit protocol that keeps an output consistent:
+work per volume is lits.slicing.slice_volume (core, no Ray), the shard layout is lits.shards. This
+module adds the parallel run (one plain Ray task per volume, largest first, a bounded number in
+flight, each reserving the memory its headers call for) and the commit protocol that keeps an
+output consistent:
 
 1. shards are written as OUT/.staging-<run>/<volume_id>.parquet while the run goes (a shard does
    not depend on its split);
@@ -25,20 +27,20 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from datetime import datetime, timezone
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 import lits
-from lits import storage
+from lits import shards, storage
 from lits.config import PrepareConfig
 from lits.discovery import assign_splits, check_headers, discover
 from lits.errors import BadInputError, UserError
 from lits.schema import CATEGORY_NAMES, COLUMNS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS
-from lits.slicing import WORKER_BASE_BYTES, SliceTable, VolumeTask, slice_volume
+from lits.slicing import WORKER_BASE_BYTES, Stopwatch, VolumeTask, slice_volume
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +53,6 @@ MAX_TRIES = 3
 
 # --- shards ----------------------------------------------------------------------------------
 
-def shard_bytes(table: SliceTable) -> bytes:
-    """The Parquet bytes of one volume's slice table; image/mask are Ray tensor columns."""
-    from ray.data.extensions import ArrowTensorArray
-
-    n = len(table)
-    columns = {
-        "volume_id": pa.array([table.volume_id] * n, pa.string()),
-        "slice_index": pa.array(table.slice_index, pa.int32()),
-        "category": pa.array(table.category, pa.int8()),
-        "image": ArrowTensorArray.from_numpy(table.image),
-        "mask": ArrowTensorArray.from_numpy(table.mask),
-        "spacing": pa.array([table.spacing.tolist()] * n, pa.list_(pa.float32(), 3)),
-    }
-    arrow = pa.table({name: columns[name] for name in COLUMNS})
-    buf = io.BytesIO()
-    # zstd: on a 512-matrix shard 27% smaller than snappy, faster to write, as fast to read.
-    pq.write_table(arrow, buf, compression="zstd", compression_level=3, row_group_size=64)
-    return buf.getvalue()
-
-
 def _failure(task: VolumeTask, reason: str, node_id: Optional[str] = None) -> Dict:
     return {"volume_id": task.volume_id, "entry": None, "node_id": node_id,
             "failed": [{"input": task.volume_uri or task.volume_id, "reason": reason}]}
@@ -81,17 +63,23 @@ def process_task(task: VolumeTask, cfg: PrepareConfig, staging: str) -> Dict:
 
     Returns:
         {'volume_id', 'entry': manifest entry (its 'shard' the staged file name, or None when no
-        slice was kept) or None, 'failed': [{'input', 'reason'}], 'node_id'}.
+        slice was kept; its 'seconds' the slicing stages, 'encode' and 'write', and their sum as
+        'total') or None, 'failed': [{'input', 'reason'}], 'node_id'}.
     Raises:
         storage.TransientError: a network failure (Ray tries the task again, see run_ray).
     """
     node_id = _node_id()
+    clock = Stopwatch()
     try:
-        result = slice_volume(task, cfg)
+        result = slice_volume(task, cfg, clock)
         entry = dict(result.entry, node_id=node_id, shard=None)
         if len(result.table):
             entry["shard"] = f"{task.volume_id}.parquet"
-            storage.write_bytes(storage.join(staging, entry["shard"]), shard_bytes(result.table), cfg.s3_endpoint)
+            data = shards.encode(result.table)
+            clock.lap("encode")
+            storage.write_bytes(storage.join(staging, entry["shard"]), data, cfg.s3_endpoint)
+            clock.lap("write")
+        entry["seconds"] = clock.seconds()
     except Exception as exc:  # a bad file, a bug or an I/O failure must not take the whole run down
         if storage.is_transient(exc):
             raise storage.TransientError(f"{type(exc).__name__}: {exc}") from exc
@@ -113,71 +101,66 @@ def _node_id() -> Optional[str]:
 
 # --- run and commit --------------------------------------------------------------------------
 
-def _map_row(row: Dict, cfg: PrepareConfig, staging: str) -> Dict:
-    task = VolumeTask.from_dict(json.loads(row["task"]))
-    return {"result": json.dumps(process_task(task, cfg, staging))}
-
-
-def memory_request(tasks: List[VolumeTask], node_memory: List[float]) -> int:
-    """The memory every prepare task reserves: the largest task's estimate from its headers (Ray
-    Data sets resources per operator, not per row), at most the largest node's memory so that it
-    can be scheduled at all; WORKER_BASE_BYTES when no task has an estimate (images)."""
-    wanted = max([t.memory_bytes for t in tasks] + [WORKER_BASE_BYTES])
+def memory_request(task: VolumeTask, node_memory: List[float], attempt: int = 1) -> int:
+    """The memory a prepare task reserves on Ray: its estimate from its headers (`memory_bytes`;
+    WORKER_BASE_BYTES when it has none: images), doubled on each further attempt, at most the
+    largest node's memory so that it can be scheduled at all."""
+    wanted = max(task.memory_bytes, WORKER_BASE_BYTES) << (attempt - 1)
     largest = int(max(node_memory, default=0))
     if largest and wanted > largest:
-        log.warning("the largest volume wants %.1f GiB, more than any node's %.1f GiB; asking for that",
-                    wanted / 2**30, largest / 2**30)
+        if attempt == 1:
+            log.warning("%s wants %.1f GiB, more than any node's %.1f GiB; asking for that",
+                        task.volume_id, wanted / 2**30, largest / 2**30)
         return largest
     return wanted
 
 
-def _ray_pass(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str, memory: int) -> Iterator[Dict]:
-    """One Ray Data task per volume, each tried once; a task that dies drops only its volume."""
-    import ray
+def _slice_on_worker(task: VolumeTask, cfg: PrepareConfig, staging: str) -> Dict:
+    return process_task(task, cfg, staging)
 
-    items = [{"task": json.dumps(t.to_dict())} for t in tasks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # One CPU per volume: the work is numpy/cv2/zlib, single-threaded per volume. No Ray retries:
-    # with max_retries != 0 Ray retries a task killed for memory without end (task_oom_retries
-    # is -1 by default), so run_ray retries whole passes itself. Ray 2.60 deprecates passing
-    # max_retries this way (removal announced for 2.64) and offers no named parameter for it yet.
-    ds = ds.map(_map_row, fn_kwargs={"cfg": cfg, "staging": staging}, num_cpus=1, memory=memory, max_retries=0)
-    # Ray Data reserves part of the cluster per operator by default; with one map operator that
-    # reservation idles CPUs (benchmarks/prepare.py measures CPUs busy with it on and off).
-    ds.context.op_resource_reservation_enabled = False
-    ds.context.max_errored_blocks = -1  # a dead task drops its volume's block, not the run
-    for row in ds.iter_rows():
-        yield json.loads(row["result"])
+
+def _in_flight(cpus: float) -> int:
+    """Tasks submitted at a time: two per CPU, so that a worker finds its next volume waiting."""
+    return max(2, 2 * int(cpus))
 
 
 def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
-    """Slice every task on the Ray cluster (one Ray Data task per volume); yield results as they land.
+    """Slice every task on the Ray cluster, one Ray task (one CPU) per volume; yield results as they land.
 
-    Every task reserves `memory_request`. A volume whose task died (killed for memory, crashed, a
-    network failure: storage.TransientError) is tried again after the others, with twice the
-    memory (at most a node's), at most MAX_TRIES times in all; then it is yielded as failed.
+    Volumes go largest first (a big volume started last would finish alone, with the other CPUs
+    idle) and at most `_in_flight` at a time. Each task reserves `memory_request` from its own
+    headers. A volume whose task died (killed for memory, crashed, a network failure:
+    storage.TransientError) is submitted again with twice the memory (at most a node's), at most
+    MAX_TRIES times in all; then it is yielded as failed.
     """
     import ray
 
     nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
-    memory, largest = memory_request(tasks, nodes), int(max(nodes, default=0))
-    pending = list(tasks)
-    for attempt in range(1, MAX_TRIES + 1):
-        if not pending:
-            return
-        done = set()
-        for result in _ray_pass(pending, cfg, staging, memory):
-            done.add(result["volume_id"])
-            yield result
-        pending = [t for t in pending if t.volume_id not in done]
-        if pending and attempt < MAX_TRIES:
-            memory = min(2 * memory, largest) if largest else 2 * memory
-            log.warning("%d volume(s) died on Ray (killed for memory, crashed, or a network failure): trying "
-                        "again with %.1f GiB each: %s", len(pending), memory / 2**30, " ".join(t.volume_id for t in pending))
-    for task in pending:
-        yield _failure(task, f"{task.volume_id}: its Ray task died in all {MAX_TRIES} tries (killed for memory, "
-                             f"crashed, or a network failure; the last reserved {memory / 2**30:.1f} GiB); see the "
-                             "Ray logs, and run it alone or on a larger node")
+    # No Ray retries: with max_retries != 0 Ray retries a task killed for memory without end
+    # (task_oom_retries is -1 by default); the loop below retries with more memory instead.
+    remote = ray.remote(num_cpus=1, max_retries=0)(_slice_on_worker)
+    queue = deque((t, 1) for t in sorted(tasks, key=lambda t: (-t.memory_bytes, t.volume_id)))
+    cfg_ref = ray.put(cfg)
+    running: Dict = {}
+    limit = _in_flight(ray.cluster_resources().get("CPU", 1))
+    while queue or running:
+        while queue and len(running) < limit:
+            task, attempt = queue.popleft()
+            memory = memory_request(task, nodes, attempt)
+            running[remote.options(memory=memory).remote(task, cfg_ref, staging)] = (task, attempt, memory)
+        done, _ = ray.wait(list(running), num_returns=1)
+        task, attempt, memory = running.pop(done[0])
+        try:
+            yield ray.get(done[0])
+        except ray.exceptions.RayError as exc:
+            if attempt < MAX_TRIES:
+                log.warning("%s died on Ray (%s): trying again with %.1f GiB", task.volume_id, type(exc).__name__,
+                            memory_request(task, nodes, attempt + 1) / 2**30)
+                queue.append((task, attempt + 1))
+                continue
+            yield _failure(task, f"{task.volume_id}: its Ray task died in all {MAX_TRIES} tries (killed for memory, "
+                                 f"crashed, or a network failure; the last reserved {memory / 2**30:.1f} GiB); see the "
+                                 "Ray logs, and run it alone or on a larger node")
 
 
 def run_local(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
@@ -203,9 +186,8 @@ def _clean_stale_staging(output: str, s3_endpoint: Optional[str]) -> None:
 
 
 def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split: int = 4) -> bytes:
-    """PNG contact sheet of kept slices (tumour slices first) from each split's first staged shards."""
-    import ray.data.extensions  # noqa: F401  (registers the tensor type, so columns read back as arrays)
-
+    """PNG contact sheet of kept slices (tumour slices first) from each split's first staged shards
+    (this run's, so lits.shards' current layout: no Ray Data import, ~0.8 s, on the driver)."""
     from lits.reports import contact_sheet
 
     tiles = []
@@ -214,21 +196,14 @@ def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split:
         for shard in manifest["splits"][split]["shards"][:3]:
             staged = storage.join(staging, storage.basename(shard))
             table = pq.read_table(io.BytesIO(storage.read_bytes(staged, s3_endpoint)))
-            images = _tensor_column(table, "image")
-            mask_column = _tensor_column(table, "mask")
+            images = shards.decode(table.column("image"), shards.column_shape(table.schema, "image", staged))
+            mask_column = shards.decode(table.column("mask"), shards.column_shape(table.schema, "mask", staged))
             for i in np.argsort(-np.asarray(table.column("category")), kind="stable")[:per_split]:
                 caption = f"{split} {table.column('volume_id')[int(i)]} z{table.column('slice_index')[int(i)]}"
                 chosen.append((caption, images[i], mask_column[i], int(table.column("category")[int(i)])))
         chosen.sort(key=lambda t: -t[3])
         tiles += [(c, im, m) for c, im, m, _ in chosen[:per_split]]
     return contact_sheet(tiles)
-
-
-def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
-    column = table.column(name).combine_chunks()
-    if hasattr(column, "to_numpy_ndarray"):
-        return column.to_numpy_ndarray()
-    return column.to_numpy()
 
 
 def commit(output: str, staging: str, manifest: Dict, s3_endpoint: Optional[str]) -> None:
@@ -315,11 +290,18 @@ def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[C
         runner: `run_ray` (Ray must be initialised by the caller) or `run_local`.
         progress: called as (done, total, result) after each volume.
     Returns:
-        The manifest (also written to OUT/manifest.json when at least one volume succeeded).
+        The manifest (also written to OUT/manifest.json when at least one volume succeeded). Its
+        'timeline' holds the seconds from the start at which the headers were checked and the first
+        and the last volume were done; 'seconds' is the whole call up to the commit.
     Raises:
         UserError: missing or empty input, unwritable output, too few good volumes for the split.
     """
     started = time.perf_counter()
+    timeline: Dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        timeline[name] = round(time.perf_counter() - started, 3)
+
     output = storage.normalise(cfg.output)
     tasks, failed, fmt = discover(cfg)
     storage.check_writable(output, cfg.s3_endpoint)
@@ -328,16 +310,20 @@ def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[C
     _clean_stale_staging(output, cfg.s3_endpoint)
     staging = storage.join(output, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     entries: List[Dict] = []
+    mark("headers_checked")
     try:
         for done, result in enumerate(runner(tasks, cfg, staging), start=1):
+            mark("first_volume_done" if done == 1 else "last_volume_done")
             failed.extend(result["failed"])
             if result["entry"] is not None:
                 entries.append(result["entry"])
             if progress:
                 progress(done, len(tasks), result)
+        timeline.setdefault("last_volume_done", timeline.get("first_volume_done", 0.0))
         if entries:
             place(entries, failed, cfg)
         manifest = build_manifest(cfg, fmt, entries, failed, time.perf_counter() - started)
+        manifest["timeline"] = timeline
         if entries:
             commit(output, staging, manifest, cfg.s3_endpoint)
         else:

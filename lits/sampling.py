@@ -78,10 +78,11 @@ class PatchBatches:
         return int(np.clip(y, 0, side - crop)), int(np.clip(x, 0, side - crop))
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Iterator[Dict[str, np.ndarray]]:
-        """Args: batch with 'image' uint8 (n, S, S, C) and 'mask' uint8 (n, S, S).
+        """Args: batch with 'image' uint8 (n, S, S, C) and 'mask' uint8 (n, S, S), numpy arrays or
+        CPU tensors.
         Yields: (S // crop)^2 dicts with 'image' (n, crop, crop, C) and 'mask' (n, crop, crop);
         the input is not modified."""
-        image, mask = batch["image"], batch["mask"]
+        image, mask = np.asarray(batch["image"]), np.asarray(batch["mask"])  # CPU tensors: no copy
         n, side = len(mask), mask.shape[1]
         if self.crop > side:
             raise ValueError(f"crop {self.crop} is larger than the slices ({side})")

@@ -6,14 +6,12 @@ Called by lits.training after export; the whole-volume part fans out one Ray tas
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Dict, List, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from lits import storage
+from lits import shards, storage
 from lits.config import TrainConfig
 from lits.schema import CLASS_NAMES
 
@@ -26,7 +24,6 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     Per-volume scores sum intersections and sizes over a volume's prepared slices (all tumour
     slices, the kept fraction of the others), at the prepared resolution.
     """
-    import ray.data.extensions  # noqa: F401
     import torch
 
     from lits import metrics
@@ -43,10 +40,8 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     slice_scores = []
     with torch.no_grad():
         for uri in uris:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(uri, cfg.s3_endpoint)), columns=["volume_id", "image", "mask"])
-            images = table.column("image").combine_chunks().to_numpy_ndarray()
-            masks = table.column("mask").combine_chunks().to_numpy_ndarray()
-            vids = table.column("volume_id").to_pylist()
+            shard = shards.read_columns(storage.read_bytes(uri, cfg.s3_endpoint))
+            images, masks, vids = shard["image"], shard["mask"], shard["volume_id"].tolist()
             for start in range(0, len(vids), batch_size):
                 x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
                 pred = predict_labels(model(x), cfg.task).numpy()

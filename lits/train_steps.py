@@ -5,7 +5,8 @@ functions in one process, so "does training learn" is checked without a cluster.
 reached only through the `Collective` passed in, whose tensors live on the training device (NCCL
 has no CPU tensors).
 
-Shapes: batches are dicts of numpy arrays, 'image' uint8 (N, S, S, C), 'mask' uint8 (N, S, S).
+Shapes: batches are dicts of numpy arrays or CPU tensors, 'image' uint8 (N, S, S, C), 'mask' uint8
+(N, S, S) (+ 'volume_id' (N,) str for validation).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lits import metrics
 from lits.augment import random_affine
 from lits.config import TrainConfig
 from lits.losses import bce_dice_loss, ce_dice_loss
@@ -72,6 +72,7 @@ class TrainState:
     plateau_bad: int = 0
     stopped_early: bool = False
     starts: int = 0  # worker-group starts of this run: 1 + restarts after a lost worker or a re-run
+    best_file: str = ""  # where the best weights were last written (lits.checkpoints.BestWeights)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,17 +108,41 @@ def learning_rate(cfg: TrainConfig, state: TrainState, epoch_progress: float) ->
     return cfg.lr * (0.1 if state.epoch >= cfg.lr_drop_epoch else 1.0) * state.plateau_scale
 
 
-def to_tensors(batch: Dict[str, np.ndarray], device: torch.device, channels_last: bool):
-    """(image float (N, C, S, S) in [0, 1], mask int64 (N, S, S)) on `device`."""
+def to_tensors(batch: Dict, device: torch.device, channels_last: bool):
+    """(image float (N, C, S, S) in [0, 1], mask int64 (N, S, S)) on `device`.
+
+    `batch` holds uint8 numpy arrays or CPU tensors (lits.ingest's, pinned on a CUDA worker)."""
     pin = device.type == "cuda"
-    image = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
-    mask = torch.from_numpy(np.require(batch["mask"], requirements=["C", "W"]))
-    if pin:  # page-locked: the copies below are then truly asynchronous
-        image, mask = image.pin_memory(), mask.pin_memory()
+
+    def host(x):
+        x = x if torch.is_tensor(x) else torch.from_numpy(np.require(x, requirements=["C", "W"]))
+        return x.pin_memory() if pin and not x.is_pinned() else x  # page-locked: the copy is asynchronous
+
+    image, mask = host(batch["image"]), host(batch["mask"])
     image = image.to(device, non_blocking=pin).permute(0, 3, 1, 2).float().div_(255.0)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, mask.to(device, non_blocking=pin).long()
+
+
+def overlap_counts(pred: torch.Tensor, ref: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """lits.metrics.overlap_counts on the device: int64 (N, len(classes), 3) of
+    (intersection, pred size, ref size), liver as label >= 1, tumour as label == 2."""
+    out = []
+    for c in classes:
+        p = (pred >= c) if c == 1 else (pred == c)
+        r = (ref >= c) if c == 1 else (ref == c)
+        out.append(torch.stack([(p & r).flatten(1).sum(1), p.flatten(1).sum(1), r.flatten(1).sum(1)], dim=-1))
+    return torch.stack(out, dim=1)
+
+
+def dice_iou(counts: torch.Tensor):
+    """lits.metrics.dice_iou on the device (both empty -> 1), float64."""
+    inter, p, r = (counts[..., i].double() for i in range(3))
+    empty = (p + r) == 0
+    dice = torch.where(empty, 1.0, 2 * inter / (p + r).clamp(min=1))
+    iou = torch.where(empty, 1.0, inter / (p + r - inter).clamp(min=1))
+    return dice, iou
 
 
 def target(mask: torch.Tensor, task: str) -> torch.Tensor:
@@ -213,18 +238,21 @@ def train_one_epoch(model, optimizer, batches: Iterator[Dict[str, np.ndarray]], 
     return totals
 
 
-def validate(model, batches: Iterator[Dict[str, np.ndarray]], cfg: TrainConfig, volume_index: Dict[str, int],
+def validate(model, batches: Iterator[Dict], cfg: TrainConfig, volume_index: Dict[str, int],
              device: torch.device, autocast=contextlib.nullcontext(), channels_last: bool = False):
     """Loss and overlap counts of `batches` (this worker's part; the caller sums over workers).
 
+    Counts accumulate on the device: one copy to the host per epoch, not one per batch.
+
     Returns:
         (val_loss [sum, slices], slice_sums (classes, [dice sum, iou sum]),
-         volume_counts (volumes, classes, 3) intersections and sizes per volume).
+         volume_counts (volumes, classes, 3) intersections and sizes per volume), numpy float64.
     """
     classes: Sequence[int] = METRIC_CLASSES[cfg.task]
-    volume_counts = np.zeros((len(volume_index), len(classes), 3))
-    slice_sums = np.zeros((len(classes), 2))
-    val_loss = np.zeros(2)
+    volume_counts = torch.zeros((len(volume_index), len(classes), 3), dtype=torch.float64, device=device)
+    slice_sums = torch.zeros((len(classes), 2), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    slices = 0
     loss_fn = loss_function(cfg.task)
     model.eval()
     with torch.no_grad():
@@ -233,11 +261,12 @@ def validate(model, batches: Iterator[Dict[str, np.ndarray]], cfg: TrainConfig, 
             with autocast:
                 logits = model(image)
                 loss = loss_fn(logits, target(mask, cfg.task))
-            val_loss += (float(loss) * len(image), len(image))
-            counts = metrics.overlap_counts(predict_labels(logits, cfg.task).cpu().numpy(), batch["mask"], classes)
-            dice, iou = metrics.dice_iou(counts)
-            slice_sums[:, 0] += dice.sum(0)
-            slice_sums[:, 1] += iou.sum(0)
-            for vid, c in zip(batch["volume_id"], counts):
-                volume_counts[volume_index[str(vid)]] += c
-    return val_loss, slice_sums, volume_counts
+            loss_sum += loss.double() * len(image)
+            slices += len(image)
+            counts = overlap_counts(predict_labels(logits, cfg.task), mask, classes)
+            dice, iou = dice_iou(counts)
+            slice_sums += torch.stack([dice.sum(0), iou.sum(0)], dim=-1)
+            rows = torch.tensor([volume_index[str(v)] for v in batch["volume_id"]], device=device)
+            volume_counts.index_add_(0, rows, counts.double())
+    val_loss = np.array([float(loss_sum), slices], dtype=np.float64)
+    return val_loss, slice_sums.cpu().numpy(), volume_counts.cpu().numpy()

@@ -1,11 +1,13 @@
 """Ray Train data-parallel U-Net training: data checks, train_loop_per_worker, trainer, export.
 
-- Ingest: Ray Data reads the prepared shards listed in the manifest; each worker iterates its
-  shard (`get_dataset_shard`) as numpy batches; augmentation runs on the worker's device.
-- Checkpoint each epoch (rank 0): model, optimizer, epoch, history, best weights. Re-running
-  with the same name and output resumes from it; a lost worker restarts the group from it.
-- Rank 0 rewrites OUT/metrics.csv and OUT/curves.png each epoch; the driver exports OUT/model/
-  (weights.pt, a state_dict loadable with weights_only=True, then config.json) at the end.
+- Ingest (lits.ingest): Ray Data reads the prepared shards listed in the manifest; each worker
+  iterates its shard (`get_dataset_shard`) as prefetched uint8 tensor batches, crops patches
+  (lits.sampling) and augments them on the worker's device (lits.train_steps).
+- Checkpoints (lits.checkpoints, rank 0) on a timer and after the last epoch, uploaded in the
+  background; re-running with the same name and output resumes from the newest; a lost worker
+  restarts the group from it.
+- Rank 0 rewrites OUT/metrics.csv each epoch and OUT/curves.png with each checkpoint; the driver
+  exports OUT/model/ (weights.pt, a state_dict loadable with weights_only=True, then config.json).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -25,15 +26,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import lits
-from lits import inference, split_evaluation, storage
+from lits import checkpoints, inference, shards, split_evaluation, storage
 from lits.config import TrainConfig
 from lits.errors import UserError
 from lits.schema import CLASS_NAMES, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-MATERIALIZE_FRACTION = 0.25  # of the cluster's object store
 
 
 # --- before any worker starts ------------------------------------------------------------------
@@ -75,7 +74,7 @@ def check_data(cfg: TrainConfig) -> Dict:
             missing = {"volume_id", "image", "mask"} - set(schema.names)
             if missing:
                 raise UserError(f"{uri} lacks column(s) {sorted(missing)}; re-run prepare")
-            shapes.add((_tensor_shape(schema, "image", uri), _tensor_shape(schema, "mask", uri)))
+            shapes.add((shards.column_shape(schema, "image", uri), shards.column_shape(schema, "mask", uri)))
     if len(shapes) != 1:
         raise UserError(f"{cfg.data} mixes image sizes {sorted(s[0] for s in shapes)}; prepare all volumes with one --image-size")
     (image_shape, mask_shape), = shapes
@@ -95,6 +94,7 @@ def check_data(cfg: TrainConfig) -> Dict:
         "image_shape": list(image_shape),
         "val_volumes": val_ids,
         "train_slices": splits["train"]["slices"],
+        "val_slices": splits["val"]["slices"],
         "manifest_sha256": hashlib.sha256(raw).hexdigest(),
         "prepare_config": manifest.get("config", {}),
         "train_uris": [storage.join(data, s) for s in splits["train"]["shards"]],
@@ -102,15 +102,6 @@ def check_data(cfg: TrainConfig) -> Dict:
         "test_uris": [storage.join(data, s) for s in splits.get("test", {}).get("shards", [])],
         "test_volumes": test_volumes,
     }
-
-
-def _tensor_shape(schema, column: str, uri: str):
-    field = schema.field(column)
-    shape = getattr(field.type, "shape", None)
-    dtype = str(getattr(field.type, "value_type", getattr(field.type, "scalar_type", "")))
-    if shape is None or dtype != "uint8":
-        raise UserError(f"{uri}: column {column} is {field.type}, expected a uint8 tensor; re-run prepare")
-    return tuple(int(s) for s in shape)
 
 
 def patch_size(cfg: TrainConfig, side: int) -> int:
@@ -140,18 +131,6 @@ def check_resources(cfg: TrainConfig, strict: bool = True) -> None:
 
 
 # --- inside each worker --------------------------------------------------------------------------
-
-def _resume(model, optimizer, checkpoint) -> Dict:
-    """Load a checkpoint into the model and optimizer (both already on the training device, so
-    Adam's state lands where the parameters live); return the rest of the saved state."""
-    import torch
-
-    with checkpoint.as_directory() as d:
-        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    model.load_state_dict(saved.pop("model"))
-    optimizer.load_state_dict(saved.pop("optimizer"))
-    return saved
-
 
 def _metrics_row(cfg: TrainConfig, epoch: int, lr: float, totals, val, collective, world: int, started: float,
                  nodes: str, n_volumes: int) -> Dict:
@@ -192,7 +171,7 @@ def train_loop_per_worker(config: Dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from lits.model import UNet
+    from lits import ingest
     from lits.sampling import PatchBatches
     from lits.train_steps import (Collective, TrainState, autocast_for, learning_rate, schedule_step,
                                   train_one_epoch, validate)
@@ -203,20 +182,12 @@ def train_loop_per_worker(config: Dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
-    torch.manual_seed(cfg.seed)
     channels_last = device.type == "cuda"
-    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    state, history, best_model = TrainState(), [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        saved = _resume(core, optimizer, checkpoint)
-        state, history, best_model = TrainState.from_dict(saved), saved["history"], saved.get("best_model")
-    resumed_from = state.epoch if checkpoint else None
+    model, core, optimizer, saved = checkpoints.setup_model(cfg, device, ray.train.torch.prepare_model, ray.train.get_checkpoint())
+    state, history, best = TrainState(), [], checkpoints.BestWeights(cfg)
+    if saved:
+        state, history = TrainState.from_dict(saved), saved["history"]
+    resumed_from = state.epoch if saved else None
     state = dataclasses.replace(state, starts=state.starts + 1)
     # Who trains, for operators and for tests that must stop only this run's workers.
     storage.write_bytes(storage.join(cfg.output, cfg.name, "workers", f"rank-{rank}.json"),
@@ -244,17 +215,16 @@ def train_loop_per_worker(config: Dict) -> None:
     while state.epoch < cfg.epochs and not state.stopped_early:
         started = time.perf_counter()
         epoch, lr = state.epoch, learning_rate(cfg, state, 0.0)
-        batches = iter(train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                                local_shuffle_buffer_size=4 * cfg.batch_size,
-                                                local_shuffle_seed=cfg.seed + 7919 * epoch + rank))
+        batches = iter(ingest.batches(train_shard, cfg, info, pin=device.type == "cuda",
+                                      shuffle_seed=cfg.seed + 7919 * epoch + rank))
         totals = train_one_epoch(model, optimizer, batches, cfg, state, steps_estimate, device, generator, sampler,
                                  collective, autocast, scaler, channels_last)
-        val = validate(core, val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"), cfg, val_index,
+        val = validate(core, ingest.batches(val_shard, cfg, info, pin=False), cfg, val_index,
                        device, autocast, channels_last)
         row = _metrics_row(cfg, epoch, lr, totals, val, collective, world, started, nodes, len(val_index))
         state, improved = schedule_step(state, row["val_loss"], cfg)
         if improved:
-            best_model = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            best.improved(core)
         row.update(best_epoch=state.best_epoch, group_start=state.starts,
                    resumed_from_epoch="" if resumed_from is None else resumed_from)
         history.append(row)
@@ -262,29 +232,13 @@ def train_loop_per_worker(config: Dict) -> None:
         save = last or time.monotonic() - last_saved >= cfg.checkpoint_interval_s
         if save:
             last_saved = time.monotonic()
-        _report_epoch(cfg, rank, row, history, save, lambda: {
-            **state.to_dict(), "history": history, "best_model": best_model,
+            if rank == 0:
+                state = best.write(state)
+        if rank == 0:
+            write_metrics(cfg, history, curves=save)
+        checkpoints.report_epoch(row, rank, save, lambda: {
+            **state.to_dict(), "history": history,
             "model": {k: v.cpu() for k, v in core.state_dict().items()}, "optimizer": optimizer.state_dict()})
-
-
-def _report_epoch(cfg: TrainConfig, rank: int, row: Dict, history: List[Dict], save: bool, saved_state) -> None:
-    """metrics.csv every epoch; with `save`, curves.png and a checkpoint of `saved_state()` (rank 0),
-    uploaded in the background (Ray deletes the local copy after the upload)."""
-    import ray.train
-    import torch
-
-    if rank == 0:
-        write_metrics(cfg, history, curves=save)
-    ckpt = None
-    if save and rank == 0:
-        tmp = tempfile.mkdtemp(prefix="lits-ckpt-")
-        torch.save(saved_state(), os.path.join(tmp, STATE_FILE))
-        ckpt = ray.train.Checkpoint.from_directory(tmp)
-    # Uploaded in the background while the next epoch trains.
-    mode = ray.train.CheckpointUploadMode
-    ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=ckpt,
-                     checkpoint_upload_mode=mode.ASYNC if ckpt else mode.SYNC,
-                     delete_local_checkpoint_after_upload=True if ckpt else None)
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -331,11 +285,8 @@ def curves_png(history: List[Dict]) -> bytes:
 
 def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
     """Write OUT/model/weights.pt (best weights, a plain state_dict) then OUT/model/config.json."""
-    import torch
-
-    with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    weights = state["best_model"] or state["model"]
+    state = checkpoints.load_state(checkpoint)
+    weights = checkpoints.best_weights(state, cfg.s3_endpoint)
     test_metrics = split_evaluation.evaluate_split(cfg, info.get("test_uris", []), weights)
     history = state["history"]
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), history[-1])
@@ -361,24 +312,12 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
 
 def build_trainer(cfg: TrainConfig, info: Dict):
     """The TorchTrainer for `cfg`: datasets, scaling, storage, failures, checkpoints."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3_endpoint)
-    strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
-    # Shard order reshuffled every epoch (reseeded per execution), reproducibly from the seed.
-    train = ray.data.read_parquet([strip(u) for u in info["train_uris"]], filesystem=fs, columns=["image", "mask"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed))
-    val = ray.data.read_parquet([strip(u) for u in info["val_uris"]], filesystem=fs, columns=["volume_id", "image", "mask"])
-    # A split that fits comfortably in the object store is decoded once, not every epoch: the
-    # Parquet reads then stop competing with the training step for CPU (measured on 2 cores:
-    # workers waited 14-24% of the time for batches without this).
-    h, w, c = info["image_shape"]
-    budget = ray.cluster_resources().get("object_store_memory", 0) * MATERIALIZE_FRACTION
-    if info["train_slices"] * h * w * (c + 1) < budget:
-        train = train.materialize()
-        val = val.materialize()
+    from lits import ingest
+
+    train, val, _ = ingest.datasets(cfg, info)
     out_fs, out_path = storage.arrow_filesystem(cfg.output, cfg.s3_endpoint)
     run_config = ray.train.RunConfig(
         name=cfg.name,

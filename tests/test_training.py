@@ -189,3 +189,28 @@ def test_train_from_and_to_s3(ray_train_cluster, s3_server, prepared):
     assert config.pop("test_evaluation")["cases_evaluated"] == 1
     saved = json.loads(storage.read_bytes("s3://train-runs/r/model/config.json", s3_server))
     assert saved == config and saved["training"]["data"] == "s3://train-data/prep"
+
+
+@pytest.mark.parametrize("mode", ["materialize", "stream"])
+def test_ingest_decodes_every_slice_and_reshuffles_each_epoch(ray_train_cluster, prepared, tmp_path, mode):
+    """The split read through lits.ingest (Ray Data + the collate) holds exactly the shards' slices,
+    and a second pass (epoch) comes in another order, materialised or streamed."""
+    import numpy as np
+
+    from lits import ingest, shards
+
+    cfg = TrainConfig(data=prepared, output=str(tmp_path / "o"), ingest=mode, **TINY)
+    info = training.check_data(cfg)
+    expected = np.concatenate([shards.read_columns(open(u, "rb").read())["image"] for u in info["train_uris"]])
+    train, _, stored = ingest.datasets(cfg, info)
+    assert stored == (mode == "materialize")
+    passes = []
+    for _ in range(2):
+        images = [b["image"].numpy() for b in train.iter_torch_batches(
+            batch_size=4, collate_fn=ingest.SliceCollate(info["image_shape"]), device="cpu")]
+        passes.append(np.concatenate(images))
+    for images in passes:
+        assert images.shape == expected.shape and images.dtype == np.uint8
+        key = lambda a: sorted(x.tobytes() for x in a)  # noqa: E731
+        assert key(images) == key(expected)
+    assert not np.array_equal(passes[0], passes[1])

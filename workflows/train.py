@@ -15,7 +15,7 @@ import sys
 import _common  # noqa: F401
 from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
-from lits.config import AMP_MODES, SCHEDULES, TASKS, TrainConfig
+from lits.config import AMP_MODES, INGEST_MODES, SCHEDULES, TASKS, TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_interval_s / 60,
                    help="checkpoint after the first epoch ending this long after the last checkpoint, and after "
                    "the last epoch; 0: every epoch (default: %(default)s)")
+    p.add_argument("--ingest", default=d.ingest, choices=INGEST_MODES,
+                   help="materialize: decode the splits once into Ray's object store; stream: read them every "
+                   "epoch (for splits larger than the object store); auto: materialize when the decoded splits fit "
+                   "in --materialize-gb (default: %(default)s)")
+    p.add_argument("--materialize-gb", type=float, default=d.materialize_gb,
+                   help="largest decoded train+val size --ingest auto materializes (default: %(default)s)")
     add_cluster_args(p)
     return p.parse_args(argv)
 
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
             depth=args.depth, amp=args.amp, max_failures=args.max_failures, name=args.name, seed=args.seed,
             augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, crop=args.crop,
             tumour_fraction=args.tumour_fraction, schedule=args.schedule,
-            checkpoint_interval_s=args.checkpoint_minutes * 60, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
+            checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
+            materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
         )
         from lits import storage, training
 

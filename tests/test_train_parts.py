@@ -1,0 +1,237 @@
+"""The parts of training that must hold on a GPU cluster, checked on this CPU machine without Ray:
+the shard layout, collectives on the training device, Adam's state after a resume, best weights
+written only when they improve, validation counts on the device, the materialise decision."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lits import checkpoints, ingest, metrics, shards
+from lits.config import TrainConfig
+from lits.errors import UserError
+from lits.slicing import SliceTable
+from lits.train_steps import Collective, TrainState, dice_iou, overlap_counts, to_tensors, train_one_epoch
+
+LITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lits")
+
+
+def slice_table(n=7, size=16, seed=0) -> SliceTable:
+    rng = np.random.default_rng(seed)
+    return SliceTable("volume-12", np.arange(n, dtype=np.int32) * 3, rng.integers(0, 3, n).astype(np.int8),
+                      rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                      rng.integers(0, 3, (n, size, size), dtype=np.uint8), np.array([0.8, 0.8, 2.5], np.float32))
+
+
+# --- the shard layout ------------------------------------------------------------------------------
+
+def test_shards_round_trip_as_fixed_size_binary_with_their_shapes():
+    table = slice_table()
+    data = shards.encode(table)
+    schema = pq.read_schema(io.BytesIO(data))
+    assert pa.types.is_fixed_size_binary(schema.field("image").type)
+    assert shards.column_shape(schema, "image", "x") == (16, 16, 3)
+    assert shards.column_shape(schema, "mask", "x") == (16, 16)
+    read = shards.read_columns(data)
+    np.testing.assert_array_equal(read["image"], table.image)
+    np.testing.assert_array_equal(read["mask"], table.mask)
+    assert list(read["volume_id"]) == ["volume-12"] * 7
+    # a slice of a column (Arrow offset != 0) decodes its own rows
+    arrow = pq.read_table(io.BytesIO(data))
+    np.testing.assert_array_equal(shards.decode(arrow.column("image").chunk(0).slice(2, 3), (16, 16, 3)), table.image[2:5])
+
+
+def test_format_one_tensor_shards_are_still_read():
+    from ray.data.extensions import ArrowTensorArray
+
+    table = slice_table(n=4)
+    arrow = pa.table({"volume_id": pa.array(["volume-12"] * 4), "image": ArrowTensorArray.from_numpy(table.image),
+                      "mask": ArrowTensorArray.from_numpy(table.mask)})
+    buf = io.BytesIO()
+    pq.write_table(arrow, buf)
+    assert shards.column_shape(pq.read_schema(io.BytesIO(buf.getvalue())), "image", "x") == (16, 16, 3)
+    read = shards.read_columns(buf.getvalue())
+    np.testing.assert_array_equal(read["image"], table.image)
+    np.testing.assert_array_equal(read["mask"], table.mask)
+
+
+def test_a_column_of_another_type_is_a_user_error():
+    schema = pa.schema([pa.field("image", pa.list_(pa.float32()))])
+    with pytest.raises(UserError, match="shard-7.*column image.*re-run prepare"):
+        shards.column_shape(schema, "image", "shard-7")
+
+
+def test_the_collate_gives_uint8_tensors_of_the_slices():
+    table = slice_table(n=5)
+    arrow = pq.read_table(io.BytesIO(shards.encode(table)))
+    batch = ingest.SliceCollate((16, 16, 3), ids=True)(arrow)
+    assert batch["image"].dtype == torch.uint8 and tuple(batch["image"].shape) == (5, 16, 16, 3)
+    np.testing.assert_array_equal(batch["image"].numpy(), table.image)
+    np.testing.assert_array_equal(batch["mask"].numpy(), table.mask)
+    assert list(batch["volume_id"]) == ["volume-12"] * 5
+
+
+def test_materialise_or_stream_follows_the_flag_and_the_data_size_only():
+    info = {"image_shape": [256, 256, 3], "train_slices": 10_000, "val_slices": 2_000}  # 3.1 GB decoded
+    base = TrainConfig(data="-", output="-")
+    assert ingest.decoded_bytes(info) == 12_000 * 256 * 256 * 4
+    assert ingest.materialize(base, info)  # auto, 3.1 GB <= 4 GiB
+    assert not ingest.materialize(TrainConfig(data="-", output="-", materialize_gb=2.0), info)
+    assert not ingest.materialize(TrainConfig(data="-", output="-", ingest="stream"), info)
+    assert ingest.materialize(TrainConfig(data="-", output="-", ingest="materialize", materialize_gb=0.0), info)
+    with pytest.raises(ValueError, match="ingest must be one of"):
+        TrainConfig(data="-", output="-", ingest="sometimes")
+
+
+# --- validation counts on the device ----------------------------------------------------------------
+
+def test_device_overlap_counts_equal_the_numpy_metrics():
+    rng = np.random.default_rng(3)
+    pred, ref = rng.integers(0, 3, (6, 9, 9)), rng.integers(0, 3, (6, 9, 9))
+    ref[0] = 0
+    pred[0] = 0  # both empty: Dice 1
+    counts = overlap_counts(torch.from_numpy(pred), torch.from_numpy(ref), (1, 2))
+    expected = metrics.overlap_counts(pred, ref, (1, 2))
+    np.testing.assert_array_equal(counts.numpy(), expected)
+    for mine, theirs in zip(dice_iou(counts), metrics.dice_iou(expected)):
+        np.testing.assert_allclose(mine.numpy(), theirs)
+
+
+def test_to_tensors_takes_numpy_and_tensors_alike():
+    table = slice_table(n=3)
+    a = to_tensors({"image": table.image, "mask": table.mask}, torch.device("cpu"), False)
+    b = to_tensors({"image": torch.from_numpy(table.image), "mask": torch.from_numpy(table.mask)}, torch.device("cpu"), True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].dtype == torch.int64
+    assert b[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# --- resume: Adam's state where the parameters live ------------------------------------------------
+
+def small_cfg(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(data="-", output=str(tmp_path / "out"), base_width=4, depth=2, lr=1e-2, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_resume_puts_adam_state_on_the_parameters_device(tmp_path):
+    """`meta` stands in for CUDA: a device other than the CPU that the checkpoint is read on."""
+    from ray.train import Checkpoint
+
+    cfg = small_cfg(tmp_path)
+    model, core, optimizer, saved = checkpoints.setup_model(cfg, torch.device("cpu"), lambda m: m)
+    assert saved is None
+    loss = model(torch.rand(2, 3, 16, 16)).mean()
+    loss.backward()
+    optimizer.step()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), **TrainState(epoch=3).to_dict(),
+                "history": []}, folder / checkpoints.STATE_FILE)
+
+    meta = torch.device("meta")
+    model, core, optimizer, saved = checkpoints.setup_model(cfg, meta, lambda m: m.to(meta), Checkpoint.from_directory(str(folder)))
+    assert saved["epoch"] == 3
+    moments = [t for s in optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(list(core.parameters()))
+    assert all(t.device == meta for t in moments)
+    assert all(p.device == meta for p in core.parameters())
+
+
+# --- best weights ---------------------------------------------------------------------------------------
+
+def test_best_weights_are_written_only_when_they_improved_and_two_are_kept(tmp_path):
+    cfg = small_cfg(tmp_path)
+    _, core, _, _ = checkpoints.setup_model(cfg, torch.device("cpu"), lambda m: m)
+    best = checkpoints.BestWeights(cfg)
+    folder = os.path.join(cfg.output, cfg.name, checkpoints.BEST_FOLDER)
+    state = TrainState(epoch=1)
+    assert best.write(state) is state and not os.path.exists(folder)  # nothing improved: nothing written
+    for epoch in (1, 2, 4):
+        with torch.no_grad():
+            next(core.parameters()).fill_(float(epoch))
+        best.improved(core)
+        state = best.write(TrainState(epoch=epoch, best_epoch=epoch, best_file=state.best_file))
+        assert state.best_file.endswith(f"epoch-{epoch:04d}.pt")
+        assert best.write(state) is state  # a second checkpoint without improvement writes nothing
+    assert sorted(os.listdir(folder)) == ["epoch-0002.pt", "epoch-0004.pt"]
+    weights = checkpoints.best_weights(state.to_dict())
+    assert float(next(iter(weights.values())).flatten()[0]) == 4.0
+
+
+# --- collectives on the training device ------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, backend: str, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        collective = Collective(torch.device("cpu"), world=2)
+        if backend.startswith("cuda:"):
+            # The group NCCL gives a GPU run: only CUDA tensors have a backend. A CPU tensor fails
+            # exactly as it did on 4 GPUs before every collective went through Collective's device.
+            try:
+                dist.all_reduce(torch.ones(1))
+                results[rank] = "no error"
+            except RuntimeError as exc:
+                results[rank] = str(exc)
+            return
+        summed = collective.sum(np.array([1.0, rank + 1.0]))
+        # worker 1's shard runs dry after 2 batches, worker 0's after 5: both stop after 2 steps
+        cfg = TrainConfig(data="-", output="-", base_width=4, depth=2, augment=False, batch_size=2)
+        from lits.model import UNet
+
+        model = UNet(3, 3, 4, 2)
+        optimizer = torch.optim.Adam(model.parameters())
+        rng = np.random.default_rng(rank)
+        batches = iter([{"image": rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+                         "mask": rng.integers(0, 3, (2, 8, 8), dtype=np.uint8)} for _ in range(5 if rank == 0 else 2)])
+        totals = train_one_epoch(model, optimizer, batches, cfg, TrainState(), 5, torch.device("cpu"),
+                                 torch.Generator().manual_seed(0), collective=collective)
+        results[rank] = (summed.tolist(), totals.steps)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_pair(backend: str):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), backend, results), nprocs=2, join=True)
+    return dict(results)
+
+
+def test_collectives_sum_and_stop_together_across_two_processes():
+    results = _run_pair("cpu:gloo")
+    assert results[0] == results[1] == ([2.0, 3.0], 2)
+
+
+def test_a_cpu_tensor_in_a_cuda_only_group_fails_as_nccl_would():
+    results = _run_pair("cuda:gloo")
+    assert all("No backend type associated with device type cpu" in r for r in results.values()), results
+
+
+def test_every_collective_in_lits_goes_through_the_device_collective():
+    """dist.all_reduce & co. appear only inside train_steps.Collective; training's one object
+    collective (all_gather_object: NCCL sends it from the current CUDA device) is the exception."""
+    call = re.compile(r"dist\.(all_reduce|reduce|broadcast|all_gather|all_gather_into_tensor|reduce_scatter|"
+                      r"all_to_all|gather|scatter|all_gather_object|broadcast_object_list|barrier)\(")
+    found = []
+    for name in sorted(os.listdir(LITS)):
+        if name.endswith(".py"):
+            for line in open(os.path.join(LITS, name)):
+                for m in call.finditer(line):
+                    found.append((name, m.group(1)))
+    assert sorted(found) == [("train_steps.py", "all_reduce"), ("train_steps.py", "all_reduce"),
+                             ("training.py", "all_gather_object")], found
