@@ -93,6 +93,28 @@ class VolumeResult:
     failed: List[Dict] = field(default_factory=list)
 
 
+class Stopwatch:
+    """Seconds per stage of one volume, measured back to back so that they sum to its total.
+
+    `lap(name)` charges the time since the previous lap (or the start) to `name`; the manifest
+    records `seconds()`: each stage and their sum as 'total'.
+    """
+
+    def __init__(self) -> None:
+        self._stages: Dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._stages[name] = self._stages.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def seconds(self) -> Dict[str, float]:
+        out = {name: round(s, 3) for name, s in self._stages.items()}
+        out["total"] = round(sum(out.values()), 3)
+        return out
+
+
 def slice_rng(seed: int, volume_id: str) -> np.random.Generator:
     """The slice filter's generator: depends only on (seed, volume id), not on scheduling."""
     return np.random.default_rng([seed, zlib.crc32(volume_id.encode())])
@@ -128,33 +150,53 @@ def check_pair(task: VolumeTask, volume_shape: Tuple[int, ...], segmentation_sha
 WORKER_BASE_BYTES = 384 << 20
 
 
+def _read_peak(header: volumes.Header) -> int:
+    """Reading one file: its stored voxels and, for a scaled file, their float32 copy (one)."""
+    return header.voxels * header.dtype.itemsize + (header.array_bytes if header.scaling else 0)
+
+
 def memory_bytes(volume: volumes.Header, segmentation: volumes.Header, image_size: int) -> int:
-    """The most memory slicing a pair takes, from what its headers declare.
+    """The most memory slicing a pair takes, from what its headers declare (the peak of one volume).
 
-    The decoded volume and segmentation, twice (a scaled volume's float32 copy, labels decoded from
-    a float segmentation, chunked temporaries), every slice's image and mask as if all were kept
-    and their Parquet shard, plus the worker itself.
+    The larger of: reading the volume (with the reader's buffers); the volume while its segmentation
+    is read; both arrays with
+    the uint8 labels decoded from a non-uint8 segmentation (and its chunk temporaries). Then the
+    histogram's pieces, every slice's image and mask as if all were kept, as much again for its
+    Parquet shard, and the worker itself. tests/test_bounded_inputs.py checks it against the
+    traced peak of real volumes, int16 and scaled.
     """
+    labels = 0 if segmentation.dtype == np.uint8 and not segmentation.scaling else segmentation.voxels
+    # volumes.as_labels converts 32 file slices (last axis) at a time: their rounded copy and a mask.
+    chunk = 0 if not labels else 32 * (segmentation.voxels // segmentation.shape[-1]) * (segmentation.dtype.itemsize + 2)
+    held = volume.array_bytes + segmentation.array_bytes + labels + chunk
+    arrays = max(_read_peak(volume) + volumes.READ_BUFFER_BYTES,
+                 volume.array_bytes + _read_peak(segmentation) + volumes.READ_BUFFER_BYTES, held)
+    # ct.freqhist_breaks' pieces: int16 keys (2 B per voxel), or float HU floored (4 B) and widened
+    # to int64 (8 B).
+    histogram = min(volume.voxels, ct.HIST_PIECE) * (2 if volume.dtype == np.int16 and not volume.scaling else 12)
     slices = volume.geometry.canonical_shape[0]
-    arrays = volume.array_bytes + segmentation.array_bytes + volume.voxels
     kept = slices * image_size * image_size * 4
-    return int(2 * arrays + 2 * kept + WORKER_BASE_BYTES)
+    return int(arrays + histogram + 2 * kept + WORKER_BASE_BYTES)
 
 
-def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
+def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopwatch] = None) -> VolumeResult:
     """Read, validate and canonicalise a volume/segmentation pair; return its kept slices.
+
+    The entry's 'seconds' holds each stage (read, validate, select, histogram, images, masks) as
+    laps of `clock` (a new one when None), and their sum as 'total'.
 
     Raises:
         BadInputError: unreadable or invalid inputs (the caller records them as failed).
     """
-    started = time.perf_counter()
+    clock = clock or Stopwatch()
     hu_file, geometry = volumes.read_nifti(task.volume_uri, cfg.s3_endpoint, cfg.max_voxels)
     seg_file, _ = volumes.read_nifti(task.segmentation_uri, cfg.s3_endpoint, cfg.max_voxels)
-    read_s = time.perf_counter() - started
+    clock.lap("read")
     check_pair(task, hu_file.shape, seg_file.shape)
     volumes.check_hu(hu_file, task.volume_uri)
     labels_file = volumes.as_labels(seg_file, task.segmentation_uri)
     del seg_file
+    clock.lap("validate")
     # The segmentation's voxels correspond to the volume's one for one, so both take the
     # volume's orientation (LiTS segmentation headers occasionally disagree in rounding only).
     hu = geometry.to_canonical(hu_file)
@@ -165,9 +207,13 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
     spacing = np.asarray(geometry.canonical_spacing, np.float32)
     size = cfg.image_size
     table = _empty_table(task.volume_id, size, spacing)
+    clock.lap("select")
     if kept_z.size:
-        breaks = ct.freqhist_breaks(hu) if cfg.context == 0 else np.zeros(1, np.float32)
+        # The histogram ignores voxel order: the file-order array is one contiguous block.
+        breaks = ct.freqhist_breaks(hu_file) if cfg.context == 0 else np.zeros(1, np.float32)
+        clock.lap("histogram")
         images = ct.model_inputs(hu, kept_z, breaks, cfg.context, size)
+        clock.lap("images")
         mask_out = np.empty((kept_z.size, size, size), np.uint8)
         for i, z in enumerate(kept_z):
             mask_out[i] = ct.resize_mask(labels[z], size)
@@ -179,6 +225,7 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
             mask=mask_out,
             spacing=spacing,
         )
+        clock.lap("masks")
     entry = {
         "volume_id": task.volume_id,
         "format": "nifti",
@@ -192,7 +239,7 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
         "voxel_bytes": int(hu_file.nbytes),
         "slices": _counts(categories),
         "kept": _counts(categories[kept_z]),
-        "seconds": {"read": round(read_s, 3), "total": round(time.perf_counter() - started, 3)},
+        "seconds": clock.seconds(),
     }
     return VolumeResult(table=table, entry=entry)
 
@@ -222,14 +269,15 @@ def _read_image(uri: str, cfg: PrepareConfig, flags: int) -> np.ndarray:
     return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
 
 
-def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
+def slice_image_series(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopwatch] = None) -> VolumeResult:
     """Decode one volume's converted slices: masks inverted to labels, images taken as they are.
 
     Per-file problems (an empty, truncated or undecodable image or mask file, a mask that is not
     a colour-mapped label mask) drop that slice and are reported in `failed`, one line naming the
-    file; the rest of the volume goes on. Raises BadInputError when no slice survives.
+    file; the rest of the volume goes on. Raises BadInputError when no slice survives. The entry's
+    'seconds': 'masks' (decoding every mask), 'images' (the kept slices), and their 'total'.
     """
-    started = time.perf_counter()
+    clock = clock or Stopwatch()
     failed: List[Dict] = []
     labels: Dict[int, np.ndarray] = {}
     shapes = set()
@@ -243,6 +291,7 @@ def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
         shapes.add(label.shape)
     if not labels:
         raise BadInputError(f"{task.volume_id}: none of its {len(task.mask_uris)} masks could be decoded")
+    clock.lap("masks")
     numbers = np.array(sorted(labels), dtype=np.int64)
     categories = np.array([labels[n].max() for n in numbers], dtype=np.int8)
     keep = masks.select_slices(categories, cfg.keep_liver, cfg.keep_empty, slice_rng(cfg.seed, task.volume_id))
@@ -292,6 +341,7 @@ def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
             spacing=spacing,
         )
     first_shape = sorted(shapes)[0]
+    clock.lap("images")
     entry = {
         "volume_id": task.volume_id,
         "format": "images",
@@ -301,15 +351,16 @@ def slice_image_series(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
         "spacing": [None, None, None],
         "slices": _counts(categories),
         "kept": _counts(table.category),
-        "seconds": {"total": round(time.perf_counter() - started, 3)},
+        "seconds": clock.seconds(),
     }
     return VolumeResult(table=table, entry=entry, failed=failed)
 
 
-def slice_volume(task: VolumeTask, cfg: PrepareConfig) -> VolumeResult:
-    """Dispatch on the task's format. Raises BadInputError for an unusable volume."""
+def slice_volume(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopwatch] = None) -> VolumeResult:
+    """Dispatch on the task's format (`clock`: see slice_nifti_pair). Raises BadInputError for an
+    unusable volume."""
     if task.format == "nifti":
-        return slice_nifti_pair(task, cfg)
+        return slice_nifti_pair(task, cfg, clock)
     if task.format == "images":
-        return slice_image_series(task, cfg)
+        return slice_image_series(task, cfg, clock)
     raise ValueError(f"unknown task format {task.format!r}")

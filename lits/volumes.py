@@ -44,6 +44,8 @@ MAX_VOXELS = 2 ** 30
 MAX_DATA_OFFSET = 64 << 20
 _HEADER_CHUNK = 64 << 10  # file bytes read to reach a header: one small (range) read
 _DATA_CHUNK = 16 << 20  # file bytes read at a time for the voxels
+# What a read holds besides the voxels: one chunk of the file and one inflated piece (lits.inflate).
+READ_BUFFER_BYTES = 2 * _DATA_CHUNK
 
 
 @dataclass(frozen=True)

@@ -216,17 +216,80 @@ def test_memory_is_sized_from_the_headers(nifti_dir, tmp_path):
     header.set_data_dtype(np.uint8)
     (tmp_path / "segmentation-1.nii").write_bytes(header.binaryblock + bytes(4))
     segmentation = volumes.read_header(str(tmp_path / "segmentation-1.nii"))
-    # 2 x (int16 volume + uint8 labels + uint8 labels decoded) + 2 x 100 slices of 256^2 x 4 B + the worker
-    expected = 2 * 512 * 512 * 100 * 4 + 2 * 100 * 256 * 256 * 4 + (384 << 20)
+    header.set_data_shape((512, 512, 987))  # LiTS' longest scan: the request grows with the header
+    header.set_data_dtype(np.int16)
+    (tmp_path / "volume-2.nii").write_bytes(header.binaryblock + bytes(4))
+    header.set_data_dtype(np.uint8)
+    (tmp_path / "segmentation-2.nii").write_bytes(header.binaryblock + bytes(4))
+    # int16 volume + uint8 labels + the reader's two 16 MB buffers, the histogram's 2^22-voxel
+    # pieces x 2 B, 2 x 100 slices of 256^2 x 4 B (images, masks; their shard), the worker
+    voxels = 512 * 512 * 100
+    expected = 3 * voxels + (32 << 20) + (1 << 22) * 2 + 2 * 100 * 256 * 256 * 4 + (384 << 20)
     from lits.slicing import memory_bytes
 
-    assert memory_bytes(volume, segmentation, 256) == expected == 664797184
-    tasks, failed = discovery.check_headers(discovery.discover(PrepareConfig(input=str(tmp_path), output="o"))[0],
-                                            PrepareConfig(input=str(tmp_path), output="o"))
-    assert failed == [] and [t.memory_bytes for t in tasks] == [expected]
-    assert pipeline.memory_request(tasks, [8 << 30, 16 << 30]) == expected
-    assert pipeline.memory_request(tasks, [1 << 29]) == 1 << 29  # never more than a node has
-    assert pipeline.memory_request([], []) == 384 << 20
+    assert memory_bytes(volume, segmentation, 256) == expected == 575668224
+    cfg = PrepareConfig(input=str(tmp_path), output="o")
+    tasks, failed = discovery.check_headers(discovery.discover(cfg)[0], cfg)
+    long_scan = 3 * 512 * 512 * 987 + (32 << 20) + (1 << 22) * 2 + 2 * 987 * 256 * 256 * 4 + (384 << 20)
+    assert failed == [] and [t.memory_bytes for t in tasks] == [expected, long_scan]
+    # Each Ray task reserves its own volume's estimate: 16 long scans ask for 16 x 1.75 GB, so a
+    # 32 GB node (Ray offers ~70% of it) runs at most 12 of them at once instead of running out.
+    assert [pipeline.memory_request(t, [32 << 30]) for t in tasks] == [expected, long_scan]
+    assert 16 * long_scan > 0.7 * (32 << 30)
+    assert pipeline.memory_request(tasks[0], [8 << 30], attempt=2) == 2 * expected  # after a kill
+    assert pipeline.memory_request(tasks[1], [1 << 30]) == 1 << 30  # never more than a node has
+    images = discovery.VolumeTask(volume_id="volume-3", format="images")
+    assert pipeline.memory_request(images, []) == 384 << 20
+
+
+def write_pair(path, rng, scaled: bool, shape=(512, 512, 48)) -> None:
+    """volume-1.nii and segmentation-1.nii: int16 HU with uint8 labels, or (`scaled`) uint16 with
+    scl_slope 1, scl_inter -1024 (read back as float32 HU) with float32 labels, the costliest
+    layout a LiTS-like pair can have."""
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    stored = rng.integers(0, 1400, size=shape, dtype=np.uint16)
+    image = nib.Nifti1Image(stored if scaled else (stored.astype(np.int16) - 1024), affine)
+    if scaled:
+        image.header.set_slope_inter(1.0, -1024.0)
+    nib.save(image, str(path / "volume-1.nii"))
+    labels = np.zeros(shape, np.float32 if scaled else np.uint8)
+    labels[100:400, 100:400, 10:40] = 1
+    labels[200:260, 200:260, 20:30] = 2
+    nib.save(nib.Nifti1Image(labels, affine), str(path / "segmentation-1.nii"))
+
+
+def traced_peak(function, *args):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = function(*args)
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_scaled_volume_is_read_as_one_float32_copy(tmp_path, rng):
+    write_pair(tmp_path, rng, scaled=True)
+    voxels = 512 * 512 * 48
+    peak, (hu, _) = traced_peak(volumes.read_nifti, str(tmp_path / "volume-1.nii"))
+    assert hu.dtype == np.float32 and float(hu.min()) >= -1024.0
+    # the stored uint16 voxels, one float32 copy, one 16 MB read of the file: no second copy
+    assert peak < voxels * (2 + 4) + (24 << 20), peak / 1e6
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["int16 + uint8 labels", "scaled uint16 + float32 labels"])
+def test_the_reservation_bounds_the_traced_peak_of_slicing(tmp_path, rng, scaled):
+    from lits import slicing
+
+    write_pair(tmp_path, rng, scaled)
+    cfg = PrepareConfig(input=str(tmp_path), output="o", keep_liver=1.0, keep_empty=1.0)
+    tasks, failed = discovery.check_headers(discovery.discover(cfg)[0], cfg)
+    assert failed == []
+    peak, result = traced_peak(slicing.slice_volume, tasks[0], cfg)
+    estimate = tasks[0].memory_bytes - slicing.WORKER_BASE_BYTES
+    assert len(result.table) == result.entry["canonical_shape"][0]  # every slice kept, as estimated
+    assert peak <= estimate <= 1.6 * peak, (peak / 1e6, estimate / 1e6)
 
 
 def test_a_network_failure_is_transient_and_a_bad_file_is_not(tmp_path, monkeypatch):

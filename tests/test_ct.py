@@ -35,6 +35,27 @@ def test_freqhist_breaks_equal_sort_reference(rng, dtype):
     assert np.array_equal(ct.freqhist_breaks(hu), fastai_freqhist_bins(hu).astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_freqhist_breaks_ignore_voxel_order_and_layout(rng, dtype):
+    hu = np.floor(rng.normal(40, 300, size=(9, 31, 27)).clip(-1024, 3000)).astype(dtype)
+    reference = fastai_freqhist_bins(hu).astype(np.float32)
+    file_order = np.asfortranarray(hu)
+    views = [file_order, file_order[::-1, :, ::-1].transpose(2, 1, 0), hu[:, ::-1].swapaxes(0, 1)]
+    for view in views:  # contiguous blocks seen through flips and transposes: read in place
+        assert np.array_equal(ct.freqhist_breaks(view), reference)
+    strided = hu[::2, :, 1::3]  # not one block: read a few rows at a time
+    assert np.array_equal(ct.freqhist_breaks(strided), fastai_freqhist_bins(strided).astype(np.float32))
+
+
+def test_int16_counts_stay_exact_beyond_float32_integers():
+    # cv2.calcHist counts in float32, exact only up to 2^24: pieces keep each count below it.
+    hu = np.zeros((1 << 24) + 6, np.int16)
+    hu[:5] = [-1024, 7, 7, 3000, -1]
+    counts = ct._int16_counts(hu)
+    expected = np.bincount(hu.view(np.uint16) ^ np.uint16(0x8000), minlength=1 << 16)
+    assert counts[0x8000] == (1 << 24) + 1 and np.array_equal(counts, expected)
+
+
 def test_freqhist_breaks_small_hand_case():
     hu = np.arange(1000).reshape(10, 10, 10) - 500
     # ranks 1, 50, 150, ..., 950, 999 -> values rank - 500

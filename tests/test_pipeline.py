@@ -114,14 +114,33 @@ def test_context_images_stack_neighbouring_liver_windows(nifti_dir, tmp_path):
     hu_file, g = volumes.read_nifti(os.path.join(nifti_dir, f"{vid}.nii.gz"))
     hu = g.to_canonical(hu_file)
     file_to_z = {int(g.file_slice_index(z)): z for z in range(hu.shape[0])}
-    import ray.data  # noqa: F401  (registers the tensor extension type for to_numpy)
+    from lits import shards
 
-    images = table.column("image").combine_chunks().to_numpy_ndarray()
+    images = shards.decode(table.column("image"), shards.column_shape(table.schema, "image", "shard"))
     for index, image in zip(table.column("slice_index").to_pylist(), images):
         z = file_to_z[index]
         for channel, k in enumerate((z - 1, z, z + 1)):
             k = min(max(k, 0), hu.shape[0] - 1)
             assert np.array_equal(image[..., channel], ct.window(hu[k], *WINDOW_LIVER))
+
+
+def test_stage_seconds_sum_to_each_volume_total_and_the_timeline_is_ordered(nifti_dir, tmp_path):
+    import time
+
+    cfg = PrepareConfig(input=nifti_dir, output=str(tmp_path / "out"), image_size=32)
+    started = time.perf_counter()
+    manifest = pipeline.prepare(cfg, pipeline.run_local)
+    wall = time.perf_counter() - started
+    stages = ("read", "validate", "select", "histogram", "images", "masks", "encode", "write")
+    for entry in manifest["volumes"]:
+        seconds = entry["seconds"]
+        assert tuple(k for k in seconds if k != "total") == stages
+        assert seconds["total"] == pytest.approx(sum(seconds[k] for k in stages), abs=1e-9)
+    line = manifest["timeline"]
+    assert 0 < line["headers_checked"] <= line["first_volume_done"] <= line["last_volume_done"] <= manifest["seconds"] <= wall
+    # the stages cover the volumes' whole time: one process, so their sum is the loop's time
+    loop = line["last_volume_done"] - line["headers_checked"]
+    assert sum(e["seconds"]["total"] for e in manifest["volumes"]) == pytest.approx(loop, rel=0.1, abs=0.02)
 
 
 def test_rerun_replaces_output_and_interruption_keeps_previous(nifti_dir, tmp_path):
