@@ -149,9 +149,13 @@ def soak(args, work: str) -> int:
         time.sleep(args.settle)  # the finished job's actor exits; Ray ends idle workers
         rows.append(("after the first job", *tree_rss_mb(proc.pid)))
         bodies = [open(p, "rb").read() for p in volumes]
+        failures = []
 
         def upload(i):
-            return call(url, "POST", f"/v1/segment?name=v{i}.nii.gz", raw=bodies[i % len(bodies)])[0]
+            status, body = call(url, "POST", f"/v1/segment?name=v{i}.nii.gz", raw=bodies[i % len(bodies)])
+            if status != 200 and not failures:
+                failures.append(f"upload {i}: {status} {body[:300]!r}")
+            return status
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             uploads = list(pool.map(upload, range(args.uploads)))
@@ -175,9 +179,13 @@ def soak(args, work: str) -> int:
         print(f"| {name} | {rss} | {count} | {rss / base:.2f}x |")
     print(f"\nprocesses at the end: {titles[0]}")
     bad_uploads = sum(1 for s in uploads if s != 200)
-    bad_jobs = sum(1 for j in ended if j["state"] != "succeeded" or j["counts"]["failed"])
+    bad_jobs = [j for j in ended if j["state"] != "succeeded" or j["counts"]["failed"]]
+    failures += [f"job {j['job_id']}: {j['state']}, {j.get('error')}, {j.get('failed')}" for j in bad_jobs[:1]]
+    bad_jobs = len(bad_jobs)
     print(f"\nuploads not 200: {bad_uploads}; jobs not succeeded cleanly: {bad_jobs}; "
           f"GET /v1/jobs lists {len(json.loads(listing)) if status == 200 else status} jobs")
+    for line in failures:
+        print("first failure:", line)
     ok = rows[2][1] <= 1.5 * base and not bad_uploads and not bad_jobs
     print("goal (after all <= 1.5x after the first job):", "met" if ok else "NOT met")
     return 0 if ok else 1

@@ -1,10 +1,16 @@
 """Bulk segmentation jobs: every NIfTI under a prefix -> a mask and a report per volume.
 
-A running job is a `JobRunner` actor (named, detached: it outlives the HTTP replica that created
-it and is found again by its id). It lists the inputs, then keeps at most `concurrency` volume
-tasks (`lits.job_tasks`) in flight inside the app's volume pool. When it ends it writes
-`OUTPUT/_jobs/<job_id>.json` (the summary), updates the job's record and exits: a finished job
-costs no process. Where a job is, is kept in a small record per job in the jobs state folder
+A running job is a `JobRunner` actor, named (found again by its id) and owned by the process that
+submitted it (the HTTP replica). It is not detached on purpose: Ray keeps the workers of a
+detached actor's tasks apart from every other's, and a worker that made a Serve handle always owns
+a pending call (the handle's long poll), so Ray never ends it as idle: each detached job left one
+idle worker (~290 MB) behind for good. Owned by the replica, all jobs and uploads share its
+workers. It lists the inputs, then keeps volume tasks (`lits.job_tasks`) in flight in the
+placement groups `lits.job_capacity` gives it (the app's volume pool, plus CPUs that join the
+cluster when the pool is elastic). It writes `OUTPUT/_jobs/<job_id>.json` (the summary) after the
+listing, then at most every `SUMMARY_EVERY_S` as volumes finish, and last when it ends: a lost
+actor loses no progress. Then it updates the job's record and exits: a finished job costs no
+process. Where a job is, is kept in a small record per job in the jobs state folder
 (`<state>/<job_id>.json`, written when the job is submitted); the status of a finished job is read
 from its summary through that record, so it survives the actor and a restart of the server.
 
@@ -30,6 +36,7 @@ import ray
 
 from lits import access, inference, storage
 from lits.errors import UserError
+from lits.job_capacity import JobCapacity
 from lits.job_tasks import (MODEL_WAIT_S, describe_model, find_pool, in_pool, list_inputs, output_uris,  # noqa: F401
                             pool_shape, segment_upload_task, segment_volume, segment_volume_task)
 
@@ -43,7 +50,11 @@ STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 CANCEL_GRACE_S = 10.0  # how long cancelled volume tasks may take to stop before they are killed
 EXIT_AFTER_S = 1.0  # a finished job's actor answers this long from memory, then exits
-STATUS_WAIT_S = 10.0
+STATUS_WAIT_S = 10.0  # for a cancel
+# A status waits this long for a busy job actor, then answers from the job's last summary (at most
+# SUMMARY_EVERY_S old): GET /v1/jobs/{id} stays under a second whatever the job's process is doing.
+STATUS_ACTOR_WAIT_S = 0.3
+SUMMARY_EVERY_S = 2.0  # a running job rewrites its summary at most this often as volumes finish
 LOST = ("the job stopped without a summary (its server or cluster stopped while it ran); submit it again: "
         "finished volumes are skipped")
 
@@ -75,11 +86,14 @@ class JobRunner:
             its time, so below 1 lets more volumes overlap on a CPU-only machine.
         jobs_state: the folder of job records; allow: the server's allow-list (every file a
             volume reads or writes must resolve inside it); wait_s: longest wait for the model.
+        reserve_cpus: CPUs the app's replicas may hold; given, the job adds CPUs that join the
+            cluster to its pool (`lits.job_capacity`); None: the app's pool as it is.
     """
 
     def __init__(self, job_id: str, request: Dict, app_name: str, chunk: int = 16,
                  concurrency: Optional[int] = None, s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0,
-                 jobs_state: Optional[str] = None, allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S):
+                 jobs_state: Optional[str] = None, allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S,
+                 reserve_cpus: Optional[float] = None):
         self.job_id = job_id
         self.request = dict(request)
         self.app_name = app_name
@@ -90,6 +104,10 @@ class JobRunner:
         self.jobs_state = jobs_state or default_jobs_state()
         self.allow = tuple(allow)
         self.wait_s = wait_s
+        self.reserve_cpus = reserve_cpus
+        self.in_flight_cap = 0
+        self.summary_at = 0.0
+        self.unsaved = False  # volumes finished since the summary was last written
         self.lock = threading.Lock()
         self.cancel_requested = threading.Event()
         self.state = "queued"
@@ -132,6 +150,7 @@ class JobRunner:
                 "progress": round(finished / counts["total"], 4) if counts["total"] else (1.0 if self.state in FINAL_STATES else 0.0),
                 "slices_segmented": self.slices,
                 "chunks_resent": self.chunks_resent,
+                "concurrency": self.in_flight_cap,
                 "slices_per_s": round(self.slices / elapsed, 2) if elapsed > 0 else None,
                 "elapsed_s": round(elapsed, 1),
                 "failed": list(self.failed),
@@ -154,6 +173,7 @@ class JobRunner:
                 self.slices += int(result.get("slices", 0))
                 self.chunks_resent += int(result.get("chunks_resent", 0))
             self.results.append(result)
+            self.unsaved = True
 
     def _run(self) -> None:
         self._set(state="running", started_s=time.time())
@@ -191,15 +211,6 @@ class JobRunner:
         time.sleep(EXIT_AFTER_S)
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
-    def _concurrency(self, pool) -> int:
-        if self.concurrency:
-            return self.concurrency
-        if pool is None:
-            log.warning("job %s: app %s has no volume pool; its tasks may take the CPUs a model replica needs",
-                        self.job_id, self.app_name)
-            return max(1, min(256, int(ray.cluster_resources().get("CPU", 1) / self.cpus_per_volume)))
-        return max(1, int(pool_shape(pool)[0] / self.cpus_per_volume))
-
     def _run_volumes(self) -> None:
         self._set(model=describe_model(self.app_name, self.wait_s))
         listing = list_inputs(self.request["input"], self.request["output"], self.s3_endpoint)
@@ -211,24 +222,37 @@ class JobRunner:
             raise UserError(f"no .nii or .nii.gz volumes under {self.request['input']} "
                             f"({len(listing['ignored'])} ignored: reference segmentations or outputs)")
         spec = inference.ModelSpec.from_dict(self.model).to_dict()
-        pool = find_pool(self.app_name)
-        cpus = min(self.cpus_per_volume, pool_shape(pool)[1]) if pool is not None else self.cpus_per_volume
-        task = segment_volume_task.options(num_cpus=cpus, **in_pool(pool))
-        concurrency = self._concurrency(pool)
+        capacity = JobCapacity(self.app_name, self.job_id, self.cpus_per_volume, self.reserve_cpus, self.concurrency)
+        if not capacity.groups and not capacity.elastic:
+            log.warning("job %s: app %s has no volume pool; its tasks may take the CPUs a model replica needs",
+                        self.job_id, self.app_name)
+        self._save_progress(force=True)
+        try:
+            self._drive(volumes, spec, capacity)
+        finally:
+            capacity.release(others_running=_other_jobs_running(self.job_id))
+
+    def _drive(self, volumes: List, spec: Dict, capacity: JobCapacity) -> None:
+        """Keep volume tasks in flight (as many as `capacity` allows now) until every volume is done."""
         pending = list(volumes)
         in_flight: Dict = {}
         while pending or in_flight:
             if self.cancel_requested.is_set():
                 self._stop(list(in_flight))
                 return
-            while pending and len(in_flight) < concurrency:
+            capacity.refresh(len(pending))
+            self._set(in_flight_cap=capacity.concurrency())
+            while pending and len(in_flight) < self.in_flight_cap:
                 uri, rel = pending.pop(0)
+                slot = capacity.place()
+                task = segment_volume_task.options(num_cpus=self.cpus_per_volume, **slot["options"])
                 in_flight[task.remote(uri, rel, self.request["output"], spec, self.app_name,
                                       bool(self.request.get("overwrite")), self.chunk, self.s3_endpoint,
-                                      self.allow, self.wait_s)] = uri
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                                      self.allow, self.wait_s)] = (uri, slot["index"])
+            ready = ray.wait(list(in_flight), num_returns=1, timeout=0.5)[0] if in_flight else time.sleep(0.5) or []
             for ref in ready:
-                uri = in_flight.pop(ref)
+                uri, index = in_flight.pop(ref)
+                capacity.done(index)
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError) as exc:
@@ -238,6 +262,18 @@ class JobRunner:
                 except ray.exceptions.WorkerCrashedError as exc:
                     result = {"input": uri, "status": "failed", "reason": f"worker crashed repeatedly: {exc}"}
                 self._record(result)
+            if self.unsaved:
+                self._save_progress()
+
+    def _save_progress(self, force: bool = False) -> None:
+        """Rewrite the summary of the running job (at most every SUMMARY_EVERY_S unless forced)."""
+        if not force and time.time() - self.summary_at < SUMMARY_EVERY_S:
+            return
+        self.summary_at, self.unsaved = time.time(), False
+        try:
+            self._write_summary(self.state)
+        except Exception as exc:  # the final summary is the one that must be written; this one can wait
+            log.warning("job %s: cannot write its summary yet: %s", self.job_id, exc)
 
     @staticmethod
     def _stop(refs: List) -> None:
@@ -255,15 +291,22 @@ class JobRunner:
     def _write_summary(self, state: str) -> None:
         summary = self.status()
         summary["state"] = state
+        with self.lock:
+            results = list(self.results)
         summary["model"] = self.model
-        summary["volumes"] = sorted(self.results, key=lambda r: r.get("name") or r["input"])
-        summary["nodes"] = sorted({r["node_id"] for r in self.results if r.get("node_id")})
+        summary["volumes"] = sorted(results, key=lambda r: r.get("name") or r["input"])
+        summary["nodes"] = sorted({r["node_id"] for r in results if r.get("node_id")})
         uri = summary["summary"]
         access.check_resolved(uri, self.allow, "write")
         storage.write_bytes(uri, json.dumps(summary, indent=1).encode(), self.s3_endpoint)
 
 
 # --- the registry: live actors, then records and summaries --------------------------------------
+
+def _other_jobs_running(job_id: str) -> bool:
+    return any(a["name"].startswith(ACTOR_PREFIX) and a["name"] != ACTOR_PREFIX + job_id
+               for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == JOBS_NAMESPACE)
+
 
 def _actor(job_id: str):
     try:
@@ -272,22 +315,31 @@ def _actor(job_id: str):
         return None
 
 
+# The handles of the jobs this process started: a job's actor is not detached (see submit_job) and
+# lives while a handle to it does; it ends itself when the job is over.
+_HELD: Dict[str, object] = {}
+
+
 def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optional[int] = None,
                s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0, jobs_state: Optional[str] = None,
-               allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S) -> str:
+               allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S, reserve_cpus: Optional[float] = None) -> str:
     """Start a job on the cluster; return its id at once (the job runs in its own actor).
 
     The job's record (its queued status, naming its summary) is written first: a job whose id was
     handed out can always be found."""
     job_id = uuid.uuid4().hex[:12]
     jobs_state = jobs_state or default_jobs_state()
-    args = (job_id, request, app_name, chunk, concurrency, s3_endpoint, cpus_per_volume, jobs_state, tuple(allow), wait_s)
+    args = (job_id, request, app_name, chunk, concurrency, s3_endpoint, cpus_per_volume, jobs_state, tuple(allow), wait_s,
+            reserve_cpus)
     storage.write_bytes(_record_uri(jobs_state, job_id), json.dumps(JobRunner(*args).status()).encode(), s3_endpoint)
     runner = ray.remote(JobRunner).options(
-        name=ACTOR_PREFIX + job_id, namespace=JOBS_NAMESPACE, lifetime="detached", num_cpus=0,
+        name=ACTOR_PREFIX + job_id, namespace=JOBS_NAMESPACE, lifetime=None, num_cpus=0,
         max_concurrency=8, max_restarts=0,
     ).remote(*args)
     ray.get(runner.start.remote())
+    for done in [j for j in _HELD if _actor(j) is None]:  # those that ended, exited
+        _HELD.pop(done)
+    _HELD[job_id] = runner
     return job_id
 
 
@@ -300,28 +352,32 @@ def _read_json(uri: str, s3_endpoint: Optional[str]) -> Optional[Dict]:
 
 
 def _from_record(record: Dict, s3_endpoint: Optional[str]) -> Dict:
-    """A job without an actor: its summary (the finished job's state), else its record."""
+    """A job without an actor: its summary (the finished job's state, or how far a lost job got),
+    else its record."""
     summary = _read_json(record["summary"], s3_endpoint)
     if summary and summary.get("job_id") == record["job_id"]:
-        return {k: summary[k] for k in record if k in summary}
+        found = {k: summary[k] for k in record if k in summary}
+        return found if found.get("state") in FINAL_STATES else {**found, "state": "failed", "error": LOST}
     if record.get("state") in FINAL_STATES:
         return record
     return {**record, "state": "failed", "error": LOST}
 
 
 def get_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:
-    """The job's status: from its actor while it runs, from its summary (through its record) after."""
+    """The job's status: from its actor while it runs (its last summary when the actor does not
+    answer within STATUS_ACTOR_WAIT_S), from its summary (through its record) after."""
     actor = _actor(job_id)
     if actor is not None:
         try:
-            return ray.get(actor.status.remote(), timeout=STATUS_WAIT_S)
+            return ray.get(actor.status.remote(), timeout=STATUS_ACTOR_WAIT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass  # it just ended (or is too busy to answer): the record knows
+            pass  # it just ended, or is too busy to answer now: the record and summary know
     record = _read_json(_record_uri(jobs_state or default_jobs_state(), job_id), s3_endpoint)
     if record is None or record.get("job_id") != job_id:
         return None
     if actor is not None and record.get("state") not in FINAL_STATES:
-        return record
+        summary = _read_json(record["summary"], s3_endpoint)  # alive: never lost, whatever the summary says
+        return {k: summary[k] for k in record if k in summary} if summary and summary.get("job_id") == job_id else record
     return _from_record(record, s3_endpoint)
 
 

@@ -7,9 +7,10 @@
     many volumes (and requests) into forward passes of at most max_batch_size slices.
 
 Reliability: volume tasks run in the app's volume pool (a placement group beside the replicas'
-CPUs, `lits.job_tasks`), so a replica that dies is always replaced; every wait on the model has a
-deadline. The ingress takes many requests at once (light routes never queue behind uploads) and
-runs at most `max_uploads` uploads together; job status is read off the upload path.
+CPUs, `lits.job_tasks`; jobs add CPUs that join the cluster, `lits.job_capacity`), so a replica
+that dies is always replaced; every wait on the model has a deadline. The ingress takes many
+requests at once (light routes never queue behind uploads) and runs at most `max_uploads` uploads
+together; job status is read off the upload path.
 
 Security: with a token configured every /v1 call needs `Authorization: Bearer <token>` (401;
 a dependency of the `/v1` router, so no route can be added without it);
@@ -251,10 +252,12 @@ class Api:
         job = {"input": self.access(body.input), "output": self.access(body.output), "overwrite": body.overwrite}
         if not await asyncio.to_thread(storage.exists, job["input"], self.cfg.s3_endpoint):
             raise HTTPException(404, f"input {body.input} does not exist")
+        # An elastic pool (no --volume-cpus) grows with the cluster, never into the replicas' CPUs.
+        reserve = None if self.cfg.volume_cpus is not None else replica_cpus(self.cfg)[1]
         job_id = await asyncio.to_thread(jobs.submit_job, job, self.app_name, self.cfg.chunk,
                                          body.concurrency or self.cfg.job_concurrency, self.cfg.s3_endpoint,
                                          self.cfg.cpus_per_volume, self.jobs_state, self.cfg.allow_prefixes,
-                                         self.cfg.model_wait_s)
+                                         self.cfg.model_wait_s, reserve)
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
     @v1.get("/jobs")
@@ -291,6 +294,13 @@ def build_app(cfg: ServeConfig, app_name: str = APP_NAME):
     return Api.bind(model_deployment(cfg), cfg.to_dict(), app_name)
 
 
+def replica_cpus(cfg: ServeConfig) -> tuple:
+    """(CPUs the replicas placed at deploy hold, CPUs they may hold at max_replicas)."""
+    placed = cfg.replicas if cfg.replicas is not None else cfg.min_replicas
+    most = cfg.replicas if cfg.replicas is not None else cfg.max_replicas
+    return placed * cfg.cpus_per_replica, most * cfg.cpus_per_replica
+
+
 def volume_cpus(cfg: ServeConfig) -> float:
     """CPUs for the volume pool: cfg.volume_cpus, else what is free now (the replicas are placed)
     less what autoscaling up to max_replicas would take."""
@@ -298,16 +308,18 @@ def volume_cpus(cfg: ServeConfig) -> float:
         return cfg.volume_cpus
     import ray
 
-    placed = cfg.replicas if cfg.replicas is not None else cfg.min_replicas
-    most = cfg.replicas if cfg.replicas is not None else cfg.max_replicas
-    return ray.available_resources().get("CPU", 0.0) - (most - placed) * cfg.cpus_per_replica
+    placed, most = replica_cpus(cfg)
+    return ray.available_resources().get("CPU", 0.0) - (most - placed)
 
 
 def deploy(cfg: ServeConfig, http: bool = True, app_name: str = APP_NAME):
     """Start Serve (HTTP on cfg.host:cfg.port, or no proxy), run the app and reserve its volume
     pool (`job_tasks.create_pool`); returns the model deployment's handle.
 
-    Without http only the model deployment runs (what a local `segment.py` needs).
+    Without http only the model deployment runs (what a local `segment.py` needs). Without
+    cfg.volume_cpus the pool is elastic: when no CPU is free at deploy (a `CPU: 0` head whose
+    replicas took the only CPU node's), the app starts without one and jobs use the CPU nodes that
+    join (`lits.job_capacity`), asking the autoscaler for them.
     """
     if http:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
@@ -316,8 +328,14 @@ def deploy(cfg: ServeConfig, http: bool = True, app_name: str = APP_NAME):
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         handle = serve.run(model_deployment(cfg), name=app_name, route_prefix=None,
                            logging_config={"log_level": "WARNING"})
+    free = volume_cpus(cfg)
+    if cfg.volume_cpus is None and free < max(1.0, cfg.cpus_per_volume):
+        job_tasks.remove_pool(app_name)
+        log.warning("app %s: no CPU is free for volume tasks now; jobs take CPU nodes as they join (and ask the "
+                    "autoscaler for them); uploads wait for one", app_name)
+        return handle
     try:
-        cpus = job_tasks.create_pool(app_name, volume_cpus(cfg), cfg.cpus_per_volume)
+        cpus = job_tasks.create_pool(app_name, free, cfg.cpus_per_volume)
     except UserError:
         serve.delete(app_name)
         raise

@@ -68,3 +68,13 @@ def test_nodes_run_the_submitters_version(cluster):
     assert cluster["file_mounts"]["/home/ubuntu/lits"] == "."  # the checkout, as it is
     assert "pip install --quiet -e ~/lits" in setup
     assert f"ray[data,train,serve,default]=={ray.__version__}" in setup
+
+
+def test_a_bulk_job_may_use_every_cpu_node(cluster):
+    """Issue 14.5: a job's cap (256) was below 20 cpu-spot nodes x 16 CPUs."""
+    from lits.job_capacity import MAX_CONCURRENCY
+
+    cpu = cluster["available_node_types"]["cpu-spot"]
+    assert MAX_CONCURRENCY * ServeConfig(model="-").cpus_per_volume >= cpu["max_workers"] * cpu["resources"]["CPU"]
+    assert cluster["available_node_types"][cluster["head_node_type"]]["resources"]["CPU"] == 0  # what the test of
+    # test_multinode.py::test_a_bulk_job_takes_the_cpu_node_that_joins builds

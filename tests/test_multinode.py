@@ -1,16 +1,20 @@
-"""A real two-node Ray cluster on this machine: `ray start --head` + `ray start --address`, each node
-with its own resource, and the workflows joining it with --address; work must land on both nodes."""
+"""A real multi-node Ray cluster on this machine: `ray start --head` + `ray start --address`, each node
+with its own resource, and the workflows joining it with --address; work must land where it should:
+prepare and train on both nodes, a bulk job on the CPU node that joined while it waited."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
 from conftest import free_port, run_workflow
+from test_inference import tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +52,22 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def _node_names(address: str, count: int, timeout: float = 90) -> dict:
+    """{node_id: 'head' | 'worker' | 'cpu'} (from each node's custom resource), once `count` are alive.
+    Asked from a fresh process: this one imported Ray before the auth mode was set."""
+    query = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+             "print(json.dumps({n['NodeID']: next((k[5:] for k in n['Resources'] if k.startswith('node_')), '?') "
+             "for n in ray.nodes() if n['Alive']}))" % address)
+    deadline = time.time() + timeout
+    names, out = {}, None
+    while time.time() < deadline and len(names) < count:
+        out = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, timeout=120)
+        names = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+        time.sleep(0.5)
+    assert len(names) == count, (names, out.stderr[-2000:] if out else "")
+    return names
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head with 3 CPUs and {'node_head': 1}, worker with 3 CPUs and {'node_worker': 1}; yields
@@ -67,23 +87,12 @@ def two_nodes():
     try:
         procs.append(_start([f"--address={address}", "--num-cpus=3", "--resources={\"node_worker\": 1}",
                              "--node-ip-address=127.0.0.1"]))
-        # Asked from a fresh process: this one imported Ray before the auth mode was set.
-        query = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-                 "print(json.dumps({n['NodeID']: 'head' if 'node_head' in n['Resources'] else 'worker' "
-                 "for n in ray.nodes() if n['Alive']}))" % address)
-        deadline = time.time() + 90
-        names = {}
-        while time.time() < deadline and len(names) < 2:
-            out = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, timeout=120)
-            names = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
-            time.sleep(0.5)
-        assert sorted(names.values()) == ["head", "worker"], (names, out.stderr[-2000:])
+        names = _node_names(address, 2)
+        assert sorted(names.values()) == ["head", "worker"], names
         yield address, names
     finally:
         for proc in reversed(procs):
             _stop(proc)
-        import shutil
-
         shutil.rmtree(temp_dir, ignore_errors=True)
         if old_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
@@ -113,3 +122,68 @@ def test_prepare_and_train_run_on_both_nodes(two_nodes, nifti_dir, tmp_path):
     nodes = row.split(",")[header.split(",").index("nodes")].split(";")
     assert {names[n] for n in nodes} == {"head", "worker"}
     assert (runs / "model" / "config.json").exists()
+
+
+def _http(url: str, method: str = "GET", body=None):
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method,
+                                     headers={"Authorization": "Bearer mn-token", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_a_bulk_job_takes_the_cpu_node_that_joins(nifti_dir, tmp_path, monkeypatch):
+    """Issue 14.5: cluster.yaml's head has `CPU: 0`; jobs sized their concurrency once from
+    ray.cluster_resources()["CPU"]. Here the head has no CPU and one node has 1 CPU (the model
+    replica takes it), so serve.py deploys with no CPU left for volume tasks (before: it refused to
+    start). A job over 4 volumes waits (concurrency 0) with its summary already written; then a node
+    with 2 CPUs joins, the job takes them, and every volume runs there."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    temp_dir = f"/tmp/lits-mn-{port}"
+    procs = [_start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=0", "--resources={\"node_head\": 1}",
+                     "--include-dashboard=false", "--node-ip-address=127.0.0.1"])]
+    try:
+        procs.append(_start([f"--address={address}", "--num-cpus=1", "--resources={\"node_replica\": 1}",
+                             "--node-ip-address=127.0.0.1"]))
+        inputs, out = tmp_path / "in", tmp_path / "out"
+        inputs.mkdir()
+        for i in range(4):
+            shutil.copy(os.path.join(nifti_dir, f"volume-{i}.nii.gz"), inputs)
+        http_port = free_port()
+        monkeypatch.setenv("LITS_API_TOKEN", "mn-token")
+        proc = run_workflow("serve", "--model", tiny_model(tmp_path / "model"), "--address", address, "--detach",
+                            "--port", str(http_port), "--allow-prefix", str(tmp_path), "--jobs-state",
+                            str(tmp_path / "state"), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "no CPU is free for volume tasks now" in proc.stderr
+        url = f"http://127.0.0.1:{http_port}"
+        job_id = _http(url + "/v1/jobs", "POST", {"input": str(inputs), "output": str(out)})["job_id"]
+        deadline = time.time() + 60
+        job = _http(f"{url}/v1/jobs/{job_id}")
+        while job["counts"]["total"] == 0 and time.time() < deadline:
+            time.sleep(0.5)
+            job = _http(f"{url}/v1/jobs/{job_id}")
+        time.sleep(3)
+        job = _http(f"{url}/v1/jobs/{job_id}")
+        assert job["state"] == "running" and job["concurrency"] == 0 and job["counts"]["done"] == 0, job
+        summary = json.loads((out / "_jobs" / f"{job_id}.json").read_text())  # written before any volume ended
+        assert summary["state"] == "running" and summary["counts"]["total"] == 4, summary
+
+        procs.append(_start([f"--address={address}", "--num-cpus=2", "--resources={\"node_cpu\": 1}",
+                             "--node-ip-address=127.0.0.1"]))
+        names = _node_names(address, 3)
+        deadline = time.time() + 300
+        while job["state"] == "running" and time.time() < deadline:
+            time.sleep(1)
+            job = _http(f"{url}/v1/jobs/{job_id}")
+        assert job["state"] == "succeeded" and job["counts"]["done"] == 4, job
+        assert job["concurrency"] == 2, job
+        summary = json.loads((out / "_jobs" / f"{job_id}.json").read_text())
+        assert [names[v["node_id"]] for v in summary["volumes"]] == ["cpu"] * 4, summary["volumes"]
+        assert sorted(p.name for p in out.iterdir() if p.name.endswith("_seg.nii.gz")) == [
+            f"volume-{i}_seg.nii.gz" for i in range(4)]
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -165,11 +165,13 @@ def run_locally(args) -> dict:
     serving.deploy(cfg, http=False, app_name=app_name)
     job_id = None
     try:
-        # Volume tasks run in the app's volume pool (the CPUs the replica does not hold); by
-        # default as many at once as it has room for.
+        # Volume tasks run in the app's volume pool (the CPUs the replica does not hold) and, on a
+        # cluster, on CPU nodes that join (the job asks the autoscaler for them); by default as many
+        # at once as they have room for.
         request = {"input": storage.normalise(args.input), "output": storage.normalise(args.output),
                    "overwrite": args.overwrite}
-        job_id = jobs.submit_job(request, app_name, cfg.chunk, args.concurrency, s3, cfg.cpus_per_volume)
+        job_id = jobs.submit_job(request, app_name, cfg.chunk, args.concurrency, s3, cfg.cpus_per_volume,
+                                 reserve_cpus=serving.replica_cpus(cfg)[1])
         logging.info("job %s started: %s -> %s", job_id, request["input"], request["output"])
         job = follow(lambda: jobs.get_job(job_id))
         return job

@@ -36,9 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "without it any s3:// URI and no local path")
     p.add_argument("--max-body-mb", type=int, default=d.max_body_mb, help="largest /v1/segment upload (default: %(default)s)")
     p.add_argument("--job-concurrency", type=int, default=None, help="volumes in flight per job (default: the volume "
-                   "pool's CPUs / --cpus-per-volume)")
-    p.add_argument("--volume-cpus", type=float, default=None, help="CPUs reserved for volume tasks (default: what is "
-                   "free once the replicas are placed, less what autoscaling to --max-replicas takes)")
+                   "pool's CPUs / --cpus-per-volume, growing as CPU nodes join)")
+    p.add_argument("--volume-cpus", type=float, default=None, help="CPUs reserved for volume tasks, a fixed pool "
+                   "(default: what is free once the replicas are placed, less what autoscaling to --max-replicas "
+                   "takes; jobs add the CPUs that join the cluster later and ask the autoscaler for more)")
     p.add_argument("--jobs-state", default=None, help="folder or s3:// prefix of the job records (default: "
                    "$LITS_JOBS_STATE or ~/.cache/lits/jobs; on a cluster use s3://…)")
     p.add_argument("--max-uploads", type=int, default=d.max_uploads, help="/v1/segment uploads segmented at once; "
