@@ -1,9 +1,20 @@
 #!/usr/bin/env python
-"""Bulk segmentation throughput and /v1/segment latency on this machine's CPUs.
+"""A scan's CPU work per stage, bulk segmentation throughput and /v1/segment latency on this machine's CPUs.
 
-    python benchmarks/segment.py [--volumes 6 --size 512 --slices 100] [--image-size 128 --base-width 16]
+    python benchmarks/segment.py [--stage-slices 500] [--volumes 4 --size 512 --slices 100]
+                                 [--image-size 128 --base-width 16 | --model MODEL] [--skip-bulk]
 
-Three ways over the same volumes and the same model (random weights: speed does not depend on them):
+First, one size x size x stage-slices synthetic scan (lits.synthetic) through a volume task's
+work (`inference.segment_uri`: read, histogram, preprocess, labels stored, post-process, report,
+encode, preview, write) with the model excluded: its answers are computed before the clock starts
+from the scan's synthetic ground truth (one-hot probabilities area-resized to the model's size
+and blurred by 1 px, i.e. a good model's soft answer: a liver with tumours, so post-processing
+costs what it costs on a real prediction, where an untrained model's speckle would not), turned
+into labels by the replica's own function. Per-stage seconds with 1 and 2 threads, and what the
+replica's labels cost (probabilities resized and argmaxed: cv2 on a CPU replica, torch on a GPU).
+
+Then three ways over the same volumes and the same model (random weights unless --model: the
+forward passes' speed does not depend on them):
 - model only: the forward passes alone over the volumes' preprocessed slices, in memory, all
   threads (the floor: what the model costs);
 - loop: one process, volume after volume: read, preprocess, predict, resize back, post-process,
@@ -29,10 +40,13 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits import inference, jobs, storage, volumes  # noqa: E402
+from lits import ct, inference, jobs, storage, volumes  # noqa: E402
+from lits import postprocess as post  # noqa: E402
+from lits import streaming  # noqa: E402
 from lits.config import ServeConfig, SynthConfig  # noqa: E402
 from lits.model import UNet  # noqa: E402
 from lits.synthetic import synthesize  # noqa: E402
@@ -58,9 +72,7 @@ def model_only(paths, spec, weights) -> float:
     for p in paths:
         hu_file, geometry = volumes.read_nifti(p)
         hu = geometry.to_canonical(hu_file)
-        from lits import ct
-
-        inputs.append(inference.preprocess(hu, spec, slice(0, len(hu)), ct.freqhist_breaks(hu)))
+        inputs.append(streaming.preprocess(hu, spec, slice(0, len(hu)), ct.freqhist_breaks(hu)))
     predictor(inputs[0][:8])  # warm-up
     t0 = time.perf_counter()
     for images in inputs:
@@ -76,35 +88,102 @@ def loop(paths, out, spec, weights) -> float:
     for p in paths:
         name = os.path.basename(p)[: -len(".nii.gz")]
         uris = jobs.output_uris(out, name)
-        inference.segment_uri(p, uris, spec, lambda x: inference.Done(predictor(x)))
+        inference.segment_uri(p, uris, spec, inference.LocalModel(predictor))
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--volumes", type=int, default=6)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--slices", type=int, default=100)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--base-width", type=int, default=16)
-    p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--cpus-per-replica", type=int, default=1)
-    p.add_argument("--cpus-per-volume", type=float, default=1.0)
-    p.add_argument("--model", default=None, help="an exported model (default: random weights of --base-width/--depth)")
-    p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: CPUs - replica CPUs)")
-    p.add_argument("--workdir", default=None)
-    args = p.parse_args()
+class Answers:
+    """The model's part done before the clock starts: each chunk's (labels, coarse labels), as a
+    replica answers them (`answers_labels`)."""
 
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-segment-")
+    answers_labels = True
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.k = 0
+
+    def __call__(self, images, shape):
+        answer = self.answers[self.k]
+        self.k += 1
+        return inference.Done(answer)
+
+
+def reference_probs(seg_path: str, size: int) -> np.ndarray:
+    """uint8 (Z, S, S, 3): the scan's ground truth as a good model's soft probabilities."""
+    seg, geometry = volumes.read_nifti(seg_path)
+    ref = geometry.to_canonical(volumes.as_labels(seg, seg_path))
+    probs = np.empty((len(ref), size, size, 3), np.uint8)
+    for z in range(len(ref)):
+        one_hot = np.stack([np.where(ref[z] == c, 255, 0).astype(np.uint8) for c in range(3)], -1)
+        probs[z] = cv2.GaussianBlur(ct.resize_image(one_hot, size), (5, 5), 1.0)
+    return probs
+
+
+def replica_labels(probs: np.ndarray, shape, chunk: int, how: str):
+    """(seconds, answers): chunk after chunk, probabilities to labels as a replica does them."""
+    t = time.perf_counter()
+    if how == "cv2":
+        answers = [(post.probs_to_labels(probs[s:s + chunk], shape, "liver-tumour"), post.argmax3(probs[s:s + chunk]))
+                   for s in range(0, len(probs), chunk)]
+    else:
+        answers = []
+        for s in range(0, len(probs), chunk):
+            q = torch.from_numpy(probs[s:s + chunk]).permute(0, 3, 1, 2).float()
+            up = torch.nn.functional.interpolate(q, size=shape, mode="bilinear", align_corners=False)
+            answers.append((up.argmax(1).byte().numpy(), q.argmax(1).byte().numpy()))
+    return time.perf_counter() - t, answers
+
+
+def stages(args, work: str, spec) -> None:
+    """Table 1 and 2: one scan's per-stage seconds (model excluded) and the replica's labels cost."""
+    folder = os.path.join(work, f"scan-{args.size}x{args.stage_slices}")
+    if not os.path.isdir(folder):
+        print(f"synthesising one {args.size}x{args.size}x{args.stage_slices} scan in {folder}", file=sys.stderr)
+        synthesize(SynthConfig(output=folder, volumes=1, size=args.size, slices=args.stage_slices))
+    scan = os.path.join(folder, "volume-0.nii.gz")
+    geometry = volumes.read_header(scan).geometry
+    probs = reference_probs(os.path.join(folder, "segmentation-0.nii.gz"), spec.image_size)
+    shape = geometry.canonical_shape[1:]
+    cv2_s, answers = replica_labels(probs, shape, 16, "cv2")
+    torch_s, torch_answers = replica_labels(probs, shape, 16, "torch")
+    a, b = np.concatenate([x[0] for x in answers]), np.concatenate([x[0] for x in torch_answers])
+    dice = {c: 2 * np.sum((a >= c) & (b >= c)) / max(1, np.sum(a >= c) + np.sum(b >= c)) for c in (1, 2)}
+    columns, masks = {}, {}
+    for threads in (1, 2):
+        cv2.setNumThreads(threads)
+        out = os.path.join(work, f"stages-{threads}")
+        uris = jobs.output_uris(out, "volume-0")
+        for _ in range(2):  # the second run is reported (files cached, code warm)
+            t = time.perf_counter()
+            report = inference.segment_uri(scan, uris, spec, Answers(answers), chunk=16, threads=threads)
+            wall = time.perf_counter() - t
+        columns[threads] = {**report["seconds"], "wall": wall}
+        masks[threads] = np.asarray(volumes.read_nifti(uris["mask"])[0])
+    keys = [k for k in columns[1] if k not in ("total", "wall", "segment_s")]
+    rows = [[k, f"{columns[1][k]:.3f}", f"{columns[2][k]:.3f}"] for k in keys]
+    rows.append(["**wall, model excluded**", f"**{columns[1]['wall']:.2f}**", f"**{columns[2]['wall']:.2f}**"])
+    print(f"\n### One {args.size}x{args.size}x{args.stage_slices} scan, model at {spec.image_size}^2 excluded "
+          f"(answers from the synthetic ground truth), seconds per stage\n")
+    print(_markdown(["stage", "1 thread", "2 threads"], rows))
+    print(f"\nmasks of the 1- and 2-thread runs identical: {np.array_equal(masks[1], masks[2])}; "
+          f"report: liver {report['liver_volume_ml']} mL, tumour {report['tumour_volume_ml']} mL, "
+          f"{report['lesion_count']} lesion(s)")
+    print(f"\n### The replica's part on this machine's CPU, {args.stage_slices} slices: probabilities "
+          f"({spec.image_size}^2) to labels ({shape[0]}x{shape[1]})\n")
+    print(_markdown(["how", "seconds", "liver Dice vs cv2", "tumour Dice vs cv2"],
+                    [["cv2 uint8 bilinear + argmax3 (a CPU replica: the values volume tasks computed before, np.argmax then)", f"{cv2_s:.2f}", "1", "1"],
+                     ["torch float bilinear + argmax (a GPU replica's code, here on CPU)", f"{torch_s:.2f}",
+                      f"{dice[1]:.5f}", f"{dice[2]:.5f}"]]))
+
+
+def bulk(args, work: str, model_dir: str, spec, weights) -> None:
+    """Table 3: model only vs loop vs bulk job over the same volumes; then /v1/segment latency."""
     data = os.path.join(work, "volumes")
     if not os.path.isdir(data):
         print(f"synthesising {args.volumes} volumes of {args.size}x{args.size}x{args.slices} in {data}", file=sys.stderr)
         synthesize(SynthConfig(output=data, volumes=args.volumes, size=args.size, slices=args.slices))
     paths = sorted(os.path.join(data, f) for f in os.listdir(data) if f.startswith("volume-"))[: args.volumes]
     slices = sum(volumes.read_nifti(p)[1].canonical_shape[0] for p in paths)
-    model_dir = args.model or make_model(os.path.join(work, "model"), args.image_size, args.base_width, args.depth)
-    spec, weights = inference.load_spec(model_dir)
-
     t_model = model_only(paths, spec, weights)
     t_loop = loop(paths, os.path.join(work, "loop-out"), spec, weights)
 
@@ -124,7 +203,7 @@ def main() -> None:
     # one warm-up job on one volume (worker processes import torch once)
     warm = jobs.submit_job({"input": paths[0], "output": os.path.join(work, "warm"), "overwrite": True},
                            serving.APP_NAME, cfg.chunk, concurrency, None, cfg.cpus_per_volume)
-    while jobs.get_job(warm)["state"] == "running" or jobs.get_job(warm)["state"] == "queued":
+    while jobs.get_job(warm)["state"] in ("running", "queued"):
         time.sleep(0.2)
     t = time.perf_counter()
     job_id = jobs.submit_job({"input": data, "output": os.path.join(work, "job-out"), "overwrite": True},
@@ -148,20 +227,50 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\nmachine: {platform.machine()}, {cpus} CPUs, torch {torch.__version__}, ray {ray.__version__}; "
-          f"{len(paths)} volumes of {args.size}x{args.size}x{args.slices} ({slices} slices), U-Net width "
-          f"{spec.base_width} depth {spec.depth} at {spec.image_size}^2 ({'model ' + args.model if args.model else 'random weights'}), "
-          f"replica {args.cpus_per_replica} CPU, {concurrency} volume(s) in flight at {args.cpus_per_volume} CPU each\n")
+    print(f"\n### Bulk job: {len(paths)} volumes of {args.size}x{args.size}x{args.slices} ({slices} slices), replica "
+          f"{args.cpus_per_replica} CPU, {concurrency} volume(s) in flight at {args.cpus_per_volume} CPU each\n")
     rows = [
         ["model only (forward passes, in memory)", f"{t_model:.1f}", f"{slices / t_model:.1f}", "1.00"],
         ["loop (read, preprocess, predict, post-process, write)", f"{t_loop:.1f}", f"{slices / t_loop:.1f}", f"{t_loop / t_model:.2f}"],
-        ["bulk job (Ray tasks + Serve deployment)", f"{t_job:.1f}", f"{slices / t_job:.1f}", f"{t_job / t_model:.2f}"],
+        ["bulk job (Ray tasks + Serve deployment)", f"{t_job:.1f}", f"{slices / t_job:.1f}", f"**{t_job / t_model:.2f}**"],
     ]
     print(_markdown(["way", "seconds", "slices/s", "time vs model only"], rows))
     print(f"\nRay + Serve start-up (not in the job's time): {t_start:.1f} s")
     print(f"\nPOST /v1/segment of one {shape[0]}x{shape[1]}x{shape[2]} volume ({len(body) / 1e6:.1f} MB .nii.gz): "
           f"median {statistics.median(latencies):.2f} s (of {', '.join(f'{x:.2f}' for x in latencies)})")
     storage.delete(os.path.join(work, "warm"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage-slices", type=int, default=500, help="slices of the scan measured stage by stage")
+    p.add_argument("--volumes", type=int, default=4)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--slices", type=int, default=100)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--base-width", type=int, default=16)
+    p.add_argument("--depth", type=int, default=5)
+    p.add_argument("--cpus-per-replica", type=int, default=1)
+    p.add_argument("--cpus-per-volume", type=float, default=1.0)
+    p.add_argument("--model", default=None, help="an exported model (default: random weights of --base-width/--depth)")
+    p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: CPUs - replica CPUs)")
+    p.add_argument("--skip-stages", action="store_true")
+    p.add_argument("--skip-bulk", action="store_true")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-segment-")
+    model_dir = args.model or make_model(os.path.join(work, "model"), args.image_size, args.base_width, args.depth)
+    spec, weights = inference.load_spec(model_dir)
+    import ray
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; U-Net width {spec.base_width} depth {spec.depth} at "
+          f"{spec.image_size}^2 ({'model ' + args.model if args.model else 'random weights'}, mirroring {spec.mirror})")
+    if not args.skip_stages:
+        stages(args, work, spec)
+    if not args.skip_bulk:
+        bulk(args, work, model_dir, spec, weights)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ One volume's path, the same in a bulk job, in `/v1/segment` and in a plain loop:
 
     file-order voxels --Geometry.to_canonical--> (Z, H, W) HU
       --ct.slice_image + ct.resize_image (prepare's functions, config.json's parameters)--> (Z, S, S, 3) uint8
-      --predict (batched, anywhere: in-process or a Serve replica)--> (Z, S, S, K) uint8 probabilities
-      --bilinear resize of probabilities to (H, W), then argmax--> (Z, H, W) labels
-      --masks.postprocess (largest liver component, tumour inside it)--> Geometry.from_canonical
-      --> file-order uint8 labels with the input's affine.
+      --predict (batched, anywhere: in-process or a Serve replica; probabilities resized to (H, W)
+        bilinearly and argmaxed where the model runs, on its GPU when it has one)--> (Z, H, W) labels
+      --postprocess.postprocess_guided (largest liver component, tumour inside it; in its box)
+      --> file-order uint8 labels with the input's affine (written in file order from the start).
 
-Probabilities, not labels, are resized back: nearest-neighbour upsampling of a 128-pixel label
-map leaves 4-pixel stairs on every boundary at 512 pixels.
+Every stage overlaps the model: chunks of slices are preprocessed on the volume task's threads
+ahead of the model, sent as soon as they are ready, and their labels stored as they come back.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-import cv2
 import numpy as np
 
-from lits import ct, masks, storage, volumes
-from lits.errors import BadInputError, UserError
-from lits.schema import CLASS_NAMES, LIVER, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
+from lits import postprocess as post
+from lits import reports, storage, streaming, volumes
+from lits.errors import UserError
+from lits.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def load_spec(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[ModelSpec, b
 
 
 class Predictor:
-    """A loaded model: uint8 slice images in, uint8 class probabilities out (the stateful part).
+    """A loaded model: uint8 slice images in; uint8 class probabilities, or labels at any slice
+    size, out (the stateful part).
 
     Args:
         spec, weights: from `load_spec`; weights are loaded with weights_only=True (never
@@ -170,10 +171,13 @@ class Predictor:
         max_batch: slices per forward pass.
         tta: test-time mirroring: average the probabilities of the slice and of its left-right and
             up-down mirror images (3 forward passes; nnU-Net mirrors every axis); None: spec.mirror.
+        upsample: how `labels` resizes probabilities: 'torch' (on the model's device: bilinear in
+            float, within LABELS_TOLERANCE of 'cv2') or 'cv2' (uint8 bilinear on the host: what
+            inference did before labels came from the model, identical); None: torch on CUDA.
     """
 
     def __init__(self, spec: ModelSpec, weights: bytes, device: Optional[str] = None, max_batch: int = 32,
-                 tta: Optional[bool] = None):
+                 tta: Optional[bool] = None, upsample: Optional[str] = None):
         import torch
 
         from lits.model import UNet
@@ -182,6 +186,7 @@ class Predictor:
         self.max_batch = max_batch
         self.tta = spec.mirror if tta is None else tta
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.upsample = upsample or ("torch" if self.device.type == "cuda" else "cv2")
         model = UNet(3, spec.out_channels, spec.base_width, spec.depth)
         try:
             state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
@@ -200,9 +205,42 @@ class Predictor:
         Returns:
             uint8 (N, S, S, K): probability * 255 per class (K = 3, softmax) or of tumour (K = 1).
         """
+        return self._quantised(images).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def labels(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """Labels of chunks of slices (one forward pass over all), each at its own slice size.
+
+        Args:
+            chunks: uint8 (n_i, S, S, 3) each.
+            shapes: the (H, W) each chunk's labels are wanted at (its volume's slice size).
+        Returns:
+            per chunk (uint8 (n_i, H, W) labels, uint8 (n_i, S, S) labels at the model's size for
+            the guided post-processing, or None for a 'tumour' model).
+        """
         import torch
 
-        out = np.empty(images.shape[:3] + (self.spec.probability_channels,), np.uint8)
+        q = self._quantised(np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
+        out, start = [], 0
+        liver_tumour = self.spec.task == "liver-tumour"
+        for chunk, (h, w) in zip(chunks, shapes):
+            part, start = q[start:start + len(chunk)], start + len(chunk)
+            if self.upsample == "cv2":
+                probs = part.byte().permute(0, 2, 3, 1).cpu().numpy()
+                out.append((post.probs_to_labels(probs, (h, w), self.spec.task),
+                            post.argmax3(probs) if liver_tumour else None))
+                continue
+            with torch.inference_mode():
+                up = part if part.shape[2:] == (h, w) else torch.nn.functional.interpolate(
+                    part, size=(h, w), mode="bilinear", align_corners=False)
+                labels = up.argmax(1) if liver_tumour else (up[:, 0] > 127) * TUMOUR
+                out.append((labels.byte().cpu().numpy(), part.argmax(1).byte().cpu().numpy() if liver_tumour else None))
+        return out
+
+    def _quantised(self, images: np.ndarray):
+        """(N, K, S, S) float tensor on the device: round(probability * 255), TTA included."""
+        import torch
+
+        out = None
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             for start in range(0, len(images), self.max_batch):
@@ -216,9 +254,10 @@ class Predictor:
                     for dims in ((3,), (2,)):
                         probs += self._probs(x.flip(dims)).flip(dims)
                     probs /= 3.0
-                out[start:start + len(x)] = probs.mul_(255.0).round_().byte().permute(0, 2, 3, 1).cpu().numpy()
+                if out is None:
+                    out = torch.empty((len(images),) + probs.shape[1:], dtype=torch.float32, device=self.device)
+                out[start:start + len(x)] = probs.mul_(255.0).round_()
         return out
-
 
     def _probs(self, x):
         import torch
@@ -237,109 +276,32 @@ class Done:
         return self.value
 
 
-def preprocess(hu: np.ndarray, spec: ModelSpec, z: slice, breaks: np.ndarray) -> np.ndarray:
-    """Model input of canonical slices `z`: prepare's very images (windows, equalisation, resize).
+class LocalModel:
+    """A `Submit` for an in-process Predictor that answers labels at the slice size, as a Serve
+    replica does (`answers_labels`: called as submit(images, (H, W)))."""
 
-    Args:
-        hu: canonical (Z, H, W) HU.
-        z: which slices.
-        breaks: `ct.freqhist_breaks(hu)` of the whole volume (context 0).
-    Returns:
-        uint8 (n, S, S, 3).
-    """
-    return ct.model_inputs(hu, range(*z.indices(hu.shape[0])), breaks, spec.context, spec.image_size)
+    answers_labels = True
 
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
 
-def probs_to_labels(probs: np.ndarray, shape: Tuple[int, int], task: str) -> np.ndarray:
-    """Labels of slices at the original in-plane size from model-size probabilities.
-
-    Args:
-        probs: uint8 (n, S, S, K) from `Predictor`.
-        shape: the original (H, W).
-        task: 'liver-tumour' (argmax of 3) or 'tumour' (tumour where p > 0.5).
-    Returns:
-        uint8 (n, H, W) labels.
-    """
-    h, w = shape
-    out = np.empty((len(probs), h, w), np.uint8)
-    for i, p in enumerate(probs):
-        up = p if p.shape[:2] == (h, w) else cv2.resize(np.ascontiguousarray(p), (w, h), interpolation=cv2.INTER_LINEAR)
-        if task == "liver-tumour":
-            out[i] = np.argmax(up.reshape(h, w, -1), axis=-1)
-        else:
-            out[i] = np.where(up.reshape(h, w) > 127, TUMOUR, 0)
-    return out
+    def __call__(self, images: np.ndarray, shape: Tuple[int, int]) -> Done:
+        return Done(self.predictor.labels([images], [shape])[0])
 
 
-Submit = Callable[[np.ndarray], object]  # images (n, S, S, 3) -> object with .result() -> probs
+# submit(images) -> a future of probabilities (n, S, S, K), or, with `answers_labels`,
+# submit(images, (H, W)) -> a future of (labels (n, H, W), coarse (n, S, S) or None).
+Submit = Callable[..., object]
 
 
 def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSpec, submit: Submit,
-                  chunk: int = 16, postprocess: bool = True, min_tumour_ml: Optional[float] = None
+                  chunk: int = 16, postprocess: bool = True, min_tumour_ml: Optional[float] = None, threads: int = 1
                   ) -> Tuple[np.ndarray, Dict[str, float]]:
-    """Segment one volume given in file order; returns (uint8 file-order labels, timings).
-
-    Chunks of `chunk` slices are submitted as soon as they are preprocessed, so a remote
-    predictor works on chunk k while this process prepares chunk k + 1.
-    """
-    t0 = time.perf_counter()
-    hu = geometry.to_canonical(hu_file)
-    n, h, w = hu.shape
-    breaks = ct.freqhist_breaks(hu) if spec.context == 0 else np.zeros(1, np.float32)
-    pending = []
-    prep_s = 0.0
-    for start in range(0, n, chunk):
-        t = time.perf_counter()
-        images = preprocess(hu, spec, slice(start, start + chunk), breaks)
-        prep_s += time.perf_counter() - t
-        pending.append((start, submit(images)))
-    labels = np.empty((n, h, w), np.uint8)
-    size = spec.image_size
-    guided = postprocess and spec.task == "liver-tumour" and (h, w) != (size, size)
-    coarse = np.empty((n, size, size), np.uint8) if guided else None
-    wait_s = resize_s = 0.0
-    for start, future in pending:
-        t = time.perf_counter()
-        probs = future.result()
-        t2 = time.perf_counter()
-        labels[start:start + len(probs)] = probs_to_labels(probs, (h, w), spec.task)
-        if guided:
-            coarse[start:start + len(probs)] = probs_to_labels(probs, (size, size), spec.task)
-        wait_s += t2 - t
-        resize_s += time.perf_counter() - t2
-    t = time.perf_counter()
-    if postprocess and spec.task == "liver-tumour":
-        # Components are found at the model's resolution (16x fewer voxels at 512 -> 128).
-        labels = masks.postprocess_guided(labels, coarse) if guided else masks.postprocess(labels)
-    min_tumour_ml = spec.min_tumour_ml if min_tumour_ml is None else min_tumour_ml
-    if postprocess and min_tumour_ml:
-        labels = masks.drop_small_tumours(labels, abs(float(np.linalg.det(geometry.affine_array[:3, :3]))) / 1000.0, min_tumour_ml)
-    post_s = time.perf_counter() - t
-    # Fortran order is NIfTI's on-disk order: the file writes without a transposing copy (10x).
-    labels_file = np.asfortranarray(geometry.from_canonical(labels))
-    timings = {"preprocess_s": prep_s, "predict_wait_s": wait_s, "resize_back_s": resize_s,
-               "postprocess_s": post_s, "segment_s": time.perf_counter() - t0}
-    return labels_file, {k: round(v, 3) for k, v in timings.items()}
-
-
-def volume_report(labels: np.ndarray, geometry: volumes.Geometry, spec: ModelSpec) -> Dict:
-    """Per-volume measurements of a predicted label volume (any axis order).
-
-    Liver volume counts tumour (LiTS: liver is label >= 1); tumour burden is tumour / liver
-    volume in percent; lesions are 3-D connected components of tumour (26-connectivity).
-    """
-    voxel_ml = float(abs(np.linalg.det(geometry.affine_array[:3, :3]))) / 1000.0
-    liver = int(np.count_nonzero(labels >= LIVER))
-    tumour = int(np.count_nonzero(labels == TUMOUR))
-    lesions = masks.component_sizes(labels == TUMOUR)
-    return {
-        "liver_volume_ml": round(liver * voxel_ml, 3) if spec.task == "liver-tumour" else None,
-        "tumour_volume_ml": round(tumour * voxel_ml, 3),
-        "lesion_count": int(lesions.size),
-        "lesion_volumes_ml": [round(float(v) * voxel_ml, 3) for v in lesions[:50]],
-        "tumour_burden_percent": round(100.0 * tumour / liver, 3) if liver and spec.task == "liver-tumour" else None,
-        "voxel_volume_ml": voxel_ml,
-    }
+    """Segment one volume given in file order; returns (uint8 file-order labels, Fortran-ordered, and
+    per-stage seconds, `streaming.STAGES`). See `streaming.segment_volume`."""
+    labels_file, _, _, timings = streaming.segment_volume(hu_file, geometry, spec, submit, chunk, postprocess,
+                                                          min_tumour_ml, threads)
+    return labels_file, timings
 
 
 def output_name(relative: str) -> str:
@@ -351,9 +313,13 @@ def output_name(relative: str) -> str:
 
 
 def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
-                    chunk: int, read_s: float) -> Tuple[np.ndarray, Dict]:
+                    chunk: int, read_s: float, threads: int):
+    """(file-order labels, canonical labels, box, report) of a decoded volume."""
     volumes.check_hu(hu_file, name)
-    labels, timings = segment_array(hu_file, geometry, spec, submit, chunk)
+    labels_file, labels, box, timings = streaming.segment_volume(hu_file, geometry, spec, submit, chunk, True, None,
+                                                                 threads)
+    t = time.perf_counter()
+    figures = reports.volume_report(labels[box] if box else labels, streaming.voxel_ml(geometry), spec.task)
     report = {
         "input": name,
         "model_id": spec.model_id,
@@ -362,13 +328,14 @@ def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, 
         "axcodes": geometry.axcodes,
         "spacing_mm": [round(s, 6) for s in geometry.spacing],
         "slices": int(geometry.canonical_shape[0]),
-        **volume_report(labels, geometry, spec),
-        "seconds": {"read": round(read_s, 3), **timings},
+        **figures,
+        "seconds": {"read": round(read_s, 3), **timings, "report": round(time.perf_counter() - t, 3)},
     }
-    return labels, report
+    return labels_file, labels, box, report
 
 
-def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: int = 16) -> Tuple[bytes, Dict]:
+def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: int = 16,
+                  threads: int = 1) -> Tuple[bytes, Dict]:
     """Segment NIfTI bytes; return the .nii.gz mask bytes (the input's affine) and the report.
 
     Raises:
@@ -376,55 +343,42 @@ def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk
     """
     t0 = time.perf_counter()
     hu_file, geometry = volumes.parse_nifti(data, name)
-    labels, report = _segment_parsed(hu_file, geometry, name, spec, submit, chunk, time.perf_counter() - t0)
+    labels_file, _, _, report = _segment_parsed(hu_file, geometry, name, spec, submit, chunk,
+                                                time.perf_counter() - t0, threads)
     t = time.perf_counter()
-    mask_bytes = volumes.nifti_bytes(labels, geometry.affine_array, compress=True)
+    mask_bytes = volumes.nifti_bytes(labels_file, geometry.affine_array, compress=True)
     report["seconds"]["encode"] = round(time.perf_counter() - t, 3)
     return mask_bytes, report
 
 
-def preview_png(hu_file: np.ndarray, labels_file: np.ndarray, geometry: volumes.Geometry, title: str) -> bytes:
-    """PNG of the predicted outlines over the liver window: the axial slice with the most liver
-    (or tumour) and the coronal plane through it, superior up, the patient's right on the left."""
-    from lits import reports
-
-    hu = geometry.to_canonical(hu_file)
-    labels = geometry.to_canonical(labels_file)
-    area = np.count_nonzero(labels, axis=(1, 2))
-    z = int(np.argmax(area)) if area.any() else len(labels) // 2
-    rows = np.count_nonzero(labels[z], axis=1)
-    y = int(np.argmax(rows)) if rows.any() else labels.shape[1] // 2
-    axial = ct.window(hu[z], *WINDOW_LIVER)[..., None]
-    coronal = ct.window(hu[::-1, y, :], *WINDOW_LIVER)[..., None]
-    return reports.contact_sheet([(f"{title} axial {z}", axial, labels[z]),
-                                  (f"coronal {y}", coronal, np.ascontiguousarray(labels[::-1, y, :]))],
-                                 columns=2, tile=256)
+def _timed(fn, *args):
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
 
 
 def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit,
-                s3_endpoint: Optional[str] = None, chunk: int = 16) -> Dict:
+                s3_endpoint: Optional[str] = None, chunk: int = 16, threads: int = 1) -> Dict:
     """Segment the NIfTI at `uri`; write outputs['mask'], outputs['preview'], then outputs['report']
-    (last: its presence means done). Every write is atomic. Returns the report.
+    (last: its presence means done). Every write is atomic. Returns the report, whose 'seconds'
+    hold every stage (read: fetch and decode, streamed; then `streaming.STAGES`; report; encode;
+    preview; write; total).
 
     Raises:
         BadInputError: unreadable or invalid volume (nothing is written).
     """
     t0 = time.perf_counter()
-    try:
-        data = storage.read_bytes(uri, s3_endpoint)
-    except UserError as exc:
-        raise BadInputError(str(exc)) from exc
-    fetch_s = time.perf_counter() - t0
+    hu_file, geometry = volumes.read_nifti(uri, s3_endpoint)
+    labels_file, labels, box, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk,
+                                                       time.perf_counter() - t0, threads)
+    title = os.path.basename(outputs["mask"])[:-len("_seg.nii.gz")]
+    mask_bytes, encode_s = _timed(volumes.nifti_bytes, labels_file, geometry.affine_array)
+    png, preview_s = _timed(reports.preview_png, geometry.to_canonical(hu_file), labels, title, box)
     t = time.perf_counter()
-    hu_file, geometry = volumes.parse_nifti(data, uri)
-    del data
-    labels, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk, time.perf_counter() - t)
-    t = time.perf_counter()
-    storage.write_bytes(outputs["mask"], volumes.nifti_bytes(labels, geometry.affine_array, compress=True), s3_endpoint)
-    storage.write_bytes(outputs["preview"], preview_png(hu_file, labels, geometry, os.path.basename(outputs["mask"])[:-len("_seg.nii.gz")]), s3_endpoint)
+    storage.write_bytes(outputs["mask"], mask_bytes, s3_endpoint)
+    storage.write_bytes(outputs["preview"], png, s3_endpoint)
     report.update(mask=outputs["mask"], preview=outputs["preview"])
-    report["seconds"]["fetch"] = round(fetch_s, 3)
-    report["seconds"]["write"] = round(time.perf_counter() - t, 3)
-    report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    seconds = report["seconds"]
+    seconds.update(encode=round(encode_s, 3), preview=round(preview_s, 3), write=round(time.perf_counter() - t, 3))
+    seconds["total"] = round(time.perf_counter() - t0, 3)
     storage.write_bytes(outputs["report"], json.dumps(report, indent=1).encode(), s3_endpoint)
     return report

@@ -82,22 +82,56 @@ def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[L
 
 
 class _Pending:
-    """A chunk sent to the model deployment; `.result()` waits with a deadline and resends."""
+    """A chunk sent to the model deployment; `.result()` waits with a deadline and resends.
 
-    def __init__(self, handle, images: np.ndarray, resent: Optional[List[int]] = None, wait_s: float = MODEL_WAIT_S):
+    The answer is the chunk's labels at `shape`, the volume's (H, W), and its model-size labels
+    (`SegmentModel.predict`)."""
+
+    def __init__(self, handle, images: np.ndarray, shape: Tuple[int, int], resent: Optional[List[int]] = None,
+                 wait_s: float = MODEL_WAIT_S):
         self.handle = handle
         self.images = images
+        self.shape = tuple(int(s) for s in shape)
         self.resent = resent if resent is not None else []
         self.wait_s = wait_s
-        self.response = handle.predict.remote(images)
+        self.response = handle.predict.remote(images, self.shape)
 
-    def result(self, timeout_s: Optional[float] = None) -> np.ndarray:
+    def result(self, timeout_s: Optional[float] = None):
         first = [self.response]
 
         def send():
-            return first.pop() if first else self.handle.predict.remote(self.images)
+            return first.pop() if first else self.handle.predict.remote(self.images, self.shape)
 
         return call_model(send, f"{len(self.images)} slices", self.wait_s, self.resent, len(self.images))
+
+
+class ModelSubmit:
+    """A volume's `inference.Submit` to the model deployment of `app_name`: labels come back at
+    the volume's slice size (`answers_labels`). The handle is made when a volume first needs it."""
+
+    answers_labels = True
+
+    def __init__(self, app_name: str, resent: Optional[List[int]] = None, wait_s: float = MODEL_WAIT_S):
+        self.app_name = app_name
+        self.resent = resent
+        self.wait_s = wait_s
+        self.handle = None
+
+    def __call__(self, images: np.ndarray, shape: Tuple[int, int]) -> _Pending:
+        if self.handle is None:
+            self.handle = model_handle(self.app_name)
+        return _Pending(self.handle, images, shape, self.resent, self.wait_s)
+
+
+def task_threads() -> int:
+    """Threads a volume task may keep busy: the CPUs it reserved (at least one). OpenCV's pool is
+    sized to match (it would otherwise start one thread per core of the node)."""
+    import cv2
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(1, int(round(cpus)))
+    cv2.setNumThreads(threads)
+    return threads
 
 
 def model_handle(app_name: str):
@@ -202,7 +236,7 @@ def remove_outputs(uris: Dict[str, str], s3_endpoint: Optional[str]) -> None:
 
 
 def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit,
-                            overwrite: bool, chunk: int, s3_endpoint: Optional[str]) -> Optional[Dict]:
+                            overwrite: bool, chunk: int, s3_endpoint: Optional[str], threads: int = 1) -> Optional[Dict]:
     """The report, or None when this model's outputs exist and `overwrite` is off."""
     done_before = already_done(uris, spec.model_id, s3_endpoint)
     if done_before and not overwrite:
@@ -210,7 +244,7 @@ def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.Mode
     if not done_before:
         remove_outputs(uris, s3_endpoint)
     try:
-        return inference.segment_uri(uri, uris, spec, submit, s3_endpoint, chunk)
+        return inference.segment_uri(uri, uris, spec, submit, s3_endpoint, chunk, threads)
     except BaseException:
         try:
             if not already_done(uris, spec.model_id, s3_endpoint):
@@ -221,8 +255,10 @@ def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.Mode
 
 
 def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
-                   overwrite: bool, chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = ()) -> Dict:
-    """One volume of a job (what `segment_volume_task` runs); never raises for a bad volume.
+                   overwrite: bool, chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = (),
+                   threads: int = 1) -> Dict:
+    """One volume of a job (what `segment_volume_task` runs, on `threads` threads); never raises
+    for a bad volume.
 
     Outputs are all or nothing: stale ones (another model's, or a half-written earlier try) are
     removed before the volume is segmented, and whatever this call wrote is removed again when it
@@ -240,7 +276,7 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
         access.check_resolved(uri, allow, "read")
         for key in ("report", "mask", "preview"):
             access.check_resolved(uris[key], allow, "write")
-        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, s3_endpoint)
+        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, s3_endpoint, threads)
     except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
         return {**result, "status": "failed", "reason": str(exc)}
     except Exception as exc:
@@ -257,17 +293,11 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
 def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_name: str, overwrite: bool,
                         chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = (),
                         wait_s: float = MODEL_WAIT_S) -> Dict:
-    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`."""
+    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`, on
+    as many threads as the task reserved CPUs."""
     resent: List[int] = []
-    handles: List = []
-
-    def submit(images: np.ndarray) -> _Pending:
-        if not handles:  # one handle per task, made only when a volume needs the model
-            handles.append(model_handle(app_name))
-        return _Pending(handles[0], images, resent, wait_s)
-
-    result = segment_volume(uri, rel_name, output, inference.ModelSpec.from_dict(spec), submit, overwrite, chunk,
-                            s3_endpoint, allow)
+    result = segment_volume(uri, rel_name, output, inference.ModelSpec.from_dict(spec), ModelSubmit(app_name, resent, wait_s),
+                            overwrite, chunk, s3_endpoint, allow, task_threads())
     result["node_id"] = ray.get_runtime_context().get_node_id()
     if result["status"] == "done":
         result["chunks_resent"] = len(resent)
@@ -278,10 +308,9 @@ def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_na
 def segment_upload_task(data: bytes, name: str, spec: Dict, app_name: str, chunk: int,
                         wait_s: float = MODEL_WAIT_S) -> Dict:
     """Segment uploaded NIfTI bytes (POST /v1/segment): {'mask': bytes, 'report'} or {'error'} (one line)."""
-    handle = model_handle(app_name)
     try:
         mask, report = inference.segment_bytes(data, name, inference.ModelSpec.from_dict(spec),
-                                               lambda images: _Pending(handle, images, None, wait_s), chunk)
+                                               ModelSubmit(app_name, None, wait_s), chunk, task_threads())
     except BadInputError as exc:
         return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     return {"mask": mask, "report": report}

@@ -1,19 +1,17 @@
-"""Pure numpy/cv2/scipy label-mask maths: slice categories, the seeded slice filter, decoding
-("inverting") the colour-mapped masks of the converted image dataset back to labels, and the
-post-processing of predicted label volumes (3-D connected components).
+"""Pure numpy/cv2 label-mask maths: slice categories, the seeded slice filter and decoding
+("inverting") the colour-mapped masks of the converted image dataset back to labels. The
+post-processing of predicted label volumes (3-D connected components) is lits.postprocess.
 
 Masks are uint8 (H, W) with labels 0 background, 1 liver, 2 tumour; volumes are (Z, H, W).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import cv2
 import numpy as np
 
 from lits.errors import BadInputError
-from lits.schema import CATEGORY_LIVER, CATEGORY_TUMOUR, LIVER, TUMOUR
+from lits.schema import CATEGORY_LIVER, CATEGORY_TUMOUR
 
 
 def categorise(labels: np.ndarray) -> np.ndarray:
@@ -269,121 +267,3 @@ def render_colour_mask(labels: np.ndarray, colormap: str) -> np.ndarray:
     norm = np.zeros(labels.shape, dtype=np.float32) if hi == lo else (labels.astype(np.float32) - lo) / (hi - lo)
     rgba = matplotlib.colormaps[colormap](norm, bytes=True)
     return np.ascontiguousarray(rgba[..., :3])
-
-
-# --- Post-processing of predicted label volumes ---------------------------------------------
-# 26-connectivity (faces, edges and corners) in 3-D: a lesion touching another only at a corner
-# is the same lesion, as in the LiTS evaluation's connected components.
-CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)
-
-
-def bounding_box(mask: np.ndarray) -> Tuple[slice, ...]:
-    """The smallest box (one slice per axis) holding every True voxel of a non-empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.nonzero(mask.any(axis=other))[0]
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def label_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
-    """3-D connected components (26-connectivity) of a boolean (Z, H, W) mask.
-
-    Returns:
-        (int32 component ids of mask's shape, 0 outside; number of components).
-    """
-    from scipy import ndimage
-
-    ids, count = ndimage.label(mask, structure=CONNECTIVITY_3D)
-    return ids.astype(np.int32, copy=False), int(count)
-
-
-def component_sizes(mask: np.ndarray) -> np.ndarray:
-    """Voxel counts of the 3-D connected components of `mask`, largest first (int64)."""
-    if not mask.any():
-        return np.zeros(0, dtype=np.int64)
-    box = bounding_box(mask)
-    ids, count = label_components(mask[box])
-    return np.sort(np.bincount(ids.reshape(-1), minlength=count + 1)[1:])[::-1]
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """bool mask of the largest 3-D connected component (26-connectivity) of a boolean mask."""
-    out = np.zeros(mask.shape, bool)
-    if not mask.any():
-        return out
-    box = bounding_box(mask)
-    ids, count = label_components(mask[box])
-    largest = 1 + int(np.argmax(np.bincount(ids.reshape(-1), minlength=count + 1)[1:]))
-    out[box] = ids == largest
-    return out
-
-
-def postprocess(labels: np.ndarray) -> np.ndarray:
-    """Keep the largest connected liver component (tumour counts as liver) and tumour inside it.
-
-    A liver is one organ: islands of "liver" or "tumour" elsewhere (spleen, heart, bowel) are the
-    commonest false positives of slice-wise models. Labelling runs inside the bounding box of
-    the predicted liver, so its int32 ids cost box-sized, not volume-sized, memory.
-
-    Args:
-        labels: uint8 (Z, H, W) with values 0, 1, 2.
-    Returns:
-        uint8 (Z, H, W): a new array; every voxel outside the kept component is 0.
-    """
-    return np.where(largest_component(labels >= 1), labels, 0).astype(labels.dtype, copy=False)
-
-
-def postprocess_guided(labels: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-    """`postprocess` for a full-resolution label volume, choosing the component on a coarse one.
-
-    The largest liver component is found on `coarse` (the model-resolution labels, e.g. 16x
-    fewer voxels), grown by one coarse voxel, resized to the full in-plane size, and every
-    full-resolution liver voxel outside it is cleared. Only a full-resolution island that lies
-    within one coarse voxel of the kept component survives where `postprocess` would drop it.
-
-    Args:
-        labels: uint8 (Z, H, W) full-resolution labels.
-        coarse: uint8 (Z, h, w) labels of the same slices at the model's resolution.
-    Returns:
-        uint8 (Z, H, W), a new array.
-    """
-    from scipy import ndimage
-
-    keep = largest_component(coarse >= 1)
-    out = np.zeros_like(labels)
-    if not keep.any():
-        return out
-    keep = ndimage.binary_dilation(keep, structure=CONNECTIVITY_3D)
-    h, w = labels.shape[1:]
-    for z in np.nonzero(keep.any(axis=(1, 2)))[0]:
-        full = cv2.resize(keep[z].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-        out[z] = labels[z] * full
-    return out
-
-
-def drop_small_tumours(labels: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
-    """Relabel tumour components (26-connected) smaller than `min_ml` millilitres as liver.
-
-    Specks of a few voxels are the commonest false lesions of a slice-wise model; a real lesion
-    below the limit is lost with them, so the limit stays below what the evaluation counts.
-
-    Args:
-        labels: uint8 (Z, H, W) labels.
-    Returns:
-        uint8 labels, a new array when anything changed.
-    """
-    tumour = labels == TUMOUR
-    if not min_ml or not tumour.any():
-        return labels
-    box = bounding_box(tumour)
-    ids, count = label_components(tumour[box])
-    sizes = np.bincount(ids.reshape(-1), minlength=count + 1)
-    small = (sizes * voxel_ml < min_ml)
-    small[0] = False
-    if not small.any():
-        return labels
-    out = labels.copy()
-    out[box][small[ids]] = LIVER
-    return out

@@ -1,13 +1,15 @@
-"""Human-readable summaries of stage results (plain text tables)."""
+"""Human-readable summaries of stage results (plain text tables), per-volume measurements of a
+predicted label volume and the pictures that go with them."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-from lits.schema import CATEGORY_NAMES, SPLITS
+from lits import ct, postprocess
+from lits.schema import CATEGORY_NAMES, LIVER, SPLITS, TUMOUR, WINDOW_LIVER
 
 
 def table(header: Sequence[str], rows: List[Sequence], align_right_from: int = 1) -> str:
@@ -183,3 +185,43 @@ def evaluation_summary(summary: Dict) -> str:
     lines += ["", f"outputs: {summary['output']} (metrics.csv, summary.json, report.md"
                   + (", overlays.png, dice_boxplot.png)" if summary.get("pictures") else ")")]
     return "\n".join(lines)
+
+
+def volume_report(labels: np.ndarray, voxel_ml: float, task: str) -> Dict:
+    """Per-volume measurements of a predicted label volume (any axis order; any box of it that
+    holds every labelled voxel gives the same figures).
+
+    Liver volume counts tumour (LiTS: liver is label >= 1); tumour burden is tumour / liver
+    volume in percent; lesions are 3-D connected components of tumour (26-connectivity).
+    """
+    liver = int(np.count_nonzero(labels >= LIVER))
+    tumour = int(np.count_nonzero(labels == TUMOUR))
+    lesions = postprocess.component_sizes(labels == TUMOUR)
+    return {
+        "liver_volume_ml": round(liver * voxel_ml, 3) if task == "liver-tumour" else None,
+        "tumour_volume_ml": round(tumour * voxel_ml, 3),
+        "lesion_count": int(lesions.size),
+        "lesion_volumes_ml": [round(float(v) * voxel_ml, 3) for v in lesions[:50]],
+        "tumour_burden_percent": round(100.0 * tumour / liver, 3) if liver and task == "liver-tumour" else None,
+        "voxel_volume_ml": voxel_ml,
+    }
+
+
+def preview_png(hu: np.ndarray, labels: np.ndarray, title: str, box: Optional[Tuple[slice, ...]] = None) -> bytes:
+    """PNG of the predicted outlines over the liver window: the axial slice with the most liver
+    (or tumour) and the coronal plane through it, superior up, the patient's right on the left.
+
+    Args:
+        hu, labels: canonical (Z, H, W) HU and uint8 labels.
+        box: a box of `labels` holding every labelled voxel (only it is searched), or None.
+    """
+    z0, y0 = (box[0].start, box[1].start) if box else (0, 0)
+    inner = labels[box] if box else labels
+    area = np.count_nonzero(inner, axis=(1, 2))
+    z = z0 + int(np.argmax(area)) if area.any() else len(labels) // 2
+    rows = np.count_nonzero(inner[z - z0], axis=1) if area.any() else np.zeros(1)
+    y = y0 + int(np.argmax(rows)) if rows.any() else labels.shape[1] // 2
+    axial = ct.window(hu[z], *WINDOW_LIVER)[..., None]
+    coronal = ct.window(hu[::-1, y, :], *WINDOW_LIVER)[..., None]
+    return contact_sheet([(f"{title} axial {z}", axial, labels[z]),
+                          (f"coronal {y}", coronal, np.ascontiguousarray(labels[::-1, y, :]))], columns=2, tile=256)

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -61,21 +61,25 @@ def _slices(chunks: List[np.ndarray]) -> int:
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
 class SegmentModel:
-    """Loads `model/` once per replica; answers chunks of slice images with probabilities.
+    """Loads `model/` once per replica; answers chunks of slice images with labels at each chunk's
+    slice size: probabilities are resized and argmaxed here, on the GPU when the replica has one
+    (`Predictor.labels`), so volume tasks get uint8 labels instead of resizing probabilities.
 
     Args:
         model_uri: exported model folder.
         max_batch_size: slices per forward pass (also @serve.batch's limit, counted in slices).
         batch_wait_s: how long a batch waits for more slices.
-        threads: torch intra-op threads on CPU.
+        threads: torch intra-op threads on CPU (and OpenCV's, which resizes there).
     """
 
     def __init__(self, model_uri: str, max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int = 1,
                  s3_endpoint: Optional[str] = None):
+        import cv2
         import torch
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
+        cv2.setNumThreads(max(1, int(threads)))
         spec, weights = inference.load_spec(model_uri, s3_endpoint)
         self.predictor = inference.Predictor(spec, weights, max_batch=max_batch_size)
         self.max_batch_size = max_batch_size
@@ -88,12 +92,11 @@ class SegmentModel:
                 "max_batch_size": self.max_batch_size, "pid": os.getpid()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_slices)
-    async def predict(self, chunks: List[np.ndarray]) -> List[np.ndarray]:
-        """uint8 (n_i, S, S, 3) chunks -> uint8 (n_i, S, S, K) probabilities, one forward pass."""
-        sizes = [len(c) for c in chunks]
+    async def predict(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]]) -> List[Tuple]:
+        """uint8 (n_i, S, S, 3) chunks and their volumes' (H, W) -> per chunk (uint8 (n_i, H, W)
+        labels, uint8 (n_i, S, S) model-size labels or None), one forward pass for the batch."""
         # The forward pass runs off the event loop: health checks and describe() stay answered.
-        probs = await asyncio.to_thread(self.predictor, np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
-        return np.split(probs, np.cumsum(sizes)[:-1])
+        return await asyncio.to_thread(self.predictor.labels, chunks, [tuple(s) for s in shapes])
 
 
 def model_deployment(cfg: ServeConfig):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lits import ct, inference, masks, volumes
+from lits import ct, inference, postprocess, reports, streaming, volumes
 from lits.errors import BadInputError, UserError
 from lits.model import UNet
 
@@ -80,21 +80,21 @@ def test_postprocess_keeps_largest_liver_component_and_tumour_inside_it():
     labels[2:4, 2:4, 2:4] = 2       # a tumour inside it
     labels[0, 8:10, 8:10] = 1       # an island of "liver"
     labels[5, 8, 0:2] = 2           # an island of "tumour" elsewhere
-    out = masks.postprocess(labels)
+    out = postprocess.postprocess(labels)
     expected = labels.copy()
     expected[0, 8:10, 8:10] = 0
     expected[5, 8, 0:2] = 0
     assert np.array_equal(out, expected)
     assert labels[0, 8, 8] == 1  # input untouched
-    assert not masks.postprocess(np.zeros((3, 4, 4), np.uint8)).any()
+    assert not postprocess.postprocess(np.zeros((3, 4, 4), np.uint8)).any()
 
 
 def test_components_use_26_connectivity():
     mask = np.zeros((4, 4, 4), bool)
     mask[0, 0, 0] = mask[1, 1, 1] = True   # corner-touching: one lesion
     mask[3, 3, 3] = True                   # apart: another
-    assert masks.component_sizes(mask).tolist() == [2, 1]
-    assert masks.component_sizes(np.zeros((2, 2, 2), bool)).size == 0
+    assert postprocess.component_sizes(mask).tolist() == [2, 1]
+    assert postprocess.component_sizes(np.zeros((2, 2, 2), bool)).size == 0
 
 
 def test_volume_report_measures_in_millilitres():
@@ -104,7 +104,7 @@ def test_volume_report_measures_in_millilitres():
     labels[:8, :8, :5] = 1                   # 320 voxels of liver
     labels[0:2, 0:2, 0:2] = 2                # lesion of 8 voxels
     labels[5:7, 5:7, 3] = 2                  # lesion of 4 voxels
-    report = inference.volume_report(labels, geometry, spec_for(10))
+    report = reports.volume_report(labels, streaming.voxel_ml(geometry), "liver-tumour")
     assert report["liver_volume_ml"] == pytest.approx(320 * 0.5 / 1000)
     assert report["tumour_volume_ml"] == pytest.approx(12 * 0.5 / 1000)
     assert report["lesion_count"] == 2
@@ -166,13 +166,13 @@ def test_guided_postprocess_matches_full_resolution_on_upsampled_labels():
     coarse[0:2, 13:16, 13:16] = 1   # a separate island
     coarse[7, 14, 0:3] = 2          # tumour outside the liver
     full = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
-    guided = masks.postprocess_guided(full, coarse)
-    assert np.array_equal(guided, masks.postprocess(full))
+    guided = postprocess.postprocess_guided(full, coarse)
+    assert np.array_equal(guided, postprocess.postprocess(full))
     assert guided[0, 60, 60] == 0 and guided[3, 10, 10] == 1 and guided[3, 18, 18] == 2
-    assert not masks.postprocess_guided(full, np.zeros_like(coarse)).any()
+    assert not postprocess.postprocess_guided(full, np.zeros_like(coarse)).any()
     noisy = full.copy()
     noisy[rng.random(full.shape) < 0.001] = 1
-    kept = masks.postprocess_guided(noisy, coarse)
+    kept = postprocess.postprocess_guided(noisy, coarse)
     far = np.ones(full.shape, bool)
     far[:, :48, :48] = False  # within reach of the kept liver
     assert not kept[far & (coarse.repeat(4, 1).repeat(4, 2) == 0)].any()
