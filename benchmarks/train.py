@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Training throughput on CPU: images/s per worker through Ray Train + Ray Data ingest against
-the same model fed from in-memory tensors in one process, and the full-width model's speed.
+the same model fed from in-memory tensors in one process, and the full-width model's speed; then
+ingest alone (no model): 256² slices/s per CPU core through Ray Data and the training collate, for
+both shard layouts, streamed from Parquet and materialised, and the cores one GPU needs.
 
     python benchmarks/train.py [--volumes 12] [--image-size 128] [--base-width 16]
+    python benchmarks/train.py --ingest-only
 
 Prints markdown tables (paste them into README).
 """
@@ -52,6 +55,81 @@ def in_memory_rate(images: np.ndarray, masks: np.ndarray, width: int, depth: int
     return steps * batch / (time.perf_counter() - t0)
 
 
+def format_one_copy(src: str, dst: str) -> None:
+    """Rewrite the shards of a prepared folder with Ray tensor columns (the format-1 layout)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    from lits import shards
+
+    shutil.copytree(src, dst)
+    for split in ("train", "val", "test"):
+        for name in (os.listdir(os.path.join(dst, split)) if os.path.isdir(os.path.join(dst, split)) else []):
+            path = os.path.join(dst, split, name)
+            table = pq.read_table(path)
+            for column in ("image", "mask"):
+                rows = shards.decode(table.column(column), shards.column_shape(table.schema, column, path))
+                table = table.set_column(table.schema.get_field_index(column), column, ArrowTensorArray.from_numpy(rows))
+            pq.write_table(pa.table(table.columns, names=table.column_names), path, compression="zstd",
+                           compression_level=3, row_group_size=64)
+
+
+def ingest_rate(files, image_shape, layout: str, materialise: bool, batch: int, passes: int = 3) -> float:
+    """Slices/s delivered as uint8 torch batches by Ray Data (files read, decoded, collated)."""
+    import ray.data
+
+    from lits import ingest
+
+    ds = ray.data.read_parquet(files).select_columns(["image", "mask"])
+    if materialise:
+        ds = ds.materialize()
+    collate = ingest.SliceCollate(image_shape) if layout == "fixed" else None
+    rows, started = 0, None
+    for epoch in range(passes + 1):  # the first pass warms the workers and the page cache
+        if epoch == 1:
+            started = time.perf_counter()
+        for b in ds.iter_torch_batches(batch_size=batch, collate_fn=collate, device="cpu", prefetch_batches=2):
+            rows += len(b["image"]) if epoch else 0
+    return rows / (time.perf_counter() - started)
+
+
+def ingest_table(args) -> str:
+    """Ingest alone at 256²: slices/s per core for both layouts, streamed and materialised."""
+    import json
+
+    import ray
+
+    vol, prep = os.path.join(args.workdir, "volumes-256"), os.path.join(args.workdir, "prepared-256")
+    old = prep + "-format1"
+    if not os.path.exists(os.path.join(prep, "manifest.json")):
+        synthesize(SynthConfig(output=vol, volumes=16, size=256, slices=128))
+        pipeline.prepare(PrepareConfig(input=vol, output=prep, image_size=256, keep_liver=1.0, keep_empty=0.2,
+                                       val_fraction=0.0, test_fraction=0.0), pipeline.run_local)
+    if not os.path.exists(old):
+        format_one_copy(prep, old)
+    manifest = json.load(open(os.path.join(prep, "manifest.json")))
+    shape = (256, 256, 3)
+    cpus = 2
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    for layout, root in (("tensor columns (format 1)", old), ("fixed_size_binary (format 2)", prep)):
+        files = [os.path.join(root, s) for s in manifest["splits"]["train"]["shards"]]
+        for materialise in (False, True):
+            rate = ingest_rate(files, shape, "fixed" if "binary" in layout else "tensor", materialise, args.batch_size)
+            per_core = rate / cpus
+            rows.append([layout, "materialised" if materialise else "streamed from Parquet", f"{rate:.0f}",
+                         f"{per_core:.0f}", f"{args.gpu_rate / per_core:.1f}"])
+    ray.shutdown()
+    slices = manifest["splits"]["train"]["slices"]
+    return (f"\n### ingest alone, 256² slices ({slices} slices, {cpus} CPUs, batch {args.batch_size}, "
+            f"{platform.machine()})\n\n" + _markdown(
+                ["shard layout", "path", "slices/s", "slices/s per core", f"cores to feed {args.gpu_rate:.0f} img/s"], rows))
+
+
 def _markdown(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
@@ -66,7 +144,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(ROOT, "bench-output", "train"))
     p.add_argument("--skip-full", action="store_true", help="skip the 31 M-parameter model")
+    p.add_argument("--ingest-only", action="store_true", help="only the ingest table")
+    p.add_argument("--gpu-rate", type=float, default=2000.0, help="images/s one GPU trains (H200, 256²)")
     args = p.parse_args()
+    if args.ingest_only:
+        print(ingest_table(args))
+        return
 
     vol, prep, run = (os.path.join(args.workdir, d) for d in ("volumes", "prepared", "run"))
     if not os.path.exists(os.path.join(prep, "manifest.json")):
@@ -74,12 +157,12 @@ def main() -> None:
         pipeline.prepare(PrepareConfig(input=vol, output=prep, image_size=args.image_size, keep_liver=0.5,
                                        keep_empty=0.1), pipeline.run_local)
     threads = os.cpu_count() or 1
-    import pyarrow.parquet as pq
-    import ray.data.extensions  # noqa: F401
+    from lits import shards
 
-    table = pq.read_table(os.path.join(prep, "train"))
-    images = table.column("image").combine_chunks().to_numpy_ndarray()
-    masks = table.column("mask").combine_chunks().to_numpy_ndarray()
+    train = os.path.join(prep, "train")
+    tables = [shards.read_columns(open(os.path.join(train, n), "rb").read()) for n in sorted(os.listdir(train))]
+    images = np.concatenate([t["image"] for t in tables])
+    masks = np.concatenate([t["mask"] for t in tables])
     memory = in_memory_rate(images, masks, args.base_width, 5, args.batch_size, threads, steps=3 * len(images) // args.batch_size // 2)
 
     import ray
@@ -110,6 +193,7 @@ def main() -> None:
                               rng.integers(0, 3, (8, 256, 256), dtype=np.uint8), 64, 5, 4, threads, steps=3, warmup=1)
         rows.append([f"U-Net w64 d5 (31 M parameters), 256², batch 4, in-memory, {threads} threads", f"{full:.2f}", "-"])
     print(_markdown(["configuration", "images/s per worker", "ingest / in-memory"], rows))
+    print(ingest_table(args))
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ def datasets(cfg: TrainConfig, info: Dict) -> Tuple[object, object, bool]:
 
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3_endpoint)
     strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
-    train = ray.data.read_parquet([strip(u) for u in info["train_uris"]], filesystem=fs, columns=["image", "mask"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed))
-    val = ray.data.read_parquet([strip(u) for u in info["val_uris"]], filesystem=fs, columns=["volume_id", "image", "mask"])
+    train = ray.data.read_parquet([strip(u) for u in info["train_uris"]], filesystem=fs,
+                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed)).select_columns(["image", "mask"])
+    val = ray.data.read_parquet([strip(u) for u in info["val_uris"]], filesystem=fs).select_columns(["volume_id", "image", "mask"])
     stored = materialize(cfg, info)
     if stored:
         train, val = train.materialize(), val.materialize()

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size: int = 32) -> Optional[Dict]:
-    """Per-volume and per-slice Dice/IoU of `weights` on the prepared slices of `uris` (in-process).
+    """Per-volume and per-slice Dice/IoU of `weights` on the prepared slices of `uris` (in this
+    process, on its GPU when it has one: training runs it as a one-GPU task after a GPU run).
 
     Per-volume scores sum intersections and sizes over a volume's prepared slices (all tumour
     slices, the kept fraction of the others), at the prepared resolution.
@@ -32,9 +33,10 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
 
     if not uris:
         return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU task's GPU
     model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
     model.load_state_dict(weights)
-    model.eval()
+    model.to(device).eval()
     classes = METRIC_CLASSES[cfg.task]
     per_volume: Dict[str, np.ndarray] = {}
     slice_scores = []
@@ -43,8 +45,8 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
             shard = shards.read_columns(storage.read_bytes(uri, cfg.s3_endpoint))
             images, masks, vids = shard["image"], shard["mask"], shard["volume_id"].tolist()
             for start in range(0, len(vids), batch_size):
-                x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
-                pred = predict_labels(model(x), cfg.task).numpy()
+                x = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+                pred = predict_labels(model(x), cfg.task).cpu().numpy()
                 counts = metrics.overlap_counts(pred, masks[start:start + batch_size], classes)
                 slice_scores.append(np.stack(metrics.dice_iou(counts), axis=-1))
                 for vid, c in zip(vids[start:start + batch_size], counts):

@@ -287,7 +287,13 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
     """Write OUT/model/weights.pt (best weights, a plain state_dict) then OUT/model/config.json."""
     state = checkpoints.load_state(checkpoint)
     weights = checkpoints.best_weights(state, cfg.s3_endpoint)
-    test_metrics = split_evaluation.evaluate_split(cfg, info.get("test_uris", []), weights)
+    if cfg.num_gpus and info.get("test_uris"):  # the 31 M model takes minutes on the driver's CPU
+        import ray
+
+        task = ray.remote(num_gpus=1, max_retries=1)(split_evaluation.evaluate_split)
+        test_metrics = ray.get(task.remote(cfg, info["test_uris"], weights))
+    else:
+        test_metrics = split_evaluation.evaluate_split(cfg, info.get("test_uris", []), weights)
     history = state["history"]
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), history[-1])
     prepare = info["prepare_config"]
