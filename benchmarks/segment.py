@@ -65,8 +65,8 @@ def make_model(folder: str, image_size: int, width: int, depth: int) -> str:
     return folder
 
 
-def model_only(paths, spec, weights) -> float:
-    torch.set_num_threads(os.cpu_count() or 1)
+def model_only(paths, spec, weights, threads: int) -> float:
+    torch.set_num_threads(threads)
     predictor = inference.Predictor(spec, weights, device="cpu")
     inputs = []
     for p in paths:
@@ -184,7 +184,8 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
         synthesize(SynthConfig(output=data, volumes=args.volumes, size=args.size, slices=args.slices))
     paths = sorted(os.path.join(data, f) for f in os.listdir(data) if f.startswith("volume-"))[: args.volumes]
     slices = sum(volumes.read_nifti(p)[1].canonical_shape[0] for p in paths)
-    t_model = model_only(paths, spec, weights)
+    t_model = model_only(paths, spec, weights, os.cpu_count() or 1)
+    t_model_1 = model_only(paths, spec, weights, args.cpus_per_replica)
     t_loop = loop(paths, os.path.join(work, "loop-out"), spec, weights)
 
     import ray
@@ -192,7 +193,7 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
 
     from lits import serving
 
-    cpus = os.cpu_count() or 1
+    cpus = args.ray_cpus or os.cpu_count() or 1
     t = time.perf_counter()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     cfg = ServeConfig(model=model_dir, port=8765, cpus_per_replica=args.cpus_per_replica, allow_prefixes=(work,),
@@ -228,9 +229,12 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
     ray.shutdown()
 
     print(f"\n### Bulk job: {len(paths)} volumes of {args.size}x{args.size}x{args.slices} ({slices} slices), replica "
-          f"{args.cpus_per_replica} CPU, {concurrency} volume(s) in flight at {args.cpus_per_volume} CPU each\n")
+          f"{args.cpus_per_replica} CPU, {concurrency} volume(s) in flight at {args.cpus_per_volume} CPU each, Ray "
+          f"given {cpus} CPUs\n")
     rows = [
-        ["model only (forward passes, in memory)", f"{t_model:.1f}", f"{slices / t_model:.1f}", "1.00"],
+        [f"model only (forward passes, in memory, {os.cpu_count()} threads)", f"{t_model:.1f}", f"{slices / t_model:.1f}", "1.00"],
+        [f"model only, {args.cpus_per_replica} thread(s) (a replica's torch threads)", f"{t_model_1:.1f}",
+         f"{slices / t_model_1:.1f}", f"{t_model_1 / t_model:.2f}"],
         ["loop (read, preprocess, predict, post-process, write)", f"{t_loop:.1f}", f"{slices / t_loop:.1f}", f"{t_loop / t_model:.2f}"],
         ["bulk job (Ray tasks + Serve deployment)", f"{t_job:.1f}", f"{slices / t_job:.1f}", f"**{t_job / t_model:.2f}**"],
     ]
@@ -254,6 +258,9 @@ def main() -> None:
     p.add_argument("--cpus-per-volume", type=float, default=1.0)
     p.add_argument("--model", default=None, help="an exported model (default: random weights of --base-width/--depth)")
     p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: CPUs - replica CPUs)")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="logical CPUs Ray may hand out (default: the machine's); e.g. 3 on 2 cores lets a 2-CPU "
+                        "replica use both cores beside a 1-CPU volume pool whose tasks mostly wait on the model")
     p.add_argument("--skip-stages", action="store_true")
     p.add_argument("--skip-bulk", action="store_true")
     p.add_argument("--workdir", default=None)

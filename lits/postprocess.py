@@ -149,7 +149,10 @@ def guided_keep(coarse: np.ndarray) -> Optional[Tuple[Tuple[slice, ...], np.ndar
     found = _largest_in_box(coarse >= 1)
     if found is None:
         return None
-    box, component = found
+    outer, component = found
+    inner = bounding_box(component)  # the component's own box: other islands' slices are skipped
+    box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+    component = component[inner]
     padded = pad_box(box, coarse.shape)
     keep = np.zeros(tuple(s.stop - s.start for s in padded), bool)
     keep[tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, padded))] = component
