@@ -235,8 +235,9 @@ class Predictor:
         """(N, K, S, S) float tensor on the device: round(probability * 255), TTA included."""
         import torch
 
-        out = None
         cuda = self.device.type == "cuda"
+        out = torch.empty((len(images), self.spec.probability_channels) + images.shape[1:3], dtype=torch.float32,
+                          device=self.device)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             for start in range(0, len(images), self.max_batch):
                 # Arrays from Ray's object store are read-only: torch wants a writable buffer.
@@ -249,8 +250,6 @@ class Predictor:
                     for dims in ((3,), (2,)):
                         probs += self._probs(x.flip(dims)).flip(dims)
                     probs /= 3.0
-                if out is None:
-                    out = torch.empty((len(images),) + probs.shape[1:], dtype=torch.float32, device=self.device)
                 out[start:start + len(x)] = probs.mul_(255.0).round_()
         return out
 
