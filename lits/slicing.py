@@ -148,6 +148,8 @@ def check_pair(task: VolumeTask, volume_shape: Tuple[int, ...], segmentation_sha
 # What a worker holds besides one volume's arrays: the interpreter with numpy, cv2, pyarrow and
 # Ray's worker (README Performance measures ~260 MB after the imports).
 WORKER_BASE_BYTES = 384 << 20
+# Small temporaries beside the arrays memory_bytes counts (Python objects, a slice's float32 copy).
+SMALL_BYTES = 4 << 20
 
 
 def _read_peak(header: volumes.Header) -> int:
@@ -158,25 +160,31 @@ def _read_peak(header: volumes.Header) -> int:
 def memory_bytes(volume: volumes.Header, segmentation: volumes.Header, image_size: int) -> int:
     """The most memory slicing a pair takes, from what its headers declare (the peak of one volume).
 
-    The larger of: reading the volume (with the reader's buffers); the volume while its segmentation
-    is read; both arrays with
-    the uint8 labels decoded from a non-uint8 segmentation (and its chunk temporaries). Then the
-    histogram's pieces, every slice's image and mask as if all were kept, as much again for its
-    Parquet shard, and the worker itself. tests/test_bounded_inputs.py checks it against the
-    traced peak of real volumes, int16 and scaled.
+    The largest of the stages' holdings: reading the volume (with the reader's buffers); the volume
+    while its segmentation is read; both with the uint8 labels decoded from a non-uint8
+    segmentation (and its chunk temporaries); the volume and labels with the histogram's pieces;
+    with the block of slices ct.model_inputs gathers and every slice's image and mask as if all
+    were kept; those slices with their Parquet shard. Plus the worker itself.
+    tests/test_bounded_inputs.py checks it against the traced peak of int16 and scaled pairs.
     """
-    labels = 0 if segmentation.dtype == np.uint8 and not segmentation.scaling else segmentation.voxels
+    buffers = volumes.READ_BUFFER_BYTES
+    vol, labels = volume.array_bytes, segmentation.voxels  # labels: uint8 once decoded
+    decoded = 0 if segmentation.dtype == np.uint8 and not segmentation.scaling else labels
     # volumes.as_labels converts 32 file slices (last axis) at a time: their rounded copy and a mask.
-    chunk = 0 if not labels else 32 * (segmentation.voxels // segmentation.shape[-1]) * (segmentation.dtype.itemsize + 2)
-    held = volume.array_bytes + segmentation.array_bytes + labels + chunk
-    arrays = max(_read_peak(volume) + volumes.READ_BUFFER_BYTES,
-                 volume.array_bytes + _read_peak(segmentation) + volumes.READ_BUFFER_BYTES, held)
-    # ct.freqhist_breaks' pieces: int16 keys (2 B per voxel), or float HU floored (4 B) and widened
-    # to int64 (8 B).
+    chunk = 0 if not decoded else 32 * (segmentation.voxels // segmentation.shape[-1]) * (segmentation.dtype.itemsize + 2)
+    # ct.freqhist_breaks' pieces: int16 keys (2 B per voxel), or float HU floored (4 B) and widened to int64 (8 B)
     histogram = min(volume.voxels, ct.HIST_PIECE) * (2 if volume.dtype == np.int16 and not volume.scaling else 12)
-    slices = volume.geometry.canonical_shape[0]
-    kept = slices * image_size * image_size * 4
-    return int(arrays + histogram + 2 * kept + WORKER_BASE_BYTES)
+    gathered = ct.GATHER_SLICES * (vol // volume.geometry.canonical_shape[0])
+    kept = volume.geometry.canonical_shape[0] * image_size * image_size * 4
+    stages = (
+        _read_peak(volume) + buffers,
+        vol + _read_peak(segmentation) + buffers,
+        vol + segmentation.array_bytes + decoded + chunk,
+        vol + labels + histogram,
+        vol + labels + gathered + kept,
+        2 * kept,
+    )
+    return int(max(stages) + SMALL_BYTES + WORKER_BASE_BYTES)
 
 
 def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopwatch] = None) -> VolumeResult:

@@ -56,6 +56,20 @@ def test_int16_counts_stay_exact_beyond_float32_integers():
     assert counts[0x8000] == (1 << 24) + 1 and np.array_equal(counts, expected)
 
 
+def test_model_inputs_of_scattered_slices_equal_those_of_a_contiguous_copy(rng):
+    # a file stored S-P-L: canonical slices are scattered, model_inputs gathers them in blocks
+    file_order = np.asfortranarray(rng.integers(-1024, 1500, size=(70, 40, 36)).astype(np.int16))
+    canonical = file_order[::-1]
+    assert abs(canonical.strides[2]) != canonical.itemsize
+    breaks = ct.freqhist_breaks(canonical)
+    zs = [69, 0, 3] + list(range(4, 70, 2))  # more than one block of GATHER_SLICES, any order
+    assert len(zs) > ct.GATHER_SLICES
+    expected = ct.model_inputs(np.ascontiguousarray(canonical), zs, breaks, 0, 24)
+    assert np.array_equal(ct.model_inputs(canonical, zs, breaks, 0, 24), expected)
+    contiguous = ct.model_inputs(np.ascontiguousarray(canonical), range(3, 6), breaks, 0, 24)
+    assert np.array_equal(ct.model_inputs(canonical, range(3, 6), breaks, 0, 24), contiguous)  # a range, as inference passes
+
+
 def test_freqhist_breaks_small_hand_case():
     hu = np.arange(1000).reshape(10, 10, 10) - 500
     # ranks 1, 50, 150, ..., 950, 999 -> values rank - 500

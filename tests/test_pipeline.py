@@ -28,7 +28,13 @@ def read_split(out: str, split: str, filesystem=None):
     ds = ray.data.read_parquet(storage.join(out, split) if filesystem is None else out + "/" + split, filesystem=filesystem)
     assert ds.schema().names == list(COLUMNS)
     rows = ds.take_all()
-    return {c: [r[c] for r in rows] for c in COLUMNS}
+    columns = {c: [r[c] for r in rows] for c in COLUMNS}
+    # fixed_size_binary slices (lits.shards) arrive as bytes: square images with 3 channels, masks with 1
+    for name, channels in (("image", 3), ("mask", 1)):
+        side = [int(round((len(v) / channels) ** 0.5)) for v in columns[name]]
+        columns[name] = [np.frombuffer(v, np.uint8).reshape((n, n, channels) if channels > 1 else (n, n))
+                         for v, n in zip(columns[name], side)]
+    return columns
 
 
 def listed_shards(out: str):
@@ -137,10 +143,11 @@ def test_stage_seconds_sum_to_each_volume_total_and_the_timeline_is_ordered(nift
         assert tuple(k for k in seconds if k != "total") == stages
         assert seconds["total"] == pytest.approx(sum(seconds[k] for k in stages), abs=1e-9)
     line = manifest["timeline"]
-    assert 0 < line["headers_checked"] <= line["first_volume_done"] <= line["last_volume_done"] <= manifest["seconds"] <= wall
+    assert 0 < line["headers_checked"] <= line["first_volume_done"] <= line["last_volume_done"] < wall
+    assert line["last_volume_done"] <= manifest["seconds"] + 0.005  # 'seconds' is rounded to 0.01
     # the stages cover the volumes' whole time: one process, so their sum is the loop's time
     loop = line["last_volume_done"] - line["headers_checked"]
-    assert sum(e["seconds"]["total"] for e in manifest["volumes"]) == pytest.approx(loop, rel=0.1, abs=0.02)
+    assert sum(e["seconds"]["total"] for e in manifest["volumes"]) == pytest.approx(loop, rel=0.1, abs=0.03)
 
 
 def test_rerun_replaces_output_and_interruption_keeps_previous(nifti_dir, tmp_path):
