@@ -109,14 +109,18 @@ class JobCapacity:
         if not self.elastic or time.time() - self.refreshed < REFRESH_S:
             return
         self.refreshed = time.time()
-        wanted = max(0, min(waiting, self.cap - self.concurrency()))
+        wanted = self._unplaced(waiting)
         count = int(min(spare_cpus(self.reserve_cpus), wanted * self.cpus_per_volume) // self.bundle) if wanted else 0
         if count >= 1 and self._grow(count):
-            wanted = max(0, min(waiting, self.cap - self.concurrency()))
+            wanted = self._unplaced(waiting)
         need = math.ceil(self.reserve_cpus + sum(self.slots) * self.cpus_per_volume + wanted * self.cpus_per_volume)
         if need != self.requested:
             request_cpus(need)
             self.requested = need
+
+    def _unplaced(self, waiting: int) -> int:
+        """Waiting volumes no free slot takes (up to the cap)."""
+        return max(0, min(waiting - (self.concurrency() - sum(self.running)), self.cap - self.concurrency()))
 
     def _grow(self, count: int) -> bool:
         from ray.util.placement_group import placement_group, remove_placement_group

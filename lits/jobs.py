@@ -318,6 +318,7 @@ def _actor(job_id: str):
 # The handles of the jobs this process started: a job's actor is not detached (see submit_job) and
 # lives while a handle to it does; it ends itself when the job is over.
 _HELD: Dict[str, object] = {}
+_LAST_STATUS: Dict[str, Dict] = {}  # the last answer of each running job's actor in this process
 
 
 def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optional[int] = None,
@@ -364,14 +365,24 @@ def _from_record(record: Dict, s3_endpoint: Optional[str]) -> Dict:
 
 
 def get_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:
-    """The job's status: from its actor while it runs (its last summary when the actor does not
-    answer within STATUS_ACTOR_WAIT_S), from its summary (through its record) after."""
+    """The job's status: from its actor while it runs (when the actor does not answer within
+    STATUS_ACTOR_WAIT_S: its last answer in this process, else its last summary), from its summary
+    (through its record) after."""
     actor = _actor(job_id)
     if actor is not None:
         try:
-            return ray.get(actor.status.remote(), timeout=STATUS_ACTOR_WAIT_S)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass  # it just ended, or is too busy to answer now: the record and summary know
+            status = ray.get(actor.status.remote(), timeout=STATUS_ACTOR_WAIT_S)
+            if status["state"] in FINAL_STATES:
+                _LAST_STATUS.pop(job_id, None)
+            else:
+                _LAST_STATUS[job_id] = status
+            return status
+        except ray.exceptions.GetTimeoutError:
+            if job_id in _LAST_STATUS:  # too busy to answer now: what it said last
+                return _LAST_STATUS[job_id]
+        except ray.exceptions.RayActorError:
+            pass  # it just ended: the record and summary know
+    _LAST_STATUS.pop(job_id, None)
     record = _read_json(_record_uri(jobs_state or default_jobs_state(), job_id), s3_endpoint)
     if record is None or record.get("job_id") != job_id:
         return None
