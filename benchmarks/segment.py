@@ -153,11 +153,14 @@ def stages(args, work: str, spec) -> None:
         cv2.setNumThreads(threads)
         out = os.path.join(work, f"stages-{threads}")
         uris = jobs.output_uris(out, "volume-0")
-        for _ in range(2):  # the second run is reported (files cached, code warm)
+        best = None
+        for run in range(max(1, args.repeats) + 1):  # the fastest run after a warm-up one (the box is shared)
             t = time.perf_counter()
             report = inference.segment_uri(scan, uris, spec, Answers(answers), chunk=16, threads=threads)
             wall = time.perf_counter() - t
-        columns[threads] = {**report["seconds"], "wall": wall}
+            if run and (best is None or wall < best["wall"]):
+                best = {**report["seconds"], "wall": wall}
+        columns[threads] = best
         masks[threads] = np.asarray(volumes.read_nifti(uris["mask"])[0])
     keys = [k for k in columns[1] if k not in ("total", "wall", "segment_s")]
     rows = [[k, f"{columns[1][k]:.3f}", f"{columns[2][k]:.3f}"] for k in keys]
@@ -254,6 +257,7 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage-slices", type=int, default=500, help="slices of the scan measured stage by stage")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per stage column, after a warm-up (the fastest is printed)")
     p.add_argument("--volumes", type=int, default=4)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--slices", type=int, default=100)
