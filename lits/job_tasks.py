@@ -1,7 +1,9 @@
 """The volume tasks of bulk jobs and uploads, the model waits they make, and the CPUs they may use.
 
-A volume task reads, preprocesses and post-processes on a CPU worker and sends its slices, chunk
-by chunk, to the model deployment. Two rules keep a lost model replica from hanging the service:
+A volume task reads, preprocesses and post-processes on a CPU worker, on as many threads as CPUs it
+reserved (`task_threads`), and sends its slices, chunk by chunk, to the model deployment, which
+answers labels at the volume's slice size (`ModelSubmit`). Two rules keep a lost model replica from
+hanging the service:
 
 - **The volume pool.** `serving.deploy` reserves the CPUs volume tasks may use in a placement group
   (`create_pool`) after the replicas are placed, leaving what the replicas hold (and what autoscaling
