@@ -330,3 +330,33 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What `workflows/evaluate.py` scores, as data.
+
+    Attributes:
+        pred: folder or s3:// prefix of predicted segmentations ('<name>_seg.nii.gz' or
+            'segmentation-N.nii[.gz]').
+        ref: folder or s3:// prefix of reference segmentations ('segmentation-N.nii[.gz]').
+        output: where metrics.csv, summary.json, report.md and the pictures go; None: PRED/_evaluation.
+        images: folder or s3:// prefix of the CT volumes drawn under the overlays; None: no pictures
+            of the CT.
+        local: evaluate in this process, without Ray.
+    """
+
+    pred: str
+    ref: str
+    output: Optional[str] = None
+    images: Optional[str] = None
+    local: bool = False
+    s3_endpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("pred", "ref"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be a folder or an s3:// prefix")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from lits import ct, metrics, reports, storage, volumes
+from lits.config import EvaluateConfig
 from lits.errors import BadInputError, UserError
 from lits.schema import WINDOW_LIVER
 
@@ -298,17 +299,25 @@ def report_md(summary: Dict, rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(pred: str, ref: str, output: Optional[str] = None, images: Optional[str] = None,
-             s3_endpoint: Optional[str] = None, runner: Callable = run_ray,
-             progress: Optional[Callable[[int, int, Dict], None]] = None) -> Dict:
-    """Evaluate every matched pair; write the outputs under `output` (default PRED/_evaluation).
+def check_inputs(cfg: EvaluateConfig) -> None:
+    """UserError naming the first of cfg's input folders that does not exist."""
+    for uri in (cfg.pred, cfg.ref) + ((cfg.images,) if cfg.images else ()):
+        storage.require(uri, cfg.s3_endpoint)
+
+
+def evaluate(cfg: EvaluateConfig, progress: Optional[Callable[[int, int, Dict], None]] = None) -> Dict:
+    """Evaluate every matched pair of `cfg`; write the outputs under cfg.output (default
+    PRED/_evaluation); one Ray task per case, or in this process with cfg.local.
 
     Raises:
         UserError: a missing folder, or no pair at all.
     """
-    pred, ref = storage.normalise(pred), storage.normalise(ref)
-    output = storage.normalise(output) if output else storage.join(pred, "_evaluation")
-    images = storage.normalise(images) if images else None
+    s3_endpoint = cfg.s3_endpoint
+    check_inputs(cfg)
+    pred, ref = storage.normalise(cfg.pred), storage.normalise(cfg.ref)
+    output = storage.normalise(cfg.output) if cfg.output else storage.join(pred, "_evaluation")
+    images = storage.normalise(cfg.images) if cfg.images else None
+    runner = run_local if cfg.local else run_ray
     found = pair_files(pred, ref, images, s3_endpoint)
     if not found["pairs"]:
         raise UserError(f"no prediction under {pred} matches a reference under {ref} (predictions: '<name>_seg.nii.gz' "

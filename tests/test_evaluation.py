@@ -11,6 +11,7 @@ import pytest
 
 from conftest import make_bucket, run_workflow, upload_tree
 from lits import evaluation, metrics, volumes
+from lits.config import EvaluateConfig
 
 
 def test_case_keys():
@@ -58,8 +59,8 @@ def test_pairing_lists_unmatched_files(folders):
 
 def test_evaluate_writes_exact_metrics_and_pictures(folders, tmp_path):
     out = tmp_path / "eval"
-    summary = evaluation.evaluate(str(folders["pred"]), str(folders["ref"]), str(out), str(folders["images"]),
-                                  runner=evaluation.run_local)
+    summary = evaluation.evaluate(EvaluateConfig(pred=str(folders["pred"]), ref=str(folders["ref"]), output=str(out),
+                                                 images=str(folders["images"]), local=True))
     assert summary["cases_evaluated"] == 2
     assert [f["case"] for f in summary["failed"]] == ["2"] and "geometry mismatch" in summary["failed"][0]["reason"]
     rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text())))
@@ -96,7 +97,7 @@ def test_no_pairs_is_one_clear_error(folders, tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="no prediction under .* matches a reference"):
-        evaluation.evaluate(str(empty), str(folders["ref"]), runner=evaluation.run_local)
+        evaluation.evaluate(EvaluateConfig(pred=str(empty), ref=str(folders["ref"]), local=True))
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ import logging
 import sys
 
 import _common  # noqa: F401
-from _common import add_cluster_args, setup_logging, start_ray, user_errors
+from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+
+from lits.config import EvaluateConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,11 +40,11 @@ def main(argv=None) -> int:
     with user_errors("evaluate"):
         from lits import evaluation, reports, storage
 
-        s3 = storage.resolve_endpoint(args.s3_endpoint)
-        for uri in (args.pred, args.ref) + ((args.images,) if args.images else ()):
-            storage.require(uri, s3)
-        if not args.local:
-            start_ray(args.address, s3)
+        cfg = make_config(EvaluateConfig, pred=args.pred, ref=args.ref, output=args.output, images=args.images,
+                          local=args.local, s3_endpoint=storage.resolve_endpoint(args.s3_endpoint))
+        evaluation.check_inputs(cfg)  # before paying for Ray
+        if not cfg.local:
+            start_ray(args.address, cfg.s3_endpoint)
 
         def progress(done: int, total: int, row: dict) -> None:
             if "error" in row:
@@ -51,8 +53,7 @@ def main(argv=None) -> int:
                 logging.info("[%*d/%d] case %s: liver Dice %.4f, tumour Dice %.4f (%.1f s)", len(str(total)), done, total,
                              row["case"], row["liver_dice"], row["tumour_dice"], row["seconds"])
 
-        summary = evaluation.evaluate(args.pred, args.ref, args.output, args.images, s3,
-                                      evaluation.run_local if args.local else evaluation.run_ray, progress)
+        summary = evaluation.evaluate(cfg, progress)
         print(reports.evaluation_summary(summary))
         return 1 if summary["failed"] else 0
 

@@ -202,13 +202,14 @@ def main(argv=None) -> int:
         status = 0 if job["state"] == "succeeded" and not job["counts"]["failed"] else 1
         if args.ref and job["state"] == "succeeded" and job["counts"]["done"] + job["counts"]["skipped"]:
             from lits import evaluation
+            from lits.config import EvaluateConfig
 
             print()
             # Locally Ray is still up (run_locally leaves it to the process's end); against a
             # server this process reads the masks itself.
-            runner = evaluation.run_local if args.server else evaluation.run_ray
-            summary = evaluation.evaluate(_as_uri(args.output), _as_uri(args.ref), None, _as_uri(args.input),
-                                          storage_endpoint(args), runner)
+            summary = evaluation.evaluate(EvaluateConfig(pred=_as_uri(args.output), ref=_as_uri(args.ref),
+                                                         images=_as_uri(args.input), local=bool(args.server),
+                                                         s3_endpoint=storage_endpoint(args)))
             print(reports.evaluation_summary(summary))
             status = max(status, 1 if summary["failed"] else 0)
         return status
