@@ -8,7 +8,6 @@ overlays.png (best, median and worst cases) and dice_boxplot.png. summary.json i
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -254,17 +253,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def metrics_csv(rows: List[Dict]) -> bytes:
-    columns: List[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
 def report_md(summary: Dict, rows: List[Dict]) -> str:
     agg = summary["aggregate"]
     lines = [f"# LiTS evaluation: {summary['cases_evaluated']} case(s)", "",
@@ -363,7 +351,7 @@ def evaluate_pairs(found: Dict, output: str, sources: Dict, s3_endpoint: Optiona
         storage.write_bytes(storage.join(output, "dice_boxplot.png"), boxplot_png(rows), s3_endpoint)
         summary["pictures"] = ["overlays.png", "dice_boxplot.png"]
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    storage.write_bytes(storage.join(output, "metrics.csv"), metrics_csv(rows), s3_endpoint)
+    storage.write_bytes(storage.join(output, "metrics.csv"), reports.csv_bytes(rows), s3_endpoint)
     storage.write_bytes(storage.join(output, "report.md"), report_md(summary, rows).encode(), s3_endpoint)
     storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=1).encode(), s3_endpoint)
     return summary

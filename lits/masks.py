@@ -91,20 +91,15 @@ def _colour_table(rgb: np.ndarray):
     return index[keys], lab * _CHROMA_WEIGHT, counts[present]
 
 
-def colour_clusters(rgb: np.ndarray) -> np.ndarray:
+def _clusters(ids: np.ndarray, lab: np.ndarray, count: np.ndarray) -> np.ndarray:
     """The solid colours of a colour-mapped mask, as CIELAB centres (k, 3), most populous first.
 
     A cluster is a colour-histogram peak with at least _MIN_CLUSTER pixels within _MODE_RADIUS
     whose pixels, eroded by 3x3, still leave a core: the thin rings of in-between colours that
     JPEG leaves along region edges never qualify. A smaller peak counts too when its lightness
-    lies beyond all solid colours (a halo never does). Works on the table of colours present,
-    so its cost is one pass over the pixels plus a little per colour.
+    lies beyond all solid colours (a halo never does). Works on the table of colours present
+    (`_colour_table`), so its cost is one pass over the pixels plus a little per colour.
     """
-    ids, lab, count = _colour_table(rgb)
-    return _clusters(ids, lab, count)
-
-
-def _clusters(ids: np.ndarray, lab: np.ndarray, count: np.ndarray) -> np.ndarray:
     q = np.floor(lab / _BIN).astype(np.int64)
     q -= q.min(axis=0)
     span = q.max(axis=0) + 1

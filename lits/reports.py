@@ -225,3 +225,20 @@ def preview_png(hu: np.ndarray, labels: np.ndarray, title: str, box: Optional[Tu
     coronal = ct.window(hu[::-1, y, :], *WINDOW_LIVER)[..., None]
     return contact_sheet([(f"{title} axial {z}", axial, labels[z]),
                           (f"coronal {y}", coronal, np.ascontiguousarray(labels[::-1, y, :]))], columns=2, tile=256)
+
+
+def csv_bytes(rows: Sequence[Dict], float_format: Optional[str] = None) -> bytes:
+    """UTF-8 CSV of dict rows: the union of their keys as columns in first-seen order (rows that
+    lack a column, e.g. from an older version, leave it empty); floats as `float_format` if given."""
+    import csv
+    import io
+
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (format(v, float_format) if float_format and isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue().encode()

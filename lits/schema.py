@@ -18,8 +18,7 @@ TUMOUR = 2
 LABELS = (BACKGROUND, LIVER, TUMOUR)
 CLASS_NAMES = ("background", "liver", "tumour")
 
-# Slice categories: what a slice's mask contains.
-CATEGORY_EMPTY = 0
+# Slice categories: what a slice's mask contains (0: empty).
 CATEGORY_LIVER = 1
 CATEGORY_TUMOUR = 2
 CATEGORY_NAMES = ("empty", "liver", "tumour")

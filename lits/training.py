@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import io
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import lits
-from lits import checkpoints, inference, shards, split_evaluation, storage
+from lits import checkpoints, inference, reports, shards, split_evaluation, storage
 from lits.config import TrainConfig
 from lits.errors import UserError
 from lits.schema import CLASS_NAMES, MANIFEST_NAME
@@ -245,16 +244,8 @@ def train_loop_per_worker(config: Dict) -> None:
 
 def write_metrics(cfg: TrainConfig, history: List[Dict], curves: bool = True) -> None:
     """OUT/metrics.csv (one row per epoch) and, with `curves`, OUT/curves.png, rewritten atomically."""
-    buf = io.StringIO()
-    fields: List[str] = []
-    for row in history:  # rows of a run resumed from an older version may lack newer columns
-        fields += [k for k in row if k not in fields]
-    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     out = storage.normalise(cfg.output)
-    storage.write_bytes(storage.join(out, "metrics.csv"), buf.getvalue().encode(), cfg.s3_endpoint)
+    storage.write_bytes(storage.join(out, "metrics.csv"), reports.csv_bytes(history, ".6g"), cfg.s3_endpoint)
     if curves:
         storage.write_bytes(storage.join(out, "curves.png"), curves_png(history), cfg.s3_endpoint)
 

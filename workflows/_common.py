@@ -8,12 +8,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-# Running `python workflows/x.py` from a checkout without installing: make `lits` importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from lits.errors import UserError  # noqa: E402
+from lits.errors import UserError
 
 
 def setup_logging(verbose: bool = False) -> None:

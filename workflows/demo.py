@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.request
 
-import _common  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "demo-token"

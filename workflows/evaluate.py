@@ -16,8 +16,7 @@ import argparse
 import logging
 import sys
 
-import _common  # noqa: F401
-from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import EvaluateConfig
 

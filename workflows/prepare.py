@@ -11,8 +11,7 @@ import logging
 import sys
 import time
 
-import _common  # noqa: F401  (sys.path and shared helpers)
-from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import INPUT_FORMATS, PrepareConfig
 

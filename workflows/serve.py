@@ -16,8 +16,7 @@ import signal
 import sys
 import threading
 
-import _common  # noqa: F401
-from _common import add_cluster_args, add_model_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, add_model_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import ServeConfig
 from lits.errors import UserError

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _common  # noqa: F401
-from _common import make_config, setup_logging, user_errors
+from workflows._common import make_config, setup_logging, user_errors
 
 from lits.config import COLORMAPS, SYNTH_FORMATS, SynthConfig
 

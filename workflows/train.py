@@ -12,8 +12,7 @@ import json
 import os
 import sys
 
-import _common  # noqa: F401
-from _common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
 
 from lits.config import AMP_MODES, INGEST_MODES, SCHEDULES, TASKS, TrainConfig
 

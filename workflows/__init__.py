@@ -1,0 +1,1 @@
+"""The command-line programs: `python workflows/<name>.py` or the `lits-<name>` entry points."""
