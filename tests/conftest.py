@@ -64,12 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 2-CPU Ray for the module; yields its address for workflow subprocesses."""
+def local_ray(num_cpus: int):
+    """Start a local Ray of `num_cpus` logical CPUs (no progress bars); yield its address; stop it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -77,6 +76,12 @@ def ray_cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray for the module; yields its address for workflow subprocesses."""
+    yield from local_ray(2)
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +147,4 @@ def run_workflow(name: str, *args: str, timeout: float = 300):
 @pytest.fixture(scope="module")
 def ray_train_cluster():
     """A local Ray with 3 logical CPUs: two 1-CPU training workers plus one for Ray Data's reads."""
-    import ray
-
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    yield from local_ray(3)
