@@ -34,7 +34,7 @@ from lits.config import TrainConfig  # noqa: E402
 from lits.model import UNet  # noqa: E402
 from lits.sampling import PatchBatches  # noqa: E402
 from lits.train_steps import TrainState, schedule_step, train_one_epoch, validate  # noqa: E402
-from lits.training import patch_size  # noqa: E402
+from lits.train_data import patch_size  # noqa: E402
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
 

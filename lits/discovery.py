@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 from lits import storage, volumes
 from lits.config import PrepareConfig
 from lits.errors import BadInputError, UserError
+from lits.schema import volume_number
 from lits.slicing import VolumeTask, check_pair, memory_bytes
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,15 @@ def find_nifti_pairs(files: List[str], root: str) -> Tuple[Dict[str, Tuple[str, 
         if m:
             found[f"volume-{int(m.group(2))}"][m.group(1)].append(uri)
     pairs, failed = {}, []
-    for vid in sorted(found, key=lambda v: int(v.split("-")[1])):
+    for vid in sorted(found, key=volume_number):
         vols, segs = found[vid]["volume"], found[vid]["segmentation"]
         if len(vols) > 1 or len(segs) > 1:
             for uri in vols + segs:
                 failed.append({"input": uri, "reason": f"{vid} is present more than once ({len(vols)} volumes, {len(segs)} segmentations); keep one copy"})
         elif not segs:
-            failed.append({"input": vols[0], "reason": f"no segmentation-{vid.split('-')[1]}.nii[.gz] found for it"})
+            failed.append({"input": vols[0], "reason": f"no segmentation-{volume_number(vid)}.nii[.gz] found for it"})
         elif not vols:
-            failed.append({"input": segs[0], "reason": f"no volume-{vid.split('-')[1]}.nii[.gz] found for it"})
+            failed.append({"input": segs[0], "reason": f"no volume-{volume_number(vid)}.nii[.gz] found for it"})
         else:
             pairs[vid] = (vols[0], segs[0])
     return pairs, failed
@@ -169,7 +170,7 @@ def discover(cfg: PrepareConfig) -> Tuple[List[VolumeTask], List[Dict], str]:
         wanted = what.get(fmt) or f"{what['nifti']} or {what['images']}"
         raise UserError(f"no {wanted} under {cfg.input} ({len(files)} files looked at); check --input")
     failed = (nifti_failed if fmt == "nifti" else image_failed) + non_ascii_ids(files, root)
-    ids = sorted(pairs if fmt == "nifti" else series, key=lambda v: int(v.split("-")[1]))
+    ids = sorted(pairs if fmt == "nifti" else series, key=volume_number)
     tasks = []
     for vid in ids:
         if fmt == "nifti":

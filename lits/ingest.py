@@ -24,38 +24,39 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from lits import shards, storage
 from lits.config import TrainConfig
+from lits.train_data import DataInfo
 
 log = logging.getLogger(__name__)
 
 
-def decoded_bytes(info: Dict) -> int:
+def decoded_bytes(info: DataInfo) -> int:
     """Bytes of the train and val splits once decoded (images and masks)."""
-    h, w, c = info["image_shape"]
-    return (info["train_slices"] + info.get("val_slices", 0)) * h * w * (c + 1)
+    h, w, c = info.image_shape
+    return (info.train_slices + info.val_slices) * h * w * (c + 1)
 
 
-def materialize(cfg: TrainConfig, info: Dict) -> bool:
+def materialize(cfg: TrainConfig, info: DataInfo) -> bool:
     """Whether the splits are decoded once into the object store (True) or streamed every epoch."""
     if cfg.ingest != "auto":
         return cfg.ingest == "materialize"
     return decoded_bytes(info) <= cfg.materialize_gb * 2 ** 30
 
 
-def datasets(cfg: TrainConfig, info: Dict) -> Tuple[object, object, bool]:
+def datasets(cfg: TrainConfig, info: DataInfo) -> Tuple[object, object, bool]:
     """(train, val, materialised) Ray Datasets of the prepared splits in `info` (check_data's)."""
     import ray.data
     from ray.data._internal.random_config import RandomSeedConfig
 
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3_endpoint)
     strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
-    train = ray.data.read_parquet([strip(u) for u in info["train_uris"]], filesystem=fs,
+    train = ray.data.read_parquet([strip(u) for u in info.train_uris], filesystem=fs,
                                   shuffle=ray.data.FileShuffleConfig(seed=cfg.seed)).select_columns(["image", "mask"])
-    val = ray.data.read_parquet([strip(u) for u in info["val_uris"]], filesystem=fs).select_columns(["volume_id", "image", "mask"])
+    val = ray.data.read_parquet([strip(u) for u in info.val_uris], filesystem=fs).select_columns(["volume_id", "image", "mask"])
     stored = materialize(cfg, info)
     if stored:
         train, val = train.materialize(), val.materialize()
-        if train.num_blocks() < len(info["train_uris"]):  # small shards are read into few blocks
-            train = train.repartition(len(info["train_uris"])).materialize()
+        if train.num_blocks() < len(info.train_uris):  # small shards are read into few blocks
+            train = train.repartition(len(info.train_uris)).materialize()
         # Materialised blocks keep their order; this reorders them anew on every epoch (the seed
         # is combined with the execution index), as the file shuffle does for a stream.
         train = train.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
@@ -89,7 +90,7 @@ class SliceCollate(ArrowBatchCollateFn):
         return out
 
 
-def batches(shard, cfg: TrainConfig, info: Dict, pin: bool, shuffle_seed=None) -> Iterator[Dict]:
+def batches(shard, cfg: TrainConfig, info: DataInfo, pin: bool, shuffle_seed=None) -> Iterator[Dict]:
     """Batches of one worker's dataset shard, prefetched and collated in Ray's threads.
 
     Args:
@@ -99,6 +100,6 @@ def batches(shard, cfg: TrainConfig, info: Dict, pin: bool, shuffle_seed=None) -
     """
     train = shuffle_seed is not None
     return shard.iter_torch_batches(
-        batch_size=cfg.batch_size, collate_fn=SliceCollate(info["image_shape"], ids=not train), device="cpu",
+        batch_size=cfg.batch_size, collate_fn=SliceCollate(info.image_shape, ids=not train), device="cpu",
         pin_memory=pin and train, prefetch_batches=cfg.prefetch_batches,
         local_shuffle_buffer_size=4 * cfg.batch_size if train else None, local_shuffle_seed=shuffle_seed)

@@ -40,7 +40,7 @@ from lits import shards, storage
 from lits.config import PrepareConfig
 from lits.discovery import assign_splits, check_headers, discover
 from lits.errors import BadInputError, UserError
-from lits.schema import CATEGORY_NAMES, COLUMNS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS
+from lits.schema import CATEGORY_NAMES, COLUMNS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS, volume_number
 from lits.slicing import WORKER_BASE_BYTES, Stopwatch, VolumeTask, slice_volume
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def commit(output: str, staging: str, manifest: Dict, s3_endpoint: Optional[str]
 
 
 def build_manifest(cfg: PrepareConfig, fmt: str, entries: List[Dict], failed: List[Dict], seconds: float) -> Dict:
-    entries = sorted(entries, key=lambda e: int(e["volume_id"].split("-")[1]))
+    entries = sorted(entries, key=lambda e: volume_number(e["volume_id"]))
     splits = {}
     for split in SPLITS:
         members = [e for e in entries if e["split"] == split]

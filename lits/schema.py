@@ -32,6 +32,12 @@ FREQHIST_BINS = 100
 
 SPLITS = ("train", "val", "test")
 
+
+def volume_number(volume_id: str) -> int:
+    """N of 'volume-N': the key volumes are listed and reported by (numerically: volume-9 before
+    volume-10)."""
+    return int(volume_id.split("-")[1])
+
 # Parquet slice table: column -> (arrow/numpy type, shape per row). `image` and `mask` are
 # fixed_size_binary columns with the row shape in their field metadata; lits.shards reads them
 # (and the tensor-extension columns of format-1 shards) back into arrays of these shapes.

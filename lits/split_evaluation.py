@@ -13,7 +13,8 @@ import numpy as np
 
 from lits import shards, storage
 from lits.config import TrainConfig
-from lits.schema import CLASS_NAMES
+from lits.train_data import DataInfo
+from lits.schema import CLASS_NAMES, volume_number
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
                 for vid, c in zip(vids[start:start + batch_size], counts):
                     per_volume[vid] = per_volume.get(vid, 0) + c
     slice_scores = np.concatenate(slice_scores)  # (slices, classes, [dice, iou])
-    names = sorted(per_volume, key=lambda v: int(v.split("-")[1]))
+    names = sorted(per_volume, key=volume_number)
     volume_dice, volume_iou = metrics.dice_iou(np.stack([per_volume[v] for v in names]))
     result = {"volumes": len(names), "slices": int(slice_scores.shape[0]), "per_volume": {}}
     for k, c in enumerate(classes):
@@ -69,12 +70,12 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
 def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: str, s3_endpoint: Optional[str]) -> Optional[str]:
     """Segment one test volume with the exported model, as serving does (a Ray task); its mask URI,
     or None when the volume cannot be read any more."""
-    from lits import inference, jobs
+    from lits import inference, naming
     from lits.errors import BadInputError
 
     spec, weights = inference.load_spec(model_uri, s3_endpoint)
     predictor = inference.Predictor(spec, weights)
-    outputs = jobs.output_uris(out, volume_id)
+    outputs = naming.output_uris(out, volume_id)
     try:
         inference.segment_uri(volume_uri, outputs, spec, lambda images: inference.Done(predictor(images)), s3_endpoint)
     except BadInputError as exc:
@@ -83,7 +84,7 @@ def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: s
     return outputs["mask"]
 
 
-def evaluate_test_volumes(cfg: TrainConfig, info: Dict) -> Optional[Dict]:
+def evaluate_test_volumes(cfg: TrainConfig, info: DataInfo) -> Optional[Dict]:
     """The exported model on the test split's whole volumes at their original resolution: segment
     each (one Ray task, on a GPU when training used GPUs) into OUT/test_evaluation/predictions/,
     then the LiTS evaluation (lits.evaluation, the code evaluate.py runs) into OUT/test_evaluation/."""
@@ -91,16 +92,16 @@ def evaluate_test_volumes(cfg: TrainConfig, info: Dict) -> Optional[Dict]:
 
     from lits import evaluation
 
-    if not info.get("test_volumes"):
+    if not info.test_volumes:
         return None
     out = storage.join(storage.normalise(cfg.output), "test_evaluation")
     predictions = storage.join(out, "predictions")
     model_uri = storage.join(storage.normalise(cfg.output), "model")
     resources = {"num_gpus": 1} if cfg.num_gpus else {"num_cpus": cfg.cpus_per_worker}
     task = ray.remote(max_retries=1, **resources)(_segment_test_volume)
-    refs = [task.remote(vid, vol, model_uri, predictions, cfg.s3_endpoint) for vid, vol, _ in info["test_volumes"]]
+    refs = [task.remote(vid, vol, model_uri, predictions, cfg.s3_endpoint) for vid, vol, _ in info.test_volumes]
     masks = ray.get(refs)
-    pairs = [(vid, mask, seg, vol) for (vid, vol, seg), mask in zip(info["test_volumes"], masks) if mask]
+    pairs = [(vid, mask, seg, vol) for (vid, vol, seg), mask in zip(info.test_volumes, masks) if mask]
     if not pairs:
         return None
     log.info("evaluating %d test volume(s) at their original resolution", len(pairs))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -22,92 +21,19 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 
 import lits
-from lits import checkpoints, inference, reports, shards, split_evaluation, storage
+from lits import checkpoints, inference, reports, split_evaluation, storage
 from lits.config import TrainConfig
 from lits.errors import UserError
-from lits.schema import CLASS_NAMES, MANIFEST_NAME
+from lits.schema import CLASS_NAMES
+from lits.train_data import DataInfo, check_data, patch_size
 
 log = logging.getLogger(__name__)
 
 
 
 # --- before any worker starts ------------------------------------------------------------------
-
-def check_data(cfg: TrainConfig) -> Dict:
-    """Validate the prepared dataset and return what workers need to know.
-
-    Raises:
-        UserError: no manifest, empty train or val split, missing shards, wrong columns or dtypes,
-            mixed image sizes.
-    """
-    import ray.data.extensions  # noqa: F401  (so pyarrow reads Ray's tensor columns as tensors)
-
-    data = storage.normalise(cfg.data)
-    manifest_uri = storage.join(data, MANIFEST_NAME)
-    if not storage.exists(manifest_uri, cfg.s3_endpoint):
-        raise UserError(f"no {MANIFEST_NAME} under {cfg.data}: run workflows/prepare.py first and pass its --output as --data")
-    raw = storage.read_bytes(manifest_uri, cfg.s3_endpoint)
-    try:
-        manifest = json.loads(raw)
-        splits = manifest["splits"]
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"{manifest_uri} is not a prepare manifest ({exc})") from exc
-    for split in ("train", "val"):
-        if not splits.get(split, {}).get("shards"):
-            raise UserError(f"{cfg.data} has no {split} slices; prepare with more volumes or a non-zero --val-fraction")
-    shapes = set()
-    for split in ("train", "val"):
-        for shard in splits[split]["shards"]:
-            uri = storage.join(data, shard)
-            fs, path = storage.filesystem(uri, cfg.s3_endpoint)
-            try:
-                with fs.open(path, "rb") as f:
-                    schema = pq.read_schema(f)
-            except FileNotFoundError as exc:
-                raise UserError(f"{uri} is listed in the manifest but missing; re-run prepare") from exc
-            except Exception as exc:
-                raise UserError(f"{uri}: not a readable Parquet shard ({exc})") from exc
-            missing = {"volume_id", "image", "mask"} - set(schema.names)
-            if missing:
-                raise UserError(f"{uri} lacks column(s) {sorted(missing)}; re-run prepare")
-            shapes.add((shards.column_shape(schema, "image", uri), shards.column_shape(schema, "mask", uri)))
-    if len(shapes) != 1:
-        raise UserError(f"{cfg.data} mixes image sizes {sorted(s[0] for s in shapes)}; prepare all volumes with one --image-size")
-    (image_shape, mask_shape), = shapes
-    if image_shape[:2] != mask_shape or len(image_shape) != 3:
-        raise UserError(f"{cfg.data}: image {image_shape} and mask {mask_shape} shapes disagree")
-    factor = 2 ** (cfg.depth - 1)
-    if image_shape[0] % factor or image_shape[1] % factor:
-        raise UserError(f"image size {image_shape[:2]} is not divisible by 2^(depth-1) = {factor}; change --depth or --image-size")
-    crop = patch_size(cfg, image_shape[0])
-    if crop > image_shape[0] or crop % factor:
-        raise UserError(f"--crop {crop} must be at most the image size {image_shape[0]} and divisible by 2^(depth-1) = {factor}")
-    val_ids = sorted({v["volume_id"] for v in manifest["volumes"] if v["split"] == "val"})
-    # The test split's original volumes (NIfTI input only: image datasets have no geometry).
-    test_volumes = [(v["volume_id"], v["inputs"]["volume"], v["inputs"]["segmentation"]) for v in manifest["volumes"]
-                    if v["split"] == "test" and v.get("format") == "nifti" and "inputs" in v]
-    return {
-        "image_shape": list(image_shape),
-        "val_volumes": val_ids,
-        "train_slices": splits["train"]["slices"],
-        "val_slices": splits["val"]["slices"],
-        "manifest_sha256": hashlib.sha256(raw).hexdigest(),
-        "prepare_config": manifest.get("config", {}),
-        "train_uris": [storage.join(data, s) for s in splits["train"]["shards"]],
-        "val_uris": [storage.join(data, s) for s in splits["val"]["shards"]],
-        "test_uris": [storage.join(data, s) for s in splits.get("test", {}).get("shards", [])],
-        "test_volumes": test_volumes,
-    }
-
-
-def patch_size(cfg: TrainConfig, side: int) -> int:
-    """The training patch side: cfg.crop, or half the slice side (at least 2^(depth-1))."""
-    factor = 2 ** (cfg.depth - 1)
-    return cfg.crop if cfg.crop else max(factor, side // 2 // factor * factor)
-
 
 def check_resources(cfg: TrainConfig, strict: bool = True) -> None:
     """UserError when the cluster lacks the GPUs or CPUs asked for; with strict=False (a cluster
@@ -201,10 +127,10 @@ def train_loop_per_worker(config: Dict) -> None:
     collective = Collective(device, world)
     autocast, scaler = autocast_for(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state.epoch)
-    crop = patch_size(cfg, info["image_shape"][0])
+    crop = patch_size(cfg, info.image_shape[0])
     sampler = PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng([cfg.seed, rank, state.epoch]))
-    val_index = {v: i for i, v in enumerate(info["val_volumes"])}
-    steps_estimate = max(1, info["train_slices"] // (world * cfg.batch_size)) * (info["image_shape"][0] // crop) ** 2
+    val_index = {v: i for i, v in enumerate(info.val_volumes)}
+    steps_estimate = max(1, info.train_slices // (world * cfg.batch_size)) * (info.image_shape[0] // crop) ** 2
     if cfg.steps_per_epoch:
         steps_estimate = min(steps_estimate, cfg.steps_per_epoch)
     train_shard = ray.train.get_dataset_shard("train")
@@ -274,28 +200,28 @@ def curves_png(history: List[Dict]) -> bytes:
     return buf.getvalue()
 
 
-def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
+def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
     """Write OUT/model/weights.pt (best weights, a plain state_dict) then OUT/model/config.json."""
     state = checkpoints.load_state(checkpoint)
     weights = checkpoints.best_weights(state, cfg.s3_endpoint)
-    if cfg.num_gpus and info.get("test_uris"):  # the 31 M model takes minutes on the driver's CPU
+    if cfg.num_gpus and info.test_uris:  # the 31 M model takes minutes on the driver's CPU
         import ray
 
         task = ray.remote(num_gpus=1, max_retries=1)(split_evaluation.evaluate_split)
-        test_metrics = ray.get(task.remote(cfg, info["test_uris"], weights))
+        test_metrics = ray.get(task.remote(cfg, info.test_uris, weights))
     else:
-        test_metrics = split_evaluation.evaluate_split(cfg, info.get("test_uris", []), weights)
+        test_metrics = split_evaluation.evaluate_split(cfg, info.test_uris, weights)
     history = state["history"]
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), history[-1])
-    prepare = info["prepare_config"]
+    prepare = info.prepare_config
     architecture = {"name": "UNet", "in_channels": 3, "out_channels": cfg.classes,
                     "base_width": cfg.base_width, "depth": cfg.depth}
     config = inference.model_config(
-        architecture, cfg.task, image_size=prepare.get("image_size", info["image_shape"][0]),
+        architecture, cfg.task, image_size=prepare.get("image_size", info.image_shape[0]),
         context=prepare.get("context", 0),
         extra={
             "package_version": lits.__version__,
-            "training": {"data": storage.normalise(cfg.data), "manifest_sha256": info["manifest_sha256"],
+            "training": {"data": storage.normalise(cfg.data), "manifest_sha256": info.manifest_sha256,
                          "config": cfg.to_dict(), "epochs_run": len(history), "best_epoch": state["best_epoch"]},
             "val_metrics": {k: v for k, v in best.items() if k.startswith("val_")},
             "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_volume"} if test_metrics else None,
@@ -307,7 +233,7 @@ def export_model(cfg: TrainConfig, info: Dict, checkpoint) -> Dict:
     return config
 
 
-def build_trainer(cfg: TrainConfig, info: Dict):
+def build_trainer(cfg: TrainConfig, info: DataInfo):
     """The TorchTrainer for `cfg`: datasets, scaling, storage, failures, checkpoints."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -330,7 +256,7 @@ def build_trainer(cfg: TrainConfig, info: Dict):
                         scaling_config=scaling, run_config=run_config, datasets={"train": train, "val": val})
 
 
-def claim_run(cfg: TrainConfig, info: Dict) -> bool:
+def claim_run(cfg: TrainConfig, info: DataInfo) -> bool:
     """Record which data run `cfg.name` trains on; refuse to resume it on other data.
 
     Returns:
@@ -341,18 +267,18 @@ def claim_run(cfg: TrainConfig, info: Dict) -> bool:
     marker = storage.join(storage.normalise(cfg.output), cfg.name, "lits_run.json")
     if storage.exists(marker, cfg.s3_endpoint):
         previous = json.loads(storage.read_bytes(marker, cfg.s3_endpoint))
-        if previous.get("manifest_sha256") != info["manifest_sha256"]:
+        if previous.get("manifest_sha256") != info.manifest_sha256:
             raise UserError(
                 f"run {cfg.name!r} under {cfg.output} was trained on other data ({previous.get('data')}, another "
                 "manifest); resuming would mix datasets: choose another --name or --output"
             )
         return True
-    storage.write_bytes(marker, json.dumps({"data": storage.normalise(cfg.data), "manifest_sha256": info["manifest_sha256"],
+    storage.write_bytes(marker, json.dumps({"data": storage.normalise(cfg.data), "manifest_sha256": info.manifest_sha256,
                                             "config": cfg.to_dict()}).encode(), cfg.s3_endpoint)
     return False
 
 
-def train(cfg: TrainConfig, info: Optional[Dict] = None, strict_resources: bool = True) -> Dict:
+def train(cfg: TrainConfig, info: Optional[DataInfo] = None, strict_resources: bool = True) -> Dict:
     """Check, train (resuming when the run exists), export. Ray must be initialised by the caller.
 
     Args:
@@ -370,7 +296,7 @@ def train(cfg: TrainConfig, info: Optional[Dict] = None, strict_resources: bool 
     if claim_run(cfg, info):
         log.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)
     log.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,
-             "GPU" if cfg.num_gpus else "CPU", info["train_slices"], len(info["val_volumes"]))
+             "GPU" if cfg.num_gpus else "CPU", info.train_slices, len(info.val_volumes))
     result = build_trainer(cfg, info).fit()
     if result.checkpoint is None:
         raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")

@@ -119,14 +119,6 @@ class Geometry:
         z = np.asarray(z)
         return (self.shape[axis] - 1 - z) if flipped else z
 
-    def to_dict(self) -> dict:
-        return {
-            "affine": [list(r) for r in self.affine],
-            "shape": list(self.shape),
-            "axcodes": self.axcodes,
-            "spacing": list(self.spacing),
-        }
-
 
 @dataclass(frozen=True)
 class Header:

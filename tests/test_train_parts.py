@@ -21,6 +21,7 @@ from lits import checkpoints, ingest, metrics, shards
 from lits.config import TrainConfig
 from lits.errors import UserError
 from lits.slicing import SliceTable
+from lits.train_data import DataInfo
 from lits.train_steps import Collective, TrainState, dice_iou, overlap_counts, to_tensors, train_one_epoch
 
 LITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lits")
@@ -82,7 +83,8 @@ def test_the_collate_gives_uint8_tensors_of_the_slices():
 
 
 def test_materialise_or_stream_follows_the_flag_and_the_data_size_only():
-    info = {"image_shape": [256, 256, 3], "train_slices": 10_000, "val_slices": 2_000}  # 3.1 GB decoded
+    info = DataInfo(image_shape=(256, 256, 3), val_volumes=("volume-1",), train_slices=10_000, val_slices=2_000,
+                    manifest_sha256="-", prepare_config={}, train_uris=("a",), val_uris=("b",))  # 3.1 GB decoded
     base = TrainConfig(data="-", output="-")
     assert ingest.decoded_bytes(info) == 12_000 * 256 * 256 * 4
     assert ingest.materialize(base, info)  # auto, 3.1 GB <= 4 GiB

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from lits import pipeline, training
+from lits import pipeline, train_data, training
 from lits.config import PrepareConfig, TrainConfig
 from lits.errors import UserError
 from lits.model import UNet
@@ -152,9 +152,9 @@ def test_relative_paths_reach_the_workers(ray_train_cluster, prepared, tmp_path,
 
 def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_path):
     with pytest.raises(UserError, match="no manifest.json under"):
-        training.check_data(TrainConfig(data=str(tmp_path), output=str(tmp_path / "o")))
+        train_data.check_data(TrainConfig(data=str(tmp_path), output=str(tmp_path / "o")))
     with pytest.raises(UserError, match="not divisible"):
-        training.check_data(TrainConfig(data=prepared, output=str(tmp_path / "o"), depth=7))
+        train_data.check_data(TrainConfig(data=prepared, output=str(tmp_path / "o"), depth=7))
     with pytest.raises(UserError, match="--num-gpus 4 asked, the Ray cluster has 0 GPU"):
         training.check_resources(TrainConfig(data=prepared, output=str(tmp_path / "o"), num_gpus=4))
     # a shard listed in the manifest but gone
@@ -165,7 +165,7 @@ def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_pa
     manifest = json.load(open(broken / "manifest.json"))
     os.remove(broken / manifest["splits"]["train"]["shards"][0])
     with pytest.raises(UserError, match="listed in the manifest but missing"):
-        training.check_data(TrainConfig(data=str(broken), output=str(tmp_path / "o")))
+        train_data.check_data(TrainConfig(data=str(broken), output=str(tmp_path / "o")))
     res = run_workflow("train", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
     assert res.returncode == 2 and "train: error: no manifest.json under" in res.stderr and "Traceback" not in res.stderr
     res = run_workflow("train", "--data", prepared, "--output", str(tmp_path / "o"), "--num-gpus", "2", "--num-workers", "3")
@@ -206,14 +206,14 @@ def test_ingest_decodes_every_slice_and_reshuffles_each_epoch(ray_train_cluster,
     from lits import ingest, shards
 
     cfg = TrainConfig(data=prepared, output=str(tmp_path / "o"), ingest=mode, **TINY)
-    info = training.check_data(cfg)
-    expected = np.concatenate([shards.read_columns(open(u, "rb").read())["image"] for u in info["train_uris"]])
+    info = train_data.check_data(cfg)
+    expected = np.concatenate([shards.read_columns(open(u, "rb").read())["image"] for u in info.train_uris])
     train, _, stored = ingest.datasets(cfg, info)
     assert stored == (mode == "materialize")
     passes = []
     for _ in range(2):
         images = [b["image"].numpy() for b in train.iter_torch_batches(
-            batch_size=4, collate_fn=ingest.SliceCollate(info["image_shape"]), device="cpu")]
+            batch_size=4, collate_fn=ingest.SliceCollate(info.image_shape), device="cpu")]
         passes.append(np.concatenate(images))
     for images in passes:
         assert images.shape == expected.shape and images.dtype == np.uint8

@@ -72,9 +72,9 @@ def main(argv=None) -> int:
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
             materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
         )
-        from lits import storage, training
+        from lits import storage, train_data, training
 
-        info = training.check_data(cfg)  # before paying for Ray
+        info = train_data.check_data(cfg)  # before paying for Ray
         storage.check_writable(cfg.output, cfg.s3_endpoint)
         # Locally, one logical CPU beyond the training workers, so Ray Data can read while they train.
         start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint),
