@@ -1,4 +1,5 @@
-"""Which URIs the server may touch (pure: no Ray, no I/O beyond resolving local symlinks).
+"""Which URIs the server may touch (pure: no Ray, no I/O beyond resolving local symlinks), and
+the variable that holds the API token (read by the server and by its clients).
 
 The HTTP API checks a job's input and output URIs with `check_uri`; every file a job then reads
 or writes is checked again with `check_resolved`, because a symlink below an allowed folder (a
@@ -13,6 +14,8 @@ from typing import Sequence
 
 from lits import storage
 from lits.errors import BadInputError, UserError
+
+TOKEN_ENV = "LITS_API_TOKEN"  # the API's bearer token: serve.py hashes it, segment.py sends it
 
 
 class AccessError(Exception):

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from lits import postprocess as post
-from lits import reports, storage, streaming, volumes
+from lits import naming, reports, storage, streaming, volumes
 from lits.errors import UserError
 from lits.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
 
@@ -41,7 +41,6 @@ MODEL_FORMAT = 1
 DEFAULT_INFERENCE = {"mirror": True, "min_tumour_ml": 0.1}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True)
@@ -312,14 +311,6 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
     return labels_file, timings
 
 
-def output_name(relative: str) -> str:
-    """'sub/volume-3.nii.gz' -> 'sub/volume-3' (the stem outputs are named after)."""
-    for suffix in NIFTI_SUFFIXES:
-        if relative.endswith(suffix):
-            return relative[: -len(suffix)]
-    raise ValueError(f"{relative} is not .nii or .nii.gz")
-
-
 def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
                     chunk: int, read_s: float, threads: int):
     """(file-order labels, canonical labels, box, report) of a decoded volume."""
@@ -378,7 +369,7 @@ def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Subm
     hu_file, geometry = volumes.read_nifti(uri, s3_endpoint)
     labels_file, labels, box, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk,
                                                        time.perf_counter() - t0, threads)
-    title = os.path.basename(outputs["mask"])[:-len("_seg.nii.gz")]
+    title = os.path.basename(naming.mask_stem(outputs["mask"]))
     mask_bytes, encode_s = _timed(volumes.nifti_bytes, labels_file, geometry.affine_array)
     png, preview_s = _timed(reports.preview_png, geometry.to_canonical(hu_file), labels, title, box)
     t = time.perf_counter()

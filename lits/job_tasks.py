@@ -1,19 +1,17 @@
-"""The volume tasks of bulk jobs and uploads, the model waits they make, and the CPUs they may use.
+"""The volume tasks of bulk jobs, and the CPUs volume tasks (of jobs and uploads) may use.
 
 A volume task reads, preprocesses and post-processes on a CPU worker, on as many threads as CPUs it
-reserved (`task_threads`), and sends its slices, chunk by chunk, to the model deployment, which
-answers labels at the volume's slice size (`ModelSubmit`). Two rules keep a lost model replica from
-hanging the service:
+reserved (`model_client.task_threads`), and sends its slices, chunk by chunk, to the model
+deployment, which answers labels at the volume's slice size (`model_client.ModelSubmit`, whose every
+wait has a deadline and resends). A lost model replica never hangs the service:
 
 - **The volume pool.** `serving.deploy` reserves the CPUs volume tasks may use in a placement group
   (`create_pool`) after the replicas are placed, leaving what the replicas hold (and what autoscaling
   may add) outside it. Every volume task of a job or an upload runs inside the pool, so a replica
   that dies frees CPUs no volume task can take, and its replacement is scheduled.
-- **Deadlines.** Every wait on the model ends after `wait_s`; a chunk whose replica was lost, or that
-  got no answer in time, is sent again (`RETRIES` times, with back-off), then its volume fails.
 
-Outputs per input `INPUT/<rel>.nii[.gz]`: `OUTPUT/<rel>_seg.nii.gz`, `OUTPUT/<rel>_preview.png`,
-then `OUTPUT/<rel>.json` (the report, written last: its presence with this model's id means done).
+Outputs per input `INPUT/<rel>.nii[.gz]` are named by `lits.naming`: the mask, the preview, then
+the report (written last: its presence with this model's id means done).
 Every write is atomic, and a volume's outputs are all or nothing (`segment_volume`). Every file a
 volume reads or writes is resolved and checked against the server's allow-list first.
 """
@@ -23,130 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import ray
 
-from lits import access, inference, storage
-from lits.errors import BadInputError, UserError
+from lits import access, inference, naming, storage
+from lits.errors import UserError
+from lits.model_client import MODEL_WAIT_S, ModelSubmit, ModelUnavailable, task_threads
 
 log = logging.getLogger(__name__)
 
-MODEL_DEPLOYMENT = "SegmentModel"
 POOL_PREFIX = "lits-volumes-"
-RETRIES = 5  # per chunk, when the model replica that held it is lost or does not answer in time
-RETRY_WAIT_S = 2.0
-MODEL_WAIT_S = 60.0  # the longest wait for one answer of the model deployment
-# Files the product writes itself: a job pointed at a folder holding earlier outputs skips them.
-PRODUCT_SUFFIXES = ("_seg.nii.gz", "_seg.nii")
-
-
-# --- talking to the model deployment -------------------------------------------------------------
-
-def _replica_lost(exc: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError,
-            DeploymentUnavailableError)
-    return isinstance(exc, lost) or "ActorDied" in type(exc).__name__ or "Unavailable" in type(exc).__name__
-
-
-class ModelUnavailable(RuntimeError):
-    """The model deployment gave no answer within every try's deadline."""
-
-
-def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[List[int]] = None, size: int = 0):
-    """`send()` (a DeploymentResponse) until it answers: each try waits at most `wait_s`; a timed-out
-    try is cancelled and a lost replica's is sent again, `RETRIES` times with back-off."""
-    response = send()
-    for attempt in range(RETRIES + 1):
-        try:
-            return response.result(timeout_s=wait_s)
-        except Exception as exc:
-            timed_out = isinstance(exc, TimeoutError)
-            if not (timed_out or _replica_lost(exc)):
-                raise
-            if timed_out:
-                response.cancel()
-            if attempt == RETRIES:
-                raise ModelUnavailable(f"the model deployment did not answer {what} in {RETRIES + 1} tries of "
-                                       f"{wait_s:.0f} s (last: {type(exc).__name__})") from exc
-            log.warning("model %s (%s); sending %s again (try %d of %d)", "timed out" if timed_out else "replica lost",
-                        type(exc).__name__, what, attempt + 1, RETRIES)
-            time.sleep(RETRY_WAIT_S * (attempt + 1))
-            if resent is not None:
-                resent.append(size)
-            response = send()
-    raise AssertionError("unreachable")
-
-
-class _Pending:
-    """A chunk sent to the model deployment; `.result()` waits with a deadline and resends.
-
-    The answer is the chunk's labels at `shape`, the volume's (H, W), and its model-size labels
-    (`SegmentModel.predict`)."""
-
-    def __init__(self, handle, images: np.ndarray, shape: Tuple[int, int], resent: Optional[List[int]] = None,
-                 wait_s: float = MODEL_WAIT_S):
-        self.handle = handle
-        self.images = images
-        self.shape = tuple(int(s) for s in shape)
-        self.resent = resent if resent is not None else []
-        self.wait_s = wait_s
-        self.response = handle.predict.remote(images, self.shape)
-
-    def result(self, timeout_s: Optional[float] = None):
-        first = [self.response]
-
-        def send():
-            return first.pop() if first else self.handle.predict.remote(self.images, self.shape)
-
-        return call_model(send, f"{len(self.images)} slices", self.wait_s, self.resent, len(self.images))
-
-
-class ModelSubmit:
-    """A volume's `inference.Submit` to the model deployment of `app_name`: labels come back at
-    the volume's slice size (`answers_labels`). The handle is made when a volume first needs it."""
-
-    answers_labels = True
-
-    def __init__(self, app_name: str, resent: Optional[List[int]] = None, wait_s: float = MODEL_WAIT_S):
-        self.app_name = app_name
-        self.resent = resent
-        self.wait_s = wait_s
-        self.handle = None
-
-    def __call__(self, images: np.ndarray, shape: Tuple[int, int]) -> _Pending:
-        if self.handle is None:
-            self.handle = model_handle(self.app_name)
-        return _Pending(self.handle, images, shape, self.resent, self.wait_s)
-
-
-def task_threads() -> int:
-    """Threads a volume task may keep busy: the CPUs it reserved (at least one). OpenCV's pool is
-    sized to match (it would otherwise start one thread per core of the node)."""
-    import cv2
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    threads = max(1, int(round(cpus)))
-    cv2.setNumThreads(threads)
-    return threads
-
-
-def model_handle(app_name: str):
-    from ray import serve
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one "router started" line per worker otherwise
-    return serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
-
-
-def describe_model(app_name: str, wait_s: float = MODEL_WAIT_S) -> Dict:
-    """The deployed model's spec (ModelSpec as a dict) plus batching facts."""
-    handle = model_handle(app_name)
-    return call_model(lambda: handle.describe.remote(), "describe()", wait_s)
 
 
 # --- the volume pool ------------------------------------------------------------------------------
@@ -215,11 +101,6 @@ def in_pool(pg) -> Dict:
 
 # --- one volume -----------------------------------------------------------------------------------
 
-def output_uris(output: str, rel_name: str) -> Dict[str, str]:
-    return {"mask": storage.join(output, rel_name + "_seg.nii.gz"), "preview": storage.join(output, rel_name + "_preview.png"),
-            "report": storage.join(output, rel_name + ".json")}
-
-
 def already_done(uris: Dict[str, str], model_id: str, s3_endpoint: Optional[str]) -> bool:
     """True when this model's report and mask for the volume exist (the report is written last)."""
     if not storage.exists(uris["report"], s3_endpoint):
@@ -272,7 +153,7 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
     Returns:
         {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
     """
-    uris = output_uris(output, rel_name)
+    uris = naming.output_uris(output, rel_name)
     result = {"input": uri, "name": rel_name}
     try:
         access.check_resolved(uri, allow, "read")
@@ -292,30 +173,18 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def segment_volume_task(uri: str, rel_name: str, output: str, spec: Dict, app_name: str, overwrite: bool,
+def segment_volume_task(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, app_name: str, overwrite: bool,
                         chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = (),
                         wait_s: float = MODEL_WAIT_S) -> Dict:
     """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`, on
     as many threads as the task reserved CPUs."""
     resent: List[int] = []
-    result = segment_volume(uri, rel_name, output, inference.ModelSpec.from_dict(spec), ModelSubmit(app_name, resent, wait_s),
+    result = segment_volume(uri, rel_name, output, spec, ModelSubmit(app_name, resent, wait_s),
                             overwrite, chunk, s3_endpoint, allow, task_threads())
     result["node_id"] = ray.get_runtime_context().get_node_id()
     if result["status"] == "done":
         result["chunks_resent"] = len(resent)
     return result
-
-
-@ray.remote(num_cpus=1, max_retries=0)
-def segment_upload_task(data: bytes, name: str, spec: Dict, app_name: str, chunk: int,
-                        wait_s: float = MODEL_WAIT_S) -> Dict:
-    """Segment uploaded NIfTI bytes (POST /v1/segment): {'mask': bytes, 'report'} or {'error'} (one line)."""
-    try:
-        mask, report = inference.segment_bytes(data, name, inference.ModelSpec.from_dict(spec),
-                                               ModelSubmit(app_name, None, wait_s), chunk, task_threads())
-    except BadInputError as exc:
-        return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-    return {"mask": mask, "report": report}
 
 
 # --- listing --------------------------------------------------------------------------------------
@@ -333,13 +202,13 @@ def list_inputs(input_uri: str, output_uri: str, s3_endpoint: Optional[str]) -> 
     single = files == [root]
     volumes, ignored = [], []
     for uri in files:
-        if not uri.endswith(inference.NIFTI_SUFFIXES):
+        if not uri.endswith(naming.NIFTI_SUFFIXES):
             continue
         rel = os.path.basename(uri) if single else uri[len(root):].lstrip("/")
         base = os.path.basename(uri)
         if (uri == out or uri.startswith(out.rstrip("/") + "/") or base.startswith("segmentation-")
-                or base.endswith(PRODUCT_SUFFIXES)):
+                or base.endswith(naming.PRODUCT_SUFFIXES)):
             ignored.append(uri)
             continue
-        volumes.append((uri, inference.output_name(rel)))
+        volumes.append((uri, naming.output_name(rel)))
     return {"volumes": volumes, "ignored": ignored}

@@ -23,6 +23,7 @@ within `CANCEL_GRACE_S`), so their CPUs are free once the job says `cancelled`.
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import logging
 import os
@@ -37,8 +38,9 @@ import ray
 from lits import access, inference, storage
 from lits.errors import UserError
 from lits.job_capacity import JobCapacity
-from lits.job_tasks import (MODEL_WAIT_S, describe_model, find_pool, in_pool, list_inputs, output_uris,  # noqa: F401
-                            pool_shape, segment_upload_task, segment_volume, segment_volume_task)
+from lits.job_tasks import list_inputs, segment_volume, segment_volume_task  # noqa: F401  (segment_volume: callers' one entry)
+from lits.model_client import MODEL_WAIT_S, describe_model
+from lits.naming import output_uris  # noqa: F401  (benchmarks and split_evaluation name outputs through jobs)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,18 @@ JOBS_NAMESPACE = "lits-jobs"
 ACTOR_PREFIX = "lits-job-"
 JOBS_FOLDER = "_jobs"
 JOBS_STATE_ENV = "LITS_JOBS_STATE"
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class JobState(str, enum.Enum):
+    """Where a job is; its value is what status, summaries and records say ("state")."""
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = tuple(s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED))
 CANCEL_GRACE_S = 10.0  # how long cancelled volume tasks may take to stop before they are killed
 EXIT_AFTER_S = 1.0  # a finished job's actor answers this long from memory, then exits
 STATUS_WAIT_S = 10.0  # for a cancel
@@ -110,7 +122,7 @@ class JobRunner:
         self.unsaved = False  # volumes finished since the summary was last written
         self.lock = threading.Lock()
         self.cancel_requested = threading.Event()
-        self.state = "queued"
+        self.state = JobState.QUEUED
         self.error: Optional[str] = None
         self.model: Dict = {}
         self.counts = {"total": 0, "done": 0, "skipped": 0, "failed": 0, "ignored": 0}
@@ -130,7 +142,7 @@ class JobRunner:
         return self.job_id
 
     def cancel(self) -> Dict:
-        if self.state not in FINAL_STATES:
+        if self.state.value not in FINAL_STATES:
             self.cancel_requested.set()
         return self.status()
 
@@ -141,13 +153,13 @@ class JobRunner:
             elapsed = ((self.finished_s or time.time()) - self.started_s) if self.started_s else 0.0
             return {
                 "job_id": self.job_id,
-                "state": self.state,
+                "state": self.state.value,
                 "input": self.request["input"],
                 "output": self.request["output"],
                 "overwrite": bool(self.request.get("overwrite")),
                 "model_id": self.model.get("model_id"),
                 "counts": counts,
-                "progress": round(finished / counts["total"], 4) if counts["total"] else (1.0 if self.state in FINAL_STATES else 0.0),
+                "progress": round(finished / counts["total"], 4) if counts["total"] else (1.0 if self.state.value in FINAL_STATES else 0.0),
                 "slices_segmented": self.slices,
                 "chunks_resent": self.chunks_resent,
                 "concurrency": self.in_flight_cap,
@@ -176,26 +188,24 @@ class JobRunner:
             self.unsaved = True
 
     def _run(self) -> None:
-        self._set(state="running", started_s=time.time())
-        self.times["started"] = _now()
+        self._set(state=JobState.RUNNING, started_s=time.time(), times={**self.times, "started": _now()})
         try:
             self._run_volumes()
-            state = "cancelled" if self.cancel_requested.is_set() else "succeeded"
+            state = JobState.CANCELLED if self.cancel_requested.is_set() else JobState.SUCCEEDED
         except UserError as exc:
-            state = "failed"
+            state = JobState.FAILED
             self._set(error=str(exc))
         except Exception as exc:  # a bug or a lost cluster: the job fails and says why
             log.error("job %s: %s", self.job_id, traceback.format_exc())
-            state = "failed"
+            state = JobState.FAILED
             self._set(error=f"internal error: {type(exc).__name__}: {exc}")
-        self._set(finished_s=time.time())
-        self.times["finished"] = _now()
+        self._set(finished_s=time.time(), times={**self.times, "finished": _now()})
         try:
             self._write_summary(state)
         except Exception as exc:
             log.error("job %s: cannot write its summary: %s", self.job_id, exc)
-            if state == "succeeded":
-                state = "failed"
+            if state == JobState.SUCCEEDED:
+                state = JobState.FAILED
                 self._set(error=f"cannot write the job summary: {exc}")
         self._set(state=state)
         self._exit()
@@ -221,7 +231,7 @@ class JobRunner:
         if not volumes:
             raise UserError(f"no .nii or .nii.gz volumes under {self.request['input']} "
                             f"({len(listing['ignored'])} ignored: reference segmentations or outputs)")
-        spec = inference.ModelSpec.from_dict(self.model).to_dict()
+        spec = inference.ModelSpec.from_dict(self.model)
         capacity = JobCapacity(self.app_name, self.job_id, self.cpus_per_volume, self.reserve_cpus, self.concurrency)
         if not capacity.groups and not capacity.elastic:
             log.warning("job %s: app %s has no volume pool; its tasks may take the CPUs a model replica needs",
@@ -232,7 +242,7 @@ class JobRunner:
         finally:
             capacity.release(others_running=_other_jobs_running(self.job_id))
 
-    def _drive(self, volumes: List, spec: Dict, capacity: JobCapacity) -> None:
+    def _drive(self, volumes: List, spec: inference.ModelSpec, capacity: JobCapacity) -> None:
         """Keep volume tasks in flight (as many as `capacity` allows now) until every volume is done."""
         pending = list(volumes)
         in_flight: Dict = {}
@@ -269,7 +279,7 @@ class JobRunner:
         """Rewrite the summary of the running job (at most every SUMMARY_EVERY_S unless forced)."""
         if not force and time.time() - self.summary_at < SUMMARY_EVERY_S:
             return
-        self.summary_at, self.unsaved = time.time(), False
+        self._set(summary_at=time.time(), unsaved=False)
         try:
             self._write_summary(self.state)
         except Exception as exc:  # the final summary is the one that must be written; this one can wait
@@ -288,9 +298,9 @@ class JobRunner:
         if left:
             ray.wait(left, num_returns=len(left), timeout=CANCEL_GRACE_S)
 
-    def _write_summary(self, state: str) -> None:
+    def _write_summary(self, state: JobState) -> None:
         summary = self.status()
-        summary["state"] = state
+        summary["state"] = state.value
         with self.lock:
             results = list(self.results)
         summary["model"] = self.model
@@ -358,10 +368,10 @@ def _from_record(record: Dict, s3_endpoint: Optional[str]) -> Dict:
     summary = _read_json(record["summary"], s3_endpoint)
     if summary and summary.get("job_id") == record["job_id"]:
         found = {k: summary[k] for k in record if k in summary}
-        return found if found.get("state") in FINAL_STATES else {**found, "state": "failed", "error": LOST}
+        return found if found.get("state") in FINAL_STATES else {**found, "state": JobState.FAILED.value, "error": LOST}
     if record.get("state") in FINAL_STATES:
         return record
-    return {**record, "state": "failed", "error": LOST}
+    return {**record, "state": JobState.FAILED.value, "error": LOST}
 
 
 def get_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:

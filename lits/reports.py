@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from lits import ct, postprocess
+from lits import ct, naming, postprocess
 from lits.schema import CATEGORY_NAMES, LIVER, SPLITS, TUMOUR, WINDOW_LIVER
 
 
@@ -121,7 +121,7 @@ def job_summary(job: Dict) -> str:
     if job["failed"]:
         lines += ["", f"failed volumes: {len(job['failed'])}"]
         lines += [f"  {f['input']}: {f['reason']}" for f in job["failed"]]
-    lines += ["", f"outputs: {job['output']} (<name>_seg.nii.gz, <name>_preview.png, <name>.json); summary: {job['summary']}"]
+    lines += ["", f"outputs: {job['output']} ({naming.OUTPUTS_TEXT}); summary: {job['summary']}"]
     return "\n".join(lines)
 
 

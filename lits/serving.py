@@ -1,8 +1,10 @@
 """The Ray Serve application: a batching model deployment behind a FastAPI ingress.
 
     Api (FastAPI ingress, 0 CPU)  --handle-->  SegmentModel (N replicas, CPU or GPU, @serve.batch)
-       POST /v1/segment  -> a Ray task preprocesses one uploaded volume, sends its slices
-       POST /v1/jobs     -> a JobRunner actor (lits.jobs) fans volumes out to Ray tasks
+       POST /v1/segment  -> a Ray task (lits.model_client) preprocesses one uploaded volume, sends its slices
+       POST /v1/jobs     -> a JobRunner actor (lits.jobs) fans volumes out to Ray tasks (lits.job_tasks)
+    Every caller reaches SegmentModel through lits.model_client (a handle by the app's name,
+    deadlines and resends); outputs are named by lits.naming.
     Every volume task sends chunks of slices to SegmentModel; @serve.batch gathers chunks of
     many volumes (and requests) into forward passes of at most max_batch_size slices.
 
@@ -35,17 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 import lits
-from lits import inference, job_tasks, jobs, storage
-from lits.access import AccessError, check_uri  # noqa: F401  (the URI rules, where the API applies them)
+from lits import inference, job_tasks, jobs, model_client, naming, storage
+from lits.access import TOKEN_ENV, AccessError, check_uri  # noqa: F401  (the URI rules and the token's variable)
 from lits.config import ServeConfig
 from lits.errors import UserError
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "lits"
-MODEL_DEPLOYMENT = job_tasks.MODEL_DEPLOYMENT
 API_DEPLOYMENT = "Api"
-TOKEN_ENV = "LITS_API_TOKEN"
 API_MAX_ONGOING = 1000  # requests one ingress replica takes at once (Serve's default, 5, starves /healthz)
 
 
@@ -59,7 +59,7 @@ def _slices(chunks: List[np.ndarray]) -> int:
     return int(sum(len(c) for c in chunks))
 
 
-@serve.deployment(name=MODEL_DEPLOYMENT)
+@serve.deployment(name=model_client.MODEL_DEPLOYMENT)
 class SegmentModel:
     """Loads `model/` once per replica; answers chunks of slice images with labels at each chunk's
     slice size: probabilities are resized and argmaxed here, on the GPU when the replica has one
@@ -143,7 +143,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str = Field(description="URI prefix (s3://bucket/prefix) holding .nii / .nii.gz volumes")
-    output: str = Field(description="URI prefix for <name>_seg.nii.gz, <name>.json and _jobs/<id>.json")
+    output: str = Field(description=f"URI prefix for {naming.OUTPUTS_TEXT} and _jobs/<id>.json")
     overwrite: bool = Field(False, description="recompute volumes whose outputs exist for this model")
     concurrency: Optional[int] = Field(None, ge=1, le=4096, description="volumes in flight (default: the volume pool's CPUs / cpus_per_volume)")
 
@@ -153,10 +153,11 @@ class Api:
 
     Light routes (/healthz, job status) never wait behind uploads: the deployment takes
     API_MAX_ONGOING requests at once, uploads queue on a semaphore of `max_uploads` inside it, and
-    job status calls run on their own threads."""
+    job status calls run on their own threads. It reaches the model deployment as every other
+    caller does, through `lits.model_client` by the app's name; `model` (the bound deployment) is
+    taken only so that the application deploys the model with the ingress."""
 
     def __init__(self, model, settings: Dict, app_name: str = APP_NAME):
-        self.model = model
         self.cfg = ServeConfig(**settings)
         self.app_name = app_name
         self.jobs_state = self.cfg.jobs_state or jobs.default_jobs_state()
@@ -168,7 +169,7 @@ class Api:
     async def spec(self) -> Dict:
         if self._spec is None:
             try:
-                self._spec = await asyncio.wait_for(self.model.describe.remote(), timeout=self.cfg.model_wait_s)
+                self._spec = await model_client.describe_async(self.app_name, self.cfg.model_wait_s)
             except asyncio.TimeoutError as exc:
                 raise HTTPException(503, f"the model deployment did not answer in {self.cfg.model_wait_s:.0f} s; "
                                          "try again when its replica has started") from exc
@@ -211,11 +212,11 @@ class Api:
         spec = await self.spec()
         return {"status": "ok", "model_id": spec["model_id"], "model": spec["uri"], "version": lits.__version__}
 
-    def _submit_upload(self, data: bytes, name: str, spec: Dict):
+    def _submit_upload(self, data: bytes, name: str, spec: inference.ModelSpec):
         if self._pool is None:
             self._pool = job_tasks.find_pool(self.app_name)
-        return job_tasks.segment_upload_task.options(num_cpus=self.cfg.cpus_per_volume, **job_tasks.in_pool(self._pool)).remote(
-            data, name, spec, self.app_name, self.cfg.chunk, self.cfg.model_wait_s)
+        task = model_client.segment_upload_task.options(num_cpus=self.cfg.cpus_per_volume, **job_tasks.in_pool(self._pool))
+        return task.remote(data, name, spec, self.app_name, self.cfg.chunk, self.cfg.model_wait_s)
 
     @v1.post("/segment", responses={200: {"content": {"application/gzip": {}},
                                           "description": "the mask as .nii.gz; the report in X-LiTS-Report"}})
@@ -224,7 +225,7 @@ class Api:
         affine as .nii.gz; the per-volume report (JSON) is in the X-LiTS-Report header."""
         if self._uploads is None:
             self._uploads = asyncio.Semaphore(self.cfg.max_uploads)
-        spec = inference.ModelSpec.from_dict(await self.spec()).to_dict()
+        spec = inference.ModelSpec.from_dict(await self.spec())
         async with self._uploads:  # the body is read in turn too: memory stays max_uploads bodies
             data = await self.read_body(request)
             if not data:
@@ -237,16 +238,15 @@ class Api:
                 result = await ref
             except Exception as exc:  # the model gone for good, a bug or a lost worker: one line
                 cause = getattr(exc, "cause", None)
-                if isinstance(cause, job_tasks.ModelUnavailable):
+                if isinstance(cause, model_client.ModelUnavailable):
                     raise HTTPException(503, str(cause)) from exc
                 log.error("upload %s: %s", safe, exc)
                 raise HTTPException(500, f"internal error while segmenting {safe}: {type(exc).__name__}") from exc
         if "error" in result:
             raise HTTPException(422, result["error"])
-        stem = safe[:-7] if safe.endswith(".nii.gz") else safe[:-4] if safe.endswith(".nii") else safe
         return Response(result["mask"], media_type="application/gzip", headers={
             "X-LiTS-Report": json.dumps(result["report"], separators=(",", ":")),
-            "Content-Disposition": f'attachment; filename="{stem}_seg.nii.gz"',
+            "Content-Disposition": f'attachment; filename="{naming.mask_name(naming.strip_nifti(safe))}"',
         })
 
     @v1.post("/jobs", status_code=202)
@@ -255,12 +255,10 @@ class Api:
         job = {"input": self.access(body.input), "output": self.access(body.output), "overwrite": body.overwrite}
         if not await asyncio.to_thread(storage.exists, job["input"], self.cfg.s3_endpoint):
             raise HTTPException(404, f"input {body.input} does not exist")
-        # An elastic pool (no --volume-cpus) grows with the cluster, never into the replicas' CPUs.
-        reserve = None if self.cfg.volume_cpus is not None else replica_cpus(self.cfg)[1]
         job_id = await asyncio.to_thread(jobs.submit_job, job, self.app_name, self.cfg.chunk,
                                          body.concurrency or self.cfg.job_concurrency, self.cfg.s3_endpoint,
                                          self.cfg.cpus_per_volume, self.jobs_state, self.cfg.allow_prefixes,
-                                         self.cfg.model_wait_s, reserve)
+                                         self.cfg.model_wait_s, job_reserve_cpus(self.cfg))
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
     @v1.get("/jobs")
@@ -302,6 +300,13 @@ def replica_cpus(cfg: ServeConfig) -> tuple:
     placed = cfg.replicas if cfg.replicas is not None else cfg.min_replicas
     most = cfg.replicas if cfg.replicas is not None else cfg.max_replicas
     return placed * cfg.cpus_per_replica, most * cfg.cpus_per_replica
+
+
+def job_reserve_cpus(cfg: ServeConfig) -> Optional[float]:
+    """CPUs a job leaves to the replicas when it grows (`JobCapacity`'s reserve_cpus): an elastic
+    pool (no --volume-cpus) grows with the cluster, never into the CPUs the replicas may take;
+    a fixed pool does not grow (None)."""
+    return None if cfg.volume_cpus is not None else replica_cpus(cfg)[1]
 
 
 def volume_cpus(cfg: ServeConfig) -> float:

@@ -832,7 +832,7 @@ def test_every_wait_on_the_model_has_a_deadline_and_a_resend(server, monkeypatch
     after RETRIES resends the caller gets one line (ModelUnavailable), in bounded time."""
     from ray import serve
 
-    from lits import job_tasks
+    from lits import model_client
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
     class Stalled:
@@ -850,14 +850,14 @@ def test_every_wait_on_the_model_has_a_deadline_and_a_resend(server, monkeypatch
 
     handle = serve.run(Stalled.bind(), name="lits-stalled", route_prefix=None)
     try:
-        monkeypatch.setattr(job_tasks, "RETRY_WAIT_S", 0.05)
+        monkeypatch.setattr(model_client, "RETRY_WAIT_S", 0.05)
         resent = []
         started = time.time()
-        with pytest.raises(job_tasks.ModelUnavailable, match=r"did not answer 8 slices in 6 tries of 1 s"):
-            job_tasks.call_model(lambda: handle.predict.remote(np.zeros((8, 4, 4, 3), np.uint8)), "8 slices",
+        with pytest.raises(model_client.ModelUnavailable, match=r"did not answer 8 slices in 6 tries of 1 s"):
+            model_client.call_model(lambda: handle.predict.remote(np.zeros((8, 4, 4, 3), np.uint8)), "8 slices",
                                  wait_s=1.0, resent=resent, size=8)
         assert time.time() - started < 20
-        assert resent == [8] * job_tasks.RETRIES
-        assert handle.count.remote().result(timeout_s=10) == job_tasks.RETRIES + 1
+        assert resent == [8] * model_client.RETRIES
+        assert handle.count.remote().result(timeout_s=10) == model_client.RETRIES + 1
     finally:
         serve.delete("lits-stalled")

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     with user_errors("serve"):
-        from lits import inference, serving, storage
+        from lits import access, inference, serving, storage
 
         cfg = make_config(
             ServeConfig, model=storage.normalise(args.model), replicas=args.replicas, min_replicas=args.min_replicas,
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
             max_batch_size=args.max_batch_size, chunk=min(args.chunk, args.max_batch_size), host=args.host, port=args.port,
             allow_prefixes=tuple(storage.normalise(p) for p in args.allow_prefix), max_body_mb=args.max_body_mb,
-            job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(serving.TOKEN_ENV)),
+            job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(access.TOKEN_ENV)),
             s3_endpoint=storage.resolve_endpoint(args.s3_endpoint), volume_cpus=args.volume_cpus,
             jobs_state=storage.normalise(args.jobs_state) if args.jobs_state else None, max_uploads=args.max_uploads,
         )
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         url = f"http://{cfg.host}:{cfg.port}"
         print(f"serving model {spec.model_id} ({cfg.model}) at {url}  (API docs: {url}/docs)", flush=True)
         if not cfg.token_sha256:
-            print(f"no {serving.TOKEN_ENV} set: the API accepts every caller", flush=True)
+            print(f"no {access.TOKEN_ENV} set: the API accepts every caller", flush=True)
         if args.detach:
             return 0
         stop = threading.Event()
