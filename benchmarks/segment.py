@@ -44,7 +44,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits import ct, inference, jobs, storage, volumes  # noqa: E402
+from lits import ct, inference, jobs, naming, storage, volumes  # noqa: E402
 from lits import postprocess as post  # noqa: E402
 from lits import streaming  # noqa: E402
 from lits.config import ServeConfig, SynthConfig  # noqa: E402
@@ -87,7 +87,7 @@ def loop(paths, out, spec, weights) -> float:
     t0 = time.perf_counter()
     for p in paths:
         name = os.path.basename(p)[: -len(".nii.gz")]
-        uris = jobs.output_uris(out, name)
+        uris = naming.output_uris(out, name)
         inference.segment_uri(p, uris, spec, inference.LocalModel(predictor))
     return time.perf_counter() - t0
 
@@ -152,7 +152,7 @@ def stages(args, work: str, spec) -> None:
     for threads in (1, 2):
         cv2.setNumThreads(threads)
         out = os.path.join(work, f"stages-{threads}")
-        uris = jobs.output_uris(out, "volume-0")
+        uris = naming.output_uris(out, "volume-0")
         best = None
         for run in range(max(1, args.repeats) + 1):  # the fastest run after a warm-up one (the box is shared)
             t = time.perf_counter()

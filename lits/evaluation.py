@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from lits import ct, metrics, reports, storage, volumes
+from lits import ct, metrics, naming, reports, storage, volumes
 from lits.config import EvaluateConfig
 from lits.errors import BadInputError, UserError
 from lits.schema import WINDOW_LIVER
@@ -35,14 +35,9 @@ def case_key(uri: str) -> Optional[str]:
     """The case a file belongs to: 'volume-3_seg.nii.gz', 'segmentation-3.nii' -> '3'; other
     '<stem>_seg.nii.gz' / '<stem>.nii[.gz]' -> '<stem>'; None for files that are not NIfTI."""
     name = os.path.basename(uri)
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            stem = name[: -len(suffix)]
-            break
-    else:
+    if not name.endswith(naming.NIFTI_SUFFIXES):
         return None
-    if stem.endswith("_seg"):
-        stem = stem[: -len("_seg")]
+    stem = naming.mask_stem(name) if naming.is_mask(name) else naming.strip_nifti(name)
     match = re.fullmatch(r"(?:volume|segmentation)-(\d+)", stem)
     return str(int(match.group(1))) if match else stem
 
@@ -64,10 +59,10 @@ def pair_files(pred: str, ref: str, images: Optional[str] = None, s3_endpoint: O
     Images (optional): 'volume-N.nii[.gz]'.
     """
     def is_pred(name: str) -> bool:
-        return "_seg.nii" in name or name.startswith("segmentation-")
+        return naming.is_mask(name) or name.startswith("segmentation-")
 
     def is_image(name: str) -> bool:
-        return not name.startswith("segmentation-") and "_seg.nii" not in name
+        return not name.startswith("segmentation-") and not naming.is_mask(name)
 
     def is_ref(name: str) -> bool:
         return not name.startswith("volume-") and "_seg.nii" not in name

@@ -40,7 +40,6 @@ from lits.errors import UserError
 from lits.job_capacity import JobCapacity
 from lits.job_tasks import list_inputs, segment_volume, segment_volume_task  # noqa: F401  (segment_volume: callers' one entry)
 from lits.model_client import MODEL_WAIT_S, describe_model
-from lits.naming import output_uris  # noqa: F401  (benchmarks and split_evaluation name outputs through jobs)
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,21 @@ def output_name(relative: str) -> str:
     return strip_nifti(relative)
 
 
+def is_mask(name: str) -> bool:
+    """Whether a file name is a mask the product wrote ('<stem>_seg.nii.gz', or '_seg.nii')."""
+    return name.endswith(PRODUCT_SUFFIXES)
+
+
 def mask_name(stem: str) -> str:
     return stem + MASK_SUFFIX
 
 
 def mask_stem(mask: str) -> str:
-    """'OUT/volume-3_seg.nii.gz' -> 'OUT/volume-3'."""
-    return mask[: -len(MASK_SUFFIX)] if mask.endswith(MASK_SUFFIX) else mask
+    """'OUT/volume-3_seg.nii.gz' (or '_seg.nii') -> 'OUT/volume-3'; other names as they are."""
+    for suffix in PRODUCT_SUFFIXES:
+        if mask.endswith(suffix):
+            return mask[: -len(suffix)]
+    return mask
 
 
 def output_uris(output: str, rel_name: str) -> Dict[str, str]:

@@ -34,22 +34,27 @@ def _start(args, ready: str = "Ray runtime started", timeout: float = 120) -> su
         seen.append(line)
         if ready in line:
             return proc
-    _stop(proc)
+    _stop([proc])
     raise RuntimeError("ray start did not come up:\n" + "".join(seen[-30:]))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the `ray start --block` process (it stops its node's processes), then its group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+def _stop(procs) -> None:
+    """SIGTERM the `ray start --block` processes (each stops its node's processes): the joined nodes
+    together, then the head; then SIGKILL what is left of their process groups."""
+    for group in (procs[1:], procs[:1]):
+        for proc in group:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in group:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+    for proc in procs:
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _node_names(address: str, count: int, timeout: float = 90) -> dict:
@@ -91,8 +96,7 @@ def two_nodes():
         assert sorted(names.values()) == ["head", "worker"], names
         yield address, names
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        _stop(procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
         if old_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
@@ -184,6 +188,5 @@ def test_a_bulk_job_takes_the_cpu_node_that_joins(nifti_dir, tmp_path, monkeypat
         assert sorted(p.name for p in out.iterdir() if p.name.endswith("_seg.nii.gz")) == [
             f"volume-{i}_seg.nii.gz" for i in range(4)]
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        _stop(procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
