@@ -1,7 +1,8 @@
 """Liver-tumour segmentation of abdominal CT (LiTS17) as a distributed batch workflow on Ray.
 
-Nothing runs at import: the core modules (ct, masks, volumes, synthetic) import numpy, cv2 and
-nibabel only; the Ray adapters (pipeline, ...) are imported explicitly by the workflows.
+Nothing runs at import, and importing `lits` imports no submodule. The core modules (ct, masks,
+volumes, synthetic, slicing, postprocess, metrics, shards, ...) import no Ray; the Ray adapters
+(pipeline, ingest, training, serving, jobs, job_tasks, ...) import it; see ARCHITECTURE.md.
 """
 
 __version__ = "0.1.0"

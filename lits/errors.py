@@ -1,4 +1,5 @@
-"""The one exception type for failures a user can cause and fix."""
+"""The two exception types of failures a user can cause and fix: UserError (stop, one line) and
+BadInputError (one input recorded as failed, the rest goes on)."""
 
 
 class UserError(Exception):

@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from lits.postprocess import bounding_box
+from lits.postprocess import bounding_box, label_components
 
 
 def overlap_counts(pred: np.ndarray, ref: np.ndarray, classes=(1, 2)) -> np.ndarray:
@@ -106,13 +106,6 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> Tuple[np.nd
     return to_ref[sp], to_pred[sr]
 
 
-def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
-    from scipy import ndimage
-
-    ids, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
-    return ids, int(n)
-
-
 def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> Dict[str, int]:
     """Lesion-wise detection counts from 3-D connected components (26-connectivity).
 
@@ -142,8 +135,8 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> Dict[str, int]:
         return {"ref_lesions": 0, "ref_detected": 0, "pred_lesions": 0, "pred_correct": 0}
     box = bounding_box(pred | ref)
     p, r = pred[box], ref[box]
-    p_ids, n_p = _components(p)
-    r_ids, n_r = _components(r)
+    p_ids, n_p = label_components(p)
+    r_ids, n_r = label_components(r)
     return {"ref_lesions": n_r, "ref_detected": matched(r_ids, n_r, p, p_ids),
             "pred_lesions": n_p, "pred_correct": matched(p_ids, n_p, r, r_ids)}
 

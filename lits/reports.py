@@ -1,5 +1,6 @@
-"""Human-readable summaries of stage results (plain text tables), per-volume measurements of a
-predicted label volume and the pictures that go with them."""
+"""What people read and look at: summaries of stage results (aligned text tables), progress lines,
+per-volume measurements of a predicted label volume, CSV files, and the pictures (contact sheets,
+comparison sheets, previews) that go with them."""
 
 from __future__ import annotations
 
@@ -68,10 +69,7 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         uint8 (H, W, 3) RGB.
     """
     grey = np.repeat(image[..., :1], 3, axis=2).copy()
-    for label, colour in ((1, (0, 220, 0)), (2, (255, 40, 40))):
-        region = (mask >= label).astype(np.uint8)
-        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(grey, contours, -1, colour, 1)
+    _outline(grey, mask, ((1, (0, 220, 0)), (2, (255, 40, 40))))
     return grey
 
 
@@ -131,6 +129,7 @@ PREDICTION_COLOURS = ((1, (0, 220, 255)), (2, (255, 230, 0)))
 
 
 def _outline(picture: np.ndarray, labels: np.ndarray, colours) -> None:
+    """Draw, in place, the outline of each region labels >= label in its (R, G, B) colour."""
     for label, colour in colours:
         region = (labels >= label).astype(np.uint8)
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
