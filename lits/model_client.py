@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -107,10 +108,28 @@ class ModelSubmit:
         return _Pending(self.handle, images, shape, self.resent, self.wait_s)
 
 
+# Volume and upload tasks are batch work: at this niceness the OS gives the CPU first to what must
+# answer quickly on the same node (the HTTP proxy, the ingress: /healthz and job status, the model
+# replica). Measured on 2 cores under 20 uploads + 3 jobs: one /healthz took 1.36 s in a full-suite
+# run before; a niceness only ever rises, so a reused worker stays a batch worker.
+BATCH_NICENESS = 10
+
+
+def _batch_priority() -> None:
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < BATCH_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, 0, BATCH_NICENESS)
+    except (AttributeError, OSError):  # not on this platform, or not permitted: run as it is
+        pass
+
+
 def task_threads() -> int:
     """Threads a volume task may keep busy: the CPUs it reserved (at least one). OpenCV's pool is
-    sized to match (it would otherwise start one thread per core of the node)."""
+    sized to match (it would otherwise start one thread per core of the node). Also lowers the
+    task's OS priority to BATCH_NICENESS (threads started afterwards inherit it)."""
     import cv2
+
+    _batch_priority()
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     threads = max(1, int(round(cpus)))
