@@ -45,7 +45,6 @@ def materialize(cfg: TrainConfig, info: DataInfo) -> bool:
 def datasets(cfg: TrainConfig, info: DataInfo) -> Tuple[object, object, bool]:
     """(train, val, materialised) Ray Datasets of the prepared splits in `info` (check_data's)."""
     import ray.data
-    from ray.data._internal.random_config import RandomSeedConfig
 
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3_endpoint)
     strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
@@ -59,7 +58,7 @@ def datasets(cfg: TrainConfig, info: DataInfo) -> Tuple[object, object, bool]:
             train = train.repartition(len(info.train_uris)).materialize()
         # Materialised blocks keep their order; this reorders them anew on every epoch (the seed
         # is combined with the execution index), as the file shuffle does for a stream.
-        train = train.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+        train = train.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
     log.info("training data %s: %.2f GB decoded (--ingest %s, --materialize-gb %g)",
              "materialised" if stored else "streamed", decoded_bytes(info) / 1e9, cfg.ingest, cfg.materialize_gb)
     return train, val, stored

@@ -164,14 +164,19 @@ def bad_pairs(root, ids) -> None:
             _write(root / f"segmentation-{i}.nii", np.zeros((64, 64, 24), np.uint8))
 
 
+def mixed_input(nifti_dir, src, good: int, bad):
+    """An input folder with pairs 0..good-1 copied from `nifti_dir` and bad pairs numbered `bad`."""
+    src.mkdir()
+    for i in range(good):
+        copy_pair(nifti_dir, i, src, i)
+    bad_pairs(src, bad)
+    return src
+
+
 def test_the_split_is_drawn_over_the_volumes_that_succeeded(nifti_dir, tmp_path):
     """The issue's case: 5 good pairs among 22. Every bad one passes discovery and its header check
     and fails only when sliced; the split is still (3, 1, 1) over the five, as if only they existed."""
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(5):
-        copy_pair(nifti_dir, i, src, i)
-    bad_pairs(src, range(10, 27))
+    src = mixed_input(nifti_dir, tmp_path / "in", good=5, bad=range(10, 27))
     out = tmp_path / "out"
     manifest = pipeline.prepare(PrepareConfig(input=str(src), output=str(out), image_size=16), pipeline.run_local)
     good = [f"volume-{i}" for i in range(5)]
@@ -186,11 +191,7 @@ def test_the_split_is_drawn_over_the_volumes_that_succeeded(nifti_dir, tmp_path)
 
 
 def test_too_few_good_volumes_is_one_error_and_the_output_is_kept(nifti_dir, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(2):
-        copy_pair(nifti_dir, i, src, i)
-    bad_pairs(src, range(10, 13))
+    src = mixed_input(nifti_dir, tmp_path / "in", good=2, bad=range(10, 13))
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     (out / "train" / "volume-7.parquet").write_bytes(b"previous")
