@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from lits import ct, metrics, naming, reports, storage, volumes
+from lits import ct, fanout, metrics, naming, reports, storage, volumes
 from lits.config import EvaluateConfig
 from lits.errors import BadInputError, UserError
 from lits.schema import WINDOW_LIVER
@@ -127,14 +127,15 @@ def run_local(pairs: List[Tuple], s3_endpoint: Optional[str]) -> Iterator[Dict]:
 
 
 def run_ray(pairs: List[Tuple], s3_endpoint: Optional[str]) -> Iterator[Dict]:
-    """One Ray task per pair (1 CPU each), results as they finish."""
+    """One Ray task per pair (1 CPU each, two per CPU in flight), results as they finish."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2)(evaluate_pair)
-    pending = [task.remote(key, pred, ref, s3_endpoint) for key, pred, ref, _ in pairs]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+    for outcome in fanout.fan_out(task, [(key, pred, ref, s3_endpoint) for key, pred, ref, _ in pairs], {},
+                                  fanout.window()):
+        if outcome.error is not None:
+            raise outcome.error
+        yield outcome.value
 
 
 # --- aggregation -------------------------------------------------------------------------------

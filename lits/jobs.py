@@ -17,7 +17,7 @@ from its summary through that record, so it survives the actor and a restart of 
 Failure rules: a bad volume is recorded with its reason and the job goes on; a lost model
 replica costs a resend of the chunks it held, a lost CPU worker a retry of its volume (Ray's task
 retries), never the volume. A cancel cancels the volume tasks (forcefully when they do not stop
-within `CANCEL_GRACE_S`), so their CPUs are free once the job says `cancelled`.
+within `fanout.CANCEL_GRACE_S`), so their CPUs are free once the job says `cancelled`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 import ray
 
-from lits import access, inference, storage
+from lits import access, fanout, inference, storage
 from lits.errors import UserError
 from lits.job_capacity import JobCapacity
 from lits.job_tasks import list_inputs, segment_volume, segment_volume_task  # noqa: F401  (segment_volume: callers' one entry)
@@ -59,7 +59,6 @@ class JobState(str, enum.Enum):
 
 
 FINAL_STATES = tuple(s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED))
-CANCEL_GRACE_S = 10.0  # how long cancelled volume tasks may take to stop before they are killed
 EXIT_AFTER_S = 1.0  # a finished job's actor answers this long from memory, then exits
 STATUS_WAIT_S = 10.0  # for a cancel
 # A status waits this long for a busy job actor, then answers from the job's last summary (at most
@@ -242,37 +241,31 @@ class JobRunner:
             capacity.release(others_running=_other_jobs_running(self.job_id))
 
     def _drive(self, volumes: List, spec: inference.ModelSpec, capacity: JobCapacity) -> None:
-        """Keep volume tasks in flight (as many as `capacity` allows now) until every volume is done."""
-        pending = list(volumes)
-        in_flight: Dict = {}
-        while pending or in_flight:
-            if self.cancel_requested.is_set():
-                self._stop(list(in_flight))
-                return
-            capacity.refresh(len(pending))
+        """Keep volume tasks in flight (as many as `capacity` allows now, in its volume pool) until
+        every volume is done or the job is cancelled (lits.fanout stops the tasks in flight then)."""
+        common = (self.request["output"], spec, self.app_name, bool(self.request.get("overwrite")), self.chunk,
+                  self.s3_endpoint, self.allow, self.wait_s)
+
+        def place(args, attempt):
+            slot = capacity.place()
+            return {"num_cpus": self.cpus_per_volume, **slot["options"]}, slot["index"]
+
+        def tick(waiting: int) -> None:
+            capacity.refresh(waiting)
             self._set(in_flight_cap=capacity.concurrency())
-            while pending and len(in_flight) < self.in_flight_cap:
-                uri, rel = pending.pop(0)
-                slot = capacity.place()
-                task = segment_volume_task.options(num_cpus=self.cpus_per_volume, **slot["options"])
-                in_flight[task.remote(uri, rel, self.request["output"], spec, self.app_name,
-                                      bool(self.request.get("overwrite")), self.chunk, self.s3_endpoint,
-                                      self.allow, self.wait_s)] = (uri, slot["index"])
-            ready = ray.wait(list(in_flight), num_returns=1, timeout=0.5)[0] if in_flight else time.sleep(0.5) or []
-            for ref in ready:
-                uri, index = in_flight.pop(ref)
-                capacity.done(index)
-                try:
-                    result = ray.get(ref)
-                except (ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError) as exc:
-                    if self.cancel_requested.is_set():
-                        continue
-                    result = {"input": uri, "status": "failed", "reason": f"worker failed: {exc}"}
-                except ray.exceptions.WorkerCrashedError as exc:
-                    result = {"input": uri, "status": "failed", "reason": f"worker crashed repeatedly: {exc}"}
-                self._record(result)
             if self.unsaved:
                 self._save_progress()
+
+        for outcome in fanout.fan_out(segment_volume_task, [(uri, rel, *common) for uri, rel in volumes], place,
+                                      lambda: self.in_flight_cap, release=capacity.done, stop=self.cancel_requested,
+                                      tick=tick, poll_s=0.5):
+            result, exc = outcome.value, outcome.error
+            if exc is not None:
+                if self.cancel_requested.is_set():
+                    continue
+                why = "worker crashed repeatedly" if isinstance(exc, ray.exceptions.WorkerCrashedError) else "worker failed"
+                result = {"input": outcome.args[0], "status": "failed", "reason": f"{why}: {exc}"}
+            self._record(result)
 
     def _save_progress(self, force: bool = False) -> None:
         """Rewrite the summary of the running job (at most every SUMMARY_EVERY_S unless forced)."""
@@ -283,19 +276,6 @@ class JobRunner:
             self._write_summary(self.state)
         except Exception as exc:  # the final summary is the one that must be written; this one can wait
             log.warning("job %s: cannot write its summary yet: %s", self.job_id, exc)
-
-    @staticmethod
-    def _stop(refs: List) -> None:
-        """Cancel the volume tasks in flight and wait until they have stopped (their CPUs are free):
-        a KeyboardInterrupt first (a volume then removes its partial outputs), a kill after
-        CANCEL_GRACE_S."""
-        for ref in refs:
-            ray.cancel(ref)
-        left = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)[1] if refs else []
-        for ref in left:
-            ray.cancel(ref, force=True)
-        if left:
-            ray.wait(left, num_returns=len(left), timeout=CANCEL_GRACE_S)
 
     def _write_summary(self, state: JobState) -> None:
         summary = self.status()

@@ -45,7 +45,8 @@ def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[L
     """`send()` (a DeploymentResponse) until it answers: each try waits at most `wait_s`; a timed-out
     try is cancelled and a lost replica's is sent again, `RETRIES` times with back-off."""
     response = send()
-    for attempt in range(RETRIES + 1):
+    tries = 1
+    while True:
         try:
             return response.result(timeout_s=wait_s)
         except Exception as exc:
@@ -54,16 +55,16 @@ def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[L
                 raise
             if timed_out:
                 response.cancel()
-            if attempt == RETRIES:
-                raise ModelUnavailable(f"the model deployment did not answer {what} in {RETRIES + 1} tries of "
+            if tries > RETRIES:
+                raise ModelUnavailable(f"the model deployment did not answer {what} in {tries} tries of "
                                        f"{wait_s:.0f} s (last: {type(exc).__name__})") from exc
             log.warning("model %s (%s); sending %s again (try %d of %d)", "timed out" if timed_out else "replica lost",
-                        type(exc).__name__, what, attempt + 1, RETRIES)
-            time.sleep(RETRY_WAIT_S * (attempt + 1))
+                        type(exc).__name__, what, tries, RETRIES)
+            time.sleep(RETRY_WAIT_S * tries)
             if resent is not None:
                 resent.append(size)
             response = send()
-    raise AssertionError("unreachable")
+            tries += 1
 
 
 class _Pending:

@@ -28,7 +28,6 @@ import logging
 import sys
 import time
 import uuid
-from collections import deque
 from datetime import datetime, timezone
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -36,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import lits
-from lits import shards, storage
+from lits import fanout, shards, storage
 from lits.config import PrepareConfig
 from lits.discovery import assign_splits, check_headers, discover
 from lits.errors import BadInputError, UserError
@@ -121,16 +120,11 @@ def _slice_on_worker(task: VolumeTask, cfg: PrepareConfig, staging: str) -> Dict
     return process_task(task, cfg, staging)
 
 
-def _in_flight(cpus: float) -> int:
-    """Tasks submitted at a time: two per CPU, so that a worker finds its next volume waiting."""
-    return max(2, 2 * int(cpus))
-
-
 def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:
     """Slice every task on the Ray cluster, one Ray task (one CPU) per volume; yield results as they land.
 
     Volumes go largest first (a big volume started last would finish alone, with the other CPUs
-    idle) and at most `_in_flight` at a time. Each task reserves `memory_request` from its own
+    idle), two per CPU in flight (lits.fanout). Each task reserves `memory_request` from its own
     headers. A volume whose task died (killed for memory, crashed, a network failure:
     storage.TransientError) is submitted again with twice the memory (at most a node's), at most
     MAX_TRIES times in all; then it is yielded as failed.
@@ -138,31 +132,32 @@ def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterat
     import ray
 
     nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
-    # No Ray retries: with max_retries != 0 Ray retries a task killed for memory without end
-    # (task_oom_retries is -1 by default); the loop below retries with more memory instead.
-    remote = ray.remote(num_cpus=1, max_retries=0)(_slice_on_worker)
-    queue = deque((t, 1) for t in sorted(tasks, key=lambda t: (-t.memory_bytes, t.volume_id)))
     cfg_ref = ray.put(cfg)
-    running: Dict = {}
-    limit = _in_flight(ray.cluster_resources().get("CPU", 1))
-    while queue or running:
-        while queue and len(running) < limit:
-            task, attempt = queue.popleft()
-            memory = memory_request(task, nodes, attempt)
-            running[remote.options(memory=memory).remote(task, cfg_ref, staging)] = (task, attempt, memory)
-        done, _ = ray.wait(list(running), num_returns=1)
-        task, attempt, memory = running.pop(done[0])
-        try:
-            yield ray.get(done[0])
-        except ray.exceptions.RayError as exc:
-            if attempt < MAX_TRIES:
-                log.warning("%s died on Ray (%s): trying again with %.1f GiB", task.volume_id, type(exc).__name__,
-                            memory_request(task, nodes, attempt + 1) / 2**30)
-                queue.append((task, attempt + 1))
-                continue
-            yield _failure(task, f"{task.volume_id}: its Ray task died in all {MAX_TRIES} tries (killed for memory, "
-                                 f"crashed, or a network failure; the last reserved {memory / 2**30:.1f} GiB); see the "
-                                 "Ray logs, and run it alone or on a larger node")
+
+    def place(args, attempt):
+        memory = memory_request(args[0], nodes, attempt)
+        return {"memory": memory}, memory
+
+    def retry(args, attempt, exc) -> bool:
+        if attempt >= MAX_TRIES:
+            return False
+        log.warning("%s died on Ray (%s): trying again with %.1f GiB", args[0].volume_id, type(exc).__name__,
+                    memory_request(args[0], nodes, attempt + 1) / 2**30)
+        return True
+
+    # No Ray retries: with max_retries != 0 Ray retries a task killed for memory without end
+    # (task_oom_retries is -1 by default); `retry` tries again with more memory instead.
+    remote = ray.remote(num_cpus=1, max_retries=0)(_slice_on_worker)
+    ordered = sorted(tasks, key=lambda t: (-t.memory_bytes, t.volume_id))
+    for outcome in fanout.fan_out(remote, [(t, cfg_ref, staging) for t in ordered], place, fanout.window(),
+                                  retry=retry):
+        if outcome.error is None:
+            yield outcome.value
+            continue
+        task = outcome.args[0]
+        yield _failure(task, f"{task.volume_id}: its Ray task died in all {MAX_TRIES} tries (killed for memory, "
+                             f"crashed, or a network failure; the last reserved {outcome.ticket / 2**30:.1f} GiB); "
+                             "see the Ray logs, and run it alone or on a larger node")
 
 
 def run_local(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterator[Dict]:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from lits import shards, storage
+from lits import fanout, shards, storage
 from lits.config import TrainConfig
 from lits.train_data import DataInfo
 from lits.schema import CLASS_NAMES, volume_number
@@ -99,9 +99,14 @@ def evaluate_test_volumes(cfg: TrainConfig, info: DataInfo) -> Optional[Dict]:
     model_uri = storage.join(storage.normalise(cfg.output), "model")
     resources = {"num_gpus": 1} if cfg.num_gpus else {"num_cpus": cfg.cpus_per_worker}
     task = ray.remote(max_retries=1, **resources)(_segment_test_volume)
-    refs = [task.remote(vid, vol, model_uri, predictions, cfg.s3_endpoint) for vid, vol, _ in info.test_volumes]
-    masks = ray.get(refs)
-    pairs = [(vid, mask, seg, vol) for (vid, vol, seg), mask in zip(info.test_volumes, masks) if mask]
+    masks = {}
+    for outcome in fanout.fan_out(task, [(vid, vol, model_uri, predictions, cfg.s3_endpoint)
+                                         for vid, vol, _ in info.test_volumes], {},
+                                  fanout.window("GPU" if cfg.num_gpus else "CPU")):
+        if outcome.error is not None:
+            raise outcome.error
+        masks[outcome.args[0]] = outcome.value
+    pairs = [(vid, masks[vid], seg, vol) for vid, vol, seg in info.test_volumes if masks[vid]]
     if not pairs:
         return None
     log.info("evaluating %d test volume(s) at their original resolution", len(pairs))
