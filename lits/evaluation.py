@@ -127,12 +127,13 @@ def run_local(pairs: List[Tuple], s3_endpoint: Optional[str]) -> Iterator[Dict]:
 
 
 def run_ray(pairs: List[Tuple], s3_endpoint: Optional[str]) -> Iterator[Dict]:
-    """One Ray task per pair (1 CPU each, two per CPU in flight), results as they finish."""
+    """One Ray task per pair (1 CPU each, two per CPU in flight as the cluster grows, a CPU per pair
+    asked of the autoscaler), results as they finish."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2)(evaluate_pair)
     for outcome in fanout.fan_out(task, [(key, pred, ref, s3_endpoint) for key, pred, ref, _ in pairs], {},
-                                  fanout.window()):
+                                  fanout.window, ask_cpus=1):
         if outcome.error is not None:
             raise outcome.error
         yield outcome.value

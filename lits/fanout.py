@@ -9,8 +9,12 @@ differs between them is passed in, not written again:
   memory request grows with the attempt; a job places each task in its volume pool and gets the
   pool slot back as the ticket);
 - `limit`: at most this many tasks in flight (an int, or a function read again before every
-  submission round, so a job can grow it as nodes join); a bounded window keeps a thousand-item
-  run from queueing a thousand tasks (their arguments pinned in the object store) at once;
+  submission round: `window` follows the cluster's CPUs as nodes join, a job its capacity); a
+  bounded window keeps a thousand-item run from queueing a thousand tasks (their arguments pinned
+  in the object store) at once;
+- `ask_cpus`: CPUs one item needs; the fan-out then asks the autoscaler for a cluster that holds
+  every item not yet done (`request_cpus`, at most MAX_ASK_CPUS; withdrawn when it ends), so a
+  `CPU: 0` head (cluster.yaml) gets its CPU nodes at once, not two tasks' worth at a time;
 - `retry`: whether an item whose task died goes round again (prepare: with more memory);
 - `stop`: an Event; once set, the tasks in flight are cancelled (interrupt first, so a task can
   clean up, then forced) and the fan-out returns without yielding them;
@@ -22,13 +26,18 @@ Ray is imported inside the function: modules that import this one stay importabl
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
+log = logging.getLogger(__name__)
+
 CANCEL_GRACE_S = 10.0  # a cancelled task gets this long to stop on its own before it is killed
+MAX_ASK_CPUS = 1024  # the most CPUs one fan-out asks the autoscaler for
 
 
 @dataclass
@@ -55,8 +64,19 @@ def window(resource: str = "CPU", per_unit: int = 2, minimum: int = 2) -> int:
     return max(minimum, per_unit * int(ray.cluster_resources().get(resource, 0)))
 
 
+def request_cpus(cpus: int) -> None:
+    """Ask the autoscaler to keep `cpus` CPUs in the cluster (0 withdraws the request; one request
+    stands per cluster, the latest). Without an autoscaler Ray keeps it in its key-value store."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(num_cpus=int(cpus))
+    except Exception as exc:  # no autoscaler state to write to: nothing to ask
+        log.debug("request_resources(%d) failed: %s", cpus, exc)
+
+
 def fan_out(fn, items: Iterable[Tuple], resources: Resources, limit: Union[int, Callable[[], int]], *,
-            retry: Optional[Callable[[Tuple, int, BaseException], bool]] = None,
+            ask_cpus: float = 0.0, retry: Optional[Callable[[Tuple, int, BaseException], bool]] = None,
             release: Optional[Callable[[Any], None]] = None, stop: Optional[threading.Event] = None,
             tick: Optional[Callable[[int], None]] = None, poll_s: Optional[float] = None) -> Iterator[Outcome]:
     """Run `fn(*args)` as a Ray task for every `args` in `items` (in that order); yield an
@@ -74,6 +94,7 @@ def fan_out(fn, items: Iterable[Tuple], resources: Resources, limit: Union[int, 
         tick: called with the number of items not yet submitted, before each round (needs `poll_s`
             to be called while nothing finishes).
         poll_s: wake at least this often (for `stop` and `tick`); None waits for the next result.
+        ask_cpus: CPUs one item needs, for the autoscaler request (0: ask for nothing).
 
     Returns:
         An iterator of Outcome; a task that raised or died gives `error` (a ray.exceptions.RayError)
@@ -87,36 +108,45 @@ def fan_out(fn, items: Iterable[Tuple], resources: Resources, limit: Union[int, 
     place = resources if callable(resources) else (lambda args, attempt: (resources, None))
     queue = deque((tuple(args), 1) for args in items)
     running: Dict = {}
-    while queue or running:
-        if stop is not None and stop.is_set():
-            cancel(list(running))
-            for _, _, ticket in running.values():
+    asked = 0
+    try:
+        while queue or running:
+            if stop is not None and stop.is_set():
+                cancel(list(running))
+                for _, _, ticket in running.values():
+                    if release is not None:
+                        release(ticket)
+                return
+            if tick is not None:
+                tick(len(queue))
+            want = min(MAX_ASK_CPUS, math.ceil(ask_cpus * (len(queue) + len(running))))
+            if want != asked:  # every item not done yet (one item's CPUs each)
+                request_cpus(want)
+                asked = want
+            bound = limit() if callable(limit) else limit
+            while queue and len(running) < bound:
+                args, attempt = queue.popleft()
+                options, ticket = place(args, attempt)
+                running[remote.options(**options).remote(*args)] = (args, attempt, ticket)
+            if not running:  # none may start yet (a job waiting for its first CPUs): look again soon
+                time.sleep(poll_s or 0.5)
+                continue
+            done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            for ref in done:
+                args, attempt, ticket = running.pop(ref)
                 if release is not None:
                     release(ticket)
-            return
-        if tick is not None:
-            tick(len(queue))
-        bound = limit() if callable(limit) else limit
-        while queue and len(running) < bound:
-            args, attempt = queue.popleft()
-            options, ticket = place(args, attempt)
-            running[remote.options(**options).remote(*args)] = (args, attempt, ticket)
-        if not running:  # none may start yet (a job waiting for its first CPUs): look again soon
-            time.sleep(poll_s or 0.5)
-            continue
-        done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
-        for ref in done:
-            args, attempt, ticket = running.pop(ref)
-            if release is not None:
-                release(ticket)
-            try:
-                outcome = Outcome(args, ray.get(ref), attempt=attempt, ticket=ticket)
-            except ray.exceptions.RayError as exc:
-                if retry is not None and retry(args, attempt, exc):
-                    queue.append((args, attempt + 1))
-                    continue
-                outcome = Outcome(args, error=exc, attempt=attempt, ticket=ticket)
-            yield outcome
+                try:
+                    outcome = Outcome(args, ray.get(ref), attempt=attempt, ticket=ticket)
+                except ray.exceptions.RayError as exc:
+                    if retry is not None and retry(args, attempt, exc):
+                        queue.append((args, attempt + 1))
+                        continue
+                    outcome = Outcome(args, error=exc, attempt=attempt, ticket=ticket)
+                yield outcome
+    finally:
+        if asked:
+            request_cpus(0)
 
 
 def cancel(refs) -> None:

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 
 import ray
 
+from lits.fanout import request_cpus
 from lits.job_tasks import find_pool, in_pool, pool_name, pool_shape
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,6 @@ def spare_cpus(reserve_cpus: float) -> float:
     total = ray.cluster_resources().get("CPU", 0.0)
     free = ray.available_resources().get("CPU", 0.0)
     return max(0.0, min(free, total - reserve_cpus - _held_cpus()))
-
-
-def request_cpus(cpus: int) -> None:
-    """Ask the autoscaler to keep `cpus` CPUs in the cluster (0 withdraws the request)."""
-    try:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(num_cpus=int(cpus))
-    except Exception as exc:  # no autoscaler state to write to: nothing to ask
-        log.debug("request_resources(%d) failed: %s", cpus, exc)
 
 
 class JobCapacity:
@@ -114,9 +105,8 @@ class JobCapacity:
         if count >= 1 and self._grow(count):
             wanted = self._unplaced(waiting)
         need = math.ceil(self.reserve_cpus + sum(self.slots) * self.cpus_per_volume + wanted * self.cpus_per_volume)
-        if need != self.requested:
-            request_cpus(need)
-            self.requested = need
+        request_cpus(need)  # again every refresh: another run's request (the latest stands) may have replaced it
+        self.requested = need
 
     def _unplaced(self, waiting: int) -> int:
         """Waiting volumes no free slot takes (up to the cap)."""

@@ -124,7 +124,8 @@ def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterat
     """Slice every task on the Ray cluster, one Ray task (one CPU) per volume; yield results as they land.
 
     Volumes go largest first (a big volume started last would finish alone, with the other CPUs
-    idle), two per CPU in flight (lits.fanout). Each task reserves `memory_request` from its own
+    idle), two per CPU in flight as the cluster grows, asking the autoscaler for a CPU per volume
+    not yet done (lits.fanout). Each task reserves `memory_request` from its own
     headers. A volume whose task died (killed for memory, crashed, a network failure:
     storage.TransientError) is submitted again with twice the memory (at most a node's), at most
     MAX_TRIES times in all; then it is yielded as failed.
@@ -149,8 +150,8 @@ def run_ray(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iterat
     # (task_oom_retries is -1 by default); `retry` tries again with more memory instead.
     remote = ray.remote(num_cpus=1, max_retries=0)(_slice_on_worker)
     ordered = sorted(tasks, key=lambda t: (-t.memory_bytes, t.volume_id))
-    for outcome in fanout.fan_out(remote, [(t, cfg_ref, staging) for t in ordered], place, fanout.window(),
-                                  retry=retry):
+    for outcome in fanout.fan_out(remote, [(t, cfg_ref, staging) for t in ordered], place, fanout.window,
+                                  ask_cpus=1, retry=retry):
         if outcome.error is None:
             yield outcome.value
             continue

@@ -102,7 +102,7 @@ def evaluate_test_volumes(cfg: TrainConfig, info: DataInfo) -> Optional[Dict]:
     masks = {}
     for outcome in fanout.fan_out(task, [(vid, vol, model_uri, predictions, cfg.s3_endpoint)
                                          for vid, vol, _ in info.test_volumes], {},
-                                  fanout.window("GPU" if cfg.num_gpus else "CPU")):
+                                  lambda: fanout.window("GPU" if cfg.num_gpus else "CPU")):
         if outcome.error is not None:
             raise outcome.error
         masks[outcome.args[0]] = outcome.value

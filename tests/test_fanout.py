@@ -126,3 +126,23 @@ def test_a_zero_limit_holds_items_back_until_it_grows(ray3, tmp_path):
 def test_a_static_limit_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         next(fanout.fan_out(_tracked, [("x", 1, 0)], {}, 0))
+
+
+def test_it_asks_the_autoscaler_for_every_item_not_done_and_withdraws_at_the_end(ray3, tmp_path):
+    """What a `CPU: 0` head needs: the request (Ray's key-value store, which a cluster's autoscaler
+    reads) covers every item not done yet, falls as they finish, and is withdrawn when it ends."""
+    import json
+
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    def asked():
+        return len(json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]"))
+
+    seen = []
+    for outcome in fanout.fan_out(_tracked, [(str(tmp_path), x, 0.3) for x in range(5)], {"num_cpus": 1}, 2,
+                                  ask_cpus=1):
+        seen.append(asked())
+    assert seen[0] == 5 and seen == sorted(seen, reverse=True) and seen[-1] <= 2  # falls as items finish
+    assert asked() == 0
+    assert fanout.window() == 6 and fanout.window("GPU") == 2  # 2 per CPU of this 3-CPU Ray; no GPU: the minimum
