@@ -161,12 +161,23 @@ def train_loop_per_worker(config: Dict) -> None:
                 state = best.write(state)
         if rank == 0:
             write_metrics(cfg, history, curves=save)
+            log.info(epoch_line(row, cfg.epochs))
         checkpoints.report_epoch(row, rank, save, lambda: {
             **state.to_dict(), "history": history,
             "model": {k: v.cpu() for k, v in core.state_dict().items()}, "optimizer": optimizer.state_dict()})
 
 
 # --- outputs -----------------------------------------------------------------------------------
+
+def epoch_line(row: Dict, epochs: int) -> str:
+    """One epoch for the console: 'epoch 12/30: loss 0.833 train, 0.943 val; val Dice liver 0.958,
+    tumour 0.000 (per volume); 57 img/s per worker; 4.8 s; best epoch 12'."""
+    dice = ", ".join(f"{k[len('val_dice_'):-len('_volume')]} {row[k]:.3f}" for k in row
+                     if k.startswith("val_dice_") and k.endswith("_volume"))
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f} train, {row['val_loss']:.3f} val; "
+            f"val Dice {dice} (per volume); {row['images_per_s_per_worker']:.0f} img/s per worker; "
+            f"{row['seconds']:.1f} s; best epoch {row['best_epoch']}")
+
 
 def write_metrics(cfg: TrainConfig, history: List[Dict], curves: bool = True) -> None:
     """OUT/metrics.csv (one row per epoch) and, with `curves`, OUT/curves.png, rewritten atomically."""

@@ -237,3 +237,45 @@ def test_every_collective_in_lits_goes_through_the_device_collective():
                     found.append((name, m.group(1)))
     assert sorted(found) == [("train_steps.py", "all_reduce"), ("train_steps.py", "all_reduce"),
                              ("training.py", "all_gather_object")], found
+
+
+def test_the_epoch_line_says_what_a_user_watches():
+    from lits.training import epoch_line
+
+    row = {"epoch": 12, "train_loss": 0.83321, "val_loss": 0.94256, "val_dice_liver_volume": 0.95773,
+           "val_dice_tumour_volume": 0.0, "val_dice_liver_slice": 0.5, "images_per_s_per_worker": 57.22,
+           "seconds": 4.79, "best_epoch": 12}
+    assert epoch_line(row, 30) == ("epoch 12/30: loss 0.833 train, 0.943 val; val Dice liver 0.958, tumour 0.000 "
+                                   "(per volume); 57 img/s per worker; 4.8 s; best epoch 12")
+
+
+def test_worker_logging_quiets_ray_and_keeps_lits(monkeypatch):
+    """The worker_process_setup_hook: lits' INFO through, Ray Train/Data INFO and the cleaner's
+    every-second warning not; under --verbose (LITS_VERBOSE_WORKERS=1) Ray's levels are left alone."""
+    import logging
+
+    from lits import worker_logs
+
+    names = ["lits", *worker_logs.QUIET]
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
+             for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.NOTSET)
+        logging.getLogger("lits").handlers.clear()
+        monkeypatch.setenv(worker_logs.VERBOSE_ENV, "1")
+        worker_logs.setup()
+        assert logging.getLogger("ray.train").level == logging.NOTSET
+        assert logging.getLogger("lits.training").isEnabledFor(logging.INFO)
+        monkeypatch.delenv(worker_logs.VERBOSE_ENV)
+        worker_logs.setup()
+        assert len(logging.getLogger("lits").handlers) == 1  # not a second handler
+        assert not logging.getLogger("ray.train.v2._internal.execution.context").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("ray.data._internal.execution").isEnabledFor(logging.INFO)
+        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+        assert not cleaner.isEnabledFor(logging.WARNING) and cleaner.isEnabledFor(logging.ERROR)
+    finally:
+        for n, (level, handlers, propagate) in saved.items():
+            logging.getLogger(n).setLevel(level)
+            logging.getLogger(n).handlers[:] = handlers
+            logging.getLogger(n).propagate = propagate
