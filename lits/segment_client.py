@@ -127,10 +127,9 @@ def run_locally(cfg: ServeConfig, request: Dict, concurrency: Optional[int], sta
     paid for. Ctrl-C cancels the job (finished volumes stay) and exits 130."""
     from lits import inference, jobs, serving, storage
 
-    s3 = cfg.s3_endpoint
-    spec, _ = inference.load_spec(cfg.model, s3)  # before paying for Ray
-    storage.require(request["input"], s3)
-    storage.check_writable(request["output"], s3)
+    spec, _ = inference.load_spec(cfg.model)  # before paying for Ray
+    storage.require(request["input"])
+    storage.check_writable(request["output"])
     start_cluster()
     if quiet:  # Serve's start-up and shutdown chatter would bury the progress bar
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

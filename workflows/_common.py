@@ -20,14 +20,27 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpus: Optional[int] = None,
-              data: bool = True) -> None:
+def apply_cluster_args(args) -> None:
+    """Logging at --verbose; --s3-endpoint becomes this process's S3 endpoint (every storage call
+    reads it from the environment, and start_ray sends it to the cluster's workers)."""
+    from lits import storage
+
+    setup_logging(args.verbose)
+    storage.use_endpoint(args.s3_endpoint)
+
+
+def start_ray(address: Optional[str], num_cpus: Optional[int] = None, data: bool = True) -> None:
     """Join the cluster at `address`, or start a local Ray with `num_cpus` (default: this machine's).
+    The S3 endpoint (apply_cluster_args) goes to every worker of this job in its runtime_env: the
+    workers of a cluster joined by address do not inherit this process's environment.
     `data`: the workflow uses Ray Data (its progress bars then follow the terminal); prepare does
     not, and saves importing it (~0.8 s)."""
     import ray
 
-    runtime_env = {"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}} if s3_endpoint else None
+    from lits import storage
+
+    env = storage.endpoint_env()
+    runtime_env = {"env_vars": env} if env else None
     if address:
         logging.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
