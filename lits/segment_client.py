@@ -143,7 +143,7 @@ def run_locally(cfg: ServeConfig, request: Dict, concurrency: Optional[int], sta
         # at once as they have room for.
         request = {**request, "input": storage.normalise(request["input"]),
                    "output": storage.normalise(request["output"])}
-        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, s3, cfg.cpus_per_volume,
+        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, cfg.cpus_per_volume,
                                  reserve_cpus=serving.job_reserve_cpus(cfg))
         log.info("job %s started: %s -> %s", job_id, request["input"], request["output"])
         return follow(lambda: jobs.get_job(job_id))
