@@ -206,12 +206,12 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
     concurrency = args.concurrency or max(1, int((cpus - args.cpus_per_replica) / args.cpus_per_volume))
     # one warm-up job on one volume (worker processes import torch once)
     warm = jobs.submit_job({"input": paths[0], "output": os.path.join(work, "warm"), "overwrite": True},
-                           serving.APP_NAME, cfg.chunk, concurrency, None, cfg.cpus_per_volume)
+                           serving.APP_NAME, cfg.chunk, concurrency, cfg.cpus_per_volume)
     while jobs.get_job(warm)["state"] in ("running", "queued"):
         time.sleep(0.2)
     t = time.perf_counter()
     job_id = jobs.submit_job({"input": data, "output": os.path.join(work, "job-out"), "overwrite": True},
-                             serving.APP_NAME, cfg.chunk, concurrency, None, cfg.cpus_per_volume)
+                             serving.APP_NAME, cfg.chunk, concurrency, cfg.cpus_per_volume)
     while (job := jobs.get_job(job_id))["state"] not in jobs.FINAL_STATES:
         time.sleep(0.1)
     t_job = time.perf_counter() - t

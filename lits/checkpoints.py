@@ -89,19 +89,19 @@ class BestWeights:
         uri = storage.join(folder, f"epoch-{state.best_epoch:04d}.pt")
         buf = io.BytesIO()
         torch.save(self.weights, buf)
-        storage.write_bytes(uri, buf.getvalue(), self.cfg.s3_endpoint)
+        storage.write_bytes(uri, buf.getvalue())
         self.weights = None
-        for old in [u for u in storage.list_files(folder, self.cfg.s3_endpoint) if u.endswith(".pt")][:-KEEP_BEST]:
-            storage.delete(old, self.cfg.s3_endpoint)
+        for old in [u for u in storage.list_files(folder) if u.endswith(".pt")][:-KEEP_BEST]:
+            storage.delete(old)
         return dataclasses.replace(state, best_file=uri)
 
 
-def best_weights(state: Dict, s3_endpoint: Optional[str] = None) -> Dict:
+def best_weights(state: Dict) -> Dict:
     """The best weights a checkpoint's state names (the last weights when none improved)."""
     import torch
 
     if state.get("best_file"):
-        return torch.load(io.BytesIO(storage.read_bytes(state["best_file"], s3_endpoint)), map_location="cpu",
+        return torch.load(io.BytesIO(storage.read_bytes(state["best_file"])), map_location="cpu",
                           weights_only=True)
     return state.get("best_model") or state["model"]  # checkpoints written before 2026-11-29
 

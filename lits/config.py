@@ -36,7 +36,6 @@ class PrepareConfig:
         val_fraction, test_fraction: fractions of *volumes* in the val and test splits.
         seed: seeds the split and the slice filter.
         strict: exit non-zero when any input failed.
-        s3_endpoint: S3-compatible endpoint URL (None: AWS_ENDPOINT_URL or AWS itself).
         max_voxels: a NIfTI whose header declares more voxels is refused before it is inflated
             (the default is lits.volumes.MAX_VOXELS, 4x the largest LiTS volume).
     """
@@ -52,7 +51,6 @@ class PrepareConfig:
     test_fraction: float = 0.1
     seed: int = 0
     strict: bool = False
-    s3_endpoint: Optional[str] = None
     max_voxels: int = 2 ** 30
 
     def __post_init__(self) -> None:
@@ -202,7 +200,6 @@ class TrainConfig:
     ingest: str = "auto"
     materialize_gb: float = 4.0
     prefetch_batches: int = 2
-    s3_endpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.cpus_per_worker < 1:
@@ -293,7 +290,6 @@ class ServeConfig:
     job_concurrency: Optional[int] = None
     cpus_per_volume: float = 1.0
     token_sha256: Optional[str] = None
-    s3_endpoint: Optional[str] = None
     volume_cpus: Optional[float] = None
     jobs_state: Optional[str] = None
     model_wait_s: float = 60.0
@@ -351,7 +347,6 @@ class EvaluateConfig:
     output: Optional[str] = None
     images: Optional[str] = None
     local: bool = False
-    s3_endpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("pred", "ref"):

@@ -157,7 +157,7 @@ def discover(cfg: PrepareConfig) -> Tuple[List[VolumeTask], List[Dict], str]:
         UserError: input missing, empty, or holding neither layout (or both, without --format).
     """
     root = storage.normalise(cfg.input)
-    files = storage.list_files(root, cfg.s3_endpoint)
+    files = storage.list_files(root)
     pairs, nifti_failed = find_nifti_pairs(files, root) if cfg.format in ("auto", "nifti") else ({}, [])
     series, image_failed = find_image_series(files, root) if cfg.format in ("auto", "images") else ({}, [])
     has_nifti, has_images = bool(pairs or nifti_failed), bool(series or image_failed)
@@ -184,8 +184,8 @@ def discover(cfg: PrepareConfig) -> Tuple[List[VolumeTask], List[Dict], str]:
 
 def _check_task(task: VolumeTask, cfg: PrepareConfig) -> Tuple[Optional[VolumeTask], Optional[Dict]]:
     try:
-        volume = volumes.read_header(task.volume_uri, cfg.s3_endpoint, cfg.max_voxels)
-        segmentation = volumes.read_header(task.segmentation_uri, cfg.s3_endpoint, cfg.max_voxels)
+        volume = volumes.read_header(task.volume_uri, cfg.max_voxels)
+        segmentation = volumes.read_header(task.segmentation_uri, cfg.max_voxels)
         check_pair(task, volume.shape, segmentation.shape)
     except BadInputError as exc:
         return None, {"input": task.volume_uri, "reason": str(exc)}

@@ -51,7 +51,7 @@ def _index(files: List[str], wanted: Callable[[str], bool]) -> Dict[str, str]:
     return out
 
 
-def pair_files(pred: str, ref: str, images: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Dict:
+def pair_files(pred: str, ref: str, images: Optional[str] = None) -> Dict:
     """{'pairs': [(key, pred_uri, ref_uri, image_uri or None)], 'unmatched_pred': [...], 'unmatched_ref': [...]}.
 
     Predictions: '<name>_seg.nii[.gz]' (bulk-job output) or 'segmentation-N.nii[.gz]'.
@@ -67,9 +67,9 @@ def pair_files(pred: str, ref: str, images: Optional[str] = None, s3_endpoint: O
     def is_ref(name: str) -> bool:
         return not name.startswith("volume-") and "_seg.nii" not in name
 
-    preds = _index(storage.list_files(pred, s3_endpoint), is_pred)
-    refs = _index(storage.list_files(ref, s3_endpoint), is_ref)
-    imgs = _index(storage.list_files(images, s3_endpoint), is_image) if images else {}
+    preds = _index(storage.list_files(pred), is_pred)
+    refs = _index(storage.list_files(ref), is_ref)
+    imgs = _index(storage.list_files(images), is_image) if images else {}
 
     def order(k: str):
         return (0, int(k), "") if k.isdigit() else (1, 0, k)
@@ -92,13 +92,13 @@ def _check_geometry(pred: volumes.Geometry, ref: volumes.Geometry, pred_uri: str
                             f"{diff:.3g} mm ({pred.axcodes} vs {ref.axcodes}); resample it onto the reference's grid")
 
 
-def evaluate_pair(key: str, pred_uri: str, ref_uri: str, s3_endpoint: Optional[str] = None) -> Dict:
+def evaluate_pair(key: str, pred_uri: str, ref_uri: str) -> Dict:
     """One row of metrics.csv (flattened) for a pair; {'case', 'error'} for an unusable pair."""
     t0 = time.perf_counter()
     row: Dict = {"case": key, "prediction": pred_uri, "reference": ref_uri}
     try:
-        pred_raw, pred_geometry = volumes.read_nifti(pred_uri, s3_endpoint)
-        ref_raw, ref_geometry = volumes.read_nifti(ref_uri, s3_endpoint)
+        pred_raw, pred_geometry = volumes.read_nifti(pred_uri)
+        ref_raw, ref_geometry = volumes.read_nifti(ref_uri)
         _check_geometry(pred_geometry, ref_geometry, pred_uri, ref_uri)
         pred = volumes.as_labels(pred_raw, pred_uri)
         ref = volumes.as_labels(ref_raw, ref_uri)
@@ -121,18 +121,18 @@ def evaluate_pair(key: str, pred_uri: str, ref_uri: str, s3_endpoint: Optional[s
 
 # --- running -----------------------------------------------------------------------------------
 
-def run_local(pairs: List[Tuple], s3_endpoint: Optional[str]) -> Iterator[Dict]:
+def run_local(pairs: List[Tuple]) -> Iterator[Dict]:
     for key, pred, ref, _ in pairs:
-        yield evaluate_pair(key, pred, ref, s3_endpoint)
+        yield evaluate_pair(key, pred, ref)
 
 
-def run_ray(pairs: List[Tuple], s3_endpoint: Optional[str]) -> Iterator[Dict]:
+def run_ray(pairs: List[Tuple]) -> Iterator[Dict]:
     """One Ray task per pair (1 CPU each, two per CPU in flight as the cluster grows, a CPU per pair
     asked of the autoscaler), results as they finish."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2)(evaluate_pair)
-    for outcome in fanout.fan_out(task, [(key, pred, ref, s3_endpoint) for key, pred, ref, _ in pairs], {},
+    for outcome in fanout.fan_out(task, [(key, pred, ref) for key, pred, ref, _ in pairs], {},
                                   fanout.window, ask_cpus=1):
         if outcome.error is not None:
             raise outcome.error
@@ -197,17 +197,17 @@ def pick_cases(rows: List[Dict], field: str = "liver_dice") -> List[Tuple[str, D
     return out
 
 
-def case_picture(row: Dict, image_uri: Optional[str], s3_endpoint: Optional[str]) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def case_picture(row: Dict, image_uri: Optional[str]) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(caption, grey (H, W) uint8, reference (H, W), prediction (H, W)) of the axial slice with the
     most reference liver, canonical orientation, the CT's liver window when `image_uri` is given."""
-    ref_raw, geometry = volumes.read_nifti(row["reference"], s3_endpoint)
-    pred_raw, _ = volumes.read_nifti(row["prediction"], s3_endpoint)
+    ref_raw, geometry = volumes.read_nifti(row["reference"])
+    pred_raw, _ = volumes.read_nifti(row["prediction"])
     ref = geometry.to_canonical(volumes.as_labels(ref_raw, row["reference"]))
     pred = geometry.to_canonical(volumes.as_labels(pred_raw, row["prediction"]))
     area = np.count_nonzero(ref, axis=(1, 2)) + np.count_nonzero(pred, axis=(1, 2))
     z = int(np.argmax(area))
     if image_uri:
-        hu, image_geometry = volumes.read_nifti(image_uri, s3_endpoint)
+        hu, image_geometry = volumes.read_nifti(image_uri)
         grey = image_geometry.to_canonical(hu)[z] if hu.shape == ref_raw.shape else None
     else:
         grey = None
@@ -287,7 +287,7 @@ def report_md(summary: Dict, rows: List[Dict]) -> str:
 def check_inputs(cfg: EvaluateConfig) -> None:
     """UserError naming the first of cfg's input folders that does not exist."""
     for uri in (cfg.pred, cfg.ref) + ((cfg.images,) if cfg.images else ()):
-        storage.require(uri, cfg.s3_endpoint)
+        storage.require(uri)
 
 
 def evaluate(cfg: EvaluateConfig, progress: Optional[Callable[[int, int, Dict], None]] = None) -> Dict:
@@ -297,21 +297,20 @@ def evaluate(cfg: EvaluateConfig, progress: Optional[Callable[[int, int, Dict], 
     Raises:
         UserError: a missing folder, or no pair at all.
     """
-    s3_endpoint = cfg.s3_endpoint
     check_inputs(cfg)
     pred, ref = storage.normalise(cfg.pred), storage.normalise(cfg.ref)
     output = storage.normalise(cfg.output) if cfg.output else storage.join(pred, "_evaluation")
     images = storage.normalise(cfg.images) if cfg.images else None
     runner = run_local if cfg.local else run_ray
-    found = pair_files(pred, ref, images, s3_endpoint)
+    found = pair_files(pred, ref, images)
     if not found["pairs"]:
         raise UserError(f"no prediction under {pred} matches a reference under {ref} (predictions: '<name>_seg.nii.gz' "
                         f"or 'segmentation-N.nii[.gz]'; references: 'segmentation-N.nii[.gz]'); "
                         f"{len(found['unmatched_pred'])} prediction(s), {len(found['unmatched_ref'])} reference(s) found")
-    return evaluate_pairs(found, output, {"pred": pred, "ref": ref, "images": images}, s3_endpoint, runner, progress)
+    return evaluate_pairs(found, output, {"pred": pred, "ref": ref, "images": images}, runner, progress)
 
 
-def evaluate_pairs(found: Dict, output: str, sources: Dict, s3_endpoint: Optional[str] = None, runner: Callable = run_ray,
+def evaluate_pairs(found: Dict, output: str, sources: Dict, runner: Callable = run_ray,
                    progress: Optional[Callable[[int, int, Dict], None]] = None) -> Dict:
     """Evaluate `found['pairs']` ((case, pred URI, ref URI, image URI or None)) and write the outputs.
 
@@ -322,9 +321,9 @@ def evaluate_pairs(found: Dict, output: str, sources: Dict, s3_endpoint: Optiona
     """
     t0 = time.perf_counter()
     output = storage.normalise(output)
-    storage.check_writable(output, s3_endpoint)
+    storage.check_writable(output)
     rows: List[Dict] = []
-    for row in runner(found["pairs"], s3_endpoint):
+    for row in runner(found["pairs"]):
         rows.append(row)
         if progress:
             progress(len(rows), len(found["pairs"]), row)
@@ -342,13 +341,13 @@ def evaluate_pairs(found: Dict, output: str, sources: Dict, s3_endpoint: Optiona
     if picks:
         tiles = []
         for label, row in picks:
-            caption, grey, ref_slice, pred_slice = case_picture(row, image_of.get(row["case"]), s3_endpoint)
+            caption, grey, ref_slice, pred_slice = case_picture(row, image_of.get(row["case"]))
             tiles.append((f"{label} {caption}", grey, ref_slice, pred_slice))
-        storage.write_bytes(storage.join(output, "overlays.png"), reports.comparison_sheet(tiles), s3_endpoint)
-        storage.write_bytes(storage.join(output, "dice_boxplot.png"), boxplot_png(rows), s3_endpoint)
+        storage.write_bytes(storage.join(output, "overlays.png"), reports.comparison_sheet(tiles))
+        storage.write_bytes(storage.join(output, "dice_boxplot.png"), boxplot_png(rows))
         summary["pictures"] = ["overlays.png", "dice_boxplot.png"]
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    storage.write_bytes(storage.join(output, "metrics.csv"), reports.csv_bytes(rows), s3_endpoint)
-    storage.write_bytes(storage.join(output, "report.md"), report_md(summary, rows).encode(), s3_endpoint)
-    storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=1).encode(), s3_endpoint)
+    storage.write_bytes(storage.join(output, "metrics.csv"), reports.csv_bytes(rows))
+    storage.write_bytes(storage.join(output, "report.md"), report_md(summary, rows).encode())
+    storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=1).encode())
     return summary

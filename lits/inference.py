@@ -119,17 +119,17 @@ def model_config(architecture: Dict, task: str, image_size: int, context: int, e
     return config
 
 
-def save_model(uri: str, state_dict: Dict, config: Dict, s3_endpoint: Optional[str] = None) -> None:
+def save_model(uri: str, state_dict: Dict, config: Dict) -> None:
     """Write URI/weights.pt (a plain state_dict), then URI/config.json (written last: the marker)."""
     import torch
 
     buf = io.BytesIO()
     torch.save(state_dict, buf)
-    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), buf.getvalue(), s3_endpoint)
-    storage.write_bytes(storage.join(uri, CONFIG_NAME), json.dumps(config, indent=1).encode(), s3_endpoint)
+    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), buf.getvalue())
+    storage.write_bytes(storage.join(uri, CONFIG_NAME), json.dumps(config, indent=1).encode())
 
 
-def load_spec(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[ModelSpec, bytes]:
+def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
     """Read and check an exported model folder; return its spec and the raw weights.
 
     Raises:
@@ -137,11 +137,11 @@ def load_spec(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[ModelSpec, b
     """
     uri = storage.normalise(uri)
     config_uri = storage.join(uri, CONFIG_NAME)
-    if not storage.exists(config_uri, s3_endpoint):
+    if not storage.exists(config_uri):
         raise UserError(f"{uri} is not an exported model: {CONFIG_NAME} is missing; pass the model/ folder "
                         "that train.py wrote (OUTPUT/model)")
     try:
-        config = json.loads(storage.read_bytes(config_uri, s3_endpoint))
+        config = json.loads(storage.read_bytes(config_uri))
         arch = config["architecture"]
         pre = config["preprocessing"]
         task = config["task"]
@@ -150,7 +150,7 @@ def load_spec(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[ModelSpec, b
         weights_uri = storage.join(uri, config.get("weights", WEIGHTS_NAME))
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{config_uri}: not a model config this version understands ({exc}); re-export the model") from exc
-    weights = storage.read_bytes(weights_uri, s3_endpoint)
+    weights = storage.read_bytes(weights_uri)
     spec = ModelSpec(uri=uri, model_id=model_id_of(weights), task=task, out_channels=int(arch["out_channels"]),
                      base_width=int(arch["base_width"]), depth=int(arch["depth"]),
                      image_size=int(pre["image_size"]), context=int(pre.get("context") or 0),
@@ -355,8 +355,7 @@ def _timed(fn, *args):
     return fn(*args), time.perf_counter() - t
 
 
-def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit,
-                s3_endpoint: Optional[str] = None, chunk: int = 16, threads: int = 1) -> Dict:
+def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit, chunk: int = 16, threads: int = 1) -> Dict:
     """Segment the NIfTI at `uri`; write outputs['mask'], outputs['preview'], then outputs['report']
     (last: its presence means done). Every write is atomic. Returns the report, whose 'seconds'
     hold every stage (read: fetch and decode, streamed; then `streaming.STAGES`; report; encode;
@@ -366,18 +365,18 @@ def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Subm
         BadInputError: unreadable or invalid volume (nothing is written).
     """
     t0 = time.perf_counter()
-    hu_file, geometry = volumes.read_nifti(uri, s3_endpoint)
+    hu_file, geometry = volumes.read_nifti(uri)
     labels_file, labels, box, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk,
                                                        time.perf_counter() - t0, threads)
     title = os.path.basename(naming.mask_stem(outputs["mask"]))
     mask_bytes, encode_s = _timed(volumes.nifti_bytes, labels_file, geometry.affine_array)
     png, preview_s = _timed(reports.preview_png, geometry.to_canonical(hu_file), labels, title, box)
     t = time.perf_counter()
-    storage.write_bytes(outputs["mask"], mask_bytes, s3_endpoint)
-    storage.write_bytes(outputs["preview"], png, s3_endpoint)
+    storage.write_bytes(outputs["mask"], mask_bytes)
+    storage.write_bytes(outputs["preview"], png)
     report.update(mask=outputs["mask"], preview=outputs["preview"])
     seconds = report["seconds"]
     seconds.update(encode=round(encode_s, 3), preview=round(preview_s, 3), write=round(time.perf_counter() - t, 3))
     seconds["total"] = round(time.perf_counter() - t0, 3)
-    storage.write_bytes(outputs["report"], json.dumps(report, indent=1).encode(), s3_endpoint)
+    storage.write_bytes(outputs["report"], json.dumps(report, indent=1).encode())
     return report

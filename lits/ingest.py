@@ -46,7 +46,7 @@ def datasets(cfg: TrainConfig, info: DataInfo) -> Tuple[object, object, bool]:
     """(train, val, materialised) Ray Datasets of the prepared splits in `info` (check_data's)."""
     import ray.data
 
-    fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3_endpoint)
+    fs, _ = storage.arrow_filesystem(cfg.data)
     strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
     train = ray.data.read_parquet([strip(u) for u in info.train_uris], filesystem=fs,
                                   shuffle=ray.data.FileShuffleConfig(seed=cfg.seed)).select_columns(["image", "mask"])

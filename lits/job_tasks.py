@@ -101,44 +101,44 @@ def in_pool(pg) -> Dict:
 
 # --- one volume -----------------------------------------------------------------------------------
 
-def already_done(uris: Dict[str, str], model_id: str, s3_endpoint: Optional[str]) -> bool:
+def already_done(uris: Dict[str, str], model_id: str) -> bool:
     """True when this model's report and mask for the volume exist (the report is written last)."""
-    if not storage.exists(uris["report"], s3_endpoint):
+    if not storage.exists(uris["report"]):
         return False
     try:
-        report = json.loads(storage.read_bytes(uris["report"], s3_endpoint))
+        report = json.loads(storage.read_bytes(uris["report"]))
     except (ValueError, UserError):
         return False
-    return report.get("model_id") == model_id and storage.exists(uris["mask"], s3_endpoint)
+    return report.get("model_id") == model_id and storage.exists(uris["mask"])
 
 
-def remove_outputs(uris: Dict[str, str], s3_endpoint: Optional[str]) -> None:
+def remove_outputs(uris: Dict[str, str]) -> None:
     """Delete a volume's report, preview and mask (report first: it is what marks a volume done)."""
     for key in ("report", "preview", "mask"):
-        storage.delete(uris[key], s3_endpoint)
+        storage.delete(uris[key])
 
 
 def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit,
-                            overwrite: bool, chunk: int, s3_endpoint: Optional[str], threads: int = 1) -> Optional[Dict]:
+                            overwrite: bool, chunk: int, threads: int = 1) -> Optional[Dict]:
     """The report, or None when this model's outputs exist and `overwrite` is off."""
-    done_before = already_done(uris, spec.model_id, s3_endpoint)
+    done_before = already_done(uris, spec.model_id)
     if done_before and not overwrite:
         return None
     if not done_before:
-        remove_outputs(uris, s3_endpoint)
+        remove_outputs(uris)
     try:
-        return inference.segment_uri(uri, uris, spec, submit, s3_endpoint, chunk, threads)
+        return inference.segment_uri(uri, uris, spec, submit, chunk, threads)
     except BaseException:
         try:
-            if not already_done(uris, spec.model_id, s3_endpoint):
-                remove_outputs(uris, s3_endpoint)
+            if not already_done(uris, spec.model_id):
+                remove_outputs(uris)
         except Exception as exc:  # the first failure is the one to report
             log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
         raise
 
 
 def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
-                   overwrite: bool, chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = (),
+                   overwrite: bool, chunk: int, allow: Sequence[str] = (),
                    threads: int = 1) -> Dict:
     """One volume of a job (what `segment_volume_task` runs, on `threads` threads); never raises
     for a bad volume.
@@ -159,7 +159,7 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
         access.check_resolved(uri, allow, "read")
         for key in ("report", "mask", "preview"):
             access.check_resolved(uris[key], allow, "write")
-        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, s3_endpoint, threads)
+        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, threads)
     except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
         return {**result, "status": "failed", "reason": str(exc)}
     except Exception as exc:
@@ -174,13 +174,13 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
 
 @ray.remote(num_cpus=1, max_retries=2)
 def segment_volume_task(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, app_name: str, overwrite: bool,
-                        chunk: int, s3_endpoint: Optional[str], allow: Sequence[str] = (),
+                        chunk: int, allow: Sequence[str] = (),
                         wait_s: float = MODEL_WAIT_S) -> Dict:
     """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`, on
     as many threads as the task reserved CPUs."""
     resent: List[int] = []
     result = segment_volume(uri, rel_name, output, spec, ModelSubmit(app_name, resent, wait_s),
-                            overwrite, chunk, s3_endpoint, allow, task_threads())
+                            overwrite, chunk, allow, task_threads())
     result["node_id"] = ray.get_runtime_context().get_node_id()
     if result["status"] == "done":
         result["chunks_resent"] = len(resent)
@@ -189,7 +189,7 @@ def segment_volume_task(uri: str, rel_name: str, output: str, spec: inference.Mo
 
 # --- listing --------------------------------------------------------------------------------------
 
-def list_inputs(input_uri: str, output_uri: str, s3_endpoint: Optional[str]) -> Dict[str, List]:
+def list_inputs(input_uri: str, output_uri: str) -> Dict[str, List]:
     """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri]}.
 
     Reference segmentations (segmentation-N.nii*), the product's own masks (*_seg.nii*) and anything
@@ -198,7 +198,7 @@ def list_inputs(input_uri: str, output_uri: str, s3_endpoint: Optional[str]) -> 
     """
     root = storage.normalise(input_uri)
     out = storage.normalise(output_uri)
-    files = storage.list_files(root, s3_endpoint)
+    files = storage.list_files(root)
     single = files == [root]
     volumes, ignored = [], []
     for uri in files:

@@ -101,7 +101,7 @@ class JobRunner:
     """
 
     def __init__(self, job_id: str, request: Dict, app_name: str, chunk: int = 16,
-                 concurrency: Optional[int] = None, s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0,
+                 concurrency: Optional[int] = None, cpus_per_volume: float = 1.0,
                  jobs_state: Optional[str] = None, allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S,
                  reserve_cpus: Optional[float] = None):
         self.job_id = job_id
@@ -110,7 +110,6 @@ class JobRunner:
         self.chunk = chunk
         self.cpus_per_volume = cpus_per_volume
         self.concurrency = concurrency
-        self.s3_endpoint = s3_endpoint
         self.jobs_state = jobs_state or default_jobs_state()
         self.allow = tuple(allow)
         self.wait_s = wait_s
@@ -211,8 +210,7 @@ class JobRunner:
     def _exit(self) -> None:
         """Leave the job's status to its record and summary, and end this actor (its memory)."""
         try:
-            storage.write_bytes(_record_uri(self.jobs_state, self.job_id), json.dumps(self.status()).encode(),
-                                self.s3_endpoint)
+            storage.write_bytes(_record_uri(self.jobs_state, self.job_id), json.dumps(self.status()).encode())
         except Exception as exc:  # without its record the actor is the only one who knows: it stays
             log.error("job %s: cannot write its record under %s (%s); its actor stays", self.job_id, self.jobs_state, exc)
             return
@@ -221,7 +219,7 @@ class JobRunner:
 
     def _run_volumes(self) -> None:
         self._set(model=describe_model(self.app_name, self.wait_s))
-        listing = list_inputs(self.request["input"], self.request["output"], self.s3_endpoint)
+        listing = list_inputs(self.request["input"], self.request["output"])
         volumes = listing["volumes"]
         with self.lock:
             self.counts["total"] = len(volumes)
@@ -244,7 +242,7 @@ class JobRunner:
         """Keep volume tasks in flight (as many as `capacity` allows now, in its volume pool) until
         every volume is done or the job is cancelled (lits.fanout stops the tasks in flight then)."""
         common = (self.request["output"], spec, self.app_name, bool(self.request.get("overwrite")), self.chunk,
-                  self.s3_endpoint, self.allow, self.wait_s)
+                  self.allow, self.wait_s)
 
         def place(args, attempt):
             slot = capacity.place()
@@ -287,7 +285,7 @@ class JobRunner:
         summary["nodes"] = sorted({r["node_id"] for r in results if r.get("node_id")})
         uri = summary["summary"]
         access.check_resolved(uri, self.allow, "write")
-        storage.write_bytes(uri, json.dumps(summary, indent=1).encode(), self.s3_endpoint)
+        storage.write_bytes(uri, json.dumps(summary, indent=1).encode())
 
 
 # --- the registry: live actors, then records and summaries --------------------------------------
@@ -311,7 +309,7 @@ _LAST_STATUS: Dict[str, Dict] = {}  # the last answer of each running job's acto
 
 
 def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optional[int] = None,
-               s3_endpoint: Optional[str] = None, cpus_per_volume: float = 1.0, jobs_state: Optional[str] = None,
+               cpus_per_volume: float = 1.0, jobs_state: Optional[str] = None,
                allow: Sequence[str] = (), wait_s: float = MODEL_WAIT_S, reserve_cpus: Optional[float] = None) -> str:
     """Start a job on the cluster; return its id at once (the job runs in its own actor).
 
@@ -319,9 +317,9 @@ def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optio
     handed out can always be found."""
     job_id = uuid.uuid4().hex[:12]
     jobs_state = jobs_state or default_jobs_state()
-    args = (job_id, request, app_name, chunk, concurrency, s3_endpoint, cpus_per_volume, jobs_state, tuple(allow), wait_s,
+    args = (job_id, request, app_name, chunk, concurrency, cpus_per_volume, jobs_state, tuple(allow), wait_s,
             reserve_cpus)
-    storage.write_bytes(_record_uri(jobs_state, job_id), json.dumps(JobRunner(*args).status()).encode(), s3_endpoint)
+    storage.write_bytes(_record_uri(jobs_state, job_id), json.dumps(JobRunner(*args).status()).encode())
     runner = ray.remote(JobRunner).options(
         name=ACTOR_PREFIX + job_id, namespace=JOBS_NAMESPACE, lifetime=None, num_cpus=0,
         max_concurrency=8, max_restarts=0,
@@ -333,18 +331,18 @@ def submit_job(request: Dict, app_name: str, chunk: int = 16, concurrency: Optio
     return job_id
 
 
-def _read_json(uri: str, s3_endpoint: Optional[str]) -> Optional[Dict]:
+def _read_json(uri: str) -> Optional[Dict]:
     try:
-        return json.loads(storage.read_bytes(uri, s3_endpoint))
+        return json.loads(storage.read_bytes(uri))
     except Exception as exc:  # unreadable or gone: the caller says what that means for the job
         log.debug("cannot read %s: %s", uri, exc)
         return None
 
 
-def _from_record(record: Dict, s3_endpoint: Optional[str]) -> Dict:
+def _from_record(record: Dict) -> Dict:
     """A job without an actor: its summary (the finished job's state, or how far a lost job got),
     else its record."""
-    summary = _read_json(record["summary"], s3_endpoint)
+    summary = _read_json(record["summary"])
     if summary and summary.get("job_id") == record["job_id"]:
         found = {k: summary[k] for k in record if k in summary}
         return found if found.get("state") in FINAL_STATES else {**found, "state": JobState.FAILED.value, "error": LOST}
@@ -353,7 +351,7 @@ def _from_record(record: Dict, s3_endpoint: Optional[str]) -> Dict:
     return {**record, "state": JobState.FAILED.value, "error": LOST}
 
 
-def get_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:
+def get_job(job_id: str, jobs_state: Optional[str] = None) -> Optional[Dict]:
     """The job's status: from its actor while it runs (when the actor does not answer within
     STATUS_ACTOR_WAIT_S: its last answer in this process, else its last summary), from its summary
     (through its record) after."""
@@ -372,34 +370,34 @@ def get_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional
         except ray.exceptions.RayActorError:
             pass  # it just ended: the record and summary know
     _LAST_STATUS.pop(job_id, None)
-    record = _read_json(_record_uri(jobs_state or default_jobs_state(), job_id), s3_endpoint)
+    record = _read_json(_record_uri(jobs_state or default_jobs_state(), job_id))
     if record is None or record.get("job_id") != job_id:
         return None
     if actor is not None and record.get("state") not in FINAL_STATES:
-        summary = _read_json(record["summary"], s3_endpoint)  # alive: never lost, whatever the summary says
+        summary = _read_json(record["summary"])  # alive: never lost, whatever the summary says
         return {k: summary[k] for k in record if k in summary} if summary and summary.get("job_id") == job_id else record
-    return _from_record(record, s3_endpoint)
+    return _from_record(record)
 
 
-def cancel_job(job_id: str, jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> Optional[Dict]:
+def cancel_job(job_id: str, jobs_state: Optional[str] = None) -> Optional[Dict]:
     actor = _actor(job_id)
     if actor is not None:
         try:
             return ray.get(actor.cancel.remote(), timeout=STATUS_WAIT_S)
         except ray.exceptions.RayActorError:
             pass  # it just ended: nothing left to cancel
-    return get_job(job_id, jobs_state, s3_endpoint)
+    return get_job(job_id, jobs_state)
 
 
-def list_jobs(jobs_state: Optional[str] = None, s3_endpoint: Optional[str] = None) -> List[Dict]:
+def list_jobs(jobs_state: Optional[str] = None) -> List[Dict]:
     """Every job with a record in the state folder, newest first (finished ones from their records)."""
     folder = storage.normalise(jobs_state or default_jobs_state())
-    if not storage.exists(folder, s3_endpoint):
+    if not storage.exists(folder):
         return []
     found = []
-    for uri in storage.list_files(folder, s3_endpoint):
-        record = _read_json(uri, s3_endpoint) if uri.endswith(".json") else None
+    for uri in storage.list_files(folder):
+        record = _read_json(uri) if uri.endswith(".json") else None
         if not record or "job_id" not in record:
             continue
-        found.append(record if record.get("state") in FINAL_STATES else get_job(record["job_id"], folder, s3_endpoint))
+        found.append(record if record.get("state") in FINAL_STATES else get_job(record["job_id"], folder))
     return sorted((j for j in found if j), key=lambda j: j["times"]["submitted"], reverse=True)

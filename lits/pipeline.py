@@ -77,7 +77,7 @@ def process_task(task: VolumeTask, cfg: PrepareConfig, staging: str) -> Dict:
             entry["shard"] = f"{task.volume_id}.parquet"
             data = shards.encode(result.table)
             clock.lap("encode")
-            storage.write_bytes(storage.join(staging, entry["shard"]), data, cfg.s3_endpoint)
+            storage.write_bytes(storage.join(staging, entry["shard"]), data)
             clock.lap("write")
         entry["seconds"] = clock.seconds()
     except Exception as exc:  # a bad file, a bug or an I/O failure must not take the whole run down
@@ -170,8 +170,8 @@ def run_local(tasks: List[VolumeTask], cfg: PrepareConfig, staging: str) -> Iter
             yield _failure(task, f"{task.volume_id}: {exc}; try again when the storage answers")
 
 
-def _clean_stale_staging(output: str, s3_endpoint: Optional[str]) -> None:
-    fs, path = storage.filesystem(output, s3_endpoint)
+def _clean_stale_staging(output: str) -> None:
+    fs, path = storage.filesystem(output)
     try:
         fs.invalidate_cache()
         children = fs.ls(path, detail=False) if fs.exists(path) else []
@@ -180,10 +180,10 @@ def _clean_stale_staging(output: str, s3_endpoint: Optional[str]) -> None:
     for child in children:
         if storage.basename(child).startswith(STAGING_PREFIX):
             log.info("removing %s left by an interrupted run", child)
-            storage.delete(storage.join(output, storage.basename(child)), s3_endpoint)
+            storage.delete(storage.join(output, storage.basename(child)))
 
 
-def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split: int = 4) -> bytes:
+def preview(staging: str, manifest: Dict, per_split: int = 4) -> bytes:
     """PNG contact sheet of kept slices (tumour slices first) from each split's first staged shards
     (this run's, so lits.shards' current layout: no Ray Data import, ~0.8 s, on the driver)."""
     from lits.reports import contact_sheet
@@ -193,7 +193,7 @@ def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split:
         chosen = []
         for shard in manifest["splits"][split]["shards"][:3]:
             staged = storage.join(staging, storage.basename(shard))
-            table = pq.read_table(io.BytesIO(storage.read_bytes(staged, s3_endpoint)))
+            table = pq.read_table(io.BytesIO(storage.read_bytes(staged)))
             images = shards.decode(table.column("image"), shards.column_shape(table.schema, "image", staged))
             mask_column = shards.decode(table.column("mask"), shards.column_shape(table.schema, "mask", staged))
             for i in np.argsort(-np.asarray(table.column("category")), kind="stable")[:per_split]:
@@ -204,26 +204,26 @@ def preview(staging: str, manifest: Dict, s3_endpoint: Optional[str], per_split:
     return contact_sheet(tiles)
 
 
-def commit(output: str, staging: str, manifest: Dict, s3_endpoint: Optional[str]) -> None:
+def commit(output: str, staging: str, manifest: Dict) -> None:
     """Replace OUT's splits with the staged shards, each into its split's folder, then write the
     manifest (see module doc)."""
-    storage.delete(storage.join(output, MANIFEST_NAME), s3_endpoint)
+    storage.delete(storage.join(output, MANIFEST_NAME))
     try:
-        picture = preview(staging, manifest, s3_endpoint)
+        picture = preview(staging, manifest)
     except Exception:  # a picture must never cost the run
         log.warning("could not draw %s", PREVIEW_NAME, exc_info=True)
         picture = None
-    storage.delete(storage.join(output, PREVIEW_NAME), s3_endpoint)
+    storage.delete(storage.join(output, PREVIEW_NAME))
     manifest["preview"] = PREVIEW_NAME if picture else None
     for split in SPLITS:
-        storage.delete(storage.join(output, split), s3_endpoint)
+        storage.delete(storage.join(output, split))
     for split in SPLITS:  # the split decides a shard's folder only now
         for shard in manifest["splits"][split]["shards"]:
-            storage.move_file(storage.join(staging, storage.basename(shard)), storage.join(output, shard), s3_endpoint)
-    storage.delete(staging, s3_endpoint)
+            storage.move_file(storage.join(staging, storage.basename(shard)), storage.join(output, shard))
+    storage.delete(staging)
     if picture:
-        storage.write_bytes(storage.join(output, PREVIEW_NAME), picture, s3_endpoint)
-    storage.write_bytes(storage.join(output, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), s3_endpoint)
+        storage.write_bytes(storage.join(output, PREVIEW_NAME), picture)
+    storage.write_bytes(storage.join(output, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
 
 
 def build_manifest(cfg: PrepareConfig, fmt: str, entries: List[Dict], failed: List[Dict], seconds: float) -> Dict:
@@ -302,10 +302,10 @@ def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[C
 
     output = storage.normalise(cfg.output)
     tasks, failed, fmt = discover(cfg)
-    storage.check_writable(output, cfg.s3_endpoint)
+    storage.check_writable(output)
     tasks, header_failed = check_headers(tasks, cfg)
     failed += header_failed
-    _clean_stale_staging(output, cfg.s3_endpoint)
+    _clean_stale_staging(output)
     staging = storage.join(output, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     entries: List[Dict] = []
     mark("headers_checked")
@@ -323,13 +323,13 @@ def prepare(cfg: PrepareConfig, runner: Callable = run_ray, progress: Optional[C
         manifest = build_manifest(cfg, fmt, entries, failed, time.perf_counter() - started)
         manifest["timeline"] = timeline
         if entries:
-            commit(output, staging, manifest, cfg.s3_endpoint)
+            commit(output, staging, manifest)
         else:
-            storage.delete(staging, cfg.s3_endpoint)
+            storage.delete(staging)
     except BaseException:
         # Keep the previous output intact; staged shards of this run are of no use.
         try:
-            storage.delete(staging, cfg.s3_endpoint)
+            storage.delete(staging)
         except Exception:
             log.warning("could not remove %s; the next run into %s removes it", staging, output)
         raise

@@ -127,10 +127,9 @@ def run_locally(cfg: ServeConfig, request: Dict, concurrency: Optional[int], sta
     paid for. Ctrl-C cancels the job (finished volumes stay) and exits 130."""
     from lits import inference, jobs, serving, storage
 
-    s3 = cfg.s3_endpoint
-    spec, _ = inference.load_spec(cfg.model, s3)  # before paying for Ray
-    storage.require(request["input"], s3)
-    storage.check_writable(request["output"], s3)
+    spec, _ = inference.load_spec(cfg.model)  # before paying for Ray
+    storage.require(request["input"])
+    storage.check_writable(request["output"])
     start_cluster()
     if quiet:  # Serve's start-up and shutdown chatter would bury the progress bar
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -144,7 +143,7 @@ def run_locally(cfg: ServeConfig, request: Dict, concurrency: Optional[int], sta
         # at once as they have room for.
         request = {**request, "input": storage.normalise(request["input"]),
                    "output": storage.normalise(request["output"])}
-        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, s3, cfg.cpus_per_volume,
+        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, cfg.cpus_per_volume,
                                  reserve_cpus=serving.job_reserve_cpus(cfg))
         log.info("job %s started: %s -> %s", job_id, request["input"], request["output"])
         return follow(lambda: jobs.get_job(job_id))

@@ -72,15 +72,14 @@ class SegmentModel:
         threads: torch intra-op threads on CPU (and OpenCV's, which resizes there).
     """
 
-    def __init__(self, model_uri: str, max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int = 1,
-                 s3_endpoint: Optional[str] = None):
+    def __init__(self, model_uri: str, max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int = 1):
         import cv2
         import torch
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         cv2.setNumThreads(max(1, int(threads)))
-        spec, weights = inference.load_spec(model_uri, s3_endpoint)
+        spec, weights = inference.load_spec(model_uri)
         self.predictor = inference.Predictor(spec, weights, max_batch=max_batch_size)
         self.max_batch_size = max_batch_size
         self.predict.set_max_batch_size(max_batch_size)
@@ -117,7 +116,7 @@ def model_deployment(cfg: ServeConfig):
             "target_ongoing_requests": max(2, 2 * cfg.max_batch_size // cfg.chunk),
         }
     return SegmentModel.options(**options).bind(storage.normalise(cfg.model), cfg.max_batch_size, cfg.batch_wait_s,
-                                                cfg.cpus_per_replica, cfg.s3_endpoint)
+                                                cfg.cpus_per_replica)
 
 
 # --- the HTTP API ------------------------------------------------------------------------------
@@ -253,22 +252,22 @@ class Api:
     async def create_job(self, body: JobRequest) -> Dict:
         """Start a bulk job: every volume under `input` -> mask + report under `output`."""
         job = {"input": self.access(body.input), "output": self.access(body.output), "overwrite": body.overwrite}
-        if not await asyncio.to_thread(storage.exists, job["input"], self.cfg.s3_endpoint):
+        if not await asyncio.to_thread(storage.exists, job["input"]):
             raise HTTPException(404, f"input {body.input} does not exist")
         job_id = await asyncio.to_thread(jobs.submit_job, job, self.app_name, self.cfg.chunk,
-                                         body.concurrency or self.cfg.job_concurrency, self.cfg.s3_endpoint,
+                                         body.concurrency or self.cfg.job_concurrency,
                                          self.cfg.cpus_per_volume, self.jobs_state, self.cfg.allow_prefixes,
                                          self.cfg.model_wait_s, job_reserve_cpus(self.cfg))
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
     @v1.get("/jobs")
     async def list_all(self) -> List[Dict]:
-        found = await self.light(jobs.list_jobs, self.jobs_state, self.cfg.s3_endpoint)
+        found = await self.light(jobs.list_jobs, self.jobs_state)
         return [{k: j[k] for k in ("job_id", "state", "input", "output", "counts", "progress", "times")} for j in found]
 
     async def _job_or_404(self, action, job_id: str) -> Dict:
         valid = re.fullmatch(r"[0-9a-f]{12}", job_id)
-        job = await self.light(action, job_id, self.jobs_state, self.cfg.s3_endpoint) if valid else None
+        job = await self.light(action, job_id, self.jobs_state) if valid else None
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job

@@ -197,8 +197,8 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopw
         BadInputError: unreadable or invalid inputs (the caller records them as failed).
     """
     clock = clock or Stopwatch()
-    hu_file, geometry = volumes.read_nifti(task.volume_uri, cfg.s3_endpoint, cfg.max_voxels)
-    seg_file, _ = volumes.read_nifti(task.segmentation_uri, cfg.s3_endpoint, cfg.max_voxels)
+    hu_file, geometry = volumes.read_nifti(task.volume_uri, cfg.max_voxels)
+    seg_file, _ = volumes.read_nifti(task.segmentation_uri, cfg.max_voxels)
     clock.lap("read")
     check_pair(task, hu_file.shape, seg_file.shape)
     volumes.check_hu(hu_file, task.volume_uri)
@@ -260,7 +260,7 @@ def _read_image(uri: str, cfg: PrepareConfig, flags: int) -> np.ndarray:
             that the caller drops this slice only.
     """
     try:
-        data = storage.read_bytes(uri, cfg.s3_endpoint)
+        data = storage.read_bytes(uri)
     except Exception as exc:
         raise BadInputError(f"{uri}: cannot read ({' '.join(str(exc).split())})") from exc
     if not data:

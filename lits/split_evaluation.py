@@ -43,7 +43,7 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     slice_scores = []
     with torch.no_grad():
         for uri in uris:
-            shard = shards.read_columns(storage.read_bytes(uri, cfg.s3_endpoint))
+            shard = shards.read_columns(storage.read_bytes(uri))
             images, masks, vids = shard["image"], shard["mask"], shard["volume_id"].tolist()
             for start in range(0, len(vids), batch_size):
                 x = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
@@ -67,17 +67,17 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     return result
 
 
-def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: str, s3_endpoint: Optional[str]) -> Optional[str]:
+def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: str) -> Optional[str]:
     """Segment one test volume with the exported model, as serving does (a Ray task); its mask URI,
     or None when the volume cannot be read any more."""
     from lits import inference, naming
     from lits.errors import BadInputError
 
-    spec, weights = inference.load_spec(model_uri, s3_endpoint)
+    spec, weights = inference.load_spec(model_uri)
     predictor = inference.Predictor(spec, weights)
     outputs = naming.output_uris(out, volume_id)
     try:
-        inference.segment_uri(volume_uri, outputs, spec, lambda images: inference.Done(predictor(images)), s3_endpoint)
+        inference.segment_uri(volume_uri, outputs, spec, lambda images: inference.Done(predictor(images)))
     except BadInputError as exc:
         log.warning("test volume %s: %s", volume_id, exc)
         return None
@@ -100,7 +100,7 @@ def evaluate_test_volumes(cfg: TrainConfig, info: DataInfo) -> Optional[Dict]:
     resources = {"num_gpus": 1} if cfg.num_gpus else {"num_cpus": cfg.cpus_per_worker}
     task = ray.remote(max_retries=1, **resources)(_segment_test_volume)
     masks = {}
-    for outcome in fanout.fan_out(task, [(vid, vol, model_uri, predictions, cfg.s3_endpoint)
+    for outcome in fanout.fan_out(task, [(vid, vol, model_uri, predictions)
                                          for vid, vol, _ in info.test_volumes], {},
                                   lambda: fanout.window("GPU" if cfg.num_gpus else "CPU")):
         if outcome.error is not None:
@@ -111,4 +111,4 @@ def evaluate_test_volumes(cfg: TrainConfig, info: DataInfo) -> Optional[Dict]:
         return None
     log.info("evaluating %d test volume(s) at their original resolution", len(pairs))
     return evaluation.evaluate_pairs({"pairs": pairs}, out, {"pred": predictions, "ref": "the prepare input's test split",
-                                                            "images": None}, cfg.s3_endpoint, evaluation.run_ray)
+                                                            "images": None}, evaluation.run_ray)

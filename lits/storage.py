@@ -25,9 +25,35 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://") or uri.startswith("s3a://")
 
 
-def resolve_endpoint(s3_endpoint: Optional[str] = None) -> Optional[str]:
-    """The S3 endpoint: the flag, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS itself."""
-    return s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+# The S3 endpoint is process configuration, held in the environment under the AWS SDKs' standard
+# names (the S3-specific one first): set once (`use_endpoint`, from a workflow's --s3-endpoint),
+# read by every call here, and inherited by the processes started after it. Ray workers of a
+# cluster this process joins do not inherit it: workflows send it in the job's runtime_env
+# (`endpoint_env`).
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+ENDPOINT_VARS = (ENDPOINT_ENV, "AWS_ENDPOINT_URL")
+
+
+def use_endpoint(url: Optional[str]) -> None:
+    """Make `url` the S3 endpoint of this process (and of the processes it starts after this);
+    None or '' leaves the environment as it is (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)."""
+    if url:
+        os.environ[ENDPOINT_ENV] = url
+
+
+def endpoint() -> Optional[str]:
+    """The S3 endpoint: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else None (AWS itself)."""
+    for name in ENDPOINT_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def endpoint_env() -> dict:
+    """The environment that gives other processes (Ray workers) this process's endpoint: the
+    env_vars of a runtime_env; empty when there is none (AWS itself)."""
+    url = endpoint()
+    return {ENDPOINT_ENV: url} if url else {}
 
 
 def normalise(uri: str) -> str:
@@ -54,28 +80,28 @@ def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
 
 
-def filesystem(uri: str, s3_endpoint: Optional[str] = None) -> Tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: str) -> Tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving `uri` and the path inside it."""
     uri = normalise(uri)
     if is_s3(uri):
-        endpoint = resolve_endpoint(s3_endpoint)
-        kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        url = endpoint()
+        kwargs = {"client_kwargs": {"endpoint_url": url}} if url else {}
         fs = fsspec.filesystem("s3", **kwargs)
         return fs, uri[len("s3://"):]
     return fsspec.filesystem("file"), uri
 
 
-def arrow_filesystem(uri: str, s3_endpoint: Optional[str] = None):
+def arrow_filesystem(uri: str):
     """A pyarrow filesystem and path for `uri` (what ray.data.read_parquet wants)."""
     import pyarrow.fs as pafs
 
     uri = normalise(uri)
     if not is_s3(uri):
         return pafs.LocalFileSystem(), uri
-    endpoint = resolve_endpoint(s3_endpoint)
+    url = endpoint()
     kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
+    if url:
+        scheme, _, host = url.partition("://")
         kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
@@ -113,23 +139,23 @@ def user_errors(uri: str, action: str) -> Iterator[None]:
         raise
 
 
-def exists(uri: str, s3_endpoint: Optional[str] = None) -> bool:
-    fs, path = filesystem(uri, s3_endpoint)
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
     with user_errors(uri, "look up"):
         fs.invalidate_cache()
         return fs.exists(path)
 
 
-def require(uri: str, s3_endpoint: Optional[str] = None) -> None:
+def require(uri: str) -> None:
     """UserError naming `uri` unless it exists (cheap: no listing)."""
-    if not exists(uri, s3_endpoint):
+    if not exists(uri):
         raise UserError(f"cannot read {uri}: it does not exist; check the path or bucket name")
 
 
-def list_files(uri: str, s3_endpoint: Optional[str] = None) -> list[str]:
+def list_files(uri: str) -> list[str]:
     """All files under `uri`, recursively, as sorted URIs. UserError when `uri` does not exist."""
     uri = normalise(uri)
-    fs, path = filesystem(uri, s3_endpoint)
+    fs, path = filesystem(uri)
     with user_errors(uri, "list"):
         fs.invalidate_cache()
         if fs.isfile(path):
@@ -140,16 +166,16 @@ def list_files(uri: str, s3_endpoint: Optional[str] = None) -> list[str]:
     return sorted(_uri(p, uri) for p in found)
 
 
-def read_bytes(uri: str, s3_endpoint: Optional[str] = None) -> bytes:
-    fs, path = filesystem(uri, s3_endpoint)
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
     with user_errors(uri, "read"):
         return fs.cat_file(path)
 
 
-def iter_bytes(uri: str, s3_endpoint: Optional[str] = None, chunk_size: int = 16 << 20) -> Iterator[bytes]:
+def iter_bytes(uri: str, chunk_size: int = 16 << 20) -> Iterator[bytes]:
     """The bytes of `uri` in pieces of `chunk_size` (one open, sequential reads of that size; on S3
     range requests): a reader that stops early never fetches the rest."""
-    fs, path = filesystem(uri, s3_endpoint)
+    fs, path = filesystem(uri)
     with user_errors(uri, "read"):
         with fs.open(path, "rb", block_size=chunk_size) as f:
             while True:
@@ -175,10 +201,10 @@ def is_transient(exc: Optional[BaseException]) -> bool:
     return False
 
 
-def write_bytes(uri: str, data: bytes, s3_endpoint: Optional[str] = None) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` atomically (temporary sibling + rename locally, one PUT on S3)."""
     uri = normalise(uri)
-    fs, path = filesystem(uri, s3_endpoint)
+    fs, path = filesystem(uri)
     with user_errors(uri, "write"):
         if is_s3(uri):
             fs.pipe_file(path, data)
@@ -195,21 +221,21 @@ def write_bytes(uri: str, data: bytes, s3_endpoint: Optional[str] = None) -> Non
             raise
 
 
-def delete(uri: str, s3_endpoint: Optional[str] = None) -> None:
+def delete(uri: str) -> None:
     """Remove a file or a whole tree; nothing happens when it is absent."""
     uri = normalise(uri)
-    fs, path = filesystem(uri, s3_endpoint)
+    fs, path = filesystem(uri)
     with user_errors(uri, "delete"):
         fs.invalidate_cache()
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
 
-def move_file(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:
+def move_file(src: str, dst: str) -> None:
     """Move one file to `dst` (replacing it): a rename locally, copy+delete on S3."""
     src, dst = normalise(src), normalise(dst)
-    fs, src_path = filesystem(src, s3_endpoint)
-    _, dst_path = filesystem(dst, s3_endpoint)
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
     with user_errors(dst, "move into"):
         if is_s3(src):
             fs.copy(src_path, dst_path)
@@ -219,11 +245,11 @@ def move_file(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:
             os.replace(src_path, dst_path)
 
 
-def move_tree(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:
+def move_tree(src: str, dst: str) -> None:
     """Move the tree `src` to `dst` (which must not exist): a rename locally, copy+delete on S3."""
     src, dst = normalise(src), normalise(dst)
-    fs, src_path = filesystem(src, s3_endpoint)
-    _, dst_path = filesystem(dst, s3_endpoint)
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
     with user_errors(dst, "move into"):
         if is_s3(src):
             fs.invalidate_cache()
@@ -235,13 +261,13 @@ def move_tree(src: str, dst: str, s3_endpoint: Optional[str] = None) -> None:
             os.replace(src_path, dst_path)
 
 
-def check_writable(uri: str, s3_endpoint: Optional[str] = None) -> None:
+def check_writable(uri: str) -> None:
     """Raise UserError unless a small object can be written and removed under `uri`."""
     probe = join(normalise(uri), f".write-probe-{uuid.uuid4().hex}")
     try:
-        write_bytes(probe, b"ok", s3_endpoint)
+        write_bytes(probe, b"ok")
     except UserError:
         raise
     except OSError as exc:
         raise UserError(f"cannot write to {uri}: {exc.strerror or exc}; choose a writable output") from exc
-    delete(probe, s3_endpoint)
+    delete(probe)

@@ -58,9 +58,9 @@ def check_data(cfg: TrainConfig) -> DataInfo:
 
     data = storage.normalise(cfg.data)
     manifest_uri = storage.join(data, MANIFEST_NAME)
-    if not storage.exists(manifest_uri, cfg.s3_endpoint):
+    if not storage.exists(manifest_uri):
         raise UserError(f"no {MANIFEST_NAME} under {cfg.data}: run workflows/prepare.py first and pass its --output as --data")
-    raw = storage.read_bytes(manifest_uri, cfg.s3_endpoint)
+    raw = storage.read_bytes(manifest_uri)
     try:
         manifest = json.loads(raw)
         splits = manifest["splits"]
@@ -73,7 +73,7 @@ def check_data(cfg: TrainConfig) -> DataInfo:
     for split in ("train", "val"):
         for shard in splits[split]["shards"]:
             uri = storage.join(data, shard)
-            fs, path = storage.filesystem(uri, cfg.s3_endpoint)
+            fs, path = storage.filesystem(uri)
             try:
                 with fs.open(path, "rb") as f:
                     schema = pq.read_schema(f)

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 import lits
-from lits import checkpoints, inference, reports, split_evaluation, storage
+from lits import checkpoints, inference, reports, split_evaluation, storage, worker_logs
 from lits.config import TrainConfig
 from lits.errors import UserError
 from lits.schema import CLASS_NAMES
@@ -117,7 +117,7 @@ def train_loop_per_worker(config: Dict) -> None:
     # Who trains, for operators and for tests that must stop only this run's workers.
     storage.write_bytes(storage.join(cfg.output, cfg.name, "workers", f"rank-{rank}.json"),
                         json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                                    "start": state.starts, "resumed_from_epoch": resumed_from}).encode(), cfg.s3_endpoint)
+                                    "start": state.starts, "resumed_from_epoch": resumed_from}).encode())
     # Where the group runs, recorded in every metrics row (which nodes trained, e.g. after a restart).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
@@ -182,9 +182,9 @@ def epoch_line(row: Dict, epochs: int) -> str:
 def write_metrics(cfg: TrainConfig, history: List[Dict], curves: bool = True) -> None:
     """OUT/metrics.csv (one row per epoch) and, with `curves`, OUT/curves.png, rewritten atomically."""
     out = storage.normalise(cfg.output)
-    storage.write_bytes(storage.join(out, "metrics.csv"), reports.csv_bytes(history, ".6g"), cfg.s3_endpoint)
+    storage.write_bytes(storage.join(out, "metrics.csv"), reports.csv_bytes(history, ".6g"))
     if curves:
-        storage.write_bytes(storage.join(out, "curves.png"), curves_png(history), cfg.s3_endpoint)
+        storage.write_bytes(storage.join(out, "curves.png"), curves_png(history))
 
 
 def curves_png(history: List[Dict]) -> bytes:
@@ -214,7 +214,7 @@ def curves_png(history: List[Dict]) -> bytes:
 def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
     """Write OUT/model/weights.pt (best weights, a plain state_dict) then OUT/model/config.json."""
     state = checkpoints.load_state(checkpoint)
-    weights = checkpoints.best_weights(state, cfg.s3_endpoint)
+    weights = checkpoints.best_weights(state)
     if cfg.num_gpus and info.test_uris:  # the 31 M model takes minutes on the driver's CPU
         import ray
 
@@ -239,8 +239,8 @@ def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
         })
     out = storage.normalise(cfg.output)
     if test_metrics:
-        storage.write_bytes(storage.join(out, "test_metrics.json"), json.dumps(test_metrics, indent=1).encode(), cfg.s3_endpoint)
-    inference.save_model(storage.join(out, "model"), weights, config, cfg.s3_endpoint)
+        storage.write_bytes(storage.join(out, "test_metrics.json"), json.dumps(test_metrics, indent=1).encode())
+    inference.save_model(storage.join(out, "model"), weights, config)
     return config
 
 
@@ -252,13 +252,16 @@ def build_trainer(cfg: TrainConfig, info: DataInfo):
     from lits import ingest
 
     train, val, _ = ingest.datasets(cfg, info)
-    out_fs, out_path = storage.arrow_filesystem(cfg.output, cfg.s3_endpoint)
+    out_fs, out_path = storage.arrow_filesystem(cfg.output)
     run_config = ray.train.RunConfig(
         name=cfg.name,
         storage_path=out_path,
         storage_filesystem=out_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        # Ray Train's own INFO records (every report's metrics dict) only under --verbose: the
+        # per-epoch line (epoch_line) says what a user watches
+        logging_config=ray.train.LoggingConfig(log_level=worker_logs.ray_level()),
     )
     cpus = {"CPU": cfg.cpus_per_worker}
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.num_gpus > 0,
@@ -276,8 +279,8 @@ def claim_run(cfg: TrainConfig, info: DataInfo) -> bool:
         UserError: the run was started on a different prepared dataset.
     """
     marker = storage.join(storage.normalise(cfg.output), cfg.name, "lits_run.json")
-    if storage.exists(marker, cfg.s3_endpoint):
-        previous = json.loads(storage.read_bytes(marker, cfg.s3_endpoint))
+    if storage.exists(marker):
+        previous = json.loads(storage.read_bytes(marker))
         if previous.get("manifest_sha256") != info.manifest_sha256:
             raise UserError(
                 f"run {cfg.name!r} under {cfg.output} was trained on other data ({previous.get('data')}, another "
@@ -285,7 +288,7 @@ def claim_run(cfg: TrainConfig, info: DataInfo) -> bool:
             )
         return True
     storage.write_bytes(marker, json.dumps({"data": storage.normalise(cfg.data), "manifest_sha256": info.manifest_sha256,
-                                            "config": cfg.to_dict()}).encode(), cfg.s3_endpoint)
+                                            "config": cfg.to_dict()}).encode())
     return False
 
 
@@ -302,7 +305,7 @@ def train(cfg: TrainConfig, info: Optional[DataInfo] = None, strict_resources: b
     # Workers run in other directories: every URI they see must be absolute.
     cfg = dataclasses.replace(cfg, data=storage.normalise(cfg.data), output=storage.normalise(cfg.output))
     info = info or check_data(cfg)
-    storage.check_writable(cfg.output, cfg.s3_endpoint)
+    storage.check_writable(cfg.output)
     check_resources(cfg, strict_resources)
     if claim_run(cfg, info):
         log.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)

@@ -258,11 +258,11 @@ def parse_nifti(data: bytes, name: str = "<bytes>", max_voxels: int = MAX_VOXELS
 
 
 @contextlib.contextmanager
-def _file(uri: str, s3_endpoint: Optional[str], chunk_size: int) -> Iterator[DecodedStream]:
+def _file(uri: str, chunk_size: int) -> Iterator[DecodedStream]:
     """The file at `uri` as a `DecodedStream` stream read `chunk_size` bytes at a time."""
     def chunks() -> Iterator[bytes]:
         try:
-            yield from storage.iter_bytes(uri, s3_endpoint, chunk_size)
+            yield from storage.iter_bytes(uri, chunk_size)
         except Exception as exc:
             raise BadInputError(f"{uri}: cannot read ({exc})") from exc
 
@@ -273,15 +273,15 @@ def _file(uri: str, s3_endpoint: Optional[str], chunk_size: int) -> Iterator[Dec
         reader.close()
 
 
-def read_nifti(uri: str, s3_endpoint: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> Tuple[np.ndarray, Geometry]:
+def read_nifti(uri: str, max_voxels: int = MAX_VOXELS) -> Tuple[np.ndarray, Geometry]:
     """Read a .nii / .nii.gz from any URI, streamed (never the whole file in memory); see `parse_nifti`."""
-    with _file(uri, s3_endpoint, _DATA_CHUNK) as stream:
+    with _file(uri, _DATA_CHUNK) as stream:
         return _decode(stream, uri, max_voxels)
 
 
-def read_header(uri: str, s3_endpoint: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> Header:
+def read_header(uri: str, max_voxels: int = MAX_VOXELS) -> Header:
     """Read and check only the header of a .nii / .nii.gz (one small read); see `parse_nifti`."""
-    with _file(uri, s3_endpoint, _HEADER_CHUNK) as stream:
+    with _file(uri, _HEADER_CHUNK) as stream:
         return _read_header(stream, uri, max_voxels)
 
 
@@ -337,6 +337,6 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True, le
     return _gzip_impl.compress(raw, compresslevel=level, mtime=0) if compress else raw
 
 
-def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray, s3_endpoint: Optional[str] = None) -> None:
+def write_nifti(uri: str, array: np.ndarray, affine: np.ndarray) -> None:
     """Write atomically; gzip when `uri` ends with .gz."""
-    storage.write_bytes(uri, nifti_bytes(array, affine, compress=uri.endswith(".gz")), s3_endpoint)
+    storage.write_bytes(uri, nifti_bytes(array, affine, compress=uri.endswith(".gz")))

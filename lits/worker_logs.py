@@ -3,9 +3,10 @@
 `setup()` is the `worker_process_setup_hook` workflows/_common.start_ray installs (by module path,
 so every task and actor process of the job runs it before its first task): lits' own loggers at
 INFO with the workflows' short format (a training run's per-epoch line, a volume task's warnings),
-Ray Train's and Ray Data's per-step INFO records at WARNING, and the placement-group cleaner's
-"State API may be temporarily unavailable" warning, which a local Ray without a dashboard (what
-the workflows start) repeats every second of a training run, at ERROR. `--verbose` keeps them all.
+Ray Data's INFO records at WARNING (`ray_env`; Ray Train's through its LoggingConfig, `ray_level`),
+and the placement-group cleaner's "State API may be temporarily unavailable" warning, which a local
+Ray without a dashboard (what the workflows start) repeats every second of a training run, at
+ERROR. `--verbose` keeps them all.
 Stdlib only: every worker pays for this import.
 """
 
@@ -16,16 +17,32 @@ import os
 import sys
 
 VERBOSE_ENV = "LITS_VERBOSE_WORKERS"  # set by start_ray under --verbose: leave Ray's loggers alone
-QUIET = {"ray.train": logging.WARNING, "ray.data": logging.WARNING,
-         "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
+# The one Ray logger no level setting of Ray's reaches: the cleaner's warning, every second.
+CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_ray(verbose: bool = False) -> None:
-    """Ray Train's and Ray Data's chatter down to warnings (this process), unless `verbose`."""
-    if verbose:
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def ray_level() -> str:
+    """Level of Ray Train's and Ray Data's records (Train's LoggingConfig, RAY_DATA_LOG_LEVEL)."""
+    return "INFO" if verbose() else "WARNING"
+
+
+def ray_env() -> dict:
+    """env_vars for the workers of a job: Ray Data's level (it reads RAY_DATA_LOG_LEVEL when it sets
+    its loggers up, in whichever process) and --verbose itself."""
+    return {VERBOSE_ENV: "1"} if verbose() else {"RAY_DATA_LOG_LEVEL": "WARNING"}
+
+
+def quiet_ray() -> None:
+    """This process: Ray Data's records at ray_level() (the driver's Ray Data set its loggers up
+    before this ran) and the cleaner's warning at ERROR, unless --verbose."""
+    if verbose():
         return
-    for name, level in QUIET.items():
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("ray.data").setLevel(ray_level())
+    logging.getLogger(CLEANER).setLevel(logging.ERROR)
 
 
 def setup() -> None:
@@ -37,4 +54,4 @@ def setup() -> None:
         lits_log.addHandler(handler)
         lits_log.setLevel(logging.INFO)
         lits_log.propagate = False
-    quiet_ray(os.environ.get(VERBOSE_ENV) == "1")
+    quiet_ray()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -64,11 +65,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
 def local_ray(num_cpus: int):
-    """Start a local Ray of `num_cpus` logical CPUs (no progress bars); yield its address; stop it."""
+    """Start a local Ray of `num_cpus` logical CPUs (no progress bars); yield its address; stop it.
+
+    The S3 endpoint of this process (the s3_server fixture's) reaches this driver's workers the way
+    workflows send it to a cluster they join (workflows/_common.start_ray): in the job's
+    runtime_env. The cluster's own processes start without it, as a remote cluster's do, so a
+    workflow that joins this Ray reaches the bucket only when it sends the endpoint itself."""
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    from lits import storage
+
+    env = storage.endpoint_env()
+    hidden = {k: os.environ.pop(k) for k in storage.ENDPOINT_VARS if k in os.environ}
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+    finally:
+        os.environ.update(hidden)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -79,25 +94,35 @@ def local_ray(num_cpus: int):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 2-CPU Ray for the module; yields its address for workflow subprocesses."""
-    yield from local_ray(2)
+def ray_cluster(s3_server):
+    """A local 2-CPU Ray for the module; yields its address for workflow subprocesses. After the
+    module's S3 server: its workers reach the bucket (local_ray)."""
+    with local_ray(2) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """A real S3-protocol server (moto) on 127.0.0.1; yields its endpoint URL."""
+    """A real S3-protocol server (moto) on 127.0.0.1, this process's S3 endpoint for the module
+    (lits.storage.use_endpoint: every storage call, and every process started meanwhile, reaches
+    it); yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
+
+    from lits import storage
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    before = {k: os.environ.get(k) for k in storage.ENDPOINT_VARS}
+    storage.use_endpoint(endpoint)
     try:
         yield endpoint
     finally:
         server.stop()
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def make_bucket(endpoint: str, name: str) -> None:
@@ -135,16 +160,19 @@ def rng():
     return np.random.default_rng(1234)
 
 
-def run_workflow(name: str, *args: str, timeout: float = 300):
-    """Run workflows/<name>.py in a subprocess; return the CompletedProcess."""
+def run_workflow(name: str, *args: str, timeout: float = 300, unset: tuple = ()):
+    """Run workflows/<name>.py in a subprocess; return the CompletedProcess. `unset`: variables of
+    this process's environment the workflow does not inherit."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["PYTHONPATH"] = ROOT
     return subprocess.run([sys.executable, os.path.join(WORKFLOWS, f"{name}.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
-def ray_train_cluster():
+def ray_train_cluster(s3_server):
     """A local Ray with 3 logical CPUs: two 1-CPU training workers plus one for Ray Data's reads."""
-    yield from local_ray(3)
+    with local_ray(3) as address:
+        yield address

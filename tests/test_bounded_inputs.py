@@ -299,9 +299,9 @@ def test_a_network_failure_is_transient_and_a_bad_file_is_not(tmp_path, monkeypa
     from tests.conftest import free_port
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would take seconds
-    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(Exception) as caught:
-        volumes.read_nifti("s3://bucket/volume-1.nii.gz", endpoint)
+        volumes.read_nifti("s3://bucket/volume-1.nii.gz")
     assert "the S3 endpoint is unreachable" in str(caught.value) and storage.is_transient(caught.value)
     (tmp_path / "volume-1.nii").write_bytes(b"not a nifti" * 40)
     with pytest.raises(Exception) as caught:
@@ -321,6 +321,7 @@ def test_a_network_failure_mid_run_fails_its_volume_with_a_reason(nifti_dir, tmp
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     src = tmp_path / "in"
     src.mkdir()
     copy_pair(nifti_dir, 0, src, 0)
@@ -332,7 +333,7 @@ def test_a_network_failure_mid_run_fails_its_volume_with_a_reason(nifti_dir, tmp
         yield from pipeline.run_local(tasks, cfg, staging)
 
     cfg = PrepareConfig(input="s3://gone/ct", output=str(tmp_path / "out"), image_size=16, val_fraction=0,
-                        test_fraction=0, s3_endpoint=endpoint)
+                        test_fraction=0)
     manifest = pipeline.prepare(cfg, bucket_goes_away)
     assert manifest["totals"]["volumes"] == 0 and len(manifest["failed"]) == 1
     failure = manifest["failed"][0]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import make_bucket, run_workflow, upload_tree
-from lits import evaluation, metrics, volumes
+from lits import evaluation, metrics, storage, volumes
 from lits.config import EvaluateConfig
 
 
@@ -102,11 +102,14 @@ def test_no_pairs_is_one_clear_error(folders, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_workflow_on_ray_and_s3(folders, ray_cluster, s3_server, tmp_path):
+    """The endpoint only on the command line (none in the workflow's environment): --s3-endpoint
+    reaches the workflow's own storage calls and, in its job's runtime_env, the workers of the
+    cluster it joins (whose processes were started without it: conftest.local_ray)."""
     make_bucket(s3_server, "evalb")
     upload_tree(s3_server, str(folders["pred"]), "s3://evalb/pred")
     upload_tree(s3_server, str(folders["ref"]), "s3://evalb/ref")
     proc = run_workflow("evaluate", "--pred", "s3://evalb/pred", "--ref", "s3://evalb/ref", "--output", "s3://evalb/eval",
-                        "--address", ray_cluster, "--s3-endpoint", s3_server)
+                        "--address", ray_cluster, "--s3-endpoint", s3_server, unset=storage.ENDPOINT_VARS)
     assert proc.returncode == 1, proc.stderr  # case 2 could not be evaluated
     assert "evaluated 2 case(s)" in proc.stdout and "geometry mismatch" in proc.stdout
     import s3fs

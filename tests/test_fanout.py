@@ -23,7 +23,8 @@ def ray3():
     from tests.conftest import local_ray
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
-    yield from local_ray(3)
+    with local_ray(3) as address:
+        yield address
 
 
 def _tracked(marks: str, x: int, sleep_s: float) -> int:

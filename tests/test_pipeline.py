@@ -351,15 +351,15 @@ def test_prepare_s3_to_s3(ray_cluster, s3_server, nifti_dir):
     make_bucket(s3_server, "lits-out")
     upload_tree(s3_server, nifti_dir, "s3://lits-in/ct")
     cfg = PrepareConfig(input="s3://lits-in/ct/", output="s3://lits-out/prepared", image_size=SIZE,
-                        keep_empty=0.5, s3_endpoint=s3_server)
+                        keep_empty=0.5)
     manifest = pipeline.prepare(cfg, pipeline.run_ray)
     assert manifest["totals"]["volumes"] == 6 and not manifest["failed"]
     assert manifest["volumes"][0]["inputs"]["volume"].startswith("s3://lits-in/ct/")
-    stored = json.loads(storage.read_bytes("s3://lits-out/prepared/manifest.json", s3_server))
+    stored = json.loads(storage.read_bytes("s3://lits-out/prepared/manifest.json"))
     assert stored["splits"] == manifest["splits"]
-    files = storage.list_files("s3://lits-out/prepared", s3_server)
+    files = storage.list_files("s3://lits-out/prepared")
     assert {f[len("s3://lits-out/prepared/"):] for f in files} == manifest_shards(manifest) | {MANIFEST_NAME, "preview.png"}
-    fs, path = storage.arrow_filesystem("s3://lits-out/prepared", s3_server)
+    fs, path = storage.arrow_filesystem("s3://lits-out/prepared")
     rows = read_split(path, "train", filesystem=fs)
     assert len(rows["volume_id"]) == manifest["splits"]["train"]["slices"] > 0
     local = pipeline.prepare(PrepareConfig(input=nifti_dir, output=str(os.path.join(os.path.dirname(nifti_dir), "s3cmp")),

@@ -43,7 +43,7 @@ def test_symlinks_out_of_the_allowed_folder_fail_their_volume(allowed_tree, tmp_
 
     def segment(name, rel):
         return jobs.segment_volume(str(allowed / "in" / name), rel, str(allowed / "out"), spec, submit,
-                                   overwrite=False, chunk=8, s3_endpoint=None, allow=[str(allowed)])
+                                   overwrite=False, chunk=8, allow=[str(allowed)])
 
     read_out = segment("linked.nii.gz", "linked")
     write_out = segment("volume-0.nii.gz", "sub/volume-0")
@@ -78,7 +78,7 @@ def test_job_inputs_skip_what_the_product_writes(nifti_dir, tmp_path):
     for name in ("volume-0_seg.nii.gz", "old_seg.nii", "volume-0_preview.png"):
         (folder / name).write_bytes(b"x")
     (folder / "volume-0.json").write_text(json.dumps({"model_id": "0" * 16}))
-    listing = jobs.list_inputs(str(folder), str(tmp_path / "out"), None)
+    listing = jobs.list_inputs(str(folder), str(tmp_path / "out"))
     assert listing["volumes"] == [(str(folder / "volume-0.nii.gz"), "volume-0")]
     assert sorted(os.path.basename(u) for u in listing["ignored"]) == ["old_seg.nii", "segmentation-0.nii.gz",
                                                                        "volume-0_seg.nii.gz"]

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import free_port, make_bucket, run_workflow, synthesize, upload_tree
+from conftest import free_port, local_ray, make_bucket, run_workflow, synthesize, upload_tree
 from lits import inference
 from test_inference import tiny_model
 
@@ -44,13 +44,11 @@ def bad_volumes(folder):
 def server(tmp_path_factory, s3_server):
     """Ray (6 logical CPUs) + the app on a free port, with a token, an allow-list and a bucket:
     archive/ct/ (4 good volumes, their reference segmentations, 3 bad files) and archive/many/
-    (8 larger volumes)."""
-    import ray
-
+    (8 larger volumes). The bucket's endpoint reaches the replicas, job actors and volume tasks
+    only through this driver's runtime_env, which Serve gives the apps it deploys (local_ray)."""
     from lits import serving
     from lits.config import ServeConfig
 
-    os.environ["AWS_ENDPOINT_URL"] = s3_server
     root = tmp_path_factory.mktemp("serving")
     ct = root / "ct"
     synthesize(ct, volumes=4, size=64, slices=24, seed=3)
@@ -71,18 +69,16 @@ def server(tmp_path_factory, s3_server):
     # and its default pool (what is left: 2) in the tests that deploy one.
     cfg = ServeConfig(model=model, port=port, allow_prefixes=("s3://archive", str(local_out)), max_body_mb=3,
                       batch_wait_s=0.2, chunk=8, max_batch_size=16, token_sha256=serving.token_sha256(TOKEN),
-                      s3_endpoint=s3_server, volume_cpus=2)
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
-    try:
-        serving.deploy(cfg)
-        yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "root": root, "model": model,
-               "local_out": str(local_out), "cfg": cfg}
-    finally:
-        from ray import serve
+                      volume_cpus=2)
+    with local_ray(6):
+        try:
+            serving.deploy(cfg)
+            yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "root": root, "model": model,
+                   "local_out": str(local_out), "cfg": cfg}
+        finally:
+            from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop("AWS_ENDPOINT_URL", None)
+            serve.shutdown()
 
 
 def call(server, method, path, body=None, token=TOKEN, raw=None, headers=None):
@@ -206,12 +202,11 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
 
     first = run_job(server, input="s3://archive/ct", output="s3://archive/remodel")
     assert first["counts"]["done"] == 4
-    cfg = ServeConfig(model=tiny_model(tmp_path / "model-b", seed=1), chunk=8, max_batch_size=16, batch_wait_s=0.05,
-                      s3_endpoint=server["endpoint"])
+    cfg = ServeConfig(model=tiny_model(tmp_path / "model-b", seed=1), chunk=8, max_batch_size=16, batch_wait_s=0.05)
     serving.deploy(cfg, http=False, app_name="lits-model-b")
     try:
         job_id = jobs.submit_job({"input": "s3://archive/ct", "output": "s3://archive/remodel", "overwrite": False},
-                                 "lits-model-b", cfg.chunk, None, server["endpoint"])
+                                 "lits-model-b", cfg.chunk, None)
         second = wait_local_job(job_id)
     finally:
         serving.undeploy("lits-model-b")
@@ -238,15 +233,15 @@ def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_pa
     source = os.path.join(nifti_dir, "volume-0.nii.gz")
     real_write = storage.write_bytes
 
-    def write_until_preview(uri, data, s3_endpoint=None):
+    def write_until_preview(uri, data):
         if uri.endswith("_preview.png"):
             assert os.path.exists(out / "volume-0_seg.nii.gz")  # the new mask is in place by now
             raise KeyboardInterrupt
-        real_write(uri, data, s3_endpoint)
+        real_write(uri, data)
 
     def segment():
         return jobs.segment_volume(source, "volume-0", str(out), spec, lambda x: inference.Done(predictor(x)),
-                                   overwrite=False, chunk=8, s3_endpoint=None)
+                                   overwrite=False, chunk=8)
 
     monkeypatch.setattr(storage, "write_bytes", write_until_preview)
     with pytest.raises(KeyboardInterrupt):
@@ -321,14 +316,14 @@ def test_replica_killed_during_a_job_loses_no_volume(server):
     from lits import jobs, serving
     from lits.config import ServeConfig
 
-    cfg = ServeConfig(model=server["model"], batch_wait_s=2.0, max_batch_size=128, chunk=8, s3_endpoint=server["endpoint"],
+    cfg = ServeConfig(model=server["model"], batch_wait_s=2.0, max_batch_size=128, chunk=8,
                       model_wait_s=20)
     handle = serving.deploy(cfg, http=False, app_name="lits-kill")
     try:
         pid = handle.describe.remote().result()["pid"]
         assert pool_cpus_free("lits-kill") == (2.0, 2.0)
         job_id = jobs.submit_job({"input": "s3://archive/many", "output": "s3://archive/killed", "overwrite": False},
-                                 "lits-kill", cfg.chunk, None, server["endpoint"], wait_s=cfg.model_wait_s)
+                                 "lits-kill", cfg.chunk, None, wait_s=cfg.model_wait_s)
         deadline = time.time() + 60
         while time.time() < deadline:
             job = jobs.get_job(job_id)
@@ -746,12 +741,12 @@ def test_a_lost_job_actor_loses_no_progress(server):
     from lits import jobs, serving
     from lits.config import ServeConfig
 
-    cfg = ServeConfig(model=server["model"], batch_wait_s=1.0, max_batch_size=128, chunk=8, s3_endpoint=server["endpoint"],
+    cfg = ServeConfig(model=server["model"], batch_wait_s=1.0, max_batch_size=128, chunk=8,
                       volume_cpus=1)
     serving.deploy(cfg, http=False, app_name="lits-lost")
     request = {"input": "s3://archive/many", "output": "s3://archive/lost", "overwrite": False}
     try:
-        job_id = jobs.submit_job(request, "lits-lost", cfg.chunk, None, server["endpoint"])
+        job_id = jobs.submit_job(request, "lits-lost", cfg.chunk, None)
         fs = s3fs_for(server["endpoint"])
         key = f"archive/lost/_jobs/{job_id}.json"
         deadline = time.time() + 120
@@ -770,7 +765,7 @@ def test_a_lost_job_actor_loses_no_progress(server):
         fs.invalidate_cache()
         saved = json.loads(fs.cat_file(key))
         assert job["counts"] == saved["counts"] and job["counts"]["done"] >= 1, (job, saved)
-        again = jobs.submit_job(request, "lits-lost", cfg.chunk, 4, server["endpoint"])
+        again = jobs.submit_job(request, "lits-lost", cfg.chunk, 4)
         deadline = time.time() + 180
         while jobs.get_job(again)["state"] not in jobs.FINAL_STATES and time.time() < deadline:
             time.sleep(0.5)

@@ -43,17 +43,53 @@ def test_unwritable_output_is_a_user_error(tmp_path):
 def test_s3_round_trip(s3_server):
     make_bucket(s3_server, "storage-test")
     root = "s3://storage-test/a"
-    storage.write_bytes(root + "/x/1.bin", b"one", s3_server)
-    storage.write_bytes(root + "/x/y/2.bin", b"two", s3_server)
-    assert storage.list_files(root, s3_server) == [root + "/x/1.bin", root + "/x/y/2.bin"]
-    assert storage.read_bytes(root + "/x/y/2.bin", s3_server) == b"two"
-    storage.move_tree(root + "/x", root + "/moved", s3_server)
-    assert storage.list_files(root, s3_server) == [root + "/moved/1.bin", root + "/moved/y/2.bin"]
-    storage.delete(root, s3_server)
-    assert not storage.exists(root + "/moved/1.bin", s3_server)
+    storage.write_bytes(root + "/x/1.bin", b"one")
+    storage.write_bytes(root + "/x/y/2.bin", b"two")
+    assert storage.list_files(root) == [root + "/x/1.bin", root + "/x/y/2.bin"]
+    assert storage.read_bytes(root + "/x/y/2.bin") == b"two"
+    storage.move_tree(root + "/x", root + "/moved")
+    assert storage.list_files(root) == [root + "/moved/1.bin", root + "/moved/y/2.bin"]
+    storage.delete(root)
+    assert not storage.exists(root + "/moved/1.bin")
     with pytest.raises(UserError, match="s3://storage-test/none.*does not exist"):
-        storage.list_files("s3://storage-test/none", s3_server)
+        storage.list_files("s3://storage-test/none")
     with pytest.raises(UserError, match="s3://no-such-bucket"):
-        storage.list_files("s3://no-such-bucket/x", s3_server)
-    storage.check_writable("s3://storage-test/out", s3_server)
-    assert storage.list_files("s3://storage-test", s3_server) == []
+        storage.list_files("s3://no-such-bucket/x")
+    storage.check_writable("s3://storage-test/out")
+    assert storage.list_files("s3://storage-test") == []
+
+
+def test_the_endpoint_is_read_from_the_environment(monkeypatch):
+    """--s3-endpoint (use_endpoint) over AWS_ENDPOINT_URL_S3 over AWS_ENDPOINT_URL, else AWS itself."""
+    for name in storage.ENDPOINT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert storage.endpoint() is None and storage.endpoint_env() == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    assert storage.endpoint() == "http://generic:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:2")  # restored after the test, with use_endpoint's
+    storage.use_endpoint(None)
+    assert storage.endpoint() == "http://s3-only:2"
+    storage.use_endpoint("http://flag:3")
+    assert storage.endpoint() == "http://flag:3" and os.environ["AWS_ENDPOINT_URL_S3"] == "http://flag:3"
+    assert storage.endpoint_env() == {"AWS_ENDPOINT_URL_S3": "http://flag:3"}
+    assert storage.filesystem("s3://b/k")[0].client_kwargs == {"endpoint_url": "http://flag:3"}
+
+
+@pytest.mark.slow
+def test_a_ray_worker_finds_the_endpoint_in_its_environment(ray_cluster, s3_server):
+    """No endpoint travels with a task: a Ray worker given only a URI reads the bucket through the
+    endpoint its job's environment holds (conftest.local_ray; workflows: start_ray)."""
+    import ray
+
+    make_bucket(s3_server, "worker-env")
+    storage.write_bytes("s3://worker-env/in/x.bin", b"from the driver")
+
+    @ray.remote
+    def copy(src: str, dst: str):
+        from lits import storage
+
+        storage.write_bytes(dst, storage.read_bytes(src) + b", through a worker")
+        return storage.endpoint()
+
+    assert ray.get(copy.remote("s3://worker-env/in/x.bin", "s3://worker-env/out/x.bin")) == s3_server
+    assert storage.read_bytes("s3://worker-env/out/x.bin") == b"from the driver, through a worker"

@@ -250,13 +250,14 @@ def test_the_epoch_line_says_what_a_user_watches():
 
 
 def test_worker_logging_quiets_ray_and_keeps_lits(monkeypatch):
-    """The worker_process_setup_hook: lits' INFO through, Ray Train/Data INFO and the cleaner's
-    every-second warning not; under --verbose (LITS_VERBOSE_WORKERS=1) Ray's levels are left alone."""
+    """The worker_process_setup_hook: lits' INFO through; Ray Data's INFO and the placement-group
+    cleaner's every-second warning not; Ray Train's level WARNING. Under --verbose
+    (LITS_VERBOSE_WORKERS=1) Ray's levels are left alone."""
     import logging
 
     from lits import worker_logs
 
-    names = ["lits", *worker_logs.QUIET]
+    names = ["lits", "ray.data", worker_logs.CLEANER]
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
              for n in names}
     try:
@@ -265,14 +266,15 @@ def test_worker_logging_quiets_ray_and_keeps_lits(monkeypatch):
         logging.getLogger("lits").handlers.clear()
         monkeypatch.setenv(worker_logs.VERBOSE_ENV, "1")
         worker_logs.setup()
-        assert logging.getLogger("ray.train").level == logging.NOTSET
+        assert logging.getLogger("ray.data").level == logging.NOTSET and worker_logs.ray_level() == "INFO"
+        assert worker_logs.ray_env() == {worker_logs.VERBOSE_ENV: "1"}
         assert logging.getLogger("lits.training").isEnabledFor(logging.INFO)
         monkeypatch.delenv(worker_logs.VERBOSE_ENV)
         worker_logs.setup()
         assert len(logging.getLogger("lits").handlers) == 1  # not a second handler
-        assert not logging.getLogger("ray.train.v2._internal.execution.context").isEnabledFor(logging.INFO)
+        assert worker_logs.ray_level() == "WARNING" and worker_logs.ray_env() == {"RAY_DATA_LOG_LEVEL": "WARNING"}
         assert not logging.getLogger("ray.data._internal.execution").isEnabledFor(logging.INFO)
-        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+        cleaner = logging.getLogger(worker_logs.CLEANER)
         assert not cleaner.isEnabledFor(logging.WARNING) and cleaner.isEnabledFor(logging.ERROR)
     finally:
         for n, (level, handlers, propagate) in saved.items():

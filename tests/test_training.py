@@ -181,19 +181,19 @@ def test_train_from_and_to_s3(ray_train_cluster, s3_server, prepared):
     upload_tree(s3_server, prepared, "s3://train-data/prep")
     # streamed from the bucket every epoch, as a split larger than the object store would be
     cfg = TrainConfig(data="s3://train-data/prep", output="s3://train-runs/r", epochs=2, name="s3run", ingest="stream",
-                      checkpoint_interval_s=0, s3_endpoint=s3_server, **TINY)
+                      checkpoint_interval_s=0, **TINY)
     config = training.train(cfg)
-    files = storage.list_files("s3://train-runs/r", s3_server)
+    files = storage.list_files("s3://train-runs/r")
     names = {f[len("s3://train-runs/r/"):] for f in files}
     assert {"metrics.csv", "curves.png", "model/weights.pt", "model/config.json", "s3run/lits_run.json",
             "test_evaluation/summary.json", "test_evaluation/metrics.csv"} <= names
     assert any(n.startswith("s3run/checkpoint_") for n in names)
     best = sorted(n for n in names if n.startswith("s3run/best/"))  # best weights beside the checkpoints
     assert best and len(best) <= 2 and best[-1] == f"s3run/best/epoch-{config['training']['best_epoch']:04d}.pt"
-    rows = list(csv.DictReader(io.StringIO(storage.read_bytes("s3://train-runs/r/metrics.csv", s3_server).decode())))
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes("s3://train-runs/r/metrics.csv").decode())))
     assert [int(float(r["train_images"])) for r in rows] == [int(float(rows[0]["train_images"]))] * 2 and float(rows[0]["train_images"]) > 0
     assert config.pop("test_evaluation")["cases_evaluated"] == 1
-    saved = json.loads(storage.read_bytes("s3://train-runs/r/model/config.json", s3_server))
+    saved = json.loads(storage.read_bytes("s3://train-runs/r/model/config.json"))
     assert saved == config and saved["training"]["data"] == "s3://train-data/prep"
 
 

@@ -74,6 +74,10 @@ def test_demo_runs_the_whole_product(tmp_path):
     proc = run_workflow("demo", "--output", str(tmp_path / "demo"), "--epochs", "1", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "volumes segmented: 4 of 4 (0 failed)" in proc.stdout
+    console = proc.stdout + proc.stderr
+    # training says how it goes in one line per epoch; Ray's own chatter stays out (lits.worker_logs)
+    assert "INFO epoch 1/1: loss " in console and "State API may be temporarily unavailable" not in console
+    assert "Execution plan of Dataset" not in console
     summary = json.loads((tmp_path / "demo" / "evaluation" / "summary.json").read_text())
     assert summary["cases_evaluated"] == 4 and not summary["unmatched_pred"]
     for rel in ("prepared/preview.png", "run/curves.png", "segmentations/volume-100_preview.png",

@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+from lits import worker_logs
 from lits.errors import UserError
 
 
@@ -20,14 +21,30 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpus: Optional[int] = None,
-              data: bool = True) -> None:
+def apply_cluster_args(args) -> None:
+    """Logging at --verbose; --s3-endpoint becomes this process's S3 endpoint (every storage call
+    reads it from the environment, and start_ray sends it to the cluster's workers)."""
+    from lits import storage
+
+    setup_logging(args.verbose)
+    storage.use_endpoint(args.s3_endpoint)
+    if args.verbose:  # Ray's workers keep their chatter too (lits.worker_logs)
+        os.environ[worker_logs.VERBOSE_ENV] = "1"
+
+
+def start_ray(address: Optional[str], num_cpus: Optional[int] = None, data: bool = True) -> None:
     """Join the cluster at `address`, or start a local Ray with `num_cpus` (default: this machine's).
+    The S3 endpoint (apply_cluster_args) goes to every worker of this job in its runtime_env: the
+    workers of a cluster joined by address do not inherit this process's environment.
     `data`: the workflow uses Ray Data (its progress bars then follow the terminal); prepare does
     not, and saves importing it (~0.8 s)."""
     import ray
 
-    runtime_env = {"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint}} if s3_endpoint else None
+    from lits import storage
+
+    # every process of this job logs lits at INFO and Ray Data at WARNING (lits.worker_logs)
+    env = {**storage.endpoint_env(), **worker_logs.ray_env()}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "lits.worker_logs.setup"}
     if address:
         logging.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -40,6 +57,7 @@ def start_ray(address: Optional[str], s3_endpoint: Optional[str] = None, num_cpu
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    worker_logs.quiet_ray()  # after ray.data set its loggers up
 
 
 # Where `make demo` exports its model: the default --model of serve.py and segment.py.

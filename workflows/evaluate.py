@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from workflows._common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.config import EvaluateConfig
 
@@ -35,15 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    apply_cluster_args(args)
     with user_errors("evaluate"):
-        from lits import evaluation, reports, storage
+        from lits import evaluation, reports
 
         cfg = make_config(EvaluateConfig, pred=args.pred, ref=args.ref, output=args.output, images=args.images,
-                          local=args.local, s3_endpoint=storage.resolve_endpoint(args.s3_endpoint))
+                          local=args.local)
         evaluation.check_inputs(cfg)  # before paying for Ray
         if not cfg.local:
-            start_ray(args.address, cfg.s3_endpoint)
+            start_ray(args.address)
 
         def progress(done: int, total: int, row: dict) -> None:
             if "error" in row:

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from workflows._common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.config import INPUT_FORMATS, PrepareConfig
 
@@ -41,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         PrepareConfig, input=args.input, output=args.output, format=args.format, image_size=args.image_size,
         keep_liver=args.keep_liver, keep_empty=args.keep_empty, context=args.context,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-        strict=args.strict, s3_endpoint=args.s3_endpoint, max_voxels=args.max_voxels,
+        strict=args.strict, max_voxels=args.max_voxels,
     )
 
 
@@ -56,16 +56,16 @@ def stop_ray() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    apply_cluster_args(args)
     with user_errors("prepare"):
         cfg = config_from_args(args)
         from lits import pipeline, reports, storage
 
         # Fail on a bad input or output before paying for a Ray start.
-        storage.require(cfg.input, cfg.s3_endpoint)
-        storage.check_writable(cfg.output, cfg.s3_endpoint)
+        storage.require(cfg.input)
+        storage.check_writable(cfg.output)
         started = time.perf_counter()
-        start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint), data=False)
+        start_ray(args.address, data=False)
         logging.info("Ray ready in %.2f s", time.perf_counter() - started)
 
         def progress(done: int, total: int, result: dict) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workflows._common import add_cluster_args, add_model_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, add_model_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.access import TOKEN_ENV
 from lits.config import ServeConfig
@@ -53,23 +53,22 @@ def run(args) -> dict:
         if args.concurrency:
             request["concurrency"] = args.concurrency
         return segment_client.run_on_server(args.server, request, args.wait)
-    s3 = storage.resolve_endpoint(args.s3_endpoint)
     cfg = make_config(ServeConfig, model=storage.normalise(args.model), replicas=args.replicas,
                       num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                       max_batch_size=args.max_batch_size, chunk=min(ServeConfig.chunk, args.max_batch_size),
-                      job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume, s3_endpoint=s3)
+                      job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume)
     return segment_client.run_locally(cfg, {**request, "input": args.input, "output": args.output}, args.concurrency,
-                                      lambda: start_ray(args.address, s3), quiet=not args.verbose)
+                                      lambda: start_ray(args.address), quiet=not args.verbose)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    apply_cluster_args(args)
     with user_errors("segment"):
         from lits import reports, segment_client, storage
 
         if args.ref:
-            storage.require(args.ref, storage.resolve_endpoint(args.s3_endpoint))
+            storage.require(args.ref)
         job = run(args)
         if not job:
             return 0
@@ -84,8 +83,7 @@ def main(argv=None) -> int:
             # server this process reads the masks itself.
             as_uri = segment_client.as_uri
             summary = evaluation.evaluate(EvaluateConfig(pred=as_uri(args.output), ref=as_uri(args.ref),
-                                                         images=as_uri(args.input), local=bool(args.server),
-                                                         s3_endpoint=storage.resolve_endpoint(args.s3_endpoint)))
+                                                         images=as_uri(args.input), local=bool(args.server)))
             print(reports.evaluation_summary(summary))
         return segment_client.exit_status(job, summary)
     return 0

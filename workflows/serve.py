@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from workflows._common import add_cluster_args, add_model_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, add_model_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.config import ServeConfig
 from lits.errors import UserError
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    apply_cluster_args(args)
     with user_errors("serve"):
         from lits import access, inference, serving, storage
 
@@ -61,12 +61,12 @@ def main(argv=None) -> int:
             max_batch_size=args.max_batch_size, chunk=min(args.chunk, args.max_batch_size), host=args.host, port=args.port,
             allow_prefixes=tuple(storage.normalise(p) for p in args.allow_prefix), max_body_mb=args.max_body_mb,
             job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(access.TOKEN_ENV)),
-            s3_endpoint=storage.resolve_endpoint(args.s3_endpoint), volume_cpus=args.volume_cpus,
+            volume_cpus=args.volume_cpus,
             jobs_state=storage.normalise(args.jobs_state) if args.jobs_state else None, max_uploads=args.max_uploads,
         )
         if args.detach and not args.address:
             raise UserError("--detach needs --address: a local Ray ends with this process")
-        spec, _ = inference.load_spec(cfg.model, cfg.s3_endpoint)  # a bad model fails here, not in a replica
+        spec, _ = inference.load_spec(cfg.model)  # a bad model fails here, not in a replica
         if not args.address:  # locally the proxy binds on this machine: a taken port fails here, not in its actor
             import socket
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                     probe.bind((cfg.host, cfg.port))
                 except OSError as exc:
                     raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}); choose another --port") from exc
-        start_ray(args.address, cfg.s3_endpoint)
+        start_ray(args.address)
         serving.deploy(cfg)
         url = f"http://{cfg.host}:{cfg.port}"
         print(f"serving model {spec.model_id} ({cfg.model}) at {url}  (API docs: {url}/docs)", flush=True)

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from workflows._common import add_cluster_args, make_config, setup_logging, start_ray, user_errors
+from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.config import AMP_MODES, INGEST_MODES, SCHEDULES, TASKS, TrainConfig
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    apply_cluster_args(args)
     with user_errors("train"):
         cfg = make_config(
             TrainConfig, data=args.data, output=args.output, num_gpus=args.num_gpus, num_workers=args.num_workers,
@@ -70,15 +70,14 @@ def main(argv=None) -> int:
             augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, crop=args.crop,
             tumour_fraction=args.tumour_fraction, schedule=args.schedule,
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
-            materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
+            materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker,
         )
         from lits import storage, train_data, training
 
         info = train_data.check_data(cfg)  # before paying for Ray
-        storage.check_writable(cfg.output, cfg.s3_endpoint)
+        storage.check_writable(cfg.output)
         # Locally, one logical CPU beyond the training workers, so Ray Data can read while they train.
-        start_ray(args.address, storage.resolve_endpoint(cfg.s3_endpoint),
-                  num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1))
+        start_ray(args.address, num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1))
         # A cluster joined by address may autoscale: missing GPUs are a warning there, an error locally.
         config = training.train(cfg, info, strict_resources=not args.address)
         out = storage.normalise(cfg.output)
