@@ -65,7 +65,7 @@ def pair_files(pred: str, ref: str, images: Optional[str] = None) -> Dict:
         return not name.startswith("segmentation-") and not naming.is_mask(name)
 
     def is_ref(name: str) -> bool:
-        return not name.startswith("volume-") and "_seg.nii" not in name
+        return not name.startswith("volume-") and not naming.is_mask(name)
 
     preds = _index(storage.list_files(pred), is_pred)
     refs = _index(storage.list_files(ref), is_ref)

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-VERBOSE_ENV = "LITS_VERBOSE_WORKERS"  # set by start_ray under --verbose: leave Ray's loggers alone
+VERBOSE_ENV = "LITS_VERBOSE_WORKERS"  # "1" under --verbose (apply_cluster_args; start_ray sends it on): Ray keeps its levels
 # The one Ray logger no level setting of Ray's reaches: the cleaner's warning, every second.
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
@@ -37,11 +37,11 @@ def ray_env() -> dict:
 
 
 def quiet_ray() -> None:
-    """This process: Ray Data's records at ray_level() (the driver's Ray Data set its loggers up
+    """This process: Ray Data's records at WARNING (the driver's Ray Data set its loggers up
     before this ran) and the cleaner's warning at ERROR, unless --verbose."""
     if verbose():
         return
-    logging.getLogger("ray.data").setLevel(ray_level())
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger(CLEANER).setLevel(logging.ERROR)
 
 
