@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Per-volume LiTS metrics: lits.metrics against medpy on 512x512x200 masks, same values.
+"""Per-volume LiTS metrics: lits.core.metrics against medpy on 512x512x200 masks, same values.
 
     python benchmarks/evaluate.py [--slices 200] [--repeats 3]
 
 medpy is what the LiTS evaluation scripts call: dc, jc, ravd, assd and hd, each surface metric
-computing its own distance transforms over the whole volume. lits.metrics.class_metrics computes
+computing its own distance transforms over the whole volume. lits.core.metrics.class_metrics computes
 surfaces and distance transforms once, over the masks' bounding box. Prints a markdown table.
 """
 
@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from lits import metrics  # noqa: E402
+from lits.core import metrics  # noqa: E402
 
 
 def masks(slices: int, seed: int = 0):
@@ -68,12 +68,12 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; masks "
           f"512x512x{args.slices}, reference {ref.sum() / ref.size:.1%} of the volume, spacing {spacing} mm; "
           f"best of {args.repeats}\n")
-    print("| metric | medpy | lits.metrics | equal |\n|---|---|---|---|")
+    print("| metric | medpy | lits.core.metrics | equal |\n|---|---|---|---|")
     for k in ("dice", "jaccard", "rvd", "assd", "mssd"):
         print(f"| {k} | {a[k]:.6f} | {b[k]:.6f} | {'yes' if np.isclose(a[k], b[k], rtol=1e-9) else 'NO'} |")
     print("\n| implementation | seconds per class | speed-up |\n|---|---|---|")
     print(f"| medpy dc + jc + ravd + assd + hd | {t_medpy:.2f} | 1.0x |")
-    print(f"| lits.metrics.class_metrics (all of them + RMSD) | {t_lits:.2f} | {t_medpy / t_lits:.1f}x |")
+    print(f"| lits.core.metrics.class_metrics (all of them + RMSD) | {t_lits:.2f} | {t_medpy / t_lits:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """GPU inference of the 31 M-parameter U-Net at 512x512 for one 512x512x500 volume (a lent H100/H200).
 
-Needs only torch, numpy and opencv (imports lits.model and lits.ct, no Ray, nibabel or scipy):
+Needs only torch, numpy and opencv (imports lits.model.unet and lits.core.ct, no Ray, nibabel or scipy):
 
     python benchmarks/gpu_segment.py [--slices 500] [--batch 32]
 
 Measures, for a synthetic HU volume: CPU preprocessing of every slice with prepare's functions
 (windows + equalisation, one core), the forward passes (bf16 autocast, channels_last, uint8
-probabilities back to the host, as lits.inference.Predictor.__call__ does), the forward passes
+probabilities back to the host, as lits.model.inference.Predictor.__call__ does), the forward passes
 with the probabilities resized to 512x512 and argmaxed on the GPU, uint8 labels back to the host
-(what a replica answers a volume task: Predictor.labels' torch path, lits.inference.labels_on_device),
+(what a replica answers a volume task: Predictor.labels' torch path, lits.model.inference.labels_on_device),
 and the latter with the preprocessing of chunk k+1 overlapping the GPU's work on chunk k (what a
 bulk job's volume task does). --model-size 256 runs the model at 256^2 (prepare's default), so the
 resize to 512 is real work. The issue's target: the whole volume in <= 3 s end to end.
@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits import ct  # noqa: E402
-from lits.model import UNet  # noqa: E402
+from lits.core import ct  # noqa: E402
+from lits.model.unet import UNet  # noqa: E402
 
 
 def preprocess(hu: np.ndarray, breaks: np.ndarray, zs: range) -> np.ndarray:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU training throughput of the 31 M-parameter U-Net at 256x256 (for a lent H100/H200).
 
-Needs only torch and numpy (imports lits.model and lits.losses, which import torch alone):
+Needs only torch and numpy (imports lits.model.unet and lits.train.losses, which import torch alone):
 
     python benchmarks/gpu_train.py [--batch 64] [--seconds 20]
 
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from lits.losses import ce_dice_loss  # noqa: E402
-from lits.model import UNet  # noqa: E402
+from lits.train.losses import ce_dice_loss  # noqa: E402
+from lits.model.unet import UNet  # noqa: E402
 
 
 

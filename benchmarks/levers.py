@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """What each training lever contributes, at whole-volume level, in one process (no Ray).
 
-Trains the product's own step (lits.train_steps: patch sampler, loss, schedule, augmentation) on a
+Trains the product's own step (lits.train.train_steps: patch sampler, loss, schedule, augmentation) on a
 prepared split held in memory, segments unseen scans with the product's inference path
-(lits.inference.segment_array: preprocessing, probabilities resized back, post-processing) and
-scores them with lits.metrics, for each variant given. Same data, same seed, same CPU threads for
+(lits.model.inference.segment_array: preprocessing, probabilities resized back, post-processing) and
+scores them with lits.core.metrics, for each variant given. Same data, same seed, same CPU threads for
 every variant, so the rows compare.
 
     python benchmarks/accuracy.py                       # once: synthesizes and prepares bench-output/accuracy
@@ -29,12 +29,13 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits import inference, metrics, shards, storage, volumes  # noqa: E402
-from lits.config import TrainConfig  # noqa: E402
-from lits.model import UNet  # noqa: E402
-from lits.sampling import PatchBatches  # noqa: E402
-from lits.train_steps import TrainState, schedule_step, train_one_epoch, validate  # noqa: E402
-from lits.train_data import patch_size  # noqa: E402
+from lits.model import inference
+from lits.core import metrics, shards, storage, volumes  # noqa: E402
+from lits.core.config import TrainConfig  # noqa: E402
+from lits.model.unet import UNet  # noqa: E402
+from lits.train.sampling import PatchBatches  # noqa: E402
+from lits.train.train_steps import TrainState, schedule_step, train_one_epoch, validate  # noqa: E402
+from lits.train.train_data import patch_size  # noqa: E402
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
 

@@ -39,9 +39,10 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from lits import pipeline, volumes  # noqa: E402
-from lits.config import PrepareConfig, SynthConfig  # noqa: E402
-from lits.schema import FREQHIST_BINS, WINDOW_CUSTOM, WINDOW_LIVER  # noqa: E402
+from lits.prepare import pipeline
+from lits.core import volumes  # noqa: E402
+from lits.core.config import PrepareConfig, SynthConfig  # noqa: E402
+from lits.core.schema import FREQHIST_BINS, WINDOW_CUSTOM, WINDOW_LIVER  # noqa: E402
 
 STAGES = ("read", "validate", "select", "histogram", "images", "masks", "encode", "write")
 SEED_STAGES = ("read", "select", "windows", "resize", "save")
@@ -49,7 +50,7 @@ SEED_STAGES = ("read", "select", "windows", "resize", "save")
 
 def _synth_one(args):
     out, index, size, slices = args
-    from lits.synthetic import synthesize
+    from lits.core.synthetic import synthesize
 
     synthesize(SynthConfig(output=out, volumes=1, size=size, slices=slices, first_id=index, compress=index % 2 == 0))
 
@@ -93,8 +94,8 @@ def seed_volume(task, cfg: PrepareConfig, out: str) -> dict:
     import cv2
     import nibabel as nib
 
-    from lits import masks
-    from lits.slicing import slice_rng
+    from lits.core import masks
+    from lits.prepare.slicing import slice_rng
 
     seconds = dict.fromkeys(SEED_STAGES, 0.0)
     t = time.perf_counter()
@@ -205,7 +206,7 @@ def time_decode(paths, repeats: int = 3):
     import nibabel as nib
 
     readers = {
-        "lits.volumes.read_nifti (ISA-L, streamed)": lambda p: volumes.read_nifti(p)[0],
+        "lits.core.volumes.read_nifti (ISA-L, streamed)": lambda p: volumes.read_nifti(p)[0],
         "zlib one shot + frombuffer": lambda p: volumes.parse_nifti(gzip.decompress(open(p, "rb").read()))[0],
         "nibabel dataobj (GzipFile stream)": lambda p: np.asanyarray(nib.load(p).dataobj),
         "nibabel get_fdata (float64)": lambda p: nib.load(p).get_fdata(),
@@ -232,8 +233,8 @@ def time_decode(paths, repeats: int = 3):
 _MEMORY_PROBE = r"""
 import json, sys, threading, time, tracemalloc
 sys.path.insert(0, sys.argv[1])
-from lits import slicing
-from lits.config import PrepareConfig
+from lits.prepare import slicing
+from lits.core.config import PrepareConfig
 
 def rss_kb():
     with open("/proc/self/status") as f:

@@ -4,7 +4,7 @@
     python benchmarks/segment.py [--stage-slices 500] [--volumes 4 --size 512 --slices 100]
                                  [--image-size 128 --base-width 16 | --model MODEL] [--skip-bulk]
 
-First, one size x size x stage-slices synthetic scan (lits.synthetic) through a volume task's
+First, one size x size x stage-slices synthetic scan (lits.core.synthetic) through a volume task's
 work (`inference.segment_uri`: read, histogram, preprocess, labels stored, post-process, report,
 encode, preview, write) with the model excluded: its answers are computed before the clock starts
 from the scan's synthetic ground truth (one-hot probabilities area-resized to the model's size
@@ -44,12 +44,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits import ct, inference, jobs, naming, storage, volumes  # noqa: E402
-from lits import postprocess as post  # noqa: E402
-from lits import streaming  # noqa: E402
-from lits.config import ServeConfig, SynthConfig  # noqa: E402
-from lits.model import UNet  # noqa: E402
-from lits.synthetic import synthesize  # noqa: E402
+from lits.core import ct, naming, storage, volumes
+from lits.model import inference
+from lits.serve import jobs  # noqa: E402
+from lits.core import postprocess as post  # noqa: E402
+from lits.model import streaming  # noqa: E402
+from lits.core.config import ServeConfig, SynthConfig  # noqa: E402
+from lits.model.unet import UNet  # noqa: E402
+from lits.core.synthetic import synthesize  # noqa: E402
 
 
 def _markdown(header, rows) -> str:
@@ -194,7 +196,7 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
     import ray
     from ray import serve
 
-    from lits import serving
+    from lits.serve import serving
 
     cpus = args.ray_cpus or os.cpu_count() or 1
     t = time.perf_counter()

@@ -5,7 +5,7 @@
 
 Starts `workflows/serve.py` (its own local Ray, a token, one --allow-prefix: a temporary folder)
 with a random-weight model, runs one bulk job, then `--uploads` POST /v1/segment calls (4 at a
-time) and `--jobs` - 1 more jobs (each over 2 small synthetic volumes, lits.synthetic), and prints
+time) and `--jobs` - 1 more jobs (each over 2 small synthetic volumes, lits.core.synthetic), and prints
 a markdown table of the server process tree's RSS (from /proc: Linux) (serve.py, Ray's GCS, raylet, workers, the Serve
 replicas and job actors: every descendant) before, after the first job and after all. Goal: after
 all <= 1.5x after the first job. Exits 1 when a call fails or the goal is missed, 2 on timeout.
@@ -32,10 +32,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from lits import inference  # noqa: E402
-from lits.config import SynthConfig  # noqa: E402
-from lits.model import UNet  # noqa: E402
-from lits.synthetic import synthesize  # noqa: E402
+from lits.model import inference  # noqa: E402
+from lits.core.config import SynthConfig  # noqa: E402
+from lits.model.unet import UNet  # noqa: E402
+from lits.core.synthetic import synthesize  # noqa: E402
 
 TOKEN = "soak-token"
 

@@ -25,12 +25,13 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits import pipeline, training  # noqa: E402
-from lits.augment import random_affine  # noqa: E402
-from lits.config import PrepareConfig, SynthConfig, TrainConfig  # noqa: E402
-from lits.losses import ce_dice_loss  # noqa: E402
-from lits.model import UNet  # noqa: E402
-from lits.synthetic import synthesize  # noqa: E402
+from lits.prepare import pipeline
+from lits.train import training  # noqa: E402
+from lits.train.augment import random_affine  # noqa: E402
+from lits.core.config import PrepareConfig, SynthConfig, TrainConfig  # noqa: E402
+from lits.train.losses import ce_dice_loss  # noqa: E402
+from lits.model.unet import UNet  # noqa: E402
+from lits.core.synthetic import synthesize  # noqa: E402
 
 
 def in_memory_rate(images: np.ndarray, masks: np.ndarray, width: int, depth: int, batch: int, threads: int,
@@ -63,7 +64,7 @@ def format_one_copy(src: str, dst: str) -> None:
     import pyarrow.parquet as pq
     from ray.data.extensions import ArrowTensorArray
 
-    from lits import shards
+    from lits.core import shards
 
     shutil.copytree(src, dst)
     for split in ("train", "val", "test"):
@@ -81,7 +82,7 @@ def ingest_rate(files, image_shape, layout: str, materialise: bool, batch: int, 
     """Slices/s delivered as uint8 torch batches by Ray Data (files read, decoded, collated)."""
     import ray.data
 
-    from lits import ingest
+    from lits.train import ingest
 
     ds = ray.data.read_parquet(files).select_columns(["image", "mask"])
     if materialise:
@@ -157,7 +158,7 @@ def main() -> None:
         pipeline.prepare(PrepareConfig(input=vol, output=prep, image_size=args.image_size, keep_liver=0.5,
                                        keep_empty=0.1), pipeline.run_local)
     threads = os.cpu_count() or 1
-    from lits import shards
+    from lits.core import shards
 
     train = os.path.join(prep, "train")
     tables = [shards.read_columns(open(os.path.join(train, n), "rb").read()) for n in sorted(os.listdir(train))]

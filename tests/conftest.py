@@ -47,7 +47,7 @@ def fast_tests_start_no_ray(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def jobs_state_folder(tmp_path_factory):
-    """Job records (lits.jobs) go to a temporary folder, not ~/.cache: set before any Ray starts,
+    """Job records (lits.serve.jobs) go to a temporary folder, not ~/.cache: set before any Ray starts,
     so its workers, the Serve replicas and workflow subprocesses inherit it."""
     folder = str(tmp_path_factory.mktemp("jobs-state"))
     old = os.environ.get("LITS_JOBS_STATE")
@@ -75,7 +75,7 @@ def local_ray(num_cpus: int):
     workflow that joins this Ray reaches the bucket only when it sends the endpoint itself."""
     import ray
 
-    from lits import storage
+    from lits.core import storage
 
     env = storage.endpoint_env()
     hidden = {k: os.environ.pop(k) for k in storage.ENDPOINT_VARS if k in os.environ}
@@ -104,11 +104,11 @@ def ray_cluster(s3_server):
 @pytest.fixture(scope="module")
 def s3_server():
     """A real S3-protocol server (moto) on 127.0.0.1, this process's S3 endpoint for the module
-    (lits.storage.use_endpoint: every storage call, and every process started meanwhile, reaches
+    (lits.core.storage.use_endpoint: every storage call, and every process started meanwhile, reaches
     it); yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    from lits import storage
+    from lits.core import storage
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
@@ -141,8 +141,8 @@ def upload_tree(endpoint: str, local: str, uri: str) -> None:
 
 def synthesize(out_dir: str, volumes: int = 4, size: int = 64, slices: int = 24, fmt: str = "nifti",
                colormap: str = "Blues", seed: int = 0, first_id: int = 0, compress: bool = True) -> str:
-    from lits.config import SynthConfig
-    from lits.synthetic import synthesize as run
+    from lits.core.config import SynthConfig
+    from lits.core.synthetic import synthesize as run
 
     run(SynthConfig(output=str(out_dir), volumes=volumes, size=size, slices=slices, format=fmt,
                     colormap=colormap, seed=seed, first_id=first_id, compress=compress))

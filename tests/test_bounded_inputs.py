@@ -14,10 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lits import discovery, pipeline, storage, volumes
-from lits.config import PrepareConfig
-from lits.errors import UserError
-from lits.schema import MANIFEST_NAME, SPLITS
+from lits.prepare import discovery, pipeline
+from lits.core import storage, volumes
+from lits.core.config import PrepareConfig
+from lits.core.errors import UserError
+from lits.core.schema import MANIFEST_NAME, SPLITS
 from tests.conftest import ROOT
 
 BOMB_ZEROS = 2 << 30  # what volume-90's gzip stream inflates to after its voxels
@@ -74,8 +75,9 @@ def expected_reasons(root) -> dict:
 
 _PROBE = r"""
 import json, resource, sys
-from lits import pipeline, volumes
-from lits.config import PrepareConfig
+from lits.prepare import pipeline
+from lits.core import volumes
+from lits.core.config import PrepareConfig
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -229,7 +231,7 @@ def test_memory_is_sized_from_the_headers(nifti_dir, tmp_path):
         return 3 * 512 * 512 * slices + 32 * 512 * 512 * 2 + slices * 256 * 256 * 4 + (4 << 20) + (384 << 20)
 
     expected, long_scan = stages_peak(100), stages_peak(987)
-    from lits.slicing import memory_bytes
+    from lits.prepare.slicing import memory_bytes
 
     assert memory_bytes(volume, segmentation, 256) == expected == 528482304
     cfg = PrepareConfig(input=str(tmp_path), output="o")
@@ -282,7 +284,7 @@ def test_a_scaled_volume_is_read_as_one_float32_copy(tmp_path, rng):
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["int16 + uint8 labels", "scaled uint16 + float32 labels"])
 def test_the_reservation_bounds_the_traced_peak_of_slicing(tmp_path, rng, scaled):
-    from lits import slicing
+    from lits.prepare import slicing
 
     write_pair(tmp_path, rng, scaled)
     cfg = PrepareConfig(input=str(tmp_path), output="o", keep_liver=1.0, keep_empty=1.0)

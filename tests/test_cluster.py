@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from lits.config import ServeConfig, TrainConfig
+from lits.core.config import ServeConfig, TrainConfig
 
 # vCPUs and GPUs of the instance types cluster.yaml may use (AWS's published figures).
 INSTANCES = {"m6i.2xlarge": (8, 0), "c6i.4xlarge": (16, 0), "g5.12xlarge": (48, 4), "p4d.24xlarge": (96, 8)}
@@ -72,7 +72,7 @@ def test_nodes_run_the_submitters_version(cluster):
 
 def test_a_bulk_job_may_use_every_cpu_node(cluster):
     """Issue 14.5: a job's cap (256) was below 20 cpu-spot nodes x 16 CPUs."""
-    from lits.job_capacity import MAX_CONCURRENCY
+    from lits.serve.job_capacity import MAX_CONCURRENCY
 
     cpu = cluster["available_node_types"]["cpu-spot"]
     assert MAX_CONCURRENCY * ServeConfig(model="-").cpus_per_volume >= cpu["max_workers"] * cpu["resources"]["CPU"]

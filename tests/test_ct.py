@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lits import ct
-from lits.schema import WINDOW_CUSTOM, WINDOW_LIVER
+from lits.core import ct
+from lits.core.schema import WINDOW_CUSTOM, WINDOW_LIVER
 
 
 def fastai_freqhist_bins(x: np.ndarray, n_bins: int = 100) -> np.ndarray:

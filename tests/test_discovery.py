@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lits import discovery
-from lits.errors import UserError
+from lits.prepare import discovery
+from lits.core.errors import UserError
 
 
 def test_splits_are_by_volume_seeded_and_sized():

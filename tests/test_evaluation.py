@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import make_bucket, run_workflow, upload_tree
-from lits import evaluation, metrics, storage, volumes
-from lits.config import EvaluateConfig
+from lits.evaluate import evaluation
+from lits.core import metrics, storage, volumes
+from lits.core.config import EvaluateConfig
 
 
 def test_case_keys():
@@ -91,7 +92,7 @@ def test_evaluate_writes_exact_metrics_and_pictures(folders, tmp_path):
 
 
 def test_no_pairs_is_one_clear_error(folders, tmp_path):
-    from lits.errors import UserError
+    from lits.core.errors import UserError
 
     empty = tmp_path / "nothing"
     empty.mkdir()

@@ -1,4 +1,4 @@
-"""lits.fanout on a local 3-CPU Ray: the window bounds what is in flight, retries and their tickets,
+"""lits.runtime.fanout on a local 3-CPU Ray: the window bounds what is in flight, retries and their tickets,
 failures as values, a stop that frees every CPU, and a limit that holds submissions back."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lits import fanout
+from lits.runtime import fanout
 
 pytestmark = pytest.mark.slow
 

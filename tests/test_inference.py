@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lits import ct, inference, postprocess, reports, streaming, synthetic, volumes
-from lits.errors import BadInputError, UserError
-from lits.model import UNet
+from lits.core import ct, postprocess, reports, synthetic, volumes
+from lits.model import inference, streaming
+from lits.core.errors import BadInputError, UserError
+from lits.model.unet import UNet
 
 
 def tiny_model(folder, image_size=32, task="liver-tumour", seed=0):

@@ -1,4 +1,4 @@
-"""Does training learn? The product's own step (lits.train_steps: patch sampler, loss, schedule,
+"""Does training learn? The product's own step (lits.train.train_steps: patch sampler, loss, schedule,
 augmentation) for a few dozen seeded steps on synthetic slices, in one process, no Ray.
 
 Fails when the optimizer does not step, the loss does not reach the gradients, the sampler loses
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from lits import ct, metrics
-from lits.config import TrainConfig
-from lits.model import UNet
-from lits.sampling import PatchBatches
-from lits.synthetic import make_phantom
-from lits.train_steps import TrainState, autocast_for, predict_labels, to_tensors, train_one_epoch, train_step
+from lits.core import ct, metrics
+from lits.core.config import TrainConfig
+from lits.model.unet import UNet
+from lits.train.sampling import PatchBatches
+from lits.core.synthetic import make_phantom
+from lits.train.train_steps import TrainState, autocast_for, predict_labels, to_tensors, train_one_epoch, train_step
 
 SIZE = 64
 

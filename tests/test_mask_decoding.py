@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lits import masks
-from lits.config import PrepareConfig, SynthConfig
-from lits.errors import BadInputError
+from lits.core import masks
+from lits.core.config import PrepareConfig, SynthConfig
+from lits.core.errors import BadInputError
 
 SIZE = 256
 COLORMAPS = ("Blues", "gray", "viridis", "magma")
@@ -161,7 +161,8 @@ def test_liver_walled_in_by_tumour_is_ambiguous():
 # --- image-series reading: a bad file drops its slice, not its volume -----------------------
 
 def test_empty_and_garbage_files_drop_only_their_slice(tmp_path):
-    from lits import pipeline, slicing, synthetic
+    from lits.prepare import pipeline, slicing
+    from lits.core import synthetic
 
     synthetic.synthesize(SynthConfig(output=str(tmp_path / "data"), volumes=1, size=64, slices=12, format="images"))
     cfg = PrepareConfig(input=str(tmp_path / "data"), output=str(tmp_path / "out"), format="images",

@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lits import masks
-from lits.errors import BadInputError
+from lits.core import masks
+from lits.core.errors import BadInputError
 
 
 def liver_phantom(size=256, tumours=((70, 120, 18), (110, 130, 3))):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lits import metrics
+from lits.core import metrics
 
 
 def cube(shape, corner, size):

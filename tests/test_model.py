@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from lits import losses, metrics
-from lits.augment import AugmentConfig, random_affine
-from lits.model import UNet, count_parameters
+from lits.train import losses
+from lits.core import metrics
+from lits.train.augment import AugmentConfig, random_affine
+from lits.model.unet import UNet, count_parameters
 
 
 def test_unet_shapes_and_parameter_count():

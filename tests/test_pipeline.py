@@ -13,9 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lits import ct, pipeline, storage
-from lits.config import PrepareConfig
-from lits.schema import COLUMNS, MANIFEST_NAME, SPLITS, WINDOW_LIVER
+from lits.core import ct, storage
+from lits.prepare import pipeline
+from lits.core.config import PrepareConfig
+from lits.core.schema import COLUMNS, MANIFEST_NAME, SPLITS, WINDOW_LIVER
 from tests.conftest import make_bucket, run_workflow, synthesize, upload_tree
 
 SIZE = 32
@@ -29,7 +30,7 @@ def read_split(out: str, split: str, filesystem=None):
     assert ds.schema().names == list(COLUMNS)
     rows = ds.take_all()
     columns = {c: [r[c] for r in rows] for c in COLUMNS}
-    # fixed_size_binary slices (lits.shards) arrive as bytes: square images with 3 channels, masks with 1
+    # fixed_size_binary slices (lits.core.shards) arrive as bytes: square images with 3 channels, masks with 1
     for name, channels in (("image", 3), ("mask", 1)):
         side = [int(round((len(v) / channels) ** 0.5)) for v in columns[name]]
         columns[name] = [np.frombuffer(v, np.uint8).reshape((n, n, channels) if channels > 1 else (n, n))
@@ -50,7 +51,7 @@ def manifest_shards(manifest):
 
 def reference_slice(seg_path: str, file_index: int) -> np.ndarray:
     """The label slice at `file_index` along the file's axial axis, in the radiological view,
-    computed with nibabel only (an implementation independent of lits.volumes)."""
+    computed with nibabel only (an implementation independent of lits.core.volumes)."""
     image = nib.load(seg_path)
     ras = np.asanyarray(nib.as_closest_canonical(image).dataobj)
     axial = list(nib.aff2axcodes(image.affine)).index([c for c in nib.aff2axcodes(image.affine) if c in "SI"][0])
@@ -115,12 +116,12 @@ def test_context_images_stack_neighbouring_liver_windows(nifti_dir, tmp_path):
 
     table = pq.read_table(os.path.join(out, "train", os.listdir(os.path.join(out, "train"))[0]))
     vid = table.column("volume_id")[0].as_py()
-    from lits import volumes
+    from lits.core import volumes
 
     hu_file, g = volumes.read_nifti(os.path.join(nifti_dir, f"{vid}.nii.gz"))
     hu = g.to_canonical(hu_file)
     file_to_z = {int(g.file_slice_index(z)): z for z in range(hu.shape[0])}
-    from lits import shards
+    from lits.core import shards
 
     images = shards.decode(table.column("image"), shards.column_shape(table.schema, "image", "shard"))
     for index, image in zip(table.column("slice_index").to_pylist(), images):

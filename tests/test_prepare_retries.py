@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from lits import discovery, pipeline
-from lits.config import PrepareConfig
+from lits.prepare import discovery, pipeline
+from lits.core.config import PrepareConfig
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 
-from lits import inference, jobs
-from lits.access import check_resolved
-from lits.errors import BadInputError
+from lits.model import inference
+from lits.serve import jobs
+from lits.serve.access import check_resolved
+from lits.core.errors import BadInputError
 from test_inference import tiny_model
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port, local_ray, make_bucket, run_workflow, synthesize, upload_tree
-from lits import inference
+from lits.model import inference
 from test_inference import tiny_model
 
 TOKEN = "s3cret-token"
@@ -46,8 +46,8 @@ def server(tmp_path_factory, s3_server):
     archive/ct/ (4 good volumes, their reference segmentations, 3 bad files) and archive/many/
     (8 larger volumes). The bucket's endpoint reaches the replicas, job actors and volume tasks
     only through this driver's runtime_env, which Serve gives the apps it deploys (local_ray)."""
-    from lits import serving
-    from lits.config import ServeConfig
+    from lits.serve import serving
+    from lits.core.config import ServeConfig
 
     root = tmp_path_factory.mktemp("serving")
     ct = root / "ct"
@@ -178,8 +178,8 @@ def test_second_submission_skips_and_overwrite_recomputes(server, first_job):
 
 
 def wait_local_job(job_id, timeout=180):
-    """The status of a job submitted with lits.jobs (no HTTP) once it has ended."""
-    from lits import jobs
+    """The status of a job submitted with lits.serve.jobs (no HTTP) once it has ended."""
+    from lits.serve import jobs
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -197,8 +197,8 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
     segments every volume again and every report then names it."""
     from ray import serve
 
-    from lits import jobs, serving
-    from lits.config import ServeConfig
+    from lits.serve import jobs, serving
+    from lits.core.config import ServeConfig
 
     first = run_job(server, input="s3://archive/ct", output="s3://archive/remodel")
     assert first["counts"]["done"] == 4
@@ -222,7 +222,8 @@ def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_pa
     """A job's volume stopped between its mask and its report (the KeyboardInterrupt a cancel raises
     arrives while the preview is written): the mask it wrote is removed again, and so is a stale
     report of another model. Run to the end, the volume has all three outputs."""
-    from lits import jobs, storage
+    from lits.serve import jobs
+    from lits.core import storage
 
     spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
     predictor = inference.Predictor(spec, weights, device="cpu")
@@ -260,7 +261,7 @@ def test_cancel_stops_a_job(server):
     """Issue 11: DELETE marked a job cancelled while its tasks kept the CPUs. Cancel while the job's
     volume tasks hold both CPUs of the volume pool (seen in Ray's resource view); once the job says
     `cancelled` both are free again at once, and nothing half-done lies under a final name."""
-    from lits import serving
+    from lits.serve import serving
 
     status, body, _ = call(server, "POST", "/v1/jobs", {"input": "s3://archive/many", "output": "s3://archive/cancelled"})
     assert status == 202
@@ -296,7 +297,7 @@ def pool_cpus_free(app_name, wait_s=10):
     """(free, total) CPUs of the app's volume pool, from Ray's resource view."""
     import ray
 
-    from lits import job_tasks
+    from lits.serve import job_tasks
 
     key = f"CPU_group_{job_tasks.find_pool(app_name).id.hex()}"
     deadline = time.time() + wait_s
@@ -313,8 +314,8 @@ def test_replica_killed_during_a_job_loses_no_volume(server):
     killed. Volume tasks must not take the CPU the dead replica frees (its replacement would never
     be scheduled: the job hung), and the chunks it held are sent again; every volume is done in
     bounded time. The PID is the one the replica reports itself (describe())."""
-    from lits import jobs, serving
-    from lits.config import ServeConfig
+    from lits.serve import jobs, serving
+    from lits.core.config import ServeConfig
 
     cfg = ServeConfig(model=server["model"], batch_wait_s=2.0, max_batch_size=128, chunk=8,
                       model_wait_s=20)
@@ -450,7 +451,7 @@ def test_job_requests_are_validated(server):
 
 
 def test_check_uri_rules(tmp_path):
-    from lits.serving import AccessError, check_uri
+    from lits.serve.serving import AccessError, check_uri
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()
@@ -543,7 +544,7 @@ def test_a_finished_job_keeps_no_actor_and_answers_from_its_summary(server, firs
     memory: what a restarted server sees), so an edit there shows in the answer."""
     import ray
 
-    from lits import jobs
+    from lits.serve import jobs
 
     job_id = first_job["job_id"]
     deadline = time.time() + 30
@@ -706,7 +707,7 @@ def test_decompression_bombs_on_the_segment_endpoint_stay_small(server, tmp_path
     ingress, the upload's worker, the replica, ...) has ever held more than 1.5 GB."""
     from test_bounded_inputs import BOMB_ZEROS, HUGE_SHAPE, write_gzip_stream
 
-    from lits import volumes
+    from lits.core import volumes
 
     trailing, huge = tmp_path / "volume-90.nii.gz", tmp_path / "volume-91.nii.gz"
     write_gzip_stream(str(trailing), volumes.nifti_bytes(np.zeros((32, 32, 8), np.int16), np.eye(4), compress=False),
@@ -738,8 +739,8 @@ def test_a_lost_job_actor_loses_no_progress(server):
     app whose batches wait 1 s for slices and one volume at a time: the job takes tens of seconds."""
     import ray
 
-    from lits import jobs, serving
-    from lits.config import ServeConfig
+    from lits.serve import jobs, serving
+    from lits.core.config import ServeConfig
 
     cfg = ServeConfig(model=server["model"], batch_wait_s=1.0, max_batch_size=128, chunk=8,
                       volume_cpus=1)
@@ -789,7 +790,7 @@ def test_an_elastic_job_takes_free_cpus_but_never_the_replicas(server):
     from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
     from ray.experimental.internal_kv import _internal_kv_get
 
-    from lits import job_capacity, serving
+    from lits.serve import job_capacity, serving
 
     def group_cpus(groups, expected):
         """CPUs the placement groups hold in Ray's resource view (which lags a new or removed group)."""
@@ -831,7 +832,7 @@ def test_every_wait_on_the_model_has_a_deadline_and_a_resend(server, monkeypatch
     after RETRIES resends the caller gets one line (ModelUnavailable), in bounded time."""
     from ray import serve
 
-    from lits import model_client
+    from lits.serve import model_client
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
     class Stalled:

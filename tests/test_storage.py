@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from lits import storage
-from lits.errors import UserError
+from lits.core import storage
+from lits.core.errors import UserError
 from tests.conftest import make_bucket
 
 
@@ -86,7 +86,7 @@ def test_a_ray_worker_finds_the_endpoint_in_its_environment(ray_cluster, s3_serv
 
     @ray.remote
     def copy(src: str, dst: str):
-        from lits import storage
+        from lits.core import storage
 
         storage.write_bytes(dst, storage.read_bytes(src) + b", through a worker")
         return storage.endpoint()

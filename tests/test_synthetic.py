@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lits import masks, synthetic, volumes
-from lits.config import SynthConfig
+from lits.core import masks, synthetic, volumes
+from lits.core.config import SynthConfig
 from tests.conftest import synthesize
 
 

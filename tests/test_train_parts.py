@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lits import checkpoints, ingest, metrics, shards
-from lits.config import TrainConfig
-from lits.errors import UserError
-from lits.slicing import SliceTable
-from lits.train_data import DataInfo
-from lits.train_steps import Collective, TrainState, dice_iou, overlap_counts, to_tensors, train_one_epoch
+from lits.train import checkpoints, ingest
+from lits.core import metrics, shards
+from lits.core.config import TrainConfig
+from lits.core.errors import UserError
+from lits.prepare.slicing import SliceTable
+from lits.train.train_data import DataInfo
+from lits.train.train_steps import Collective, TrainState, dice_iou, overlap_counts, to_tensors, train_one_epoch
 
 LITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lits")
 
@@ -194,7 +195,7 @@ def _worker(rank: int, port: int, backend: str, results) -> None:
         summed = collective.sum(np.array([1.0, rank + 1.0]))
         # worker 1's shard runs dry after 2 batches, worker 0's after 5: both stop after 2 steps
         cfg = TrainConfig(data="-", output="-", base_width=4, depth=2, augment=False, batch_size=2)
-        from lits.model import UNet
+        from lits.model.unet import UNet
 
         model = UNet(3, 3, 4, 2)
         optimizer = torch.optim.Adam(model.parameters())
@@ -230,17 +231,18 @@ def test_every_collective_in_lits_goes_through_the_device_collective():
     call = re.compile(r"dist\.(all_reduce|reduce|broadcast|all_gather|all_gather_into_tensor|reduce_scatter|"
                       r"all_to_all|gather|scatter|all_gather_object|broadcast_object_list|barrier)\(")
     found = []
-    for name in sorted(os.listdir(LITS)):
-        if name.endswith(".py"):
-            for line in open(os.path.join(LITS, name)):
-                for m in call.finditer(line):
-                    found.append((name, m.group(1)))
+    for folder, _, names in os.walk(LITS):
+        for name in sorted(names):
+            if name.endswith(".py"):
+                for line in open(os.path.join(folder, name)):
+                    for m in call.finditer(line):
+                        found.append((name, m.group(1)))
     assert sorted(found) == [("train_steps.py", "all_reduce"), ("train_steps.py", "all_reduce"),
                              ("training.py", "all_gather_object")], found
 
 
 def test_the_epoch_line_says_what_a_user_watches():
-    from lits.training import epoch_line
+    from lits.train.training import epoch_line
 
     row = {"epoch": 12, "train_loss": 0.83321, "val_loss": 0.94256, "val_dice_liver_volume": 0.95773,
            "val_dice_tumour_volume": 0.0, "val_dice_liver_slice": 0.5, "images_per_s_per_worker": 57.22,
@@ -255,7 +257,7 @@ def test_worker_logging_quiets_ray_and_keeps_lits(monkeypatch):
     (LITS_VERBOSE_WORKERS=1) Ray's levels are left alone."""
     import logging
 
-    from lits import worker_logs
+    from lits.runtime import worker_logs
 
     names = ["lits", "ray.data", worker_logs.CLEANER]
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
@@ -268,7 +270,7 @@ def test_worker_logging_quiets_ray_and_keeps_lits(monkeypatch):
         worker_logs.setup()
         assert logging.getLogger("ray.data").level == logging.NOTSET and worker_logs.ray_level() == "INFO"
         assert worker_logs.ray_env() == {worker_logs.VERBOSE_ENV: "1"}
-        assert logging.getLogger("lits.training").isEnabledFor(logging.INFO)
+        assert logging.getLogger("lits.train.training").isEnabledFor(logging.INFO)
         monkeypatch.delenv(worker_logs.VERBOSE_ENV)
         worker_logs.setup()
         assert len(logging.getLogger("lits").handlers) == 1  # not a second handler

@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 
-from lits import pipeline, train_data, training
-from lits.config import PrepareConfig, TrainConfig
-from lits.errors import UserError
-from lits.model import UNet
+from lits.prepare import pipeline
+from lits.train import train_data, training
+from lits.core.config import PrepareConfig, TrainConfig
+from lits.core.errors import UserError
+from lits.model.unet import UNet
 from tests.conftest import run_workflow, synthesize
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     assert any(n.startswith("checkpoint_") for n in os.listdir(os.path.join(out, "t1")))
     # the exported model: weights-only state_dict + config.json that rebuild the network
     saved = json.load(open(os.path.join(out, "model", "config.json")))
-    # the test split's whole volumes, segmented by the exported model and scored by lits.evaluation
+    # the test split's whole volumes, segmented by the exported model and scored by lits.evaluate.evaluation
     evaluated = config.pop("test_evaluation")
     test_ids = [v["volume_id"] for v in json.load(open(os.path.join(prepared, "manifest.json")))["volumes"] if v["split"] == "test"]
     assert evaluated["cases_evaluated"] == len(test_ids) >= 1
@@ -173,7 +174,7 @@ def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_pa
 
 
 def test_train_from_and_to_s3(ray_train_cluster, s3_server, prepared):
-    from lits import storage
+    from lits.core import storage
     from tests.conftest import make_bucket, upload_tree
 
     make_bucket(s3_server, "train-data")
@@ -199,13 +200,14 @@ def test_train_from_and_to_s3(ray_train_cluster, s3_server, prepared):
 
 @pytest.mark.parametrize("mode", ["materialize", "stream"])
 def test_ingest_decodes_every_slice_and_reshuffles_each_epoch(ray_train_cluster, prepared, tmp_path, mode):
-    """The split read through lits.ingest (Ray Data + the collate) holds exactly the shards' slices,
+    """The split read through lits.train.ingest (Ray Data + the collate) holds exactly the shards' slices,
     and a second pass (epoch) comes in another order, materialised or streamed."""
     import numpy as np
 
     import ray.data
 
-    from lits import ingest, shards
+    from lits.train import ingest
+    from lits.core import shards
 
     cfg = TrainConfig(data=prepared, output=str(tmp_path / "o"), ingest=mode, **TINY)
     info = train_data.check_data(cfg)

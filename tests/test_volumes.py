@@ -4,10 +4,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lits import volumes
-from lits.config import PrepareConfig
-from lits.errors import BadInputError
-from lits.synthetic import _AXIS
+from lits.core import volumes
+from lits.core.config import PrepareConfig
+from lits.core.errors import BadInputError
+from lits.core.synthetic import _AXIS
 
 ALL_AXCODES = ["LPS", "RAS", "LPI", "RPI", "LAS", "PLS", "SPL", "IRA", "ASL"]
 

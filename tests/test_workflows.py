@@ -75,7 +75,7 @@ def test_demo_runs_the_whole_product(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "volumes segmented: 4 of 4 (0 failed)" in proc.stdout
     console = proc.stdout + proc.stderr
-    # training says how it goes in one line per epoch; Ray's own chatter stays out (lits.worker_logs)
+    # training says how it goes in one line per epoch; Ray's own chatter stays out (lits.runtime.worker_logs)
     assert "INFO epoch 1/1: loss " in console and "State API may be temporarily unavailable" not in console
     assert "Execution plan of Dataset" not in console
     summary = json.loads((tmp_path / "demo" / "evaluation" / "summary.json").read_text())

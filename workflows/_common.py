@@ -8,8 +8,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from lits import worker_logs
-from lits.errors import UserError
+from lits.runtime import worker_logs
+from lits.core.errors import UserError
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -24,11 +24,11 @@ def setup_logging(verbose: bool = False) -> None:
 def apply_cluster_args(args) -> None:
     """Logging at --verbose; --s3-endpoint becomes this process's S3 endpoint (every storage call
     reads it from the environment, and start_ray sends it to the cluster's workers)."""
-    from lits import storage
+    from lits.core import storage
 
     setup_logging(args.verbose)
     storage.use_endpoint(args.s3_endpoint)
-    if args.verbose:  # Ray's workers keep their chatter too (lits.worker_logs)
+    if args.verbose:  # Ray's workers keep their chatter too (lits.runtime.worker_logs)
         os.environ[worker_logs.VERBOSE_ENV] = "1"
 
 
@@ -40,11 +40,11 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None, data: bool
     not, and saves importing it (~0.8 s)."""
     import ray
 
-    from lits import storage
+    from lits.core import storage
 
-    # every process of this job logs lits at INFO and Ray Data at WARNING (lits.worker_logs)
+    # every process of this job logs lits at INFO and Ray Data at WARNING (lits.runtime.worker_logs)
     env = {**storage.endpoint_env(), **worker_logs.ray_env()}
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "lits.worker_logs.setup"}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "lits.runtime.worker_logs.setup"}
     if address:
         logging.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

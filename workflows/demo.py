@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             shown = mirror
         else:
             shown = local
-        from lits import storage
+        from lits.core import storage
 
         summary = json.loads(storage.read_bytes(f"{uri['evaluation']}/summary.json"))
         jobs = [f for f in storage.list_files(f"{uri['segmentations']}/_jobs") if f.endswith(".json")]

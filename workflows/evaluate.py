@@ -18,7 +18,7 @@ import sys
 
 from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
-from lits.config import EvaluateConfig
+from lits.core.config import EvaluateConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cluster_args(args)
     with user_errors("evaluate"):
-        from lits import evaluation, reports
+        from lits.evaluate import evaluation
+        from lits.core import reports
 
         cfg = make_config(EvaluateConfig, pred=args.pred, ref=args.ref, output=args.output, images=args.images,
                           local=args.local)

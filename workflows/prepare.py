@@ -13,7 +13,7 @@ import time
 
 from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
-from lits.config import INPUT_FORMATS, PrepareConfig
+from lits.core.config import INPUT_FORMATS, PrepareConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     apply_cluster_args(args)
     with user_errors("prepare"):
         cfg = config_from_args(args)
-        from lits import pipeline, reports, storage
+        from lits.prepare import pipeline
+        from lits.core import reports, storage
 
         # Fail on a bad input or output before paying for a Ray start.
         storage.require(cfg.input)

@@ -19,8 +19,8 @@ import sys
 
 from workflows._common import add_cluster_args, add_model_args, apply_cluster_args, make_config, start_ray, user_errors
 
-from lits.access import TOKEN_ENV
-from lits.config import ServeConfig
+from lits.serve.access import TOKEN_ENV
+from lits.core.config import ServeConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args) -> dict:
     """The job on args.server, or on a model deployed here (cfg from the flags)."""
-    from lits import segment_client, storage
+    from lits.serve import segment_client
+    from lits.core import storage
 
     request = {"input": segment_client.as_uri(args.input), "output": segment_client.as_uri(args.output),
                "overwrite": args.overwrite}
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cluster_args(args)
     with user_errors("segment"):
-        from lits import reports, segment_client, storage
+        from lits.core import reports, storage
+        from lits.serve import segment_client
 
         if args.ref:
             storage.require(args.ref)
@@ -75,8 +77,8 @@ def main(argv=None) -> int:
         print(reports.job_summary(job))
         summary = None
         if args.ref and job["state"] == "succeeded" and job["counts"]["done"] + job["counts"]["skipped"]:
-            from lits import evaluation
-            from lits.config import EvaluateConfig
+            from lits.evaluate import evaluation
+            from lits.core.config import EvaluateConfig
 
             print()
             # Locally Ray is still up (run_locally leaves it to the process's end); against a

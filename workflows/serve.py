@@ -18,8 +18,8 @@ import threading
 
 from workflows._common import add_cluster_args, add_model_args, apply_cluster_args, make_config, start_ray, user_errors
 
-from lits.config import ServeConfig
-from lits.errors import UserError
+from lits.core.config import ServeConfig
+from lits.core.errors import UserError
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = ServeConfig(model="-")
@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cluster_args(args)
     with user_errors("serve"):
-        from lits import access, inference, serving, storage
+        from lits.serve import access, serving
+        from lits.model import inference
+        from lits.core import storage
 
         cfg = make_config(
             ServeConfig, model=storage.normalise(args.model), replicas=args.replicas, min_replicas=args.min_replicas,

@@ -11,7 +11,7 @@ import sys
 
 from workflows._common import make_config, setup_logging, user_errors
 
-from lits.config import COLORMAPS, SYNTH_FORMATS, SynthConfig
+from lits.core.config import COLORMAPS, SYNTH_FORMATS, SynthConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         cfg = make_config(SynthConfig, output=args.output, volumes=args.volumes, size=args.size, slices=args.slices,
                           format=args.format, colormap=args.colormap, seed=args.seed,
                           compress=not args.no_compress, first_id=args.first_id)
-        from lits import synthetic
+        from lits.core import synthetic
 
         ids = synthetic.synthesize(cfg)
         print(f"wrote {len(ids)} synthetic volume(s) ({cfg.format}, {cfg.size}x{cfg.size}x{cfg.slices}) to {cfg.output}")

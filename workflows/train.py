@@ -14,7 +14,7 @@ import sys
 
 from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
-from lits.config import AMP_MODES, INGEST_MODES, SCHEDULES, TASKS, TrainConfig
+from lits.core.config import AMP_MODES, INGEST_MODES, SCHEDULES, TASKS, TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
             materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker,
         )
-        from lits import storage, train_data, training
+        from lits.core import storage
+        from lits.train import train_data, training
 
         info = train_data.check_data(cfg)  # before paying for Ray
         storage.check_writable(cfg.output)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         if config["test_metrics"]:
             print("test split, prepared slices:", json.dumps(config["test_metrics"], indent=1))
         if config.get("test_evaluation"):
-            from lits import reports
+            from lits.core import reports
 
             print("\ntest split, whole volumes at their original resolution (LiTS metrics):")
             print(reports.evaluation_summary(config["test_evaluation"]))

@@ -1,0 +1,57 @@
+"""The names of the product's files: NIfTI inputs and the outputs written per volume.
+
+Input `<rel>.nii[.gz]` -> `<rel>_seg.nii.gz` (the mask), `<rel>_preview.png`, `<rel>.json` (the
+report, written last). Every module that names, strips or recognises these files asks here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from lits.core import storage
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MASK_SUFFIX = "_seg.nii.gz"
+PREVIEW_SUFFIX = "_preview.png"
+REPORT_SUFFIX = ".json"
+# Files the product writes itself: a job pointed at a folder holding earlier outputs skips them.
+PRODUCT_SUFFIXES = (MASK_SUFFIX, "_seg.nii")
+OUTPUTS_TEXT = f"<name>{MASK_SUFFIX}, <name>{PREVIEW_SUFFIX}, <name>{REPORT_SUFFIX}"
+
+
+def strip_nifti(name: str) -> str:
+    """'volume-3.nii.gz' -> 'volume-3'; a name without a NIfTI suffix is returned as it is."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def output_name(relative: str) -> str:
+    """'sub/volume-3.nii.gz' -> 'sub/volume-3' (the stem outputs are named after)."""
+    if not relative.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{relative} is not .nii or .nii.gz")
+    return strip_nifti(relative)
+
+
+def is_mask(name: str) -> bool:
+    """Whether a file name is a mask the product wrote ('<stem>_seg.nii.gz', or '_seg.nii')."""
+    return name.endswith(PRODUCT_SUFFIXES)
+
+
+def mask_name(stem: str) -> str:
+    return stem + MASK_SUFFIX
+
+
+def mask_stem(mask: str) -> str:
+    """'OUT/volume-3_seg.nii.gz' (or '_seg.nii') -> 'OUT/volume-3'; other names as they are."""
+    for suffix in PRODUCT_SUFFIXES:
+        if mask.endswith(suffix):
+            return mask[: -len(suffix)]
+    return mask
+
+
+def output_uris(output: str, rel_name: str) -> Dict[str, str]:
+    """A volume's outputs under the prefix `output`: {'mask', 'preview', 'report'}."""
+    return {"mask": storage.join(output, mask_name(rel_name)), "preview": storage.join(output, rel_name + PREVIEW_SUFFIX),
+            "report": storage.join(output, rel_name + REPORT_SUFFIX)}

@@ -1,0 +1,273 @@
+"""URIs on local disk, file:// and s3:// through fsspec: list, read, atomic write, move, delete.
+
+Every write is atomic: locally a temporary sibling is renamed into place; on S3 a single PUT
+(an object only appears once its upload completed). Callers never see a half-written object
+under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import uuid
+from typing import Iterator, Optional, Tuple
+
+import fsspec
+
+from lits.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://") or uri.startswith("s3a://")
+
+
+# The S3 endpoint is process configuration, held in the environment under the AWS SDKs' standard
+# names (the S3-specific one first): set once (`use_endpoint`, from a workflow's --s3-endpoint),
+# read by every call here, and inherited by the processes started after it. Ray workers of a
+# cluster this process joins do not inherit it: workflows send it in the job's runtime_env
+# (`endpoint_env`).
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+ENDPOINT_VARS = (ENDPOINT_ENV, "AWS_ENDPOINT_URL")
+
+
+def use_endpoint(url: Optional[str]) -> None:
+    """Make `url` the S3 endpoint of this process (and of the processes it starts after this);
+    None or '' leaves the environment as it is (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)."""
+    if url:
+        os.environ[ENDPOINT_ENV] = url
+
+
+def endpoint() -> Optional[str]:
+    """The S3 endpoint: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else None (AWS itself)."""
+    for name in ENDPOINT_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def endpoint_env() -> dict:
+    """The environment that gives other processes (Ray workers) this process's endpoint: the
+    env_vars of a runtime_env; empty when there is none (AWS itself)."""
+    url = endpoint()
+    return {ENDPOINT_ENV: url} if url else {}
+
+
+def normalise(uri: str) -> str:
+    """An absolute local path, or 's3://bucket/key' without a trailing slash."""
+    if is_s3(uri):
+        rest = uri.split("://", 1)[1].strip("/")
+        if not rest:
+            raise UserError(f"{uri!r} names no bucket: use s3://BUCKET/PREFIX")
+        return "s3://" + rest
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise UserError(f"{uri!r}: unsupported URI scheme; use a local path, file:// or s3://")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def filesystem(uri: str) -> Tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving `uri` and the path inside it."""
+    uri = normalise(uri)
+    if is_s3(uri):
+        url = endpoint()
+        kwargs = {"client_kwargs": {"endpoint_url": url}} if url else {}
+        fs = fsspec.filesystem("s3", **kwargs)
+        return fs, uri[len("s3://"):]
+    return fsspec.filesystem("file"), uri
+
+
+def arrow_filesystem(uri: str):
+    """A pyarrow filesystem and path for `uri` (what ray.data.read_parquet wants)."""
+    import pyarrow.fs as pafs
+
+    uri = normalise(uri)
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), uri
+    url = endpoint()
+    kwargs = {}
+    if url:
+        scheme, _, host = url.partition("://")
+        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), uri[len("s3://"):]
+
+
+def _uri(fs_path: str, like: str) -> str:
+    return "s3://" + fs_path.lstrip("/") if is_s3(like) else fs_path
+
+
+@contextlib.contextmanager
+def user_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn storage exceptions into one UserError naming the URI and the fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as exc:
+        raise UserError(f"cannot {action} {uri}: it does not exist; check the path or bucket name") from exc
+    except PermissionError as exc:
+        raise UserError(f"cannot {action} {uri}: permission denied; check its permissions or your credentials") from exc
+    except Exception as exc:  # botocore/aiohttp errors have no common base worth importing
+        name = type(exc).__name__
+        if name == "NoCredentialsError":
+            raise UserError(
+                f"cannot {action} {uri}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance profile)"
+            ) from exc
+        if "EndpointConnectionError" in name or "ClientConnector" in name or "ConnectionError" in name:
+            raise UserError(
+                f"cannot {action} {uri}: the S3 endpoint is unreachable ({exc}); check --s3-endpoint / "
+                "AWS_ENDPOINT_URL"
+            ) from exc
+        raise
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    with user_errors(uri, "look up"):
+        fs.invalidate_cache()
+        return fs.exists(path)
+
+
+def require(uri: str) -> None:
+    """UserError naming `uri` unless it exists (cheap: no listing)."""
+    if not exists(uri):
+        raise UserError(f"cannot read {uri}: it does not exist; check the path or bucket name")
+
+
+def list_files(uri: str) -> list[str]:
+    """All files under `uri`, recursively, as sorted URIs. UserError when `uri` does not exist."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri)
+    with user_errors(uri, "list"):
+        fs.invalidate_cache()
+        if fs.isfile(path):
+            return [uri]
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        found = fs.find(path)
+    return sorted(_uri(p, uri) for p in found)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with user_errors(uri, "read"):
+        return fs.cat_file(path)
+
+
+def iter_bytes(uri: str, chunk_size: int = 16 << 20) -> Iterator[bytes]:
+    """The bytes of `uri` in pieces of `chunk_size` (one open, sequential reads of that size; on S3
+    range requests): a reader that stops early never fetches the rest."""
+    fs, path = filesystem(uri)
+    with user_errors(uri, "read"):
+        with fs.open(path, "rb", block_size=chunk_size) as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+
+
+class TransientError(OSError):
+    """A network failure that another try may not meet (prepare's Ray tasks retry it)."""
+
+
+def is_transient(exc: Optional[BaseException]) -> bool:
+    """Whether a connection failure or a timeout is anywhere in `exc`'s chain of causes."""
+    seen = 0
+    while exc is not None and seen < 16:
+        name = type(exc).__name__
+        if isinstance(exc, (ConnectionError, TimeoutError)) or "ConnectionError" in name or "ClientConnector" in name \
+                or "Timeout" in name:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically (temporary sibling + rename locally, one PUT on S3)."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri)
+    with user_errors(uri, "write"):
+        if is_s3(uri):
+            fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+
+def delete(uri: str) -> None:
+    """Remove a file or a whole tree; nothing happens when it is absent."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri)
+    with user_errors(uri, "delete"):
+        fs.invalidate_cache()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def move_file(src: str, dst: str) -> None:
+    """Move one file to `dst` (replacing it): a rename locally, copy+delete on S3."""
+    src, dst = normalise(src), normalise(dst)
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    with user_errors(dst, "move into"):
+        if is_s3(src):
+            fs.copy(src_path, dst_path)
+            fs.rm(src_path)
+        else:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+
+
+def move_tree(src: str, dst: str) -> None:
+    """Move the tree `src` to `dst` (which must not exist): a rename locally, copy+delete on S3."""
+    src, dst = normalise(src), normalise(dst)
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    with user_errors(dst, "move into"):
+        if is_s3(src):
+            fs.invalidate_cache()
+            for path in fs.find(src_path):
+                fs.copy(path, dst_path + path[len(src_path):])
+            fs.rm(src_path, recursive=True)
+        else:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+
+
+def check_writable(uri: str) -> None:
+    """Raise UserError unless a small object can be written and removed under `uri`."""
+    probe = join(normalise(uri), f".write-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"ok")
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot write to {uri}: {exc.strerror or exc}; choose a writable output") from exc
+    delete(probe)

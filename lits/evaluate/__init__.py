@@ -1,0 +1,1 @@
+"""evaluate: pairing predictions with references, LiTS metrics per case, aggregates and reports."""

@@ -1,0 +1,383 @@
+"""Predict a volume with an exported model (no Ray): load, preprocess, predict, undo, report.
+
+One volume's path, the same in a bulk job, in `/v1/segment` and in a plain loop:
+
+    file-order voxels --Geometry.to_canonical--> (Z, H, W) HU
+      --ct.slice_image + ct.resize_image (prepare's functions, config.json's parameters)--> (Z, S, S, 3) uint8
+      --predict (batched, anywhere: in-process or a Serve replica; probabilities resized to (H, W)
+        bilinearly and argmaxed where the model runs, on its GPU when it has one)--> (Z, H, W) labels
+      --postprocess.postprocess_guided (largest liver component, tumour inside it; in its box)
+      --> file-order uint8 labels with the input's affine (written in file order from the start).
+
+Every stage overlaps the model: chunks of slices are preprocessed on the volume task's threads
+ahead of the model, sent as soon as they are ready, and their labels stored as they come back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from lits.core import postprocess as post
+from lits.core import naming, reports, storage, volumes
+from lits.model import streaming
+from lits.core.errors import UserError
+from lits.core.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = 1
+# What inference does by default with a newly exported model (config.json's "inference"), measured
+# by benchmarks/levers.py on 8 unseen scans: mirroring +0.018 tumour Dice per case (+0.034 for a model
+# trained with forced tumour patches) for 3 forward passes; dropping tumour components under 0.1 mL
+# removed 1 of 16 predicted lesions (12 of 46 for that model), Dice unchanged.
+DEFAULT_INFERENCE = {"mirror": True, "min_tumour_ml": 0.1}
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "weights.pt"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a predictor and its callers need to know of an exported model (from config.json).
+
+    Attributes:
+        uri: the model folder.
+        model_id: first 16 hex digits of the sha256 of weights.pt: outputs made by other weights
+            are recomputed by a bulk job, outputs of these weights are skipped.
+        task: 'liver-tumour' (softmax over 3 classes) or 'tumour' (sigmoid, tumour probability).
+        out_channels, base_width, depth: the U-Net.
+        image_size: the square slice size the model was trained at (prepare's --image-size).
+        context: prepare's --context (0: three windows of one slice; 1: 2.5-D).
+        mirror: test-time mirroring (config.json's inference.mirror; off for models exported
+            before it existed).
+        min_tumour_ml: tumour components smaller than this become liver (inference.min_tumour_ml).
+    """
+
+    uri: str
+    model_id: str
+    task: str
+    out_channels: int
+    base_width: int
+    depth: int
+    image_size: int
+    context: int
+    mirror: bool = False
+    min_tumour_ml: float = 0.0
+
+    @property
+    def probability_channels(self) -> int:
+        return 3 if self.task == "liver-tumour" else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        """From `to_dict`'s output, or any dict holding those keys (e.g. a replica's describe())."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def model_id_of(weights: bytes) -> str:
+    return hashlib.sha256(weights).hexdigest()[:16]
+
+
+def model_config(architecture: Dict, task: str, image_size: int, context: int, extra: Optional[Dict] = None) -> Dict:
+    """config.json of an exported model: what inference reads, plus `extra` (training facts).
+
+    Args:
+        architecture: {'name': 'UNet', 'in_channels': 3, 'out_channels', 'base_width', 'depth'}.
+        task: 'liver-tumour' or 'tumour'.
+        image_size, context: the preprocessing the model was trained on (prepare's flags).
+    """
+    config = {
+        "format_version": MODEL_FORMAT,
+        "architecture": dict(architecture),
+        "task": task,
+        "class_names": list(CLASS_NAMES) if task == "liver-tumour" else ["background", "tumour"],
+        "output": "softmax over 3 classes" if task == "liver-tumour" else "sigmoid, tumour probability",
+        "input": {"height": image_size, "width": image_size, "channels": 3,
+                  "layout": "NCHW float32 = uint8 image (H, W, C) / 255"},
+        "preprocessing": {
+            "canonical_layout": "(Z, H, W): rows anterior->posterior, columns patient right->left",
+            "image_size": image_size,
+            "context": context,
+            "windows": [list(WINDOW_LIVER), list(WINDOW_CUSTOM)],
+            "third_channel": "fastai freqhist over the volume, 100 bins" if not context else None,
+            "resize": {"image": "INTER_AREA", "mask": "INTER_NEAREST"},
+        },
+        "inference": dict(DEFAULT_INFERENCE),
+        "weights": WEIGHTS_NAME,
+    }
+    config.update(extra or {})
+    return config
+
+
+def save_model(uri: str, state_dict: Dict, config: Dict) -> None:
+    """Write URI/weights.pt (a plain state_dict), then URI/config.json (written last: the marker)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), buf.getvalue())
+    storage.write_bytes(storage.join(uri, CONFIG_NAME), json.dumps(config, indent=1).encode())
+
+
+def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
+    """Read and check an exported model folder; return its spec and the raw weights.
+
+    Raises:
+        UserError: missing folder or files, or a config.json this version cannot use.
+    """
+    uri = storage.normalise(uri)
+    config_uri = storage.join(uri, CONFIG_NAME)
+    if not storage.exists(config_uri):
+        raise UserError(f"{uri} is not an exported model: {CONFIG_NAME} is missing; pass the model/ folder "
+                        "that train.py wrote (OUTPUT/model)")
+    try:
+        config = json.loads(storage.read_bytes(config_uri))
+        arch = config["architecture"]
+        pre = config["preprocessing"]
+        task = config["task"]
+        if arch.get("name") != "UNet" or arch.get("in_channels") != 3 or task not in ("liver-tumour", "tumour"):
+            raise ValueError(f"architecture {arch.get('name')!r} / task {task!r}")
+        weights_uri = storage.join(uri, config.get("weights", WEIGHTS_NAME))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{config_uri}: not a model config this version understands ({exc}); re-export the model") from exc
+    weights = storage.read_bytes(weights_uri)
+    spec = ModelSpec(uri=uri, model_id=model_id_of(weights), task=task, out_channels=int(arch["out_channels"]),
+                     base_width=int(arch["base_width"]), depth=int(arch["depth"]),
+                     image_size=int(pre["image_size"]), context=int(pre.get("context") or 0),
+                     mirror=bool(config.get("inference", {}).get("mirror", False)),
+                     min_tumour_ml=float(config.get("inference", {}).get("min_tumour_ml", 0.0)))
+    return spec, weights
+
+
+class Predictor:
+    """A loaded model: uint8 slice images in; uint8 class probabilities, or labels at any slice
+    size, out (the stateful part).
+
+    Args:
+        spec, weights: from `load_spec`; weights are loaded with weights_only=True (never
+            unpickling code).
+        device: 'cuda', 'cpu' or None (CUDA when available).
+        max_batch: slices per forward pass.
+        tta: test-time mirroring: average the probabilities of the slice and of its left-right and
+            up-down mirror images (3 forward passes; nnU-Net mirrors every axis); None: spec.mirror.
+        upsample: how `labels` resizes probabilities: 'torch' (`labels_on_device`: float bilinear
+            on the model's device; liver and tumour Dice >= 0.999 against 'cv2' in the tests) or
+            'cv2' (uint8 bilinear on the host: the values inference computed before labels came
+            from the model); None: torch on CUDA, else cv2.
+    """
+
+    def __init__(self, spec: ModelSpec, weights: bytes, device: Optional[str] = None, max_batch: int = 32,
+                 tta: Optional[bool] = None, upsample: Optional[str] = None):
+        import torch
+
+        from lits.model.unet import UNet
+
+        self.spec = spec
+        self.max_batch = max_batch
+        self.tta = spec.mirror if tta is None else tta
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.upsample = upsample or ("torch" if self.device.type == "cuda" else "cv2")
+        model = UNet(3, spec.out_channels, spec.base_width, spec.depth)
+        try:
+            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise UserError(f"{spec.uri}: {WEIGHTS_NAME} does not fit its config.json ({exc}); re-export the model") from exc
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities of a batch of slices.
+
+        Args:
+            images: uint8 (N, S, S, 3).
+        Returns:
+            uint8 (N, S, S, K): probability * 255 per class (K = 3, softmax) or of tumour (K = 1).
+        """
+        return self._quantised(images).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    def labels(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """Labels of chunks of slices (one forward pass over all), each at its own slice size.
+
+        Args:
+            chunks: uint8 (n_i, S, S, 3) each.
+            shapes: the (H, W) each chunk's labels are wanted at (its volume's slice size).
+        Returns:
+            per chunk (uint8 (n_i, H, W) labels, uint8 (n_i, S, S) labels at the model's size for
+            the guided post-processing, or None for a 'tumour' model).
+        """
+        q = self._quantised(np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
+        out, start = [], 0
+        liver_tumour = self.spec.task == "liver-tumour"
+        for chunk, (h, w) in zip(chunks, shapes):
+            part, start = q[start:start + len(chunk)], start + len(chunk)
+            if self.upsample == "cv2":
+                probs = part.byte().permute(0, 2, 3, 1).cpu().numpy()
+                out.append((post.probs_to_labels(probs, (h, w), self.spec.task),
+                            post.argmax3(probs) if liver_tumour else None))
+                continue
+            out.append(labels_on_device(part, (h, w), self.spec.task))
+        return out
+
+    def _quantised(self, images: np.ndarray):
+        """(N, K, S, S) float tensor on the device: round(probability * 255), TTA included."""
+        import torch
+
+        cuda = self.device.type == "cuda"
+        out = torch.empty((len(images), self.spec.probability_channels) + images.shape[1:3], dtype=torch.float32,
+                          device=self.device)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for start in range(0, len(images), self.max_batch):
+                # Arrays from Ray's object store are read-only: torch wants a writable buffer.
+                x = torch.from_numpy(np.require(images[start:start + self.max_batch], requirements=["C", "W"])).to(self.device)
+                x = x.permute(0, 3, 1, 2).float().div_(255.0)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                probs = self._probs(x)
+                if self.tta:
+                    for dims in ((3,), (2,)):
+                        probs += self._probs(x.flip(dims)).flip(dims)
+                    probs /= 3.0
+                out[start:start + len(x)] = probs.mul_(255.0).round_()
+        return out
+
+    def _probs(self, x):
+        import torch
+
+        logits = self.model(x).float()
+        return torch.softmax(logits, dim=1) if self.spec.task == "liver-tumour" else torch.sigmoid(logits)
+
+
+def labels_on_device(q, shape: Tuple[int, int], task: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """`Predictor.labels`' torch path: (labels (n, H, W), model-size labels or None) of a float
+    (n, K, S, S) tensor of round(probability * 255), resized and argmaxed where it lies (float
+    bilinear: differs from cv2's fixed-point uint8 only where two classes nearly tie)."""
+    import torch
+
+    with torch.inference_mode():
+        up = q if tuple(q.shape[2:]) == tuple(shape) else torch.nn.functional.interpolate(
+            q, size=tuple(shape), mode="bilinear", align_corners=False)
+        if task != "liver-tumour":
+            return ((up[:, 0] > 127) * TUMOUR).byte().cpu().numpy(), None
+        return up.argmax(1).byte().cpu().numpy(), q.argmax(1).byte().cpu().numpy()
+
+
+class Done:
+    """An already-computed result with the `.result()` of a future (in-process prediction)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self, timeout_s: Optional[float] = None):
+        return self.value
+
+
+class LocalModel:
+    """A `Submit` for an in-process Predictor that answers labels at the slice size, as a Serve
+    replica does (`answers_labels`: called as submit(images, (H, W)))."""
+
+    answers_labels = True
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+
+    def __call__(self, images: np.ndarray, shape: Tuple[int, int]) -> Done:
+        return Done(self.predictor.labels([images], [shape])[0])
+
+
+# submit(images) -> a future of probabilities (n, S, S, K), or, with `answers_labels`,
+# submit(images, (H, W)) -> a future of (labels (n, H, W), coarse (n, S, S) or None).
+Submit = Callable[..., object]
+
+
+def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSpec, submit: Submit,
+                  chunk: int = 16, postprocess: bool = True, min_tumour_ml: Optional[float] = None, threads: int = 1
+                  ) -> Tuple[np.ndarray, Dict[str, float]]:
+    """Segment one volume given in file order; returns (uint8 file-order labels, Fortran-ordered, and
+    per-stage seconds, `streaming.STAGES`). See `streaming.segment_volume`."""
+    labels_file, _, _, timings = streaming.segment_volume(hu_file, geometry, spec, submit, chunk, postprocess,
+                                                          min_tumour_ml, threads)
+    return labels_file, timings
+
+
+def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
+                    chunk: int, read_s: float, threads: int):
+    """(file-order labels, canonical labels, box, report) of a decoded volume."""
+    volumes.check_hu(hu_file, name)
+    labels_file, labels, box, timings = streaming.segment_volume(hu_file, geometry, spec, submit, chunk, True, None,
+                                                                 threads)
+    t = time.perf_counter()
+    figures = reports.volume_report(labels[box] if box else labels, streaming.voxel_ml(geometry), spec.task)
+    report = {
+        "input": name,
+        "model_id": spec.model_id,
+        "model": spec.uri,
+        "shape": list(geometry.shape),
+        "axcodes": geometry.axcodes,
+        "spacing_mm": [round(s, 6) for s in geometry.spacing],
+        "slices": int(geometry.canonical_shape[0]),
+        **figures,
+        "seconds": {"read": round(read_s, 3), **timings, "report": round(time.perf_counter() - t, 3)},
+    }
+    return labels_file, labels, box, report
+
+
+def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: int = 16,
+                  threads: int = 1) -> Tuple[bytes, Dict]:
+    """Segment NIfTI bytes; return the .nii.gz mask bytes (the input's affine) and the report.
+
+    Raises:
+        BadInputError: not NIfTI, not 3-D, absurd dimensions, NaN HU.
+    """
+    t0 = time.perf_counter()
+    hu_file, geometry = volumes.parse_nifti(data, name)
+    labels_file, _, _, report = _segment_parsed(hu_file, geometry, name, spec, submit, chunk,
+                                                time.perf_counter() - t0, threads)
+    t = time.perf_counter()
+    mask_bytes = volumes.nifti_bytes(labels_file, geometry.affine_array, compress=True)
+    report["seconds"]["encode"] = round(time.perf_counter() - t, 3)
+    return mask_bytes, report
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
+
+
+def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit, chunk: int = 16, threads: int = 1) -> Dict:
+    """Segment the NIfTI at `uri`; write outputs['mask'], outputs['preview'], then outputs['report']
+    (last: its presence means done). Every write is atomic. Returns the report, whose 'seconds'
+    hold every stage (read: fetch and decode, streamed; then `streaming.STAGES`; report; encode;
+    preview; write; total).
+
+    Raises:
+        BadInputError: unreadable or invalid volume (nothing is written).
+    """
+    t0 = time.perf_counter()
+    hu_file, geometry = volumes.read_nifti(uri)
+    labels_file, labels, box, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk,
+                                                       time.perf_counter() - t0, threads)
+    title = os.path.basename(naming.mask_stem(outputs["mask"]))
+    mask_bytes, encode_s = _timed(volumes.nifti_bytes, labels_file, geometry.affine_array)
+    png, preview_s = _timed(reports.preview_png, geometry.to_canonical(hu_file), labels, title, box)
+    t = time.perf_counter()
+    storage.write_bytes(outputs["mask"], mask_bytes)
+    storage.write_bytes(outputs["preview"], png)
+    report.update(mask=outputs["mask"], preview=outputs["preview"])
+    seconds = report["seconds"]
+    seconds.update(encode=round(encode_s, 3), preview=round(preview_s, 3), write=round(time.perf_counter() - t, 3))
+    seconds["total"] = round(time.perf_counter() - t0, 3)
+    storage.write_bytes(outputs["report"], json.dumps(report, indent=1).encode())
+    return report

@@ -1,0 +1,89 @@
+"""Which URIs the server may touch (pure: no Ray, no I/O beyond resolving local symlinks), and
+the variable that holds the API token (read by the server and by its clients).
+
+The HTTP API checks a job's input and output URIs with `check_uri`; every file a job then reads
+or writes is checked again with `check_resolved`, because a symlink below an allowed folder (a
+file, or a sub-folder of the output) may point anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+from lits.core import storage
+from lits.core.errors import BadInputError, UserError
+
+TOKEN_ENV = "LITS_API_TOKEN"  # the API's bearer token: serve.py hashes it, segment.py sends it
+
+
+class AccessError(Exception):
+    """A job URI the server refuses: `status` 400 (malformed) or 403 (outside the allow-list)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _normalise_allowed(prefix: str) -> str:
+    uri = storage.normalise(prefix)
+    return uri if storage.is_s3(uri) else os.path.realpath(uri)
+
+
+def _under(uri: str, prefixes: Sequence[str]) -> bool:
+    return any(uri == p or uri.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def check_uri(uri: str, allow_prefixes: Sequence[str]) -> str:
+    """The normalised URI when a job may use it; AccessError otherwise.
+
+    Rules: s3:// or a local path (file:// or absolute); no '.' or '..' segment, NUL, backslash or
+    control character; with no allow-list any s3:// URI and no local path; with one, the URI
+    must equal an allowed prefix or lie under it (compared by path segment, local paths after
+    resolving symlinks).
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise AccessError(400, "empty URI")
+    if any(ord(c) < 32 for c in uri) or "\\" in uri:
+        raise AccessError(400, f"{uri!r}: control characters and backslashes are not allowed in URIs")
+    scheme = _SCHEME.match(uri)
+    if scheme and scheme.group(0).lower() not in ("s3://", "file://"):
+        raise AccessError(400, f"{uri!r}: unsupported scheme; use s3:// (or a local path where allowed)")
+    path = uri[scheme.end():] if scheme else uri
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise AccessError(400, f"{uri!r}: '.' and '..' path segments are not allowed")
+    local = not (scheme and scheme.group(0).lower() == "s3://")
+    if local and not path.startswith("/"):
+        raise AccessError(400, f"{uri!r}: local paths must be absolute")
+    try:
+        normal = storage.normalise(uri)
+    except UserError as exc:
+        raise AccessError(400, str(exc)) from exc
+    if local:
+        normal = os.path.realpath(normal)
+    allowed = [_normalise_allowed(p) for p in allow_prefixes]
+    if not allowed:
+        if local:
+            raise AccessError(403, f"{uri!r}: local paths are refused; start the server with --allow-prefix for them")
+        return normal
+    if _under(normal, allowed):
+        return normal
+    raise AccessError(403, f"{uri!r} lies outside the allowed prefixes ({', '.join(allowed)})")
+
+
+def check_resolved(uri: str, allow_prefixes: Sequence[str], action: str) -> None:
+    """BadInputError (one line) when the file a job is about to read or write resolves outside the
+    allow-list: a local path is resolved with os.path.realpath (every symlink in it, the file's own
+    included); s3:// keys have no symlinks. Nothing to check without an allow-list (local paths are
+    then refused at the door)."""
+    if not allow_prefixes or storage.is_s3(uri):
+        return
+    resolved = os.path.realpath(storage.normalise(uri))
+    allowed = [_normalise_allowed(p) for p in allow_prefixes]
+    if not _under(resolved, allowed):
+        raise BadInputError(f"refused to {action} {uri}: it resolves to {resolved}, outside the allowed prefixes "
+                            f"({', '.join(allowed)}); a symlink points out of them")

@@ -1,0 +1,216 @@
+"""The volume tasks of bulk jobs, and the CPUs volume tasks (of jobs and uploads) may use.
+
+A volume task reads, preprocesses and post-processes on a CPU worker, on as many threads as CPUs it
+reserved (`model_client.task_threads`), and sends its slices, chunk by chunk, to the model
+deployment, which answers labels at the volume's slice size (`model_client.ModelSubmit`, whose every
+wait has a deadline and resends). A lost model replica never hangs the service:
+
+- **The volume pool.** `serving.deploy` reserves the CPUs volume tasks may use in a placement group
+  (`create_pool`) after the replicas are placed, leaving what the replicas hold (and what autoscaling
+  may add) outside it. Every volume task of a job or an upload runs inside the pool, so a replica
+  that dies frees CPUs no volume task can take, and its replacement is scheduled.
+
+Outputs per input `INPUT/<rel>.nii[.gz]` are named by `lits.core.naming`: the mask, the preview, then
+the report (written last: its presence with this model's id means done).
+Every write is atomic, and a volume's outputs are all or nothing (`segment_volume`). Every file a
+volume reads or writes is resolved and checked against the server's allow-list first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import ray
+
+from lits.serve import access
+from lits.model import inference
+from lits.core import naming, storage
+from lits.core.errors import UserError
+from lits.serve.model_client import MODEL_WAIT_S, ModelSubmit, ModelUnavailable, task_threads
+
+log = logging.getLogger(__name__)
+
+POOL_PREFIX = "lits-volumes-"
+
+
+# --- the volume pool ------------------------------------------------------------------------------
+
+def pool_name(app_name: str) -> str:
+    return POOL_PREFIX + app_name
+
+
+def _pools(app_name: str, states=("CREATED",)) -> List:
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    return [PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))) for pg_id, info in placement_group_table().items()
+            if info.get("name") == pool_name(app_name) and info.get("state") in states]
+
+
+def find_pool(app_name: str):
+    """The app's volume pool (a created placement group), or None."""
+    found = _pools(app_name)
+    return found[0] if found else None
+
+
+def pool_shape(pg) -> Tuple[float, float]:
+    """(CPUs the pool holds, CPUs of its largest bundle: the most one task in it may ask)."""
+    from ray.util.placement_group import placement_group_table
+
+    cpus = [float(b.get("CPU", 0)) for b in placement_group_table(pg)["bundles"].values()]
+    return sum(cpus), max(cpus, default=0.0)
+
+
+def remove_pool(app_name: str) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for pg in _pools(app_name, ("CREATED", "PENDING", "PREPARED", "RESCHEDULING")):
+        remove_placement_group(pg)
+
+
+def create_pool(app_name: str, cpus: float, cpus_per_volume: float, timeout_s: float = 120) -> float:
+    """Reserve `cpus` CPUs (bundles of max(1, cpus_per_volume)) for the volume tasks of `app_name`;
+    returns the CPUs reserved. UserError when they cannot be had in `timeout_s`."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = max(1.0, float(cpus_per_volume))
+    count = int(cpus // bundle)
+    if count < 1:
+        raise UserError(f"no CPU is left for volume tasks ({cpus:g} after the model replicas' reservation; each needs "
+                        f"{bundle:g}): give the cluster more CPUs, or lower --cpus-per-replica / --max-replicas")
+    remove_pool(app_name)
+    pg = placement_group([{"CPU": bundle}] * count, strategy="PACK", name=pool_name(app_name), lifetime="detached")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        remove_placement_group(pg)
+        raise UserError(f"could not reserve {count * bundle:g} CPUs for volume tasks in {timeout_s:.0f} s; "
+                        "pass a smaller --volume-cpus") from exc
+    return count * bundle
+
+
+def in_pool(pg) -> Dict:
+    """Task options that run a task inside the pool `pg` (any bundle); {} without one."""
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=-1)}
+
+
+# --- one volume -----------------------------------------------------------------------------------
+
+def already_done(uris: Dict[str, str], model_id: str) -> bool:
+    """True when this model's report and mask for the volume exist (the report is written last)."""
+    if not storage.exists(uris["report"]):
+        return False
+    try:
+        report = json.loads(storage.read_bytes(uris["report"]))
+    except (ValueError, UserError):
+        return False
+    return report.get("model_id") == model_id and storage.exists(uris["mask"])
+
+
+def remove_outputs(uris: Dict[str, str]) -> None:
+    """Delete a volume's report, preview and mask (report first: it is what marks a volume done)."""
+    for key in ("report", "preview", "mask"):
+        storage.delete(uris[key])
+
+
+def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit,
+                            overwrite: bool, chunk: int, threads: int = 1) -> Optional[Dict]:
+    """The report, or None when this model's outputs exist and `overwrite` is off."""
+    done_before = already_done(uris, spec.model_id)
+    if done_before and not overwrite:
+        return None
+    if not done_before:
+        remove_outputs(uris)
+    try:
+        return inference.segment_uri(uri, uris, spec, submit, chunk, threads)
+    except BaseException:
+        try:
+            if not already_done(uris, spec.model_id):
+                remove_outputs(uris)
+        except Exception as exc:  # the first failure is the one to report
+            log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
+        raise
+
+
+def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
+                   overwrite: bool, chunk: int, allow: Sequence[str] = (),
+                   threads: int = 1) -> Dict:
+    """One volume of a job (what `segment_volume_task` runs, on `threads` threads); never raises
+    for a bad volume.
+
+    Outputs are all or nothing: stale ones (another model's, or a half-written earlier try) are
+    removed before the volume is segmented, and whatever this call wrote is removed again when it
+    stops before the report (a cancel's KeyboardInterrupt, a failed write). So no mask or preview
+    lies under its final name without this model's report, and no report describes another
+    model's mask. With an allow-list, the input and every output must resolve inside it (a
+    symlink out of it fails the volume before anything is read or written).
+
+    Returns:
+        {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
+    """
+    uris = naming.output_uris(output, rel_name)
+    result = {"input": uri, "name": rel_name}
+    try:
+        access.check_resolved(uri, allow, "read")
+        for key in ("report", "mask", "preview"):
+            access.check_resolved(uris[key], allow, "write")
+        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, threads)
+    except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
+        return {**result, "status": "failed", "reason": str(exc)}
+    except Exception as exc:
+        log.error("volume %s: %s", uri, traceback.format_exc())
+        return {**result, "status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
+    if report is None:
+        return {**result, "status": "skipped"}
+    return {**result, "status": "done", "slices": report["slices"], "seconds": report["seconds"]["total"],
+            "liver_volume_ml": report["liver_volume_ml"], "tumour_volume_ml": report["tumour_volume_ml"],
+            "lesion_count": report["lesion_count"]}
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def segment_volume_task(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, app_name: str, overwrite: bool,
+                        chunk: int, allow: Sequence[str] = (),
+                        wait_s: float = MODEL_WAIT_S) -> Dict:
+    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`, on
+    as many threads as the task reserved CPUs."""
+    resent: List[int] = []
+    result = segment_volume(uri, rel_name, output, spec, ModelSubmit(app_name, resent, wait_s),
+                            overwrite, chunk, allow, task_threads())
+    result["node_id"] = ray.get_runtime_context().get_node_id()
+    if result["status"] == "done":
+        result["chunks_resent"] = len(resent)
+    return result
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+def list_inputs(input_uri: str, output_uri: str) -> Dict[str, List]:
+    """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri]}.
+
+    Reference segmentations (segmentation-N.nii*), the product's own masks (*_seg.nii*) and anything
+    under the output prefix are ignored, so a job may point at a LiTS folder and write inside it;
+    reports (.json) and previews (.png) are not NIfTI and never listed.
+    """
+    root = storage.normalise(input_uri)
+    out = storage.normalise(output_uri)
+    files = storage.list_files(root)
+    single = files == [root]
+    volumes, ignored = [], []
+    for uri in files:
+        if not uri.endswith(naming.NIFTI_SUFFIXES):
+            continue
+        rel = os.path.basename(uri) if single else uri[len(root):].lstrip("/")
+        base = os.path.basename(uri)
+        if (uri == out or uri.startswith(out.rstrip("/") + "/") or base.startswith("segmentation-")
+                or base.endswith(naming.PRODUCT_SUFFIXES)):
+            ignored.append(uri)
+            continue
+        volumes.append((uri, naming.output_name(rel)))
+    return {"volumes": volumes, "ignored": ignored}

@@ -1,0 +1,1 @@
+"""train: losses, augmentation, patches, steps, checkpoints, ingest and the Ray trainer."""

@@ -1,0 +1,272 @@
+"""The training step, one epoch, validation and the schedule (torch; no Ray).
+
+lits.train.training runs these inside each Ray Train worker; the fast test suite runs the very same
+functions in one process, so "does training learn" is checked without a cluster. Collectives are
+reached only through the `Collective` passed in, whose tensors live on the training device (NCCL
+has no CPU tensors).
+
+Shapes: batches are dicts of numpy arrays or CPU tensors, 'image' uint8 (N, S, S, C), 'mask' uint8
+(N, S, S) (+ 'volume_id' (N,) str for validation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lits.train.augment import random_affine
+from lits.core.config import TrainConfig
+from lits.train.losses import bce_dice_loss, ce_dice_loss
+from lits.train.sampling import PatchBatches, poly_lr
+
+METRIC_CLASSES = {"liver-tumour": (1, 2), "tumour": (2,)}
+
+
+class Collective:
+    """Sums and "every worker still has data" across the worker group; one worker: identities.
+
+    Args:
+        device: where the reduced tensors live (the training device).
+        world: number of workers; with world > 1 torch.distributed must be initialised.
+    """
+
+    def __init__(self, device: torch.device, world: int = 1):
+        self.device = device
+        self.world = world
+
+    def all_have(self, has: bool) -> bool:
+        if self.world == 1:
+            return has
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if has else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def sum(self, array: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return array
+        import torch.distributed as dist
+
+        t = torch.as_tensor(np.asarray(array, dtype=np.float64), device=self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What the schedule carries from epoch to epoch (checkpointed with the weights)."""
+
+    epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    plateau_scale: float = 1.0
+    plateau_bad: int = 0
+    stopped_early: bool = False
+    starts: int = 0  # worker-group starts of this run: 1 + restarts after a lost worker or a re-run
+    best_file: str = ""  # where the best weights were last written (lits.train.checkpoints.BestWeights)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def schedule_step(state: TrainState, val_loss: float, cfg: TrainConfig) -> Tuple[TrainState, bool]:
+    """The state after an epoch that ended with `val_loss`; returns (new state, improved).
+
+    Both schedules keep the best weights by val loss; only 'plateau' lowers the rate on a plateau
+    and stops early (a poly run always runs its epochs: the rate is the schedule).
+    """
+    epoch = state.epoch + 1
+    if val_loss < state.best_val_loss - 1e-6:
+        return dataclasses.replace(state, epoch=epoch, best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0,
+                                   plateau_bad=0), True
+    state = dataclasses.replace(state, epoch=epoch, bad_epochs=state.bad_epochs + 1, plateau_bad=state.plateau_bad + 1)
+    if cfg.schedule == "plateau":
+        if state.plateau_bad >= cfg.plateau_patience:
+            state = dataclasses.replace(state, plateau_scale=state.plateau_scale * 0.1, plateau_bad=0)
+        if state.bad_epochs >= cfg.patience:
+            state = dataclasses.replace(state, stopped_early=True)
+    return state, False
+
+
+def learning_rate(cfg: TrainConfig, state: TrainState, epoch_progress: float) -> float:
+    """The rate for the step at `epoch_progress` in [0, 1) of epoch `state.epoch`."""
+    if cfg.schedule == "poly":
+        return poly_lr(cfg.lr, (state.epoch + epoch_progress) / cfg.epochs, warmup=1.0 / cfg.epochs)
+    return cfg.lr * (0.1 if state.epoch >= cfg.lr_drop_epoch else 1.0) * state.plateau_scale
+
+
+def to_tensors(batch: Dict, device: torch.device, channels_last: bool):
+    """(image float (N, C, S, S) in [0, 1], mask int64 (N, S, S)) on `device`.
+
+    `batch` holds uint8 numpy arrays or CPU tensors (lits.train.ingest's, pinned on a CUDA worker)."""
+    pin = device.type == "cuda"
+
+    def host(x):
+        x = x if torch.is_tensor(x) else torch.from_numpy(np.require(x, requirements=["C", "W"]))
+        return x.pin_memory() if pin and not x.is_pinned() else x  # page-locked: the copy is asynchronous
+
+    image, mask = host(batch["image"]), host(batch["mask"])
+    image = image.to(device, non_blocking=pin).permute(0, 3, 1, 2).float().div_(255.0)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, mask.to(device, non_blocking=pin).long()
+
+
+def overlap_counts(pred: torch.Tensor, ref: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """lits.core.metrics.overlap_counts on the device: int64 (N, len(classes), 3) of
+    (intersection, pred size, ref size), liver as label >= 1, tumour as label == 2."""
+    out = []
+    for c in classes:
+        p = (pred >= c) if c == 1 else (pred == c)
+        r = (ref >= c) if c == 1 else (ref == c)
+        out.append(torch.stack([(p & r).flatten(1).sum(1), p.flatten(1).sum(1), r.flatten(1).sum(1)], dim=-1))
+    return torch.stack(out, dim=1)
+
+
+def dice_iou(counts: torch.Tensor):
+    """lits.core.metrics.dice_iou on the device (both empty -> 1), float64."""
+    inter, p, r = (counts[..., i].double() for i in range(3))
+    empty = (p + r) == 0
+    dice = torch.where(empty, 1.0, 2 * inter / (p + r).clamp(min=1))
+    iou = torch.where(empty, 1.0, inter / (p + r - inter).clamp(min=1))
+    return dice, iou
+
+
+def target(mask: torch.Tensor, task: str) -> torch.Tensor:
+    return (mask == 2).long() if task == "tumour" else mask
+
+
+def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "tumour":
+        return (torch.sigmoid(logits[:, 0].float()) > 0.5).long() * 2
+    return logits.argmax(dim=1)
+
+
+def loss_function(task: str) -> Callable:
+    return bce_dice_loss if task == "tumour" else ce_dice_loss
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device, bf16: Optional[bool] = None):
+    """(autocast context, GradScaler or None) for `device`.
+
+    bf16 where the GPU computes it natively (compute capability >= 8: A100, A10G, H100), fp16 with
+    a GradScaler on older GPUs (is_bf16_supported() also counts slow emulation); nothing on CPU.
+    `bf16` overrides the capability check (tests exercise both branches on CPU).
+    """
+    if cfg.amp == "off" or (device.type != "cuda" and bf16 is None):
+        return contextlib.nullcontext(), None
+    if bf16 is None:
+        bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = None if bf16 else torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def train_step(model, optimizer, image: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig,
+               generator: torch.Generator, autocast=contextlib.nullcontext(), scaler=None) -> torch.Tensor:
+    """One optimizer step on a batch (augmented when cfg.augment); returns the detached loss."""
+    if cfg.augment:
+        image, mask = random_affine(image, mask, generator)
+    with autocast:
+        loss = loss_function(cfg.task)(model(image), target(mask, cfg.task))
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+@dataclass
+class EpochTotals:
+    loss_sum: float = 0.0
+    images: int = 0
+    steps: int = 0
+    data_wait_s: float = 0.0
+    train_s: float = 0.0
+    replaced: int = 0
+
+
+def train_one_epoch(model, optimizer, batches: Iterator[Dict[str, np.ndarray]], cfg: TrainConfig, state: TrainState,
+                    steps_estimate: int, device: torch.device, generator: torch.Generator,
+                    sampler: Optional[PatchBatches] = None, collective: Optional[Collective] = None,
+                    autocast=contextlib.nullcontext(), scaler=None, channels_last: bool = False) -> EpochTotals:
+    """Train over `batches` (each turned into patch batches by `sampler`) until any worker's shard
+    runs dry (DDP needs equal step counts) or cfg.steps_per_epoch steps; the rate follows
+    `learning_rate` step by step over `steps_estimate` steps per epoch."""
+    collective = collective or Collective(device)
+    totals = EpochTotals()
+    swapped_before = sampler.swapped if sampler is not None else 0
+    started = time.perf_counter()
+    losses = []  # device tensors: one host sync per epoch, not per step
+    model.train()
+    while cfg.steps_per_epoch is None or totals.steps < cfg.steps_per_epoch:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        totals.data_wait_s += time.perf_counter() - waited
+        if not collective.all_have(batch is not None):
+            break
+        for patches in (sampler(batch) if sampler is not None else (batch,)):
+            if cfg.steps_per_epoch is not None and totals.steps >= cfg.steps_per_epoch:
+                break
+            lr = learning_rate(cfg, state, totals.steps / max(1, steps_estimate))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image, mask = to_tensors(patches, device, channels_last)
+            losses.append(train_step(model, optimizer, image, mask, cfg, generator, autocast, scaler) * len(image))
+            totals.images += len(image)
+            totals.steps += 1
+    totals.loss_sum = float(torch.stack(losses).sum()) if losses else 0.0
+    totals.train_s = time.perf_counter() - started
+    totals.replaced = sampler.swapped - swapped_before if sampler is not None else 0  # this epoch's
+    return totals
+
+
+def validate(model, batches: Iterator[Dict], cfg: TrainConfig, volume_index: Dict[str, int],
+             device: torch.device, autocast=contextlib.nullcontext(), channels_last: bool = False):
+    """Loss and overlap counts of `batches` (this worker's part; the caller sums over workers).
+
+    Counts accumulate on the device: one copy to the host per epoch, not one per batch.
+
+    Returns:
+        (val_loss [sum, slices], slice_sums (classes, [dice sum, iou sum]),
+         volume_counts (volumes, classes, 3) intersections and sizes per volume), numpy float64.
+    """
+    classes: Sequence[int] = METRIC_CLASSES[cfg.task]
+    volume_counts = torch.zeros((len(volume_index), len(classes), 3), dtype=torch.float64, device=device)
+    slice_sums = torch.zeros((len(classes), 2), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    slices = 0
+    loss_fn = loss_function(cfg.task)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            image, mask = to_tensors(batch, device, channels_last)
+            with autocast:
+                logits = model(image)
+                loss = loss_fn(logits, target(mask, cfg.task))
+            loss_sum += loss.double() * len(image)
+            slices += len(image)
+            counts = overlap_counts(predict_labels(logits, cfg.task), mask, classes)
+            dice, iou = dice_iou(counts)
+            slice_sums += torch.stack([dice.sum(0), iou.sum(0)], dim=-1)
+            rows = torch.tensor([volume_index[str(v)] for v in batch["volume_id"]], device=device)
+            volume_counts.index_add_(0, rows, counts.double())
+    val_loss = np.array([float(loss_sum), slices], dtype=np.float64)
+    return val_loss, slice_sums.cpu().numpy(), volume_counts.cpu().numpy()
