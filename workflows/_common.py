@@ -44,7 +44,7 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None, data: bool
 
     # every process of this job logs lits at INFO and Ray Data at WARNING (lits.runtime.worker_logs)
     env = {**storage.endpoint_env(), **worker_logs.ray_env()}
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "lits.runtime.worker_logs.setup"}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": worker_logs.SETUP_HOOK}
     if address:
         logging.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

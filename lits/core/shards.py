@@ -99,9 +99,10 @@ def decode(column, shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
 
 
 def read_columns(data: bytes, columns=("volume_id", "image", "mask")) -> Dict[str, np.ndarray]:
-    """A whole shard's columns as numpy arrays (image/mask decoded, strings as an object array)."""
-    import ray.data.extensions  # noqa: F401  (registers the tensor type of format-1 shards)
+    """A whole shard's columns as numpy arrays (image/mask decoded, strings as an object array).
 
+    Format-1 shards (Ray tensor columns) are read as tensors once `ray.data.extensions` is imported
+    (the caller's side: core imports no Ray; lits.train.split_evaluation imports it)."""
     table = pq.read_table(io.BytesIO(data), columns=list(columns))
     out = {}
     for name in columns:

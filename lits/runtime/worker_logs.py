@@ -18,6 +18,8 @@ import sys
 
 VERBOSE_ENV = "LITS_VERBOSE_WORKERS"  # "1" under --verbose (apply_cluster_args; start_ray sends it on): Ray keeps its levels
 # The one Ray logger no level setting of Ray's reaches: the cleaner's warning, every second.
+# Ray imports the hook by this dotted name in every worker of the job (the runtime_env of start_ray).
+SETUP_HOOK = f"{__name__}.setup"
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 

@@ -27,6 +27,7 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     Per-volume scores sum intersections and sizes over a volume's prepared slices (all tumour
     slices, the kept fraction of the others), at the prepared resolution.
     """
+    import ray.data.extensions  # noqa: F401  (registers the tensor type of format-1 shards)
     import torch
 
     from lits.core import metrics
