@@ -435,7 +435,6 @@ def test_body_limit_holds_for_a_chunked_upload(server):
     ("http://example.com/ct", 400),
     ("s3://archive/nothing-here", 404),
 ])
-@pytest.mark.slow
 def test_job_uris_are_checked(server, uri, status):
     got, body, _ = call(server, "POST", "/v1/jobs", {"input": uri, "output": "s3://archive/out"})
     assert got == status, body
