@@ -194,7 +194,7 @@ def test_a_cut_during_the_swap_never_leaves_a_lying_manifest(nifti_dir, tmp_path
     out = str(tmp_path / "out")
     common = dict(input=nifti_dir, output=out, image_size=SIZE, val_fraction=0.2, test_fraction=0.2)
     real_commit = pipeline.commit
-    originals = {name: getattr(storage, name) for name in ("write_bytes", "delete", "move_tree", "move_file")}
+    originals = {name: getattr(storage, name) for name in ("write_bytes", "delete", "move_file")}
     state = {"armed": False, "calls": [], "cut": None}
 
     def commit(*args):

@@ -47,8 +47,8 @@ def test_s3_round_trip(s3_server):
     storage.write_bytes(root + "/x/y/2.bin", b"two")
     assert storage.list_files(root) == [root + "/x/1.bin", root + "/x/y/2.bin"]
     assert storage.read_bytes(root + "/x/y/2.bin") == b"two"
-    storage.move_tree(root + "/x", root + "/moved")
-    assert storage.list_files(root) == [root + "/moved/1.bin", root + "/moved/y/2.bin"]
+    storage.move_file(root + "/x/1.bin", root + "/moved/1.bin")
+    assert storage.list_files(root) == [root + "/moved/1.bin", root + "/x/y/2.bin"]
     storage.delete(root)
     assert not storage.exists(root + "/moved/1.bin")
     with pytest.raises(UserError, match="s3://storage-test/none.*does not exist"):

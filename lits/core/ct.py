@@ -6,7 +6,7 @@ arrays are (H, W); volumes are canonical (Z, H, W) (see lits.core.schema).
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -216,7 +216,3 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
         return np.ascontiguousarray(mask)
     return cv2.resize(np.ascontiguousarray(mask), (size, size), interpolation=cv2.INTER_NEAREST)
 
-
-def resize_back(mask: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """Resize an (h, w) label mask back to the original (H, W) with nearest neighbour."""
-    return cv2.resize(np.ascontiguousarray(mask), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)

@@ -1,5 +1,6 @@
 """The names of the product's files: NIfTI inputs and the outputs written per volume.
 
+LiTS names a case's scan `volume-N.nii[.gz]` and its reference labels `segmentation-N.nii[.gz]`.
 Input `<rel>.nii[.gz]` -> `<rel>_seg.nii.gz` (the mask), `<rel>_preview.png`, `<rel>.json` (the
 report, written last). Every module that names, strips or recognises these files asks here.
 """
@@ -11,6 +12,8 @@ from typing import Dict
 from lits.core import storage
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+VOLUME_PREFIX = "volume-"
+REFERENCE_PREFIX = "segmentation-"
 MASK_SUFFIX = "_seg.nii.gz"
 PREVIEW_SUFFIX = "_preview.png"
 REPORT_SUFFIX = ".json"
@@ -32,6 +35,16 @@ def output_name(relative: str) -> str:
     if not relative.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{relative} is not .nii or .nii.gz")
     return strip_nifti(relative)
+
+
+def is_reference(name: str) -> bool:
+    """Whether a file name is a LiTS reference label volume ('segmentation-N...')."""
+    return name.startswith(REFERENCE_PREFIX)
+
+
+def is_volume(name: str) -> bool:
+    """Whether a file name is a LiTS scan ('volume-N...')."""
+    return name.startswith(VOLUME_PREFIX)
 
 
 def is_mask(name: str) -> bool:

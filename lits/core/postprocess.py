@@ -139,7 +139,7 @@ def guided_keep(coarse: np.ndarray) -> Optional[Tuple[Tuple[slice, ...], np.ndar
 
     The largest liver component of `coarse`, grown by one coarse voxel (26-connectivity). Both
     steps run inside the component's bounding box padded by one voxel: growing by one voxel
-    reaches no further, so this equals dilating the whole volume (which cost 1.4 s at 500x256^2).
+    reaches no further, so this equals dilating the whole volume.
 
     Returns:
         (padded box, bool box-sized mask of the grown component), or None without liver.

@@ -41,16 +41,14 @@ def volume_number(volume_id: str) -> int:
 # Parquet slice table: column -> (arrow/numpy type, shape per row). `image` and `mask` are
 # fixed_size_binary columns with the row shape in their field metadata; lits.core.shards reads them
 # (and the tensor-extension columns of format-1 shards) back into arrays of these shapes.
+#   volume_id    string, e.g. 'volume-17'
+#   slice_index  int32, index along the axial axis of the original file
+#   category     int8, 0 empty / 1 liver only / 2 liver and tumour
+#   image        uint8 (H, W, C), C-ordered bytes in a fixed_size_binary column
+#   mask         uint8 (H, W), labels 0/1/2, C-ordered bytes in a fixed_size_binary column
+#   spacing      float32 list of 3: (x, y, z) = (column, row, slice) spacing in mm of the original
+#                voxels (SimpleITK's order); NaN when unknown (image-dataset input)
 COLUMNS = ("volume_id", "slice_index", "category", "image", "mask", "spacing")
-COLUMN_DOC = {
-    "volume_id": "string, e.g. 'volume-17'",
-    "slice_index": "int32, index along the axial axis of the original file",
-    "category": "int8, 0 empty / 1 liver only / 2 liver and tumour",
-    "image": "uint8 (H, W, C), C-ordered bytes in a fixed_size_binary column",
-    "mask": "uint8 (H, W), labels 0/1/2, C-ordered bytes in a fixed_size_binary column",
-    "spacing": "float32 list of 3: (x, y, z) = (column, row, slice) spacing in mm of the original voxels"
-    " (SimpleITK's order); NaN when unknown (image-dataset input)",
-}
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: fixed_size_binary image/mask columns (1: Ray tensor columns, still read)

@@ -245,22 +245,6 @@ def move_file(src: str, dst: str) -> None:
             os.replace(src_path, dst_path)
 
 
-def move_tree(src: str, dst: str) -> None:
-    """Move the tree `src` to `dst` (which must not exist): a rename locally, copy+delete on S3."""
-    src, dst = normalise(src), normalise(dst)
-    fs, src_path = filesystem(src)
-    _, dst_path = filesystem(dst)
-    with user_errors(dst, "move into"):
-        if is_s3(src):
-            fs.invalidate_cache()
-            for path in fs.find(src_path):
-                fs.copy(path, dst_path + path[len(src_path):])
-            fs.rm(src_path, recursive=True)
-        else:
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-            os.replace(src_path, dst_path)
-
-
 def check_writable(uri: str) -> None:
     """Raise UserError unless a small object can be written and removed under `uri`."""
     probe = join(normalise(uri), f".write-probe-{uuid.uuid4().hex}")

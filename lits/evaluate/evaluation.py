@@ -60,13 +60,13 @@ def pair_files(pred: str, ref: str, images: Optional[str] = None) -> Dict:
     Images (optional): 'volume-N.nii[.gz]'.
     """
     def is_pred(name: str) -> bool:
-        return naming.is_mask(name) or name.startswith("segmentation-")
+        return naming.is_mask(name) or naming.is_reference(name)
 
     def is_image(name: str) -> bool:
-        return not name.startswith("segmentation-") and not naming.is_mask(name)
+        return not naming.is_reference(name) and not naming.is_mask(name)
 
     def is_ref(name: str) -> bool:
-        return not name.startswith("volume-") and not naming.is_mask(name)
+        return not naming.is_volume(name) and not naming.is_mask(name)
 
     preds = _index(storage.list_files(pred), is_pred)
     refs = _index(storage.list_files(ref), is_ref)
