@@ -11,7 +11,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 BUCKET, STAGE = "#e8f0fb", "#fdf0e0"
 boxes = {  # name: (x, y, w, h, colour, text)
     "ct": (0.2, 4.2, 2.6, 1.1, BUCKET, "s3://…/lits/\nvolume-N.nii(.gz)\nsegmentation-N.nii(.gz)"),
-    "prepare": (3.6, 4.2, 2.6, 1.1, STAGE, "prepare\nRay Data, CPU workers\nwindows · filter · split by volume"),
+    "prepare": (3.6, 4.2, 2.6, 1.1, STAGE, "prepare\nRay tasks, CPU workers\nwindows · filter · split by volume"),
     "shards": (7.0, 4.2, 2.8, 1.1, BUCKET, "s3://…/prepared/\nParquet shards + manifest.json\npreview.png"),
     "train": (7.0, 2.4, 2.8, 1.1, STAGE, "train\nRay Train, DDP on N GPUs\ncheckpoints · resumable"),
     "model": (3.6, 2.4, 2.6, 1.1, BUCKET, "s3://…/runs/model/\nweights.pt + config.json\nmetrics.csv · curves.png"),
