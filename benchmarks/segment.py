@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from lits.core import ct, naming, storage, volumes
 from lits.model import inference
 from lits.serve import jobs  # noqa: E402
+from lits.serve.job_spec import JobSpec  # noqa: E402
 from lits.core import postprocess as post  # noqa: E402
 from lits.model import streaming  # noqa: E402
 from lits.core.config import ServeConfig, SynthConfig  # noqa: E402
@@ -207,13 +208,15 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
     t_start = time.perf_counter() - t
     concurrency = args.concurrency or max(1, int((cpus - args.cpus_per_replica) / args.cpus_per_volume))
     # one warm-up job on one volume (worker processes import torch once)
-    warm = jobs.submit_job({"input": paths[0], "output": os.path.join(work, "warm"), "overwrite": True},
-                           serving.APP_NAME, cfg.chunk, concurrency, cfg.cpus_per_volume)
+    warm = jobs.submit_job(JobSpec(input=paths[0], output=os.path.join(work, "warm"), app_name=serving.APP_NAME,
+                                   overwrite=True, chunk=cfg.chunk, concurrency=concurrency,
+                                   cpus_per_volume=cfg.cpus_per_volume))
     while jobs.get_job(warm)["state"] in ("running", "queued"):
         time.sleep(0.2)
     t = time.perf_counter()
-    job_id = jobs.submit_job({"input": data, "output": os.path.join(work, "job-out"), "overwrite": True},
-                             serving.APP_NAME, cfg.chunk, concurrency, cfg.cpus_per_volume)
+    job_id = jobs.submit_job(JobSpec(input=data, output=os.path.join(work, "job-out"), app_name=serving.APP_NAME,
+                                     overwrite=True, chunk=cfg.chunk, concurrency=concurrency,
+                                     cpus_per_volume=cfg.cpus_per_volume))
     while (job := jobs.get_job(job_id))["state"] not in jobs.FINAL_STATES:
         time.sleep(0.1)
     t_job = time.perf_counter() - t

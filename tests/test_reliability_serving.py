@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from lits.model import inference
-from lits.serve import jobs
+from lits.serve import job_tasks
 from lits.serve.access import check_resolved
 from lits.core.errors import BadInputError
 from test_inference import tiny_model
@@ -43,8 +43,8 @@ def test_symlinks_out_of_the_allowed_folder_fail_their_volume(allowed_tree, tmp_
         return inference.Done(predictor(images))
 
     def segment(name, rel):
-        return jobs.segment_volume(str(allowed / "in" / name), rel, str(allowed / "out"), spec, submit,
-                                   overwrite=False, chunk=8, allow=[str(allowed)])
+        return job_tasks.segment_volume(str(allowed / "in" / name), rel, str(allowed / "out"), spec, submit,
+                                        overwrite=False, chunk=8, allow=[str(allowed)])
 
     read_out = segment("linked.nii.gz", "linked")
     write_out = segment("volume-0.nii.gz", "sub/volume-0")
@@ -79,7 +79,7 @@ def test_job_inputs_skip_what_the_product_writes(nifti_dir, tmp_path):
     for name in ("volume-0_seg.nii.gz", "old_seg.nii", "volume-0_preview.png"):
         (folder / name).write_bytes(b"x")
     (folder / "volume-0.json").write_text(json.dumps({"model_id": "0" * 16}))
-    listing = jobs.list_inputs(str(folder), str(tmp_path / "out"))
+    listing = job_tasks.list_inputs(str(folder), str(tmp_path / "out"))
     assert listing["volumes"] == [(str(folder / "volume-0.nii.gz"), "volume-0")]
     assert sorted(os.path.basename(u) for u in listing["ignored"]) == ["old_seg.nii", "segmentation-0.nii.gz",
                                                                        "volume-0_seg.nii.gz"]

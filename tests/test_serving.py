@@ -198,6 +198,7 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
     from ray import serve
 
     from lits.serve import jobs, serving
+    from lits.serve.job_spec import JobSpec
     from lits.core.config import ServeConfig
 
     first = run_job(server, input="s3://archive/ct", output="s3://archive/remodel")
@@ -205,8 +206,8 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
     cfg = ServeConfig(model=tiny_model(tmp_path / "model-b", seed=1), chunk=8, max_batch_size=16, batch_wait_s=0.05)
     serving.deploy(cfg, http=False, app_name="lits-model-b")
     try:
-        job_id = jobs.submit_job({"input": "s3://archive/ct", "output": "s3://archive/remodel", "overwrite": False},
-                                 "lits-model-b", cfg.chunk, None)
+        job_id = jobs.submit_job(JobSpec(input="s3://archive/ct", output="s3://archive/remodel",
+                                         app_name="lits-model-b", chunk=cfg.chunk))
         second = wait_local_job(job_id)
     finally:
         serving.undeploy("lits-model-b")
@@ -222,7 +223,7 @@ def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_pa
     """A job's volume stopped between its mask and its report (the KeyboardInterrupt a cancel raises
     arrives while the preview is written): the mask it wrote is removed again, and so is a stale
     report of another model. Run to the end, the volume has all three outputs."""
-    from lits.serve import jobs
+    from lits.serve import job_tasks
     from lits.core import storage
 
     spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
@@ -241,8 +242,8 @@ def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_pa
         real_write(uri, data)
 
     def segment():
-        return jobs.segment_volume(source, "volume-0", str(out), spec, lambda x: inference.Done(predictor(x)),
-                                   overwrite=False, chunk=8)
+        return job_tasks.segment_volume(source, "volume-0", str(out), spec, lambda x: inference.Done(predictor(x)),
+                                        overwrite=False, chunk=8)
 
     monkeypatch.setattr(storage, "write_bytes", write_until_preview)
     with pytest.raises(KeyboardInterrupt):
@@ -254,6 +255,91 @@ def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_pa
     assert sorted(os.listdir(out)) == ["volume-0.json", "volume-0_preview.png", "volume-0_seg.nii.gz"]
     assert json.loads((out / "volume-0.json").read_text())["model_id"] == spec.model_id
     assert segment()["status"] == "skipped"
+
+
+def test_a_job_spec_survives_the_ray_boundary_and_refuses_bad_settings():
+    """A job's settings cross to its actor and its volume tasks as one frozen JobSpec: pickled (what
+    Ray does) it comes back equal; a bad field is one ValueError naming it, at the submitter."""
+    import dataclasses
+    import pickle
+
+    from lits.core.config import ServeConfig
+    from lits.serve import serving
+    from lits.serve.job_spec import JobSpec
+
+    job = JobSpec(input="s3://b/in", output="s3://b/out", app_name="lits", allow=["s3://b"], concurrency=3)
+    assert job.allow == ("s3://b",) and re.fullmatch(r"[0-9a-f]{12}", job.job_id)
+    assert pickle.loads(pickle.dumps(job)) == job and JobSpec(**dataclasses.asdict(job)) == job
+    assert job.summary_uri == f"s3://b/out/_jobs/{job.job_id}.json"
+    assert dataclasses.replace(job, jobs_state="s3://b/state").record_uri == f"s3://b/state/{job.job_id}.json"
+    assert JobSpec(input="s3://b/in", output="s3://b/out", app_name="lits").job_id != job.job_id
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.chunk = 8
+    for field, value in (("chunk", 0), ("concurrency", 0), ("cpus_per_volume", 0), ("cpus_per_volume", 65),
+                         ("wait_s", 0), ("reserve_cpus", -1), ("job_id", "ABC"), ("input", ""), ("app_name", ""),
+                         ("overwrite", "yes"), ("allow", ("",)), ("jobs_state", "")):
+        with pytest.raises(ValueError, match=field):
+            dataclasses.replace(job, **{field: value})
+    # from the app's settings: the request's concurrency, else the app's; an elastic pool leaves
+    # the replicas' CPUs (at max_replicas) to them, a fixed one (volume_cpus) never grows
+    cfg = ServeConfig(model="s3://m", replicas=None, max_replicas=3, cpus_per_replica=2, job_concurrency=5,
+                      allow_prefixes=("s3://b",), model_wait_s=7, jobs_state="s3://b/state")
+    built = serving.job_spec(cfg, "app", "s3://b/in", "s3://b/out", True, None)
+    assert (built.concurrency, built.reserve_cpus, built.allow, built.wait_s, built.jobs_state, built.overwrite) == (
+        5, 6, ("s3://b",), 7, "s3://b/state", True)
+    fixed = serving.job_spec(dataclasses.replace(cfg, volume_cpus=4), "app", "s3://b/in", "s3://b/out", concurrency=2)
+    assert (fixed.concurrency, fixed.reserve_cpus, fixed.overwrite) == (2, None, False)
+
+
+def test_a_running_job_writes_its_summary_at_most_every_few_seconds(tmp_path):
+    """The summary of a running job is rewritten only when a volume finished since the last write,
+    and at most every `every_s`; the final one always. A write that fails (here: outside the
+    allow-list) is logged while the job runs, raised at its end. The status keeps its fields."""
+    import dataclasses
+
+    from lits.core.errors import BadInputError
+    from lits.serve.job_progress import JobProgress, JobState, SummaryWriter
+    from lits.serve.job_spec import JobSpec
+
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), app_name="lits")
+    path = tmp_path / "out" / "_jobs" / f"{job.job_id}.json"
+    progress = JobProgress(job)
+    writer = SummaryWriter(progress, every_s=3600)
+
+    def saved():
+        return json.loads(path.read_text()) if path.exists() else None
+
+    writer.save_progress()
+    assert saved() is None  # nothing recorded yet
+    writer.save_progress(force=True)
+    assert saved()["state"] == "queued" and saved()["counts"]["done"] == 0
+    progress.start()
+    progress.listed(total=2, ignored=1)
+    progress.record({"input": "in/b.nii.gz", "name": "b", "status": "done", "slices": 24, "chunks_resent": 1,
+                     "node_id": "n1"})
+    writer.save_progress()
+    assert saved()["counts"]["done"] == 0  # not due yet
+    writer.every_s = 0
+    writer.save_progress()
+    assert saved()["state"] == "running" and saved()["counts"]["done"] == 1
+    path.unlink()
+    writer.save_progress()
+    assert saved() is None  # due, but nothing new
+    progress.record({"input": "in/a.nii.gz", "name": "a", "status": "failed", "reason": "not NIfTI"})
+    progress.finish()
+    writer.write(JobState.SUCCEEDED)
+    summary = saved()
+    assert summary["state"] == "succeeded" and progress.status()["state"] == "running"
+    assert [v["name"] for v in summary["volumes"]] == ["a", "b"] and summary["nodes"] == ["n1"]
+    assert summary["failed"] == [{"input": "in/a.nii.gz", "reason": "not NIfTI"}]
+    assert summary["progress"] == 1.0 and summary["slices_segmented"] == 24 and summary["chunks_resent"] == 1
+    assert list(progress.status()) == ["job_id", "state", "input", "output", "overwrite", "model_id", "counts",
+                                       "progress", "slices_segmented", "chunks_resent", "concurrency", "slices_per_s",
+                                       "elapsed_s", "failed", "error", "times", "summary"]
+    fenced = SummaryWriter(JobProgress(dataclasses.replace(job, allow=(str(tmp_path / "in"),))), every_s=0)
+    fenced.save_progress(force=True)  # logged, not raised: the job goes on
+    with pytest.raises(BadInputError, match="outside the allowed prefixes"):
+        fenced.write(JobState.SUCCEEDED)
 
 
 @pytest.mark.slow
@@ -315,6 +401,7 @@ def test_replica_killed_during_a_job_loses_no_volume(server):
     be scheduled: the job hung), and the chunks it held are sent again; every volume is done in
     bounded time. The PID is the one the replica reports itself (describe())."""
     from lits.serve import jobs, serving
+    from lits.serve.job_spec import JobSpec
     from lits.core.config import ServeConfig
 
     cfg = ServeConfig(model=server["model"], batch_wait_s=2.0, max_batch_size=128, chunk=8,
@@ -323,8 +410,8 @@ def test_replica_killed_during_a_job_loses_no_volume(server):
     try:
         pid = handle.describe.remote().result()["pid"]
         assert pool_cpus_free("lits-kill") == (2.0, 2.0)
-        job_id = jobs.submit_job({"input": "s3://archive/many", "output": "s3://archive/killed", "overwrite": False},
-                                 "lits-kill", cfg.chunk, None, wait_s=cfg.model_wait_s)
+        job_id = jobs.submit_job(JobSpec(input="s3://archive/many", output="s3://archive/killed", app_name="lits-kill",
+                                         chunk=cfg.chunk, wait_s=cfg.model_wait_s))
         deadline = time.time() + 60
         while time.time() < deadline:
             job = jobs.get_job(job_id)
@@ -543,7 +630,7 @@ def test_a_finished_job_keeps_no_actor_and_answers_from_its_summary(server, firs
     memory: what a restarted server sees), so an edit there shows in the answer."""
     import ray
 
-    from lits.serve import jobs
+    from lits.serve import job_runner, jobs
 
     job_id = first_job["job_id"]
     deadline = time.time() + 30
@@ -566,7 +653,7 @@ def test_a_finished_job_keeps_no_actor_and_answers_from_its_summary(server, firs
     assert status == 200 and {"job_id": job_id, "state": "succeeded"}.items() <= next(
         j for j in listing if j["job_id"] == job_id).items()
     # no finished job of this module holds an actor
-    time.sleep(jobs.EXIT_AFTER_S + 2)
+    time.sleep(job_runner.EXIT_AFTER_S + 2)
     finished = {j["job_id"] for j in listing if j["state"] in jobs.FINAL_STATES}
     alive = {a["name"][len(jobs.ACTOR_PREFIX):] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(jobs.ACTOR_PREFIX)}
@@ -739,14 +826,15 @@ def test_a_lost_job_actor_loses_no_progress(server):
     import ray
 
     from lits.serve import jobs, serving
+    from lits.serve.job_spec import JobSpec
     from lits.core.config import ServeConfig
 
     cfg = ServeConfig(model=server["model"], batch_wait_s=1.0, max_batch_size=128, chunk=8,
                       volume_cpus=1)
     serving.deploy(cfg, http=False, app_name="lits-lost")
-    request = {"input": "s3://archive/many", "output": "s3://archive/lost", "overwrite": False}
+    settings = {"input": "s3://archive/many", "output": "s3://archive/lost", "app_name": "lits-lost", "chunk": cfg.chunk}
     try:
-        job_id = jobs.submit_job(request, "lits-lost", cfg.chunk, None)
+        job_id = jobs.submit_job(JobSpec(**settings))
         fs = s3fs_for(server["endpoint"])
         key = f"archive/lost/_jobs/{job_id}.json"
         deadline = time.time() + 120
@@ -765,7 +853,7 @@ def test_a_lost_job_actor_loses_no_progress(server):
         fs.invalidate_cache()
         saved = json.loads(fs.cat_file(key))
         assert job["counts"] == saved["counts"] and job["counts"]["done"] >= 1, (job, saved)
-        again = jobs.submit_job(request, "lits-lost", cfg.chunk, 4)
+        again = jobs.submit_job(JobSpec(**settings, concurrency=4))
         deadline = time.time() + 180
         while jobs.get_job(again)["state"] not in jobs.FINAL_STATES and time.time() < deadline:
             time.sleep(0.5)

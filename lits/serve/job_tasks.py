@@ -30,7 +30,8 @@ from lits.serve import access
 from lits.model import inference
 from lits.core import naming, storage
 from lits.core.errors import UserError
-from lits.serve.model_client import MODEL_WAIT_S, ModelSubmit, ModelUnavailable, task_threads
+from lits.serve.job_spec import JobSpec
+from lits.serve.model_client import ModelSubmit, ModelUnavailable, task_threads
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ def remove_outputs(uris: Dict[str, str]) -> None:
         storage.delete(uris[key])
 
 
-def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit,
-                            overwrite: bool, chunk: int, threads: int = 1) -> Optional[Dict]:
+def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit, *,
+                            overwrite: bool, chunk: int, threads: int) -> Optional[Dict]:
     """The report, or None when this model's outputs exist and `overwrite` is off."""
     done_before = already_done(uris, spec.model_id)
     if done_before and not overwrite:
@@ -139,9 +140,8 @@ def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.Mode
         raise
 
 
-def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit,
-                   overwrite: bool, chunk: int, allow: Sequence[str] = (),
-                   threads: int = 1) -> Dict:
+def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit, *,
+                   overwrite: bool, chunk: int, allow: Sequence[str] = (), threads: int = 1) -> Dict:
     """One volume of a job (what `segment_volume_task` runs, on `threads` threads); never raises
     for a bad volume.
 
@@ -161,7 +161,7 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
         access.check_resolved(uri, allow, "read")
         for key in ("report", "mask", "preview"):
             access.check_resolved(uris[key], allow, "write")
-        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite, chunk, threads)
+        report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite=overwrite, chunk=chunk, threads=threads)
     except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
         return {**result, "status": "failed", "reason": str(exc)}
     except Exception as exc:
@@ -175,14 +175,12 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def segment_volume_task(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, app_name: str, overwrite: bool,
-                        chunk: int, allow: Sequence[str] = (),
-                        wait_s: float = MODEL_WAIT_S) -> Dict:
-    """`segment_volume` on a Ray worker, its chunks sent to the model deployment of `app_name`, on
-    as many threads as the task reserved CPUs."""
+def segment_volume_task(uri: str, rel_name: str, job: JobSpec, model: inference.ModelSpec) -> Dict:
+    """`segment_volume` of one of `job`'s volumes on a Ray worker, on as many threads as the task
+    reserved CPUs, its chunks sent to the model deployment of `job.app_name` (which serves `model`)."""
     resent: List[int] = []
-    result = segment_volume(uri, rel_name, output, spec, ModelSubmit(app_name, resent, wait_s),
-                            overwrite, chunk, allow, task_threads())
+    result = segment_volume(uri, rel_name, job.output, model, ModelSubmit(job.app_name, resent, job.wait_s),
+                            overwrite=job.overwrite, chunk=job.chunk, allow=job.allow, threads=task_threads())
     result["node_id"] = ray.get_runtime_context().get_node_id()
     if result["status"] == "done":
         result["chunks_resent"] = len(resent)

@@ -143,11 +143,10 @@ def run_locally(cfg: ServeConfig, request: Dict, concurrency: Optional[int], sta
         # Volume tasks run in the app's volume pool (the CPUs the replica does not hold) and, on a
         # cluster, on CPU nodes that join (the job asks the autoscaler for them); by default as many
         # at once as they have room for.
-        request = {**request, "input": storage.normalise(request["input"]),
-                   "output": storage.normalise(request["output"])}
-        job_id = jobs.submit_job(request, app_name, cfg.chunk, concurrency, cfg.cpus_per_volume,
-                                 reserve_cpus=serving.job_reserve_cpus(cfg))
-        log.info("job %s started: %s -> %s", job_id, request["input"], request["output"])
+        job = serving.job_spec(cfg, app_name, storage.normalise(request["input"]), storage.normalise(request["output"]),
+                               bool(request.get("overwrite")), concurrency)
+        job_id = jobs.submit_job(job)
+        log.info("job %s started: %s -> %s", job_id, job.input, job.output)
         return follow(lambda: jobs.get_job(job_id))
     except KeyboardInterrupt:
         if job_id:

@@ -2,7 +2,7 @@
 
     Api (FastAPI ingress, 0 CPU)  --handle-->  SegmentModel (N replicas, CPU or GPU, @serve.batch)
        POST /v1/segment  -> a Ray task (lits.serve.model_client) preprocesses one uploaded volume, sends its slices
-       POST /v1/jobs     -> a JobRunner actor (lits.serve.jobs) fans volumes out to Ray tasks (lits.serve.job_tasks)
+       POST /v1/jobs     -> a job actor (lits.serve.job_runner) fans volumes out to Ray tasks (lits.serve.job_tasks)
     Every caller reaches SegmentModel through lits.serve.model_client (a handle by the app's name,
     deadlines and resends); outputs are named by lits.core.naming.
     Every volume task sends chunks of slices to SegmentModel; @serve.batch gathers chunks of
@@ -39,6 +39,7 @@ from ray import serve
 import lits
 from lits.model import inference
 from lits.serve import job_tasks, jobs, model_client
+from lits.serve.job_spec import JobSpec, default_jobs_state
 from lits.core import naming, storage
 from lits.serve.access import TOKEN_ENV, AccessError, check_uri  # noqa: F401  (the URI rules and the token's variable)
 from lits.core.config import ServeConfig
@@ -161,7 +162,7 @@ class Api:
     def __init__(self, model, settings: Dict, app_name: str = APP_NAME):
         self.cfg = ServeConfig(**settings)
         self.app_name = app_name
-        self.jobs_state = self.cfg.jobs_state or jobs.default_jobs_state()
+        self.jobs_state = self.cfg.jobs_state or default_jobs_state()
         self._spec: Optional[Dict] = None
         self._pool = None
         self._uploads: Optional[asyncio.Semaphore] = None
@@ -253,13 +254,11 @@ class Api:
     @v1.post("/jobs", status_code=202)
     async def create_job(self, body: JobRequest) -> Dict:
         """Start a bulk job: every volume under `input` -> mask + report under `output`."""
-        job = {"input": self.access(body.input), "output": self.access(body.output), "overwrite": body.overwrite}
-        if not await asyncio.to_thread(storage.exists, job["input"]):
+        job = job_spec(self.cfg, self.app_name, self.access(body.input), self.access(body.output), body.overwrite,
+                       body.concurrency, self.jobs_state)
+        if not await asyncio.to_thread(storage.exists, job.input):
             raise HTTPException(404, f"input {body.input} does not exist")
-        job_id = await asyncio.to_thread(jobs.submit_job, job, self.app_name, self.cfg.chunk,
-                                         body.concurrency or self.cfg.job_concurrency,
-                                         self.cfg.cpus_per_volume, self.jobs_state, self.cfg.allow_prefixes,
-                                         self.cfg.model_wait_s, job_reserve_cpus(self.cfg))
+        job_id = await asyncio.to_thread(jobs.submit_job, job)
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
 
     @v1.get("/jobs")
@@ -308,6 +307,16 @@ def job_reserve_cpus(cfg: ServeConfig) -> Optional[float]:
     pool (no --volume-cpus) grows with the cluster, never into the CPUs the replicas may take;
     a fixed pool does not grow (None)."""
     return None if cfg.volume_cpus is not None else replica_cpus(cfg)[1]
+
+
+def job_spec(cfg: ServeConfig, app_name: str, input: str, output: str, overwrite: bool = False,
+             concurrency: Optional[int] = None, jobs_state: Optional[str] = None) -> JobSpec:
+    """A job on the app `app_name` deployed from `cfg`: `input` and `output` already checked and
+    normalised; `concurrency` None takes cfg.job_concurrency, `jobs_state` None cfg.jobs_state."""
+    return JobSpec(input=input, output=output, app_name=app_name, overwrite=overwrite, chunk=cfg.chunk,
+                   concurrency=concurrency or cfg.job_concurrency, cpus_per_volume=cfg.cpus_per_volume,
+                   allow=cfg.allow_prefixes, wait_s=cfg.model_wait_s, reserve_cpus=job_reserve_cpus(cfg),
+                   jobs_state=jobs_state or cfg.jobs_state)
 
 
 def volume_cpus(cfg: ServeConfig) -> float:
