@@ -537,7 +537,7 @@ def test_job_requests_are_validated(server):
 
 
 def test_check_uri_rules(tmp_path):
-    from lits.serve.serving import AccessError, check_uri
+    from lits.serve.access import AccessError, check_uri
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()

@@ -14,7 +14,7 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
   several jobs at once, the latest refresh's request stands). Without an autoscaler it does nothing.
 
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
-job's concurrency is the pool's CPUs / cpus_per_volume, as before. An app without any pool (none
+job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
 could be reserved, not elastic) runs its tasks anywhere, at most the cluster's CPUs at a time.
 """
 

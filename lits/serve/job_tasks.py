@@ -192,9 +192,10 @@ def segment_volume_task(uri: str, rel_name: str, job: JobSpec, model: inference.
 def list_inputs(input_uri: str, output_uri: str) -> Dict[str, List]:
     """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri]}.
 
-    Reference segmentations (segmentation-N.nii*), the product's own masks (*_seg.nii*) and anything
-    under the output prefix are ignored, so a job may point at a LiTS folder and write inside it;
-    reports (.json) and previews (.png) are not NIfTI and never listed.
+    Reference segmentations (segmentation-N.nii*: `naming.is_reference`), the product's own masks
+    (*_seg.nii*: `naming.is_mask`) and anything under the output prefix are ignored, so a job may
+    point at a LiTS folder and write inside it; reports (.json) and previews (.png) are not NIfTI
+    and never listed.
     """
     root = storage.normalise(input_uri)
     out = storage.normalise(output_uri)
@@ -206,8 +207,7 @@ def list_inputs(input_uri: str, output_uri: str) -> Dict[str, List]:
             continue
         rel = os.path.basename(uri) if single else uri[len(root):].lstrip("/")
         base = os.path.basename(uri)
-        if (uri == out or uri.startswith(out.rstrip("/") + "/") or base.startswith("segmentation-")
-                or base.endswith(naming.PRODUCT_SUFFIXES)):
+        if uri == out or uri.startswith(out.rstrip("/") + "/") or naming.is_reference(base) or naming.is_mask(base):
             ignored.append(uri)
             continue
         volumes.append((uri, naming.output_name(rel)))

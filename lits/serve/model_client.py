@@ -82,7 +82,8 @@ class _Pending:
         self.wait_s = wait_s
         self.response = handle.predict.remote(images, self.shape)
 
-    def result(self, timeout_s: Optional[float] = None):
+    def result(self):
+        """The answer; each try waits at most `wait_s` (`call_model`), so no timeout is taken here."""
         first = [self.response]
 
         def send():
@@ -111,8 +112,7 @@ class ModelSubmit:
 
 # Volume and upload tasks are batch work: at this niceness the OS gives the CPU first to what must
 # answer quickly on the same node (the HTTP proxy, the ingress: /healthz and job status, the model
-# replica). Measured on 2 cores under 20 uploads + 3 jobs: one /healthz took 1.36 s in a full-suite
-# run before; a niceness only ever rises, so a reused worker stays a batch worker.
+# replica). A niceness only ever rises, so a reused worker stays a batch worker.
 BATCH_NICENESS = 10
 
 
@@ -154,7 +154,6 @@ def describe_model(app_name: str, wait_s: float = MODEL_WAIT_S) -> Dict:
 async def describe_async(app_name: str, wait_s: float = MODEL_WAIT_S) -> Dict:
     """`describe_model` from an event loop (the ingress): asyncio.TimeoutError after `wait_s`."""
     return await asyncio.wait_for(model_handle(app_name).describe.remote(), timeout=wait_s)
-
 
 
 # --- the upload task ------------------------------------------------------------------------------

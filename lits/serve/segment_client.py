@@ -6,7 +6,7 @@ model deployed here for the job's length; then following it with a progress disp
                                              deploy the model (no HTTP), submit, follow, undeploy
 
 Both return the job's last status (`jobs.get_job`'s dict; {} when not waiting). What a user reads
-goes to the streams given (the job's URL to stdout, progress to stderr), as the script did.
+goes to stdout (the job's URL) and stderr (progress).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class Progress:
     """A progress bar on a terminal; a line per change (at most every 10 s) otherwise."""
 
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
+    def __init__(self):
+        self.stream = sys.stderr
         self.tty = self.stream.isatty()
         self.last = ("", 0.0)
 
@@ -101,14 +101,13 @@ def call_server(server: str, method: str, path: str, body=None) -> dict:
         raise UserError(f"cannot reach {server} ({getattr(exc, 'reason', exc)}); is workflows/serve.py running there?") from exc
 
 
-def run_on_server(server: str, request: Dict, wait: bool = True, out=None) -> Dict:
+def run_on_server(server: str, request: Dict, wait: bool = True) -> Dict:
     """Submit `request` ({'input', 'output', 'overwrite'[, 'concurrency']}) to the server; follow
     the job when `wait` (Ctrl-C leaves it running there: SystemExit(130) with the cancel command)."""
-    out = out or sys.stdout
     job_id = call_server(server, "POST", "/v1/jobs", request)["job_id"]
     status_url = f"{server.rstrip('/')}/v1/jobs/{job_id}"
-    out.write(f"job {job_id} submitted: {status_url}\n")
-    out.flush()
+    sys.stdout.write(f"job {job_id} submitted: {status_url}\n")
+    sys.stdout.flush()
     if not wait:
         return {}
     try:

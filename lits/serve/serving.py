@@ -41,7 +41,7 @@ from lits.model import inference
 from lits.serve import job_tasks, jobs, model_client
 from lits.serve.job_spec import JobSpec, default_jobs_state
 from lits.core import naming, storage
-from lits.serve.access import TOKEN_ENV, AccessError, check_uri  # noqa: F401  (the URI rules and the token's variable)
+from lits.serve.access import AccessError, check_uri
 from lits.core.config import ServeConfig
 from lits.core.errors import UserError
 
