@@ -24,36 +24,53 @@ def tiny_model(folder, image_size=32, task="liver-tumour", seed=0):
     return str(folder)
 
 
-class Oracle:
-    """A 'model' that answers with the reference labels of the slices it is given, as one-hot
-    probabilities area-resampled to model size like the images (a perfect model's answer):
-    whatever the pipeline gets wrong about geometry shows."""
+# Label-coded HU: liver and tumour at one value each (background keeps the phantom's body, below both
+# windows), so that a model can read the labels back from the pixels of the images it is given.
+CODED_LIVER_HU, CODED_TUMOUR_HU, CODED_BACKGROUND_MAX_HU = 30, 200, -50
+# What those values become in the image's first two channels (lits.core.schema's windows):
+# liver window W150/L30 and custom window W200/L60; background is 0 in both.
+LIVER_C0, LIVER_C1 = (30 + 45) * 255 / 150, (30 + 40) * 255 / 200  # 127.5, 89.25; tumour saturates both
 
-    def __init__(self, labels_canonical, size):
-        self.labels = labels_canonical
-        self.size = size
-        self.next_z = 0
+
+def coded_hu(hu, labels):
+    """int16 HU of `labels` (any layout): liver 30, tumour 200, background min(hu, -50)."""
+    return np.where(labels == 0, np.minimum(hu, CODED_BACKGROUND_MAX_HU),
+                    np.where(labels == 1, CODED_LIVER_HU, CODED_TUMOUR_HU)).astype(np.int16)
+
+
+class PixelModel:
+    """A 'model' that answers from the pixels of the images it receives, nothing else: on
+    `coded_hu` volumes it reads each pixel's liver and tumour fractions from the first two
+    channels (a pixel area-averaged from f_liver, f_tumour has c0 = 127.5 f_liver + 255 f_tumour and
+    c1 = 89.25 f_liver + 255 f_tumour) and answers them as probabilities * 255. A perfect model at
+    full size, a good one below it; images of the wrong slices, or garbage, give wrong masks."""
+
+    def __init__(self):
+        self.received = []
 
     def __call__(self, images):
-        n = len(images)
-        out = np.zeros((n, self.size, self.size, 3), np.uint8)
-        for i in range(n):
-            one_hot = np.stack([np.where(self.labels[self.next_z + i] == c, 255, 0) for c in range(3)], -1)
-            out[i] = ct.resize_image(one_hot.astype(np.uint8), self.size)
-        self.next_z += n
-        return inference.Done(out)
+        self.received.append(np.array(images, copy=True))
+        c0, c1 = images[..., 0].astype(np.float64), images[..., 1].astype(np.float64)
+        liver = np.clip((c0 - c1) / (LIVER_C0 - LIVER_C1), 0.0, 1.0)
+        tumour = np.clip((c1 - LIVER_C1 * liver) / 255.0, 0.0, 1.0 - liver)
+        probs = np.stack([1.0 - liver - tumour, liver, tumour], axis=-1)
+        return inference.Done(np.round(probs * 255.0).astype(np.uint8))
 
-    @staticmethod
-    def done(probs, images):
-        """A plain Predictor's answer (probabilities) for the next slices of `probs`."""
-        Oracle.served = getattr(Oracle, "served", 0)
-        return inference.Done(probs[Oracle._take(len(images), len(probs))])
 
-    @staticmethod
-    def _take(n, total):
-        start = Oracle.served % total
-        Oracle.served += n
-        return slice(start, start + n)
+class SliceByImage:
+    """Which canonical slice of a volume an image shows, found from its pixels: every slice's
+    model input (`ct.model_inputs`, what prepare stores) keyed by its bytes. An image the volume's
+    preprocessing does not produce (another slice's, a half-written buffer) fails the test."""
+
+    def __init__(self, hu_canonical, size):
+        images = ct.model_inputs(hu_canonical, range(len(hu_canonical)), ct.freqhist_breaks(hu_canonical), 0, size)
+        self.z_of = {image.tobytes(): z for z, image in enumerate(images)}
+        assert len(self.z_of) == len(images)  # every slice's image differs (phantom noise)
+
+    def __call__(self, images):
+        unknown = [i for i, image in enumerate(images) if image.tobytes() not in self.z_of]
+        assert not unknown, f"images {unknown} of a chunk of {len(images)} are no slice's model input"
+        return np.array([self.z_of[image.tobytes()] for image in images])
 
 
 def spec_for(size, task="liver-tumour"):
@@ -66,25 +83,90 @@ def test_segment_array_undoes_orientation_exactly(nifti_dir, index):
     hu, geometry = volumes.read_nifti(os.path.join(nifti_dir, f"volume-{index}.nii.gz"))
     seg, _ = volumes.read_nifti(os.path.join(nifti_dir, f"segmentation-{index}.nii.gz"))
     ref = volumes.as_labels(seg, "ref")
-    canonical = geometry.to_canonical(ref)
-    size = canonical.shape[1]
-    oracle = Oracle(canonical, size)
-    labels, timings = inference.segment_array(hu, geometry, spec_for(size), oracle, chunk=5, postprocess=False)
+    size = geometry.canonical_shape[1]  # the model at the slices' size: it reads the labels exactly
+    labels, timings = inference.segment_array(coded_hu(hu, ref), geometry, spec_for(size), PixelModel(), chunk=5,
+                                              postprocess=False)
     assert labels.shape == hu.shape and labels.dtype == np.uint8
     assert np.array_equal(labels, ref), geometry.axcodes
-    assert timings["segment_s"] > 0
+    assert (ref == 2).any() and timings["segment_s"] > 0
 
 
 def test_downsampled_model_recovers_reference_closely(nifti_dir):
     hu, geometry = volumes.read_nifti(os.path.join(nifti_dir, "volume-2.nii.gz"))
     seg, _ = volumes.read_nifti(os.path.join(nifti_dir, "segmentation-2.nii.gz"))
     ref = volumes.as_labels(seg, "ref")
-    oracle = Oracle(geometry.to_canonical(ref), 32)
-    labels, _ = inference.segment_array(hu, geometry, spec_for(32), oracle, chunk=7)
-    liver_p, liver_r = labels >= 1, ref >= 1
-    dice = 2 * np.sum(liver_p & liver_r) / (liver_p.sum() + liver_r.sum())
-    assert dice > 0.98
+    labels, _ = inference.segment_array(coded_hu(hu, ref), geometry, spec_for(32), PixelModel(), chunk=7)
+
+    def dice(c):
+        p, r = labels >= c, ref >= c
+        return 2 * np.sum(p & r) / (p.sum() + r.sum())
+
+    # 64^2 slices through a 32^2 model: boundaries blur (about 0.99 liver, 0.7 tumour on this case)
+    assert dice(1) > 0.98 and dice(2) > 0.6
     assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+# --- the model's images are prepare's, in any orientation and chunking (issue 26) ---------------------
+
+# File axis directions -> (RAS axis, sign), as lits.core.synthetic draws them.
+AXIS_OF = {"L": (0, -1), "R": (0, 1), "P": (1, -1), "A": (1, 1), "S": (2, 1), "I": (2, -1)}
+
+
+def oriented_phantom(axcodes, seed, spacing=(0.7, 0.8, 2.5), size=48, slices=22):
+    """A seeded phantom with slices that are not square (canonical (22, 48, 38)) and unequal
+    in-plane spacing (x, y, z mm), stored with file axes `axcodes`: (geometry, file-order HU, labels)."""
+    rng = np.random.default_rng(seed)
+    drawn = synthetic.make_phantom(rng, size=size, slices=slices)
+    phantom = synthetic.Phantom(hu=drawn.hu[:, :, 4:-6], labels=drawn.labels[:, :, 4:-6], spacing=spacing)
+    z, h, w = phantom.hu.shape
+    extent = {0: w, 1: h, 2: z}  # RAS axis -> canonical extent
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for i, code in enumerate(axcodes):
+        axis, sign = AXIS_OF[code]
+        affine[axis, i] = sign * spacing[axis]
+    affine[:3, 3] = rng.uniform(-100.0, 100.0, 3)
+    shape = tuple(extent[AXIS_OF[code][0]] for code in axcodes)
+    hu, labels = synthetic.phantom_to_file(phantom, affine, shape)
+    return volumes.Geometry.from_affine(affine, shape), hu, labels
+
+
+@pytest.mark.parametrize("axcodes, seed", [("LPS", 0), ("RAI", 1), ("SPL", 2), ("IAR", 3), ("PSL", 4)])
+def test_the_model_receives_prepares_images_in_every_orientation_and_chunking(axcodes, seed, tmp_path):
+    """Axial axis last, first and in the middle, flipped or not; chunks of 5, 7, 8 and 16 slices
+    (more than streaming.PREPROCESS_BLOCK, and not multiples of it): the images the model receives,
+    in order, are `ct.model_inputs` of every canonical slice, and prepare's shard images of them."""
+    from lits.core.config import PrepareConfig
+    from lits.prepare import slicing
+
+    size = 32
+    geometry, hu_file, labels_file = oriented_phantom(axcodes, seed)
+    assert geometry.axcodes == axcodes and geometry.canonical_shape == (22, 48, 38)
+    hu = geometry.to_canonical(hu_file)
+    n = hu.shape[0]
+    expected = ct.model_inputs(hu, range(n), ct.freqhist_breaks(hu), 0, size)
+
+    # prepare's images of the same volume (every slice kept), by canonical slice
+    paths = [str(tmp_path / "volume-0.nii.gz"), str(tmp_path / "segmentation-0.nii.gz")]
+    volumes.write_nifti(paths[0], hu_file, geometry.affine_array)
+    volumes.write_nifti(paths[1], labels_file, geometry.affine_array)
+    task = slicing.VolumeTask(volume_id="volume-0", format="nifti", volume_uri=paths[0], segmentation_uri=paths[1])
+    cfg = PrepareConfig(input=str(tmp_path), output=str(tmp_path / "out"), image_size=size, keep_liver=1.0, keep_empty=1.0)
+    table = slicing.slice_nifti_pair(task, cfg).table
+    z_of_file_slice = {int(f): z for z, f in enumerate(geometry.file_slice_index(np.arange(n)))}
+    assert sorted(z_of_file_slice[int(f)] for f in table.slice_index) == list(range(n))
+    shard = np.empty_like(expected)
+    for row, f in enumerate(table.slice_index):
+        shard[z_of_file_slice[int(f)]] = table.image[row]
+    assert np.array_equal(shard, expected)
+
+    for chunk in (5, 7, 8, 16):
+        model = PixelModel()
+        inference.segment_array(hu_file, geometry, spec_for(size), model, chunk=chunk, postprocess=False, threads=2)
+        assert [len(images) for images in model.received] == [min(chunk, n - s) for s in range(0, n, chunk)]
+        received = np.concatenate(model.received)
+        wrong = [z for z in range(n) if not np.array_equal(received[z], expected[z])]
+        assert not wrong, f"chunk {chunk}: the model got wrong images of slices {wrong}"
 
 
 def test_postprocess_keeps_largest_liver_component_and_tumour_inside_it():
@@ -227,16 +309,16 @@ def previous_pipeline(probs, geometry, min_tumour_ml):
 
 
 class Answers:
-    """A replica's answers (labels at the slice size, model-size labels) made from given probabilities."""
+    """A replica's answers (labels at the slice size, model-size labels) made from given
+    probabilities of the slices the images show (`SliceByImage`)."""
 
     answers_labels = True
 
-    def __init__(self, probs):
-        self.probs, self.next_z, self.shapes = probs, 0, set()
+    def __init__(self, probs, slice_of):
+        self.probs, self.slice_of, self.shapes = probs, slice_of, set()
 
     def __call__(self, images, shape):
-        part = self.probs[self.next_z:self.next_z + len(images)]
-        self.next_z += len(images)
+        part = self.probs[self.slice_of(images)]
         self.shapes.add(tuple(shape))
         return inference.Done((postprocess.probs_to_labels(part, shape, "liver-tumour"), postprocess.argmax3(part)))
 
@@ -265,12 +347,12 @@ def test_streamed_labels_equal_the_previous_code(seed, threads):
     min_ml = 20 * streaming.voxel_ml(geometry)
     spec = inference.ModelSpec(**{**spec_for(64).to_dict(), "min_tumour_ml": min_ml})
     expected = previous_pipeline(probs, geometry, min_ml)
-    answers = Answers(probs)
+    slice_of = SliceByImage(geometry.to_canonical(hu), 64)
+    answers = Answers(probs, slice_of)
     labels, timings = inference.segment_array(hu, geometry, spec, answers, chunk=5, threads=threads)
     assert answers.shapes == {geometry.canonical_shape[1:]}
     assert np.array_equal(labels, expected) and labels.flags.f_contiguous
-    Oracle.served = 0
-    probs_path, _ = inference.segment_array(hu, geometry, spec, lambda x: Oracle.done(probs, x), chunk=7)
+    probs_path, _ = inference.segment_array(hu, geometry, spec, lambda x: inference.Done(probs[slice_of(x)]), chunk=7)
     assert np.array_equal(probs_path, expected)  # a plain Predictor's probabilities give the same
     assert set(timings) == set(streaming.STAGES)
     # the case exercised every step: liver and lesions kept, both specks gone
