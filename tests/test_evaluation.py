@@ -120,3 +120,76 @@ def test_evaluate_workflow_on_ray_and_s3(folders, ray_cluster, s3_server, tmp_pa
     assert summary["cases_evaluated"] == 2 and summary["aggregate"]["liver"]["dice_per_case"] < 1.0
     missing = run_workflow("evaluate", "--pred", str(tmp_path / "nope"), "--ref", str(folders["ref"]), "--local")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# --- one pair, two orientations (issue 26) -----------------------------------------------------------
+
+def predicted_and_reference(rng, shape):
+    """uint8 (Z, H, W) labels (prediction, reference): a smooth random liver with tumour inside it
+    where a second field peaks; the prediction thresholds the same fields plus smooth noise (close
+    to the reference, not equal)."""
+    from scipy import ndimage
+
+    def field(sigma):
+        f = ndimage.gaussian_filter(rng.random(shape), sigma)
+        return (f - f.mean()) / f.std()
+
+    liver_field, tumour_field = field(3), field(2)
+    out = []
+    for noise in (0.5 * field(2), np.zeros(shape)):
+        liver = liver_field + noise > np.quantile(liver_field, 0.75)
+        tumour = liver & (tumour_field + noise > np.quantile(tumour_field, 0.9))
+        out.append((liver.astype(np.uint8) + tumour).astype(np.uint8))
+    return tuple(out)
+
+
+def test_one_pair_in_two_orientations_has_medpys_metrics_in_both(tmp_path):
+    """The same prediction and reference (canonical (Z, H, W) = (20, 30, 36), spacing x 0.7, y 0.8,
+    z 2.5 mm) stored axial axis last (LPS: file spacing (0.7, 0.8, 2.5)) and axial axis first
+    (SPL: (2.5, 0.8, 0.7)): every metric agrees between the two files, and each equals medpy's on
+    that file's array with that file's spacing."""
+    import medpy.metric.binary as medpy
+
+    rng = np.random.default_rng(26)
+    pred_zhw, ref_zhw = predicted_and_reference(rng, (20, 30, 36))
+    stored = {
+        # file axes i, j, k = L, P, S: (W, H, Z); RAS columns of the affine (L is -x, P is -y)
+        "LPS": (np.array([[-0.7, 0, 0, 10], [0, -0.8, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1]]), (2, 1, 0),
+                (0.7, 0.8, 2.5)),
+        # file axes i, j, k = S, P, L: (Z, H, W)
+        "SPL": (np.array([[0, 0, -0.7, 10], [0, -0.8, 0, 20], [2.5, 0, 0, -30], [0, 0, 0, 1]]), (0, 1, 2),
+                (2.5, 0.8, 0.7)),
+    }
+    rows = {}
+    for axcodes, (affine, axes, spacing) in stored.items():
+        pred, ref = pred_zhw.transpose(axes), ref_zhw.transpose(axes)
+        geometry = volumes.Geometry.from_affine(affine, ref.shape)
+        assert geometry.axcodes == axcodes and geometry.spacing == pytest.approx(spacing)
+        assert geometry.canonical_spacing == pytest.approx((0.7, 0.8, 2.5))
+        pred_uri, ref_uri = str(tmp_path / f"{axcodes}_seg.nii.gz"), str(tmp_path / f"{axcodes}.nii.gz")
+        volumes.write_nifti(pred_uri, pred, affine)
+        volumes.write_nifti(ref_uri, ref, affine)
+        spacing = volumes.read_nifti(ref_uri)[1].spacing  # as stored: the header's float32
+        row = evaluation.evaluate_pair(axcodes, pred_uri, ref_uri)
+        assert "error" not in row, row.get("error")
+        rows[axcodes] = row
+        for name, c in (("liver", 1), ("tumour", 2)):
+            p, r = (pred >= c, ref >= c) if c == 1 else (pred == c, ref == c)
+            assert p.any() and r.any() and not np.array_equal(p, r)
+            assert row[f"{name}_dice"] == pytest.approx(medpy.dc(p, r), rel=1e-12)
+            assert row[f"{name}_jaccard"] == pytest.approx(medpy.jc(p, r), rel=1e-12)
+            assert row[f"{name}_rvd"] == pytest.approx(medpy.ravd(p, r), rel=1e-12)
+            assert row[f"{name}_assd"] == pytest.approx(medpy.assd(p, r, voxelspacing=spacing), rel=1e-9)
+            assert row[f"{name}_mssd"] == pytest.approx(medpy.hd(p, r, voxelspacing=spacing), rel=1e-9)
+            surface_distances = getattr(medpy, "__surface_distances")  # medpy's own; LiTS pools both ways
+            pooled = np.concatenate([surface_distances(p, r, spacing), surface_distances(r, p, spacing)])
+            assert row[f"{name}_rmsd"] == pytest.approx(np.sqrt(np.mean(pooled ** 2)), rel=1e-9)
+            assert row[f"{name}_ref_ml"] == pytest.approx(r.sum() * 0.7 * 0.8 * 2.5 / 1000, rel=1e-6)
+    # the spacing's order matters on this pair: the (Z, H, W) array with (x, y, z) spacing is far off
+    p, r = pred_zhw >= 1, ref_zhw >= 1
+    assert medpy.assd(p, r, voxelspacing=(0.7, 0.8, 2.5)) != pytest.approx(rows["SPL"]["liver_assd"], rel=0.05)
+    lps, spl = rows["LPS"], rows["SPL"]
+    numbers = [k for k, v in lps.items() if isinstance(v, (int, float)) and k != "seconds"]
+    assert len(numbers) > 30
+    for k in numbers:
+        assert spl[k] == pytest.approx(lps[k], rel=1e-9), k
