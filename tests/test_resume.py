@@ -18,6 +18,16 @@ EPOCHS_BEFORE = 2  # epochs the run trains before it stops (its last checkpoint)
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these tiny steps only lose time to threads on a shared machine (and a
+    run and its resumed copy then compute alike, whatever the machine's core count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def batches():
     """An epoch's fixed batches: 4 of 4 slices of a seeded 32^2 phantom, those with the most liver
