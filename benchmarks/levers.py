@@ -34,7 +34,8 @@ from lits.core import metrics, shards, storage, volumes  # noqa: E402
 from lits.core.config import TrainConfig  # noqa: E402
 from lits.model.unet import UNet  # noqa: E402
 from lits.train.sampling import PatchBatches  # noqa: E402
-from lits.train.train_steps import TrainState, schedule_step, train_one_epoch, validate  # noqa: E402
+from lits.train.train_steps import (EpochContext, EpochRandom, TrainState, schedule_step, train_one_epoch,  # noqa: E402
+                                    validate)
 from lits.train.train_data import patch_size  # noqa: E402
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
@@ -75,22 +76,22 @@ def train_variant(cfg: TrainConfig, train, val, threads: int):
     crop = patch_size(cfg, side)
     model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(cfg.seed))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    draws = EpochRandom(torch.Generator().manual_seed(cfg.seed),
+                        PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(cfg.seed)))
     rng = np.random.default_rng(cfg.seed + 1)
-    steps_estimate = len(images) // cfg.batch_size * (side // crop) ** 2
+    ctx = EpochContext(cfg, model, optimizer, torch.device("cpu"),
+                       steps_estimate=len(images) // cfg.batch_size * (side // crop) ** 2)
     val_index = {v: i for i, v in enumerate(sorted(set(val[2])))}
     state, best, started, steps = TrainState(), None, time.perf_counter(), 0
     while state.epoch < cfg.epochs and not state.stopped_early:
         order = rng.permutation(len(images))
         batches = iter({"image": images[order[i:i + cfg.batch_size]], "mask": masks[order[i:i + cfg.batch_size]]}
                        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size))
-        totals = train_one_epoch(model, optimizer, batches, cfg, state, steps_estimate, torch.device("cpu"), generator,
-                                 sampler)
+        totals = train_one_epoch(ctx, state, batches, draws)
         steps += totals.steps
         vb = ({"image": val[0][i:i + 32], "mask": val[1][i:i + 32], "volume_id": val[2][i:i + 32]}
               for i in range(0, len(val[0]), 32))
-        val_loss, _, _ = validate(model, vb, cfg, val_index, torch.device("cpu"))
+        val_loss, _, _ = validate(ctx, vb, val_index)
         state, improved = schedule_step(state, val_loss[0] / max(1, val_loss[1]), cfg)
         if improved:
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -16,7 +16,8 @@ from lits.core.config import TrainConfig
 from lits.model.unet import UNet
 from lits.train.sampling import PatchBatches
 from lits.core.synthetic import make_phantom
-from lits.train.train_steps import TrainState, autocast_for, predict_labels, to_tensors, train_one_epoch, train_step
+from lits.train.train_steps import (EpochContext, TrainState, autocast_for, epoch_random, predict_labels, to_tensors,
+                                    train_one_epoch, train_step)
 
 SIZE = 64
 
@@ -49,8 +50,8 @@ def train(slices, steps_per_epoch: int = 25, epochs: int = 6):
     cfg = TrainConfig(data="-", output="-", epochs=epochs, batch_size=8, base_width=8, depth=3, lr=3e-3, crop=32)
     model = UNet(3, 3, cfg.base_width, cfg.depth)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = PatchBatches(32, cfg.tumour_fraction, 64, np.random.default_rng(0))
-    generator = torch.Generator().manual_seed(0)
+    ctx = EpochContext(TrainConfig(**{**cfg.to_dict(), "steps_per_epoch": steps_per_epoch}), model, optimizer,
+                       torch.device("cpu"), steps_estimate=steps_per_epoch)
     rng = np.random.default_rng(0)
     before = liver_dice(model, images, masks)
     losses = []
@@ -60,9 +61,7 @@ def train(slices, steps_per_epoch: int = 25, epochs: int = 6):
             while True:
                 idx = rng.integers(0, len(images), size=8)
                 yield {"image": images[idx], "mask": masks[idx]}
-        cfg_epoch = TrainConfig(**{**cfg.to_dict(), "steps_per_epoch": steps_per_epoch})
-        totals = train_one_epoch(model, optimizer, batches(), cfg_epoch, state, steps_per_epoch, torch.device("cpu"),
-                                 generator, sampler)
+        totals = train_one_epoch(ctx, state, batches(), epoch_random(cfg, 32, epoch, rank=0))
         losses.append(totals.loss_sum / totals.images)
         state = TrainState(epoch=epoch + 1)
     return before, liver_dice(model, images, masks), losses
@@ -70,7 +69,7 @@ def train(slices, steps_per_epoch: int = 25, epochs: int = 6):
 
 def test_training_learns_liver(slices):
     before, after, losses = train(slices)
-    # seeded, measured: loss per epoch 2.01 -> 1.05, liver Dice 0.12 -> 0.94 (150 steps, ~2 s)
+    # seeded, measured: loss per epoch 2.03 -> 1.09, liver Dice 0.12 -> 0.91 (150 steps)
     assert losses[-1] < 0.65 * losses[0], losses
     assert after > 0.85 and after > before + 0.5, (before, after)
 

@@ -23,7 +23,8 @@ from lits.core.config import TrainConfig
 from lits.core.errors import UserError
 from lits.prepare.slicing import SliceTable
 from lits.train.train_data import DataInfo
-from lits.train.train_steps import Collective, TrainState, dice_iou, overlap_counts, to_tensors, train_one_epoch
+from lits.train.train_steps import (Collective, EpochContext, EpochRandom, TrainState, dice_iou, epoch_random,
+                                    overlap_counts, to_tensors, train_one_epoch)
 
 LITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lits")
 
@@ -170,6 +171,72 @@ def test_best_weights_are_written_only_when_they_improved_and_two_are_kept(tmp_p
     assert float(next(iter(weights.values())).flatten()[0]) == 4.0
 
 
+# --- each epoch's randomness: a function of (seed, epoch, rank) ------------------------------------
+
+def _draws(d):
+    """A few of each stream's next values (consumes them)."""
+    return (torch.rand(4, generator=d.augment).tolist(), d.sampler.rng.integers(0, 2 ** 32, 4).tolist(), d.shuffle_seed)
+
+
+def test_epoch_randomness_is_spawned_from_one_root_per_epoch_and_rank():
+    cfg = TrainConfig(data="-", output="-", seed=7, batch_size=4)
+    d = epoch_random(cfg, 8, epoch=2, rank=1)
+    # the spawn tree it names: root -> epoch 2 -> rank 1 -> (augment, patches, shuffle)
+    augment, patches, shuffle = np.random.SeedSequence(7).spawn(3)[2].spawn(2)[1].spawn(3)
+    assert d.sampler.rng.integers(0, 2 ** 32, 4).tolist() == np.random.default_rng(patches).integers(0, 2 ** 32, 4).tolist()
+    assert d.shuffle_seed == int(shuffle.generate_state(1)[0])
+    assert torch.equal(torch.rand(4, generator=d.augment),
+                       torch.rand(4, generator=torch.Generator().manual_seed(int(augment.generate_state(1, np.uint64)[0]))))
+    assert d.sampler.crop == 8 and d.sampler.capacity == 16 * cfg.batch_size
+    same = _draws(epoch_random(cfg, 8, 2, 1))
+    assert _draws(epoch_random(cfg, 8, 2, 1)) == same
+    others = [_draws(epoch_random(cfg, 8, e, r)) for e, r in ((1, 2), (2, 0), (3, 1), (0, 0))]
+    others.append(_draws(epoch_random(TrainConfig(data="-", output="-", seed=8, batch_size=4), 8, 2, 1)))
+    for other in others:  # no stream repeats another's values: (1, 2) and (2, 1) differ too
+        assert all(a != b for a, b in zip(other, same)), other
+
+
+def test_an_epoch_after_a_resume_trains_exactly_as_in_the_uninterrupted_run():
+    """Three epochs in a row against two, then weights and Adam's state copied into a fresh model
+    (what a checkpoint carries) and the third: equal weights. Nothing but the checkpoint and
+    (seed, epoch, rank) decides an epoch, not whether the worker group restarted."""
+    from lits.model.unet import UNet
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(data="-", output="-", base_width=4, depth=2, batch_size=4, lr=1e-2, seed=3)
+    rng = np.random.default_rng(0)
+    masks = np.zeros((12, 16, 16), np.uint8)
+    masks[:, 3:13, 3:13] = 1
+    masks[::3, 6:9, 6:9] = 2
+    images = (masks[..., None] * 80 + rng.integers(0, 40, (12, 16, 16, 3))).astype(np.uint8)
+
+    def epoch_batches(epoch):
+        order = np.random.default_rng(epoch).permutation(12)
+        return iter({"image": images[order[i:i + 4]], "mask": masks[order[i:i + 4]]} for i in range(0, 12, 4))
+
+    def run(model, optimizer, epochs):
+        ctx = EpochContext(cfg, model, optimizer, torch.device("cpu"), steps_estimate=12)
+        for epoch in epochs:
+            train_one_epoch(ctx, TrainState(epoch=epoch), epoch_batches(epoch), epoch_random(cfg, 8, epoch, 0))
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = UNet(3, 3, cfg.base_width, cfg.depth)
+        return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    straight = fresh(0)
+    run(*straight, range(3))
+    first = fresh(0)
+    run(*first, range(2))
+    resumed = fresh(1)  # another initialisation: all it keeps comes from the "checkpoint"
+    resumed[0].load_state_dict(first[0].state_dict())
+    resumed[1].load_state_dict(first[1].state_dict())
+    run(*resumed, [2])
+    for (name, a), b in zip(straight[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(next(iter(first[0].parameters())), next(iter(straight[0].parameters())))
+
+
 # --- collectives on the training device ------------------------------------------------------------
 
 def _free_port() -> int:
@@ -202,8 +269,8 @@ def _worker(rank: int, port: int, backend: str, results) -> None:
         rng = np.random.default_rng(rank)
         batches = iter([{"image": rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
                          "mask": rng.integers(0, 3, (2, 8, 8), dtype=np.uint8)} for _ in range(5 if rank == 0 else 2)])
-        totals = train_one_epoch(model, optimizer, batches, cfg, TrainState(), 5, torch.device("cpu"),
-                                 torch.Generator().manual_seed(0), collective=collective)
+        ctx = EpochContext(cfg, model, optimizer, torch.device("cpu"), steps_estimate=5, collective=collective)
+        totals = train_one_epoch(ctx, TrainState(), batches, EpochRandom(torch.Generator().manual_seed(0)))
         results[rank] = (summed.tolist(), totals.steps)
     finally:
         dist.destroy_process_group()

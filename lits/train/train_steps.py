@@ -16,7 +16,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -193,6 +193,78 @@ def train_step(model, optimizer, image: torch.Tensor, mask: torch.Tensor, cfg: T
     return loss.detach()
 
 
+@dataclass(frozen=True)
+class EpochContext:
+    """What one worker trains with, fixed while an epoch runs (and, in a Ray Train worker, for the
+    life of the worker group): passed whole to `train_one_epoch`, `validate` and the metrics row.
+
+    Args:
+        cfg: the stage's configuration.
+        model: the model as placed (DDP-wrapped in a group of workers); trained.
+        optimizer: over `model`'s parameters; its rate is set step by step (`learning_rate`).
+        device: the training device.
+        steps_estimate: steps one epoch is expected to take (the unit of `learning_rate`'s progress).
+        collective: sums and "every worker has data" over the group (one worker when None).
+        autocast, scaler: `autocast_for`'s pair (no autocast, no scaler by default).
+        channels_last: images in channels_last memory format (a CUDA worker).
+        nodes: the Ray node ids the group runs on, ';'-joined, for the metrics rows.
+    """
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    steps_estimate: int = 1
+    collective: Optional[Collective] = None
+    autocast: ContextManager = contextlib.nullcontext()
+    scaler: Optional[torch.amp.GradScaler] = None
+    channels_last: bool = False
+    nodes: str = ""
+
+    def __post_init__(self):
+        if self.collective is None:
+            object.__setattr__(self, "collective", Collective(self.device))
+
+    @property
+    def core(self) -> torch.nn.Module:
+        """The model without its DDP wrapper, which validation runs: a DDP forward may broadcast
+        buffers across the group, and the workers' validation shards differ in length."""
+        return getattr(self.model, "module", self.model)
+
+
+@dataclass(frozen=True)
+class EpochRandom:
+    """One worker's randomness for one epoch (see `epoch_random`).
+
+    Args:
+        augment: the draws of `random_affine` (a CPU torch.Generator).
+        sampler: the patch sampler with its own numpy Generator, or None for batches used whole.
+        shuffle_seed: seed of the ingest's local shuffle buffer (lits.train.ingest.batches).
+    """
+
+    augment: torch.Generator
+    sampler: Optional[PatchBatches] = None
+    shuffle_seed: Optional[int] = None
+
+
+def epoch_random(cfg: TrainConfig, crop: int, epoch: int, rank: int) -> EpochRandom:
+    """Worker `rank`'s randomness in epoch `epoch` (0-based), a function of (cfg.seed, epoch, rank) alone.
+
+    One root, np.random.SeedSequence(cfg.seed), spawned per epoch and then per rank: the node at
+    spawn key (epoch, rank) is what `root.spawn(epoch + 1)[epoch].spawn(rank + 1)[rank]` returns,
+    built directly. Its three children seed augmentation, patch sampling and the shuffle buffer.
+    SeedSequence hashes the key into the state, so no two (epoch, rank) share a stream, and a
+    group restarted or resumed at epoch e draws what an uninterrupted run drew at e. The sampler
+    (its tumour reservoir included) is new every epoch for the same reason: a checkpoint does not
+    hold it. The data order a worker sees also depends on Ray Data's parallel reads, which no seed fixes.
+    """
+    augment, patches, shuffle = np.random.SeedSequence(cfg.seed, spawn_key=(epoch, rank)).spawn(3)
+    return EpochRandom(
+        augment=torch.Generator().manual_seed(int(augment.generate_state(1, np.uint64)[0])),
+        sampler=PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(patches)),
+        shuffle_seed=int(shuffle.generate_state(1)[0]))
+
+
 @dataclass
 class EpochTotals:
     loss_sum: float = 0.0
@@ -203,33 +275,32 @@ class EpochTotals:
     replaced: int = 0
 
 
-def train_one_epoch(model, optimizer, batches: Iterator[Dict[str, np.ndarray]], cfg: TrainConfig, state: TrainState,
-                    steps_estimate: int, device: torch.device, generator: torch.Generator,
-                    sampler: Optional[PatchBatches] = None, collective: Optional[Collective] = None,
-                    autocast=contextlib.nullcontext(), scaler=None, channels_last: bool = False) -> EpochTotals:
-    """Train over `batches` (each turned into patch batches by `sampler`) until any worker's shard
-    runs dry (DDP needs equal step counts) or cfg.steps_per_epoch steps; the rate follows
-    `learning_rate` step by step over `steps_estimate` steps per epoch."""
-    collective = collective or Collective(device)
+def train_one_epoch(ctx: EpochContext, state: TrainState, batches: Iterator[Dict[str, np.ndarray]],
+                    draws: EpochRandom) -> EpochTotals:
+    """Train epoch `state.epoch` over `batches` (each turned into patch batches by `draws.sampler`)
+    until any worker's shard runs dry (DDP needs equal step counts) or cfg.steps_per_epoch steps;
+    the rate follows `learning_rate` step by step over `ctx.steps_estimate` steps per epoch."""
+    cfg, sampler = ctx.cfg, draws.sampler
     totals = EpochTotals()
     swapped_before = sampler.swapped if sampler is not None else 0
     started = time.perf_counter()
     losses = []  # device tensors: one host sync per epoch, not per step
-    model.train()
+    ctx.model.train()
     while cfg.steps_per_epoch is None or totals.steps < cfg.steps_per_epoch:
         waited = time.perf_counter()
         batch = next(batches, None)
         totals.data_wait_s += time.perf_counter() - waited
-        if not collective.all_have(batch is not None):
+        if not ctx.collective.all_have(batch is not None):
             break
         for patches in (sampler(batch) if sampler is not None else (batch,)):
             if cfg.steps_per_epoch is not None and totals.steps >= cfg.steps_per_epoch:
                 break
-            lr = learning_rate(cfg, state, totals.steps / max(1, steps_estimate))
-            for group in optimizer.param_groups:
+            lr = learning_rate(cfg, state, totals.steps / max(1, ctx.steps_estimate))
+            for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
-            image, mask = to_tensors(patches, device, channels_last)
-            losses.append(train_step(model, optimizer, image, mask, cfg, generator, autocast, scaler) * len(image))
+            image, mask = to_tensors(patches, ctx.device, ctx.channels_last)
+            loss = train_step(ctx.model, ctx.optimizer, image, mask, cfg, draws.augment, ctx.autocast, ctx.scaler)
+            losses.append(loss * len(image))
             totals.images += len(image)
             totals.steps += 1
     totals.loss_sum = float(torch.stack(losses).sum()) if losses else 0.0
@@ -238,16 +309,17 @@ def train_one_epoch(model, optimizer, batches: Iterator[Dict[str, np.ndarray]], 
     return totals
 
 
-def validate(model, batches: Iterator[Dict], cfg: TrainConfig, volume_index: Dict[str, int],
-             device: torch.device, autocast=contextlib.nullcontext(), channels_last: bool = False):
-    """Loss and overlap counts of `batches` (this worker's part; the caller sums over workers).
+def validate(ctx: EpochContext, batches: Iterator[Dict], volume_index: Dict[str, int]):
+    """Loss and overlap counts of `ctx.core` on `batches` (this worker's part; the caller sums over
+    workers). Counts accumulate on the device: one copy to the host per epoch, not one per batch.
 
-    Counts accumulate on the device: one copy to the host per epoch, not one per batch.
-
+    Args:
+        volume_index: {volume id: row of `volume_counts`}.
     Returns:
         (val_loss [sum, slices], slice_sums (classes, [dice sum, iou sum]),
          volume_counts (volumes, classes, 3) intersections and sizes per volume), numpy float64.
     """
+    cfg, device, model = ctx.cfg, ctx.device, ctx.core
     classes: Sequence[int] = METRIC_CLASSES[cfg.task]
     volume_counts = torch.zeros((len(volume_index), len(classes), 3), dtype=torch.float64, device=device)
     slice_sums = torch.zeros((len(classes), 2), dtype=torch.float64, device=device)
@@ -257,8 +329,8 @@ def validate(model, batches: Iterator[Dict], cfg: TrainConfig, volume_index: Dic
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            image, mask = to_tensors(batch, device, channels_last)
-            with autocast:
+            image, mask = to_tensors(batch, device, ctx.channels_last)
+            with ctx.autocast:
                 logits = model(image)
                 loss = loss_fn(logits, target(mask, cfg.task))
             loss_sum += loss.double() * len(image)

@@ -3,6 +3,9 @@
 - Ingest (lits.train.ingest): Ray Data reads the prepared shards listed in the manifest; each worker
   iterates its shard (`get_dataset_shard`) as prefetched uint8 tensor batches, crops patches
   (lits.train.sampling) and augments them on the worker's device (lits.train.train_steps).
+- A worker builds one EpochContext (model, optimizer, device, collective, autocast) and, each
+  epoch, its randomness from (seed, epoch, rank) alone (train_steps.epoch_random), so a resumed
+  run draws what an uninterrupted one would have.
 - Checkpoints (lits.train.checkpoints, rank 0) on a timer and after the last epoch, uploaded in the
   background; re-running with the same name and output resumes from the newest; a lost worker
   restarts the group from it.
@@ -60,17 +63,26 @@ def check_resources(cfg: TrainConfig, strict: bool = True) -> None:
 
 # --- inside each worker --------------------------------------------------------------------------
 
-def _metrics_row(cfg: TrainConfig, epoch: int, lr: float, totals, val, collective, world: int, started: float,
-                 nodes: str, n_volumes: int) -> Dict:
-    from lits.core import metrics
-    from lits.train.train_steps import METRIC_CLASSES
+def _metrics_row(ctx, state, totals, val, started: float) -> Dict:
+    """Epoch `state.epoch`'s row of OUT/metrics.csv, summed over the group (every worker calls it).
 
+    Args:
+        ctx: the worker's lits.train.train_steps.EpochContext.
+        state: the TrainState the epoch started from.
+        totals, val: this worker's `train_one_epoch` totals and `validate` counts.
+        started: time.perf_counter() at the epoch's start.
+    """
+    from lits.core import metrics
+    from lits.train.train_steps import METRIC_CLASSES, learning_rate
+
+    collective, world = ctx.collective, ctx.collective.world
     train_totals = collective.sum(np.array([totals.loss_sum, totals.images, totals.replaced]))
     val_loss, slice_sums, volume_counts = (collective.sum(v) for v in val)
     volume_dice, volume_iou = metrics.dice_iou(volume_counts)
+    n_volumes = len(volume_counts)
     row = {
-        "epoch": epoch + 1,
-        "lr": lr,
+        "epoch": state.epoch + 1,
+        "lr": learning_rate(ctx.cfg, state, 0.0),
         "train_loss": train_totals[0] / max(1, train_totals[1]),
         "val_loss": val_loss[0] / max(1, val_loss[1]),
         "train_images": int(train_totals[1]),
@@ -80,9 +92,9 @@ def _metrics_row(cfg: TrainConfig, epoch: int, lr: float, totals, val, collectiv
         "images_per_s_per_worker": round(train_totals[1] / world / max(totals.train_s, 1e-9), 2),
         # share of the training time a worker spent waiting for its next batch (ingest-bound if high)
         "data_wait_fraction": round(totals.data_wait_s / max(totals.train_s, 1e-9), 3),
-        "nodes": nodes,
+        "nodes": ctx.nodes,
     }
-    for k, c in enumerate(METRIC_CLASSES[cfg.task]):
+    for k, c in enumerate(METRIC_CLASSES[ctx.cfg.task]):
         name = CLASS_NAMES[c]
         row[f"val_dice_{name}_slice"] = slice_sums[k, 0] / max(1, val_loss[1])
         row[f"val_iou_{name}_slice"] = slice_sums[k, 1] / max(1, val_loss[1])
@@ -91,26 +103,34 @@ def _metrics_row(cfg: TrainConfig, epoch: int, lr: float, totals, val, collectiv
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
 
 
+def _group_nodes(world: int) -> str:
+    """The Ray node ids the worker group runs on, ';'-joined and sorted (every worker calls it)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return ";".join(sorted(set(nodes)))
+
+
 def train_loop_per_worker(config: Dict) -> None:
     """One data-parallel worker: train, validate, checkpoint, report; see the module doc."""
     import ray
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     from lits.train import ingest
-    from lits.train.sampling import PatchBatches
-    from lits.train.train_steps import (Collective, TrainState, autocast_for, learning_rate, schedule_step,
-                                  train_one_epoch, validate)
+    from lits.train.train_steps import (Collective, EpochContext, TrainState, autocast_for, epoch_random,
+                                        schedule_step, train_one_epoch, validate)
 
     cfg = TrainConfig(**config["cfg"])
     info = config["info"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
-    channels_last = device.type == "cuda"
     model, core, optimizer, saved = checkpoints.setup_model(cfg, device, ray.train.torch.prepare_model, ray.train.get_checkpoint())
     state, history, best = TrainState(), [], checkpoints.BestWeights(cfg)
     if saved:
@@ -121,35 +141,26 @@ def train_loop_per_worker(config: Dict) -> None:
     storage.write_bytes(storage.join(cfg.output, cfg.name, "workers", f"rank-{rank}.json"),
                         json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                                     "start": state.starts, "resumed_from_epoch": resumed_from}).encode())
-    # Where the group runs, recorded in every metrics row (which nodes trained, e.g. after a restart).
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1:
-        nodes = [None] * world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    nodes = ";".join(sorted(set(nodes)))
-    collective = Collective(device, world)
-    autocast, scaler = autocast_for(cfg, device)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state.epoch)
     crop = patch_size(cfg, info.image_shape[0])
-    sampler = PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng([cfg.seed, rank, state.epoch]))
-    val_index = {v: i for i, v in enumerate(info.val_volumes)}
     steps_estimate = max(1, info.train_slices // (world * cfg.batch_size)) * (info.image_shape[0] // crop) ** 2
     if cfg.steps_per_epoch:
         steps_estimate = min(steps_estimate, cfg.steps_per_epoch)
+    autocast, scaler = autocast_for(cfg, device)
+    ctx = EpochContext(cfg=cfg, model=model, optimizer=optimizer, device=device, steps_estimate=steps_estimate,
+                       collective=Collective(device, world), autocast=autocast, scaler=scaler,
+                       channels_last=device.type == "cuda", nodes=_group_nodes(world))
+    val_index = {v: i for i, v in enumerate(info.val_volumes)}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
     last_saved = time.monotonic()
     while state.epoch < cfg.epochs and not state.stopped_early:
         started = time.perf_counter()
-        epoch, lr = state.epoch, learning_rate(cfg, state, 0.0)
-        batches = iter(ingest.batches(train_shard, cfg, info, pin=device.type == "cuda",
-                                      shuffle_seed=cfg.seed + 7919 * epoch + rank))
-        totals = train_one_epoch(model, optimizer, batches, cfg, state, steps_estimate, device, generator, sampler,
-                                 collective, autocast, scaler, channels_last)
-        val = validate(core, ingest.batches(val_shard, cfg, info, pin=False), cfg, val_index,
-                       device, autocast, channels_last)
-        row = _metrics_row(cfg, epoch, lr, totals, val, collective, world, started, nodes, len(val_index))
+        draws = epoch_random(cfg, crop, state.epoch, rank)
+        batches = iter(ingest.batches(train_shard, cfg, info, pin=device.type == "cuda", shuffle_seed=draws.shuffle_seed))
+        totals = train_one_epoch(ctx, state, batches, draws)
+        val = validate(ctx, ingest.batches(val_shard, cfg, info, pin=False), val_index)
+        row = _metrics_row(ctx, state, totals, val, started)
         state, improved = schedule_step(state, row["val_loss"], cfg)
         if improved:
             best.improved(core)
