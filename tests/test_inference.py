@@ -14,6 +14,11 @@ from lits.core.errors import BadInputError, UserError
 from lits.model.unet import UNet
 
 
+def guided_postprocess(labels, coarse, out=None):
+    """The full-resolution post-processing a volume task applies: the component chosen on `coarse`."""
+    return postprocess.apply_keep(labels, postprocess.guided_keep(coarse), coarse.shape[1:], out)
+
+
 def tiny_model(folder, image_size=32, task="liver-tumour", seed=0):
     """A random-weight width-4 U-Net exported like train.py's model/ (what serving loads)."""
     torch.manual_seed(seed)
@@ -261,13 +266,13 @@ def test_guided_postprocess_matches_full_resolution_on_upsampled_labels():
     coarse[0:2, 13:16, 13:16] = 1   # a separate island
     coarse[7, 14, 0:3] = 2          # tumour outside the liver
     full = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
-    guided = postprocess.postprocess_guided(full, coarse)
+    guided = guided_postprocess(full, coarse)
     assert np.array_equal(guided, postprocess.postprocess(full))
     assert guided[0, 60, 60] == 0 and guided[3, 10, 10] == 1 and guided[3, 18, 18] == 2
-    assert not postprocess.postprocess_guided(full, np.zeros_like(coarse)).any()
+    assert not guided_postprocess(full, np.zeros_like(coarse)).any()
     noisy = full.copy()
     noisy[rng.random(full.shape) < 0.001] = 1
-    kept = postprocess.postprocess_guided(noisy, coarse)
+    kept = guided_postprocess(noisy, coarse)
     far = np.ones(full.shape, bool)
     far[:, :48, :48] = False  # within reach of the kept liver
     assert not kept[far & (coarse.repeat(4, 1).repeat(4, 2) == 0)].any()
@@ -378,9 +383,9 @@ def test_postprocess_in_the_box_equals_the_whole_volume(rng):
         full = np.repeat(np.repeat(coarse, 3, axis=1), 3, axis=2)
         keep = ndimage.binary_dilation(postprocess.largest_component(coarse >= 1), structure=np.ones((3, 3, 3), bool))
         expected = full * np.repeat(np.repeat(keep, 3, axis=1), 3, axis=2)
-        assert np.array_equal(postprocess.postprocess_guided(full, coarse), expected)
+        assert np.array_equal(guided_postprocess(full, coarse), expected)
         in_place = full.copy()
-        postprocess.postprocess_guided(in_place, coarse, out=in_place)
+        guided_postprocess(in_place, coarse, out=in_place)
         assert np.array_equal(in_place, expected)
         box = postprocess.full_box(postprocess.guided_keep(coarse)[0], coarse.shape, full.shape)
         assert expected[box].sum() == expected.sum()

@@ -135,7 +135,7 @@ def postprocess(labels: np.ndarray) -> np.ndarray:
 
 
 def guided_keep(coarse: np.ndarray) -> Optional[Tuple[Tuple[slice, ...], np.ndarray]]:
-    """The region `postprocess_guided` keeps, found on the model-resolution labels.
+    """The region the full-resolution post-processing keeps, found on the model-resolution labels.
 
     The largest liver component of `coarse`, grown by one coarse voxel (26-connectivity). Both
     steps run inside the component's bounding box padded by one voxel: growing by one voxel
@@ -159,28 +159,21 @@ def guided_keep(coarse: np.ndarray) -> Optional[Tuple[Tuple[slice, ...], np.ndar
     return padded, ndimage.binary_dilation(keep, structure=CONNECTIVITY_3D)
 
 
-def postprocess_guided(labels: np.ndarray, coarse: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """`postprocess` for a full-resolution label volume, choosing the component on a coarse one.
+def apply_keep(labels: np.ndarray, kept, coarse_hw: Tuple[int, int], out: Optional[np.ndarray] = None) -> np.ndarray:
+    """`labels` where `kept` (a `guided_keep` answer at the coarse size `coarse_hw`), resized by
+    nearest neighbour to the full in-plane size, holds; 0 elsewhere.
 
-    The largest liver component is found on `coarse` (the model-resolution labels, e.g. 4-16x
-    fewer voxels), grown by one coarse voxel (`guided_keep`), resized to the full in-plane size,
-    and every full-resolution voxel outside it is cleared (`apply_keep`). Only a full-resolution
-    island that lies within one coarse voxel of the kept component survives where `postprocess`
-    would drop it.
+    `postprocess` for a full-resolution label volume whose component was chosen on the coarse one:
+    only a full-resolution island within one coarse voxel of the kept component survives where
+    `postprocess` would drop it.
 
     Args:
         labels: uint8 (Z, H, W) full-resolution labels.
-        coarse: uint8 (Z, h, w) labels of the same slices at the model's resolution.
+        kept: `guided_keep(coarse)` for the uint8 (Z, h, w) labels of the same slices.
+        coarse_hw: (h, w).
         out: where to write (may be `labels` itself: in place); None: a new array.
     Returns:
-        uint8 (Z, H, W): `out`, or a new array.
-    """
-    return apply_keep(labels, guided_keep(coarse), coarse.shape[1:], out)
-
-
-def apply_keep(labels: np.ndarray, kept, coarse_hw: Tuple[int, int], out: Optional[np.ndarray] = None) -> np.ndarray:
-    """`labels` where `kept` (a `guided_keep` answer at the coarse size `coarse_hw`), resized by
-    nearest neighbour to the full in-plane size, holds; 0 elsewhere. `out` as `postprocess_guided`."""
+        uint8 (Z, H, W): `out`, or a new array."""
     if out is None:
         out = np.zeros_like(labels)
     elif out is not labels:

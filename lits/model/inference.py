@@ -6,7 +6,7 @@ One volume's path, the same in a bulk job, in `/v1/segment` and in a plain loop:
       --ct.slice_image + ct.resize_image (prepare's functions, config.json's parameters)--> (Z, S, S, 3) uint8
       --predict (batched, anywhere: in-process or a Serve replica; probabilities resized to (H, W)
         bilinearly and argmaxed where the model runs, on its GPU when it has one)--> (Z, H, W) labels
-      --postprocess.postprocess_guided (largest liver component, tumour inside it; in its box)
+      --postprocess.guided_keep + apply_keep (largest liver component, tumour inside it; in its box)
       --> file-order uint8 labels with the input's affine (written in file order from the start).
 
 Every stage overlaps the model: chunks of slices are preprocessed on the volume task's threads
