@@ -11,11 +11,12 @@ DEMO_DIR ?= demo-output
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every other package to the tested set: pip resolves nothing on a fresh machine.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

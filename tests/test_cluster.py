@@ -66,7 +66,7 @@ def test_nodes_run_the_submitters_version(cluster):
 
     setup = " ".join(cluster["setup_commands"])
     assert cluster["file_mounts"]["/home/ubuntu/lits"] == "."  # the checkout, as it is
-    assert "pip install --quiet -e ~/lits" in setup
+    assert "pip install --quiet -c ~/lits/constraints.txt -e ~/lits" in setup  # the tested versions, as make venv
     assert f"ray[data,train,serve,default]=={ray.__version__}" in setup
 
 
