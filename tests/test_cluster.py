@@ -78,3 +78,34 @@ def test_a_bulk_job_may_use_every_cpu_node(cluster):
     assert MAX_CONCURRENCY * ServeConfig(model="-").cpus_per_volume >= cpu["max_workers"] * cpu["resources"]["CPU"]
     assert cluster["available_node_types"][cluster["head_node_type"]]["resources"]["CPU"] == 0  # what the test of
     # test_multinode.py::test_a_bulk_job_takes_the_cpu_node_that_joins builds
+
+
+def _nodes_to_launch(cluster, request):
+    """What Ray's own autoscaler (its resource-demand scheduler over cluster.yaml's node types, a
+    cluster holding only its head) launches for a `request_resources` request of these bundles."""
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(cluster)
+    scheduler = ResourceDemandScheduler(None, config["available_node_types"], config["max_workers"],
+                                        config["head_node_type"], config.get("upscaling_speed", 1.0))
+    launch, _ = scheduler.get_nodes_to_launch(
+        nodes=[], launching_nodes={}, resource_demands=[], unused_resources_by_ip={}, pending_placement_groups=[],
+        max_resources_by_ip={}, ensure_min_cluster_size=request, node_availability_summary=NodeAvailabilitySummary({}))
+    # the scheduler, given no nodes, counts the head in: it is up already in any running cluster
+    return {name: count for name, count in launch.items() if count and name != config["head_node_type"]}
+
+
+def test_cpu_work_asks_for_cpu_nodes_only(cluster):
+    """A 1,000-volume job (or prepare) asks the autoscaler for its CPUs as bundles only cpu-spot holds:
+    Ray's scheduler then starts every cpu-spot node it may, and not one GPU node (plain CPU bundles
+    would spill onto g5 nodes once cpu-spot is at max_workers)."""
+    from lits.runtime import fanout
+
+    cpu_spot = cluster["available_node_types"]["cpu-spot"]
+    launch = _nodes_to_launch(cluster, fanout.cpu_bundles(1004))
+    assert launch == {"cpu-spot": cpu_spot["max_workers"]}, launch
+    assert "gpu" in _nodes_to_launch(cluster, [{"CPU": 1}] * 1004)  # what a plain CPU request does
+    for name, node in cluster["available_node_types"].items():  # one unit of the resource per CPU, on CPU nodes only
+        assert node["resources"].get(fanout.CPU_NODE_RESOURCE, 0) == (node["resources"]["CPU"] if name == "cpu-spot" else 0)

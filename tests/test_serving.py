@@ -901,7 +901,8 @@ def test_an_elastic_job_takes_free_cpus_but_never_the_replicas(server):
         assert [capacity.place()["index"] for _ in range(5)] == [1, 0, 1, 0, 1]  # the one with most room first
         assert capacity.running == capacity.slots == [2, 3]
         asked = json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL))
-        assert asked == [{"CPU": 1}] * (1 + 5 + 3)  # replica + both groups + the 3 volumes beyond them
+        # replica + both groups + the 3 volumes beyond them, as bundles only a CPU node type holds
+        assert asked == [{"CPU": 1, "lits_cpu": 1}] * (1 + 5 + 3)
     finally:
         capacity.release(others_running=False)
     assert group_cpus(capacity.groups[1:], 0.0) == 0.0 and group_cpus(capacity.groups[:1], 2.0) == 2.0

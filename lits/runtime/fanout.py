@@ -14,7 +14,8 @@ differs between them is passed in, not written again:
   in the object store) at once;
 - `ask_cpus`: CPUs one item needs; the fan-out then asks the autoscaler for a cluster that holds
   every item not yet done (`request_cpus`, at most MAX_ASK_CPUS; withdrawn when it ends), so a
-  `CPU: 0` head (cluster.yaml) gets its CPU nodes at once, not two tasks' worth at a time;
+  `CPU: 0` head (cluster.yaml) gets its CPU nodes at once, not two tasks' worth at a time, and
+  only CPU nodes: the request's bundles carry CPU_NODE_RESOURCE, which no GPU node type declares;
 - `retry`: whether an item whose task died goes round again (prepare: with more memory);
 - `stop`: an Event; once set, the tasks in flight are cancelled (interrupt first, so a task can
   clean up, then forced) and the fan-out returns without yielding them;
@@ -32,12 +33,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 10.0  # a cancelled task gets this long to stop on its own before it is killed
 MAX_ASK_CPUS = 1024  # the most CPUs one fan-out asks the autoscaler for
+# A custom resource cluster.yaml's CPU node type declares, one unit per CPU, and no other node type:
+# CPU work asks the autoscaler for bundles of it, so the CPUs it wants never start a GPU node.
+CPU_NODE_RESOURCE = "lits_cpu"
 
 
 @dataclass
@@ -64,13 +68,20 @@ def window(resource: str = "CPU", per_unit: int = 2, minimum: int = 2) -> int:
     return max(minimum, per_unit * int(ray.cluster_resources().get(resource, 0)))
 
 
+def cpu_bundles(cpus: int) -> List[Dict[str, float]]:
+    """`cpus` one-CPU bundles that only a CPU node type fits: {"CPU": 1, CPU_NODE_RESOURCE: 1} each."""
+    return [{"CPU": 1, CPU_NODE_RESOURCE: 1}] * int(cpus)
+
+
 def request_cpus(cpus: int) -> None:
-    """Ask the autoscaler to keep `cpus` CPUs in the cluster (0 withdraws the request; one request
-    stands per cluster, the latest). Without an autoscaler Ray keeps it in its key-value store."""
+    """Ask the autoscaler to keep `cpus` CPUs of CPU nodes in the cluster (`cpu_bundles`; 0 withdraws
+    the request; one request stands per cluster, the latest). Without an autoscaler Ray keeps it in
+    its key-value store. A cluster whose node types do not declare CPU_NODE_RESOURCE gets nothing
+    from it (docs/cluster.md): its nodes then come for the tasks waiting, a window's worth at a time."""
     try:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(num_cpus=int(cpus))
+        request_resources(bundles=cpu_bundles(cpus))
     except Exception as exc:  # no autoscaler state to write to: nothing to ask
         log.debug("request_resources(%d) failed: %s", cpus, exc)
 
