@@ -26,6 +26,30 @@ TINY = dict(num_workers=2, batch_size=8, base_width=4, depth=3, lr=1e-3)
 
 
 @pytest.fixture(scope="module")
+def ray_train_cluster(s3_server):
+    """conftest's Ray for training (3 logical CPUs: two 1-CPU workers and Ray Data's reads, the S3
+    endpoint in the job's runtime_env), with its dashboard: Ray's state API (ray.util.state), which
+    the killed-worker test asks for this run's worker processes, is served by it."""
+    import ray
+    import ray.data
+
+    from lits.core import storage
+
+    env = storage.endpoint_env()
+    hidden = {k: os.environ.pop(k) for k in storage.ENDPOINT_VARS if k in os.environ}
+    try:
+        ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_port=0, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+    finally:
+        os.environ.update(hidden)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     synthesize(root / "vol", volumes=6, size=64, slices=24)
@@ -86,10 +110,14 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
         training.train(TrainConfig(data=str(other), output=out, epochs=3, name="t1", **TINY))
 
 
-def _own_worker_pid(out: str, name: str, rank: int) -> int:
-    """The PID rank `rank` of this run recorded under the run's own folder (never a process found by name)."""
-    with open(os.path.join(out, name, "workers", f"rank-{rank}.json")) as f:
-        return json.load(f)["pid"]
+def _train_workers() -> list:
+    """Ray's own record (its state API) of every Ray Train worker actor this driver's job started,
+    alive or dead: actor_id, pid, state."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, raise_on_missing_output=True,
+                       filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray.get_runtime_context().get_job_id())])
 
 
 EPOCHS = 6
@@ -106,6 +134,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_t
         except BaseException as exc:  # surfaced below
             outcome["error"] = exc
 
+    earlier = {a.actor_id for a in _train_workers()}  # the module's other runs'
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.time() + 600
@@ -122,7 +151,9 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_t
         time.sleep(0.05)
     first = read_metrics(out)
     assert first and len(first) < EPOCHS, "the run ended before a worker could be killed; make the epochs longer"
-    victim = _own_worker_pid(out, "kill", 1)
+    group = [a for a in _train_workers() if a.actor_id not in earlier and a.state == "ALIVE"]
+    assert len(group) == 2, group  # this run's two workers: the only processes the test stops
+    victim = group[-1].pid
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=400)
     assert not thread.is_alive()
@@ -130,8 +161,9 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_t
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(1, EPOCHS + 1)]
     assert outcome["config"]["training"]["epochs_run"] == EPOCHS
-    # the group restarted (a new worker process) and resumed from a checkpoint, not from scratch
-    assert _own_worker_pid(out, "kill", 1) != victim
+    # the group restarted (two new worker processes) and resumed from a checkpoint, not from scratch
+    ours = [a for a in _train_workers() if a.actor_id not in earlier]
+    assert victim in {a.pid for a in ours} and len({a.pid for a in ours} - {a.pid for a in group}) == 2, ours
     assert rows[0]["group_start"] == "1" and rows[0]["resumed_from_epoch"] == ""
     assert rows[-1]["group_start"] == "2"
     resumed = int(rows[-1]["resumed_from_epoch"])

@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import time
 from typing import Dict, List, Optional
 
@@ -117,7 +116,6 @@ def _group_nodes(world: int) -> str:
 
 def train_loop_per_worker(config: Dict) -> None:
     """One data-parallel worker: train, validate, checkpoint, report; see the module doc."""
-    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -137,10 +135,6 @@ def train_loop_per_worker(config: Dict) -> None:
         state, history = TrainState.from_dict(saved), saved["history"]
     resumed_from = state.epoch if saved else None
     state = dataclasses.replace(state, starts=state.starts + 1)
-    # Who trains, for operators and for tests that must stop only this run's workers.
-    storage.write_bytes(storage.join(cfg.output, cfg.name, "workers", f"rank-{rank}.json"),
-                        json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                                    "start": state.starts, "resumed_from_epoch": resumed_from}).encode())
     crop = patch_size(cfg, info.image_shape[0])
     steps_estimate = max(1, info.train_slices // (world * cfg.batch_size)) * (info.image_shape[0] // crop) ** 2
     if cfg.steps_per_epoch:
