@@ -7,7 +7,7 @@ report, written last). Every module that names, strips or recognises these files
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from lits.core import storage
 
@@ -35,6 +35,22 @@ def output_name(relative: str) -> str:
     if not relative.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{relative} is not .nii or .nii.gz")
     return strip_nifti(relative)
+
+
+def refused_name(relative: str) -> Optional[str]:
+    """Why an input named `relative` (its '/'-separated path below the job's input) cannot name
+    outputs, or None when it can. An S3 key may hold anything: a '..' part ('in/../../x.nii.gz')
+    would put its outputs outside the output prefix once a path is normalised (locally, behind a
+    normalising gateway, after a sync to disk), and an empty or '.' part ('in//x.nii.gz') names
+    another input's outputs. Control characters are refused, as in job URIs."""
+    parts = relative.split("/")
+    bad = sorted({repr(p) for p in parts if p in ("", ".", "..")})
+    if bad:
+        return (f"its name {relative!r} has {' and '.join(bad)} path parts, which would name outputs outside the "
+                "job's output or another input's; rename it")
+    if any(ord(c) < 32 for c in relative):
+        return f"its name {relative!r} holds a control character; rename it"
+    return None
 
 
 def is_reference(name: str) -> bool:

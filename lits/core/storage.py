@@ -12,7 +12,7 @@ import logging
 import os
 import posixpath
 import uuid
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import fsspec
 
@@ -164,6 +164,25 @@ def list_files(uri: str) -> list[str]:
             raise FileNotFoundError(path)
         found = fs.find(path)
     return sorted(_uri(p, uri) for p in found)
+
+
+def identity(uri: str) -> Dict:
+    """What the file at `uri` is now, from its metadata alone (one HEAD on S3, one stat locally; never
+    a read): {'uri', 'size', 'etag'} on S3 (the ETag changes with the content: an MD5 of it for a
+    single PUT, of its parts for a multipart upload; 'last_modified' where a store gives no ETag),
+    {'uri', 'size', 'mtime'} locally (seconds; a rewrite or a copy over it changes it). Equal
+    identities mean the same file as far as a skip decision goes. UserError when it does not exist.
+    """
+    uri = normalise(uri)
+    fs, path = filesystem(uri)
+    with user_errors(uri, "look up"):
+        fs.invalidate_cache(path)
+        info = fs.info(path)
+    found = {"uri": uri, "size": int(info["size"])}
+    if not is_s3(uri):
+        return {**found, "mtime": float(info["mtime"])}
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    return {**found, "etag": etag} if etag else {**found, "last_modified": str(info.get("LastModified", ""))}
 
 
 def read_bytes(uri: str) -> bytes:

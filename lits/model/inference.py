@@ -356,19 +356,23 @@ def _timed(fn, *args):
     return fn(*args), time.perf_counter() - t
 
 
-def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit, chunk: int = 16, threads: int = 1) -> Dict:
+def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit, chunk: int = 16, threads: int = 1,
+                source: Optional[Dict] = None) -> Dict:
     """Segment the NIfTI at `uri`; write outputs['mask'], outputs['preview'], then outputs['report']
     (last: its presence means done). Every write is atomic. Returns the report, whose 'seconds'
     hold every stage (read: fetch and decode, streamed; then `streaming.STAGES`; report; encode;
-    preview; write; total).
+    preview; write; total), and whose 'input_identity' says what the input was: `source` (the
+    caller's `storage.identity(uri)`), else taken here before the volume is read.
 
     Raises:
         BadInputError: unreadable or invalid volume (nothing is written).
     """
     t0 = time.perf_counter()
+    source = source or storage.identity(uri)
     hu_file, geometry = volumes.read_nifti(uri)
     labels_file, labels, box, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk,
                                                        time.perf_counter() - t0, threads)
+    report = {"input": uri, "input_identity": source, **report}
     title = os.path.basename(naming.mask_stem(outputs["mask"]))
     mask_bytes, encode_s = _timed(volumes.nifti_bytes, labels_file, geometry.affine_array)
     png, preview_s = _timed(reports.preview_png, geometry.to_canonical(hu_file), labels, title, box)

@@ -85,11 +85,15 @@ class JobDriver:
         job = self.job
         self.progress.set_model(describe_model(job.app_name, job.wait_s))
         listing = list_inputs(job.input, job.output)
-        volumes = listing["volumes"]
-        self.progress.listed(len(volumes), len(listing["ignored"]))
-        if not volumes:
+        volumes, refused = listing["volumes"], listing["refused"]
+        self.progress.listed(len(volumes) + len(refused), len(listing["ignored"]))
+        if not volumes and not refused:
             raise UserError(f"no .nii or .nii.gz volumes under {job.input} "
                             f"({len(listing['ignored'])} ignored: reference segmentations or outputs)")
+        for uri, reason in refused:  # names that would write outside the output, or over another's outputs
+            self.progress.record({"input": uri, "status": "failed", "reason": f"refused: {reason}"})
+        if not volumes:
+            return
         model = inference.ModelSpec.from_dict(self.progress.model)
         capacity = JobCapacity(job.app_name, job.job_id, job.cpus_per_volume, reserve_cpus=job.reserve_cpus,
                                concurrency=job.concurrency)

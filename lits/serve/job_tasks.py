@@ -11,9 +11,10 @@ wait has a deadline and resends). A lost model replica never hangs the service:
   that dies frees CPUs no volume task can take, and its replacement is scheduled.
 
 Outputs per input `INPUT/<rel>.nii[.gz]` are named by `lits.core.naming`: the mask, the preview, then
-the report (written last: its presence with this model's id means done).
+the report (written last: its presence with this model's id and the input's identity means done).
 Every write is atomic, and a volume's outputs are all or nothing (`segment_volume`). Every file a
-volume reads or writes is resolved and checked against the server's allow-list first.
+volume reads or writes is resolved and checked against the server's allow-list first, and every
+file it writes against the job's own output.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import ray
 from lits.serve import access
 from lits.model import inference
 from lits.core import naming, storage
-from lits.core.errors import UserError
-from lits.serve.job_spec import JobSpec
+from lits.core.errors import BadInputError, UserError
+from lits.serve.job_spec import JOBS_FOLDER, JobSpec
 from lits.serve.model_client import ModelSubmit, ModelUnavailable, task_threads
 
 log = logging.getLogger(__name__)
@@ -104,15 +105,19 @@ def in_pool(pg) -> Dict:
 
 # --- one volume -----------------------------------------------------------------------------------
 
-def already_done(uris: Dict[str, str], model_id: str) -> bool:
-    """True when this model's report and mask for the volume exist (the report is written last)."""
+def already_done(uris: Dict[str, str], model_id: str, source: Dict) -> bool:
+    """True when the volume's report says this model segmented this very input (`source`, its
+    `storage.identity`) and its mask exists (the report is written last). A report without an
+    identity, or with another (the input was replaced, or another input wrote these names), is
+    not done."""
     if not storage.exists(uris["report"]):
         return False
     try:
         report = json.loads(storage.read_bytes(uris["report"]))
     except (ValueError, UserError):
         return False
-    return report.get("model_id") == model_id and storage.exists(uris["mask"])
+    return (isinstance(report, dict) and report.get("model_id") == model_id
+            and report.get("input_identity") == source and storage.exists(uris["mask"]))
 
 
 def remove_outputs(uris: Dict[str, str]) -> None:
@@ -123,21 +128,37 @@ def remove_outputs(uris: Dict[str, str]) -> None:
 
 def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit, *,
                             overwrite: bool, chunk: int, threads: int) -> Optional[Dict]:
-    """The report, or None when this model's outputs exist and `overwrite` is off."""
-    done_before = already_done(uris, spec.model_id)
+    """The report, or None when this model's outputs of this input exist and `overwrite` is off.
+
+    The input's identity is taken before it is read: replaced while it is segmented, the report
+    names the older identity and the next job recomputes it (never the reverse)."""
+    source = storage.identity(uri)
+    done_before = already_done(uris, spec.model_id, source)
     if done_before and not overwrite:
         return None
     if not done_before:
         remove_outputs(uris)
     try:
-        return inference.segment_uri(uri, uris, spec, submit, chunk, threads)
+        return inference.segment_uri(uri, uris, spec, submit, chunk, threads, source=source)
     except BaseException:
         try:
-            if not already_done(uris, spec.model_id):
+            if not already_done(uris, spec.model_id, source):
                 remove_outputs(uris)
         except Exception as exc:  # the first failure is the one to report
             log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
         raise
+
+
+def check_outputs(uris: Dict[str, str], output: str, allow: Sequence[str]) -> None:
+    """BadInputError unless each of a volume's outputs resolves inside the allow-list and inside the
+    job's `output`, outside its summaries' folder (`JOBS_FOLDER`): checked before anything is
+    removed or written."""
+    summaries = storage.join(storage.normalise(output), JOBS_FOLDER)
+    for key in ("report", "mask", "preview"):
+        access.check_resolved(uris[key], allow, "write")
+        access.check_inside(uris[key], output)
+        if uris[key].startswith(summaries + "/"):
+            raise BadInputError(f"refused to write {uris[key]}: the job summaries' folder {summaries} holds no outputs")
 
 
 def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit, *,
@@ -149,8 +170,9 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
     removed before the volume is segmented, and whatever this call wrote is removed again when it
     stops before the report (a cancel's KeyboardInterrupt, a failed write). So no mask or preview
     lies under its final name without this model's report, and no report describes another
-    model's mask. With an allow-list, the input and every output must resolve inside it (a
-    symlink out of it fails the volume before anything is read or written).
+    model's mask or another input. With an allow-list, the input and every output must resolve
+    inside it (a symlink out of it fails the volume before anything is read or written); every
+    output must lie inside `output` (`check_outputs`).
 
     Returns:
         {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
@@ -159,8 +181,7 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
     result = {"input": uri, "name": rel_name}
     try:
         access.check_resolved(uri, allow, "read")
-        for key in ("report", "mask", "preview"):
-            access.check_resolved(uris[key], allow, "write")
+        check_outputs(uris, output, allow)
         report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite=overwrite, chunk=chunk, threads=threads)
     except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
         return {**result, "status": "failed", "reason": str(exc)}
@@ -190,25 +211,44 @@ def segment_volume_task(uri: str, rel_name: str, job: JobSpec, model: inference.
 # --- listing --------------------------------------------------------------------------------------
 
 def list_inputs(input_uri: str, output_uri: str) -> Dict[str, List]:
-    """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri]}.
+    """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri], 'refused': [(uri, reason)]}.
 
-    Reference segmentations (segmentation-N.nii*: `naming.is_reference`), the product's own masks
-    (*_seg.nii*: `naming.is_mask`) and anything under the output prefix are ignored, so a job may
+    Ignored: reference segmentations (segmentation-N.nii*: `naming.is_reference`), the product's
+    own masks (*_seg.nii*: `naming.is_mask`) and anything under the output prefix, so a job may
     point at a LiTS folder and write inside it; reports (.json) and previews (.png) are not NIfTI
-    and never listed.
+    and never listed. Refused (each a failed volume with its reason, never segmented): a name
+    `naming.refused_name` refuses (a '..', '.' or empty part, a control character), one whose
+    outputs would land among the job summaries (`_jobs/`), and one whose outputs another input
+    already names (`a.nii` beside `a.nii.gz`).
+
+    Raises:
+        UserError: a folder input that is the output or lies inside it (the job would skip it all).
     """
     root = storage.normalise(input_uri)
-    out = storage.normalise(output_uri)
+    out = storage.normalise(output_uri).rstrip("/")
     files = storage.list_files(root)
     single = files == [root]
-    volumes, ignored = [], []
+    if not single and (root == out or root.startswith(out + "/")):
+        raise UserError(f"the input {root} lies inside the output {out}: every file there would be skipped as "
+                        f"an output; write beside the input or inside it (e.g. {root}/seg)")
+    volumes, ignored, refused, named = [], [], [], {}
     for uri in files:
         if not uri.endswith(naming.NIFTI_SUFFIXES):
             continue
-        rel = os.path.basename(uri) if single else uri[len(root):].lstrip("/")
+        rel = os.path.basename(uri) if single else uri[len(root) + 1:]
         base = os.path.basename(uri)
-        if uri == out or uri.startswith(out.rstrip("/") + "/") or naming.is_reference(base) or naming.is_mask(base):
+        if (not single and uri.startswith(out + "/")) or naming.is_reference(base) or naming.is_mask(base):
             ignored.append(uri)
             continue
-        volumes.append((uri, naming.output_name(rel)))
-    return {"volumes": volumes, "ignored": ignored}
+        why = naming.refused_name(rel)
+        stem = None if why else naming.output_name(rel)
+        if stem is not None and stem.startswith(JOBS_FOLDER + "/"):
+            why = f"its outputs would be written among the job summaries ({JOBS_FOLDER}/); rename or move it"
+        elif stem in named:
+            why = f"its outputs would have the names of {named[stem]}'s ({stem}_seg.nii.gz...); rename one of them"
+        if why:
+            refused.append((uri, why))
+            continue
+        named[stem] = uri
+        volumes.append((uri, stem))
+    return {"volumes": volumes, "ignored": ignored, "refused": refused}

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 import ray
 
 from lits.core import storage
+from lits.core.errors import UserError
+from lits.serve import access
 from lits.serve.job_progress import FINAL_STATES, JobProgress, JobState
 from lits.serve.job_runner import JobRunner
 from lits.serve.job_spec import ACTOR_PREFIX, JOBS_NAMESPACE, JobSpec, default_jobs_state, record_uri
@@ -55,8 +57,17 @@ def submit_job(job: JobSpec) -> str:
 
     The job's record (its queued status, naming its summary) is written first: a job whose id was
     handed out can always be found. The jobs state folder is resolved here, in the submitting
-    process, so the actor writes its record where this process looks for it."""
+    process, so the actor writes its record where this process looks for it.
+
+    Raises:
+        UserError: the output overlaps the jobs state folder, or is or contains the input
+            (`access.check_job_uris`; the HTTP API answers those 400 before calling this).
+    """
     job = dataclasses.replace(job, jobs_state=job.jobs_state or default_jobs_state())
+    try:
+        access.check_job_uris(job.input, job.output, job.jobs_state)
+    except access.AccessError as exc:
+        raise UserError(str(exc)) from exc
     storage.write_bytes(job.record_uri, json.dumps(JobProgress(job).status()).encode())
     runner = ray.remote(JobRunner).options(
         name=job.actor_name, namespace=JOBS_NAMESPACE, lifetime=None, num_cpus=0,
