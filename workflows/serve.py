@@ -20,6 +20,7 @@ from workflows._common import add_cluster_args, add_model_args, apply_cluster_ar
 
 from lits.core.config import ServeConfig
 from lits.core.errors import UserError
+from lits.serve.access import TOKEN_ENV
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = ServeConfig(model="-")
@@ -33,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=d.port, help="(default: %(default)s)")
     p.add_argument("--allow-prefix", action="append", default=[], help="URI prefix jobs may read and write (repeatable); "
                    "without it any s3:// URI and no local path")
-    p.add_argument("--max-body-mb", type=int, default=d.max_body_mb, help="largest /v1/segment upload (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=int, default=d.max_body_mb, help="largest /v1/segment upload; the JSON routes "
+                   "take 1 MB (default: %(default)s)")
+    p.add_argument("--body-grace-s", type=float, default=d.body_grace_s, help="a request body must arrive at "
+                   "--min-body-kbps after this many seconds, else 408 (default: %(default)s)")
+    p.add_argument("--min-body-kbps", type=float, default=d.min_body_kbps, help="(default: %(default)s)")
     p.add_argument("--job-concurrency", type=int, default=None, help="volumes in flight per job (default: the volume "
                    "pool's CPUs / --cpus-per-volume, growing as CPU nodes join)")
     p.add_argument("--volume-cpus", type=float, default=None, help="CPUs reserved for volume tasks, a fixed pool "
@@ -43,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "$LITS_JOBS_STATE or ~/.cache/lits/jobs; on a cluster use s3://…)")
     p.add_argument("--max-uploads", type=int, default=d.max_uploads, help="/v1/segment uploads segmented at once; "
                    "more wait their turn (default: %(default)s)")
+    p.add_argument("--max-jobs", type=int, default=d.max_jobs, help="bulk jobs running at once; more wait queued "
+                   "(default: %(default)s)")
+    p.add_argument("--insecure", action="store_true", help=f"allow a host other than loopback without {TOKEN_ENV}")
     p.add_argument("--detach", action="store_true", help="with --address: deploy, then exit and leave the app running")
     add_cluster_args(p)
     return p.parse_args(argv)
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cluster_args(args)
     with user_errors("serve"):
-        from lits.serve import access, serving
+        from lits.serve import access, http_guard, serving
         from lits.model import inference
         from lits.core import storage
 
@@ -65,7 +73,11 @@ def main(argv=None) -> int:
             job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(access.TOKEN_ENV)),
             volume_cpus=args.volume_cpus,
             jobs_state=storage.normalise(args.jobs_state) if args.jobs_state else None, max_uploads=args.max_uploads,
+            max_jobs=args.max_jobs, body_grace_s=args.body_grace_s, min_body_kbps=args.min_body_kbps,
         )
+        if not cfg.token_sha256 and http_guard.exposed(cfg.host) and not args.insecure:
+            raise UserError(f"--host {cfg.host} lets other machines in and no {TOKEN_ENV} is set: set it, or pass "
+                            "--insecure to serve without a token")
         if args.detach and not args.address:
             raise UserError("--detach needs --address: a local Ray ends with this process")
         spec, _ = inference.load_spec(cfg.model)  # a bad model fails here, not in a replica

@@ -271,7 +271,10 @@ class ServeConfig:
             replicas are placed, less what autoscaling to max_replicas would take.
         jobs_state: folder or s3:// prefix of the job records; None: $LITS_JOBS_STATE or ~/.cache/lits/jobs.
         model_wait_s: longest wait for one answer of the model deployment before it is asked again.
-        max_uploads: /v1/segment uploads read and segmented at once; more wait their turn.
+        max_uploads: /v1/segment uploads segmented at once (their bodies already read); more wait their turn.
+        max_jobs: bulk jobs running at once; more wait queued (state 'queued') and start as others end.
+        body_grace_s, min_body_kbps: a request body must keep arriving at min_body_kbps KB/s after
+            body_grace_s seconds, else 408 (a stalled client holds no upload slot).
     """
 
     model: str
@@ -294,6 +297,9 @@ class ServeConfig:
     jobs_state: Optional[str] = None
     model_wait_s: float = 60.0
     max_uploads: int = 8
+    max_jobs: int = 4
+    body_grace_s: float = 10.0
+    min_body_kbps: float = 64.0
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas < 1:
@@ -323,6 +329,10 @@ class ServeConfig:
             raise ValueError(f"model_wait_s must be > 0, got {self.model_wait_s}")
         if self.max_uploads < 1:
             raise ValueError(f"max_uploads must be >= 1, got {self.max_uploads}")
+        if self.max_jobs < 1:
+            raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
+        if not self.body_grace_s > 0 or not self.min_body_kbps > 0:
+            raise ValueError(f"body_grace_s and min_body_kbps must be > 0, got {self.body_grace_s}, {self.min_body_kbps}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

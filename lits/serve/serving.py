@@ -14,17 +14,17 @@ that dies is always replaced; every wait on the model has a deadline. The ingres
 requests at once (light routes never queue behind uploads) and runs at most `max_uploads` uploads
 together; job status is read off the upload path.
 
-Security: with a token configured every /v1 call needs `Authorization: Bearer <token>` (401;
-a dependency of the `/v1` router, so no route can be added without it);
-job URIs must lie under an allowed prefix (403) and carry no path tricks (400); request bodies
-are size-limited (413); weights are only ever loaded with weights_only=True.
+Security: with a token configured every request but /healthz and the docs needs
+`Authorization: Bearer <token>` (401), checked with the body limits before the body is read by
+`lits.serve.http_guard.Guard`, and again by the `/v1` router's dependency; job URIs must lie
+under an allowed prefix (403) and carry no path tricks (400); weights are only ever loaded with
+weights_only=True. At most `max_jobs` jobs run at once, the others wait queued
+(`lits.serve.job_queue`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import asyncio
 import concurrent.futures
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -32,13 +32,17 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 import lits
 from lits.model import inference
-from lits.serve import job_tasks, jobs, model_client
+from lits.serve import http_guard, job_tasks, jobs, model_client
+from lits.serve.job_queue import JobQueue
 from lits.serve.job_spec import JobSpec, default_jobs_state
 from lits.core import naming, storage
 from lits.serve.access import AccessError, check_uri
@@ -52,8 +56,7 @@ API_DEPLOYMENT = "Api"
 API_MAX_ONGOING = 1000  # requests one ingress replica takes at once (Serve's default, 5, starves /healthz)
 
 
-def token_sha256(token: Optional[str]) -> Optional[str]:
-    return hashlib.sha256(token.encode()).hexdigest() if token else None
+token_sha256 = http_guard.token_sha256  # UserError for a token no client could send
 
 
 # --- the model deployment ----------------------------------------------------------------------
@@ -132,14 +135,39 @@ api = FastAPI(
 )
 
 
-async def require_token(request: Request) -> None:
-    """The token check of every /v1 route: this replica's `Api.authorise` (401 without the token)."""
-    serve.get_replica_context().servable_object.authorise(request)
+def _replica():
+    return serve.get_replica_context().servable_object
+
+
+# Every request passes the Guard first: the token and the body limits before the body is read.
+api.add_middleware(http_guard.Guard, settings=lambda: _replica().guard)
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with FastAPI's usual detail, JSON-safe whatever was sent (NaN included)."""
+    return JSONResponse(status_code=422, content={"detail": http_guard.validation_detail(exc.errors())})
+
+
+async def require_token(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Security(
+        HTTPBearer(auto_error=False, description="the server's LITS_API_TOKEN"))) -> None:
+    """The token check of every /v1 route: this replica's `Api.authorise` (401 without the token).
+    Declared as HTTP bearer security, so the docs' "Authorize" sends it."""
+    _replica().authorise(request)
+
+
+async def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (FastAPI would read another body as a string)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise HTTPException(415, f"the body must be JSON sent with 'Content-Type: application/json' "
+                                 f"(got {kind or 'no Content-Type'})")
 
 
 # Every route of this router needs the token: the check is the router's dependency, not a call
 # each handler has to remember. Only /healthz (and the OpenAPI docs) live outside it.
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+OPEN_PATHS = ("/healthz", api.docs_url, api.openapi_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url)
 
 
 class JobRequest(BaseModel):
@@ -167,6 +195,10 @@ class Api:
         self._pool = None
         self._uploads: Optional[asyncio.Semaphore] = None
         self._light = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="status")
+        self.queue = JobQueue(self.cfg.max_jobs)
+        self.guard = http_guard.GuardSettings(
+            token_sha256=self.cfg.token_sha256, open_paths=OPEN_PATHS, upload_bytes=self.cfg.max_body_mb * 1024 * 1024,
+            grace_s=self.cfg.body_grace_s, min_rate=self.cfg.min_body_kbps * 1024)
 
     async def spec(self) -> Dict:
         if self._spec is None:
@@ -181,16 +213,19 @@ class Api:
         """Run a short blocking call (job status, a record) on the status threads."""
         return await asyncio.get_running_loop().run_in_executor(self._light, fn, *args)
 
-    def authorise(self, request: Request) -> None:
-        if not self.cfg.token_sha256:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token_sha256(token.strip()) or "", self.cfg.token_sha256):
-            raise HTTPException(401, "missing or wrong API token: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def authorised(self, request: Request) -> bool:
+        return http_guard.token_matches(request.headers.get("authorization", "").encode("latin-1"), self.cfg.token_sha256)
 
-    def access(self, uri: str) -> str:
+    def authorise(self, request: Request) -> None:
+        if not self.authorised(request):
+            raise HTTPException(401, http_guard.UNAUTHORISED, headers={"WWW-Authenticate": "Bearer"})
+
+    def access(self, field: str, uri: str) -> str:
+        try:
+            uri.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise HTTPException(400, f"{field} {uri!r}: not valid Unicode (a lone surrogate at character "
+                                     f"{exc.start}); send the URI as UTF-8 text") from exc
         try:
             return check_uri(uri, self.cfg.allow_prefixes)
         except AccessError as exc:
@@ -210,9 +245,11 @@ class Api:
         return b"".join(parts)
 
     @api.get("/healthz")
-    async def healthz(self) -> Dict:
+    async def healthz(self, request: Request) -> Dict:
+        """Open to all; the model's location only with the token (it names the server's storage)."""
         spec = await self.spec()
-        return {"status": "ok", "model_id": spec["model_id"], "model": spec["uri"], "version": lits.__version__}
+        found = {"status": "ok", "model_id": spec["model_id"], "version": lits.__version__}
+        return {**found, "model": spec["uri"]} if self.authorised(request) else found
 
     def _submit_upload(self, data: bytes, name: str, spec: inference.ModelSpec):
         if self._pool is None:
@@ -228,10 +265,11 @@ class Api:
         if self._uploads is None:
             self._uploads = asyncio.Semaphore(self.cfg.max_uploads)
         spec = inference.ModelSpec.from_dict(await self.spec())
-        async with self._uploads:  # the body is read in turn too: memory stays max_uploads bodies
-            data = await self.read_body(request)
-            if not data:
-                raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
+        # The Guard has read the body (within its limit and deadline): a slow client holds no slot.
+        data = await self.read_body(request)
+        if not data:
+            raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
+        async with self._uploads:
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
             # Putting the body into the object store copies it: off the event loop.
             ref = await asyncio.to_thread(self._submit_upload, data, safe, spec)
@@ -251,19 +289,27 @@ class Api:
             "Content-Disposition": f'attachment; filename="{naming.mask_name(naming.strip_nifti(safe))}"',
         })
 
-    @v1.post("/jobs", status_code=202)
+    @v1.post("/jobs", status_code=202, dependencies=[Depends(require_json)])
     async def create_job(self, body: JobRequest) -> Dict:
-        """Start a bulk job: every volume under `input` -> mask + report under `output`."""
-        job = job_spec(self.cfg, self.app_name, self.access(body.input), self.access(body.output), body.overwrite,
-                       body.concurrency, self.jobs_state)
-        if not await asyncio.to_thread(storage.exists, job.input):
-            raise HTTPException(404, f"input {body.input} does not exist")
-        job_id = await asyncio.to_thread(jobs.submit_job, job)
-        return {"job_id": job_id, "status": f"/v1/jobs/{job_id}"}
+        """Start a bulk job: every volume under `input` -> mask + report under `output`. Over
+        `max_jobs` running jobs it waits, state 'queued'."""
+        job = job_spec(self.cfg, self.app_name, self.access("input", body.input), self.access("output", body.output),
+                       body.overwrite, body.concurrency, self.jobs_state)
+        try:
+            if not await asyncio.to_thread(storage.exists, job.input):
+                raise HTTPException(404, f"input {body.input} does not exist")
+            blocking = file_in_the_way(job.output)
+            if blocking:
+                raise HTTPException(400, f"output {body.output}: {blocking} is an existing file; name a folder")
+            job_id = await self.queue.submit(job)
+        except UserError as exc:  # storage unreachable or refusing: the server cannot take jobs now
+            raise HTTPException(503, str(exc)) from exc
+        return {"job_id": job_id, "status": f"/v1/jobs/{job_id}",
+                "state": "queued" if self.queue.status(job_id) else "running"}
 
     @v1.get("/jobs")
     async def list_all(self) -> List[Dict]:
-        found = await self.light(jobs.list_jobs, self.jobs_state)
+        found = [self.queue.status(j["job_id"]) or j for j in await self.light(jobs.list_jobs, self.jobs_state)]
         return [{k: j[k] for k in ("job_id", "state", "input", "output", "counts", "progress", "times")} for j in found]
 
     async def _job_or_404(self, action, job_id: str) -> Dict:
@@ -275,12 +321,12 @@ class Api:
 
     @v1.get("/jobs/{job_id}")
     async def get(self, job_id: str) -> Dict:
-        return await self._job_or_404(jobs.get_job, job_id)
+        return self.queue.status(job_id) or await self._job_or_404(jobs.get_job, job_id)
 
     @v1.delete("/jobs/{job_id}")
     async def cancel(self, job_id: str) -> Dict:
-        """Stop submitting volumes, cancel those in flight; finished volumes stay."""
-        return await self._job_or_404(jobs.cancel_job, job_id)
+        """Stop submitting volumes, cancel those in flight; finished volumes stay. A queued job is removed."""
+        return await self.queue.cancel(job_id) or await self._job_or_404(jobs.cancel_job, job_id)
 
 
 api.include_router(v1)
@@ -307,6 +353,17 @@ def job_reserve_cpus(cfg: ServeConfig) -> Optional[float]:
     pool (no --volume-cpus) grows with the cluster, never into the CPUs the replicas may take;
     a fixed pool does not grow (None)."""
     return None if cfg.volume_cpus is not None else replica_cpus(cfg)[1]
+
+
+def file_in_the_way(output: str) -> Optional[str]:
+    """The existing file a local output folder would have to be created over (the output itself or
+    a parent), else None; S3 prefixes have no such file."""
+    if storage.is_s3(output):
+        return None
+    path = output
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
 
 
 def job_spec(cfg: ServeConfig, app_name: str, input: str, output: str, overwrite: bool = False,
