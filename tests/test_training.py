@@ -64,14 +64,23 @@ def read_metrics(out):
         return list(csv.DictReader(f))
 
 
+# A recipe that learns the phantoms' liver within the test's budget (2 workers x 1 CPU, 8 epochs).
+# Measured through Ray Train as here (seeds 0-4, 8 epochs and a 9th resumed; the numbers are in the
+# commit that set them): the test volume's whole-volume liver Dice was 0.64-0.93, within 0.05 of the
+# same volume's prepared slices. TINY (width 4, lr 1e-3, one epoch) scores 0.0: it learns nothing.
+LEARNS = dict(num_workers=2, batch_size=4, base_width=8, depth=3, lr=1e-2, crop=16)
+LEARN_EPOCHS = 8
+LIVER_FLOOR = 0.4  # a model trained on garbage, or fed garbage when segmenting, scores < 0.1
+SAME_VOLUME_MARGIN = 0.15  # whole volume (serving's path) vs its prepared slices (training's path)
+
+
 def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_path):
     out = str(tmp_path / "run")
-    cfg = TrainConfig(data=prepared, output=out, epochs=1, name="t1", **TINY)
+    cfg = TrainConfig(data=prepared, output=out, epochs=LEARN_EPOCHS, name="t1", **LEARNS)
     config = training.train(cfg)
     rows = read_metrics(out)
-    assert [r["epoch"] for r in rows] == ["1"]
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, LEARN_EPOCHS + 1)]
     assert float(rows[0]["train_loss"]) > 0 and int(rows[0]["train_images"]) > 0
-    assert 0.0 <= float(rows[0]["val_dice_liver_volume"]) <= 1.0
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     assert any(n.startswith("checkpoint_") for n in os.listdir(os.path.join(out, "t1")))
     # the exported model: weights-only state_dict + config.json that rebuild the network
@@ -80,24 +89,37 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     evaluated = config.pop("test_evaluation")
     test_ids = [v["volume_id"] for v in json.load(open(os.path.join(prepared, "manifest.json")))["volumes"] if v["split"] == "test"]
     assert evaluated["cases_evaluated"] == len(test_ids) >= 1
-    assert 0.0 <= evaluated["aggregate"]["liver"]["dice_per_case"] <= 1.0
     on_disk = json.load(open(os.path.join(out, "test_evaluation", "summary.json")))
     assert on_disk["aggregate"] == evaluated["aggregate"]
     assert sorted(os.listdir(os.path.join(out, "test_evaluation", "predictions"))) == sorted(
         f"{v}{suffix}" for v in test_ids for suffix in (".json", "_preview.png", "_seg.nii.gz"))
+    # Quality as a user sees it: each test volume at its original resolution, segmented on serving's
+    # path (lits.model.streaming) and scored by lits.evaluate, clears a floor and agrees with the same
+    # volume's Dice on its prepared slices (training's path: OUT/test_metrics.json). Garbage in
+    # training fails the floor; garbage in serving's preprocessing fails both.
+    with open(os.path.join(out, "test_evaluation", "metrics.csv")) as f:
+        cases = {r["case"]: float(r["liver_dice"]) for r in csv.DictReader(f)}
+    prepared_slices = json.load(open(os.path.join(out, "test_metrics.json")))["per_volume"]
+    assert sorted(cases) == sorted(test_ids)
+    for case, liver in cases.items():
+        sliced = prepared_slices[case]["dice_liver"]
+        assert liver >= LIVER_FLOOR and abs(liver - sliced) <= SAME_VOLUME_MARGIN, (case, liver, sliced)
+    assert evaluated["aggregate"]["liver"]["dice_per_case"] == pytest.approx(sum(cases.values()) / len(cases))
+    best = rows[saved["training"]["best_epoch"] - 1]
     assert saved == config and saved["task"] == "liver-tumour" and saved["input"]["height"] == 32
-    assert saved["training"]["manifest_sha256"] and saved["val_metrics"]["val_loss"] == pytest.approx(float(rows[0]["val_loss"]), rel=1e-4)
+    assert saved["training"]["manifest_sha256"] and saved["val_metrics"]["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)
     weights = torch.load(os.path.join(out, "model", "weights.pt"), weights_only=True)
     arch = saved["architecture"]
     model = UNet(arch["in_channels"], arch["out_channels"], arch["base_width"], arch["depth"])
     model.load_state_dict(weights)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
-    # same name, more epochs: resumes at epoch 2, epoch 1's row untouched
-    training.train(TrainConfig(data=prepared, output=out, epochs=2, name="t1", **TINY))
+    # same name, one more epoch: resumes at the next epoch, the earlier rows untouched
+    resumed = training.train(TrainConfig(data=prepared, output=out, epochs=LEARN_EPOCHS + 1, name="t1", **LEARNS))
+    assert resumed["test_evaluation"]["aggregate"]["liver"]["dice_per_case"] >= LIVER_FLOOR
     again = read_metrics(out)
-    assert [r["epoch"] for r in again] == ["1", "2"]
-    assert again[0] == rows[0]
+    assert [r["epoch"] for r in again] == [str(e) for e in range(1, LEARN_EPOCHS + 2)]
+    assert again[:LEARN_EPOCHS] == rows and again[-1]["resumed_from_epoch"] == str(LEARN_EPOCHS)
     # the same run name on other data is refused, not silently resumed
     other = tmp_path / "other"
     import shutil
@@ -107,7 +129,7 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     manifest["created"] = "another run"
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="trained on other data"):
-        training.train(TrainConfig(data=str(other), output=out, epochs=3, name="t1", **TINY))
+        training.train(TrainConfig(data=str(other), output=out, epochs=LEARN_EPOCHS + 2, name="t1", **LEARNS))
 
 
 def _train_workers() -> list:
