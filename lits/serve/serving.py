@@ -45,7 +45,7 @@ from lits.serve import http_guard, job_tasks, jobs, model_client
 from lits.serve.job_queue import JobQueue
 from lits.serve.job_spec import JobSpec, default_jobs_state
 from lits.core import naming, storage
-from lits.serve.access import AccessError, check_uri
+from lits.serve.access import AccessError, check_job_uris, check_uri
 from lits.core.config import ServeConfig
 from lits.core.errors import UserError
 
@@ -295,6 +295,10 @@ class Api:
         `max_jobs` running jobs it waits, state 'queued'."""
         job = job_spec(self.cfg, self.app_name, self.access("input", body.input), self.access("output", body.output),
                        body.overwrite, body.concurrency, self.jobs_state)
+        try:  # an output over the job records or over its own input: one line, before anything runs
+            check_job_uris(job.input, job.output, job.jobs_state)
+        except AccessError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
         try:
             if not await asyncio.to_thread(storage.exists, job.input):
                 raise HTTPException(404, f"input {body.input} does not exist")
