@@ -66,8 +66,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int):
+def local_ray(num_cpus: int, dashboard: bool = False):
     """Start a local Ray of `num_cpus` logical CPUs (no progress bars); yield its address; stop it.
+    `dashboard`: also its dashboard, which serves Ray's state API (ray.util.state).
 
     The S3 endpoint of this process (the s3_server fixture's) reaches this driver's workers the way
     workflows send it to a cluster they join (workflows/_common.start_ray): in the job's
@@ -80,8 +81,8 @@ def local_ray(num_cpus: int):
     env = storage.endpoint_env()
     hidden = {k: os.environ.pop(k) for k in storage.ENDPOINT_VARS if k in os.environ}
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None, **({"dashboard_port": 0} if dashboard else {}))
     finally:
         os.environ.update(hidden)
     import ray.data
@@ -173,6 +174,7 @@ def run_workflow(name: str, *args: str, timeout: float = 300, unset: tuple = ())
 
 @pytest.fixture(scope="module")
 def ray_train_cluster(s3_server):
-    """A local Ray with 3 logical CPUs: two 1-CPU training workers plus one for Ray Data's reads."""
-    with local_ray(3) as address:
+    """A local Ray with 3 logical CPUs: two 1-CPU training workers plus one for Ray Data's reads; with
+    its dashboard, so that a test finds this run's worker processes through Ray's state API."""
+    with local_ray(3, dashboard=True) as address:
         yield address

@@ -26,30 +26,6 @@ TINY = dict(num_workers=2, batch_size=8, base_width=4, depth=3, lr=1e-3)
 
 
 @pytest.fixture(scope="module")
-def ray_train_cluster(s3_server):
-    """conftest's Ray for training (3 logical CPUs: two 1-CPU workers and Ray Data's reads, the S3
-    endpoint in the job's runtime_env), with its dashboard: Ray's state API (ray.util.state), which
-    the killed-worker test asks for this run's worker processes, is served by it."""
-    import ray
-    import ray.data
-
-    from lits.core import storage
-
-    env = storage.endpoint_env()
-    hidden = {k: os.environ.pop(k) for k in storage.ENDPOINT_VARS if k in os.environ}
-    try:
-        ray.init(address="local", num_cpus=3, include_dashboard=True, dashboard_port=0, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
-    finally:
-        os.environ.update(hidden)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     synthesize(root / "vol", volumes=6, size=64, slices=24)
