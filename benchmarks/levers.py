@@ -17,7 +17,6 @@ A variant is 'name: key=value ...' over TrainConfig fields (plus tta=1, min_tumo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import os
 import sys
@@ -29,8 +28,8 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lits.model import inference
-from lits.core import metrics, shards, storage, volumes  # noqa: E402
+from lits.model import inference  # noqa: E402
+from lits.core import metrics, shards, volumes  # noqa: E402
 from lits.core.config import TrainConfig  # noqa: E402
 from lits.model.unet import UNet  # noqa: E402
 from lits.train.sampling import PatchBatches  # noqa: E402

@@ -195,8 +195,6 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
     """Outputs of one model are no reason to skip a volume for another: README's "a new model
     recomputes everything". A second app serves other weights; its job over the same output
     segments every volume again and every report then names it."""
-    from ray import serve
-
     from lits.serve import jobs, serving
     from lits.serve.job_spec import JobSpec
     from lits.core.config import ServeConfig

@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 from lits.core import storage
 from lits.core.config import TrainConfig
