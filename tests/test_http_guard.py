@@ -261,3 +261,17 @@ def test_serve_refuses_an_open_host_without_a_token_and_a_token_no_client_can_se
     accented = _serve("--model", missing_model, token="pässwort")
     assert accented.returncode == 2 and "visible ASCII" in accented.stderr, accented.stderr
     assert len(accented.stderr.strip().splitlines()) == 1
+
+
+def test_serve_on_a_cluster_refuses_job_records_only_one_node_sees(tmp_path):
+    """Issue 20, item 4: with --address, a local --jobs-state (or the default ~/.cache one) made a
+    finished job's status depend on which node's ingress answered. One line, before Ray starts;
+    s3:// or an explicit file:// (a folder every node mounts) passes the check."""
+    missing_model = str(tmp_path / "model")
+    for flags in ([], ["--jobs-state", str(tmp_path / "state")]):
+        local = _serve("--model", missing_model, "--address", "127.0.0.1:1", *flags)
+        assert local.returncode == 2 and "--jobs-state s3://" in local.stderr, local.stderr
+        assert len(local.stderr.strip().splitlines()) == 1
+    for state in ("s3://bucket/jobs", f"file://{tmp_path / 'state'}"):
+        shared = _serve("--model", missing_model, "--address", "127.0.0.1:1", "--jobs-state", state)
+        assert shared.returncode == 2 and "config.json is missing" in shared.stderr, shared.stderr  # past the check

@@ -16,6 +16,8 @@ import pytest
 from conftest import free_port, run_workflow
 from test_inference import tiny_model
 
+from lits.serve.job_progress import read_volume_records
+
 pytestmark = pytest.mark.slow
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -158,7 +160,7 @@ def test_a_bulk_job_takes_the_cpu_node_that_joins(nifti_dir, tmp_path, monkeypat
         monkeypatch.setenv("LITS_API_TOKEN", "mn-token")
         proc = run_workflow("serve", "--model", tiny_model(tmp_path / "model"), "--address", address, "--detach",
                             "--port", str(http_port), "--allow-prefix", str(tmp_path), "--jobs-state",
-                            str(tmp_path / "state"), timeout=300)
+                            f"file://{tmp_path / 'state'}", timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "no CPU is free for volume tasks now" in proc.stderr
         url = f"http://127.0.0.1:{http_port}"
@@ -184,7 +186,8 @@ def test_a_bulk_job_takes_the_cpu_node_that_joins(nifti_dir, tmp_path, monkeypat
         assert job["state"] == "succeeded" and job["counts"]["done"] == 4, job
         assert job["concurrency"] == 2, job
         summary = json.loads((out / "_jobs" / f"{job_id}.json").read_text())
-        assert [names[v["node_id"]] for v in summary["volumes"]] == ["cpu"] * 4, summary["volumes"]
+        records = list(read_volume_records(summary))
+        assert [names[v["node_id"]] for v in records] == ["cpu"] * 4, records
         assert sorted(p.name for p in out.iterdir() if p.name.endswith("_seg.nii.gz")) == [
             f"volume-{i}_seg.nii.gz" for i in range(4)]
     finally:

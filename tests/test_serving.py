@@ -159,7 +159,9 @@ def test_job_segments_good_volumes_and_lists_bad_ones(server, first_job, tmp_pat
     assert names == ["_jobs"] + sorted([f"volume-{i}{suffix}" for i in range(4)
                                       for suffix in (".json", "_seg.nii.gz", "_preview.png")])
     summary = json.loads(fs.cat_file(f"archive/seg/_jobs/{job['job_id']}.json"))
-    assert summary["state"] == "succeeded" and len(summary["volumes"]) == 7
+    from lits.serve.job_progress import read_volume_records
+
+    assert summary["state"] == "succeeded" and len(list(read_volume_records(summary))) == 7
     assert summary["counts"]["done"] == 4
 
 
@@ -296,7 +298,7 @@ def test_a_running_job_writes_its_summary_at_most_every_few_seconds(tmp_path):
     import dataclasses
 
     from lits.core.errors import BadInputError
-    from lits.serve.job_progress import JobProgress, JobState, SummaryWriter
+    from lits.serve.job_progress import JobProgress, JobState, SummaryWriter, read_volume_records
     from lits.serve.job_spec import JobSpec
 
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), app_name="lits")
@@ -328,7 +330,7 @@ def test_a_running_job_writes_its_summary_at_most_every_few_seconds(tmp_path):
     writer.write(JobState.SUCCEEDED)
     summary = saved()
     assert summary["state"] == "succeeded" and progress.status()["state"] == "running"
-    assert [v["name"] for v in summary["volumes"]] == ["a", "b"] and summary["nodes"] == ["n1"]
+    assert [v["name"] for v in read_volume_records(summary)] == ["b", "a"] and summary["nodes"] == ["n1"]
     assert summary["failed"] == [{"input": "in/a.nii.gz", "reason": "not NIfTI"}]
     assert summary["progress"] == 1.0 and summary["slices_segmented"] == 24 and summary["chunks_resent"] == 1
     assert list(progress.status()) == ["job_id", "state", "input", "output", "overwrite", "model_id", "counts",
@@ -947,3 +949,43 @@ def test_every_wait_on_the_model_has_a_deadline_and_a_resend(server, monkeypatch
         assert handle.count.remote().result(timeout_s=10) == model_client.RETRIES + 1
     finally:
         serve.delete("lits-stalled")
+
+
+def test_bookkeeping_costs_the_same_per_volume_at_any_job_size(tmp_path):
+    """A job of 10,000 volumes whose summary is saved after every volume (the worst case): the bytes
+    written per volume stay bounded (the summary is compact; each result is written once, in a
+    shard), the actor holds at most a shard's worth of results, status answers at the same cost,
+    and every result can be read back in the order it finished."""
+    from lits.serve import job_progress
+    from lits.serve.job_progress import JobProgress, JobState, SummaryWriter, read_volume_records
+    from lits.serve.job_spec import JobSpec
+
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), app_name="lits")
+    progress = JobProgress(job)
+    writer = SummaryWriter(progress, every_s=0)
+    progress.start()
+    progress.listed(total=10_000, ignored=0)
+    summary_path = tmp_path / "out" / "_jobs" / f"{job.job_id}.json"
+    written, status_s = [0.0] * 10, 0.0  # summary bytes written per thousand volumes
+    for i in range(10_000):
+        failed = i % 10 == 0
+        progress.record({"input": f"in/v{i}.nii.gz", "name": f"v{i}", "node_id": f"n{i % 4}",
+                         **({"status": "failed", "reason": "not NIfTI"} if failed else {"status": "done", "slices": 5})})
+        writer.save_progress()
+        written[i // 1000] += summary_path.stat().st_size
+        assert len(progress.pending) < job_progress.RECORDS_PER_SHARD
+        if i in (99, 9_999):
+            started = time.perf_counter()
+            status = progress.status()
+            status_s = time.perf_counter() - started if i == 9_999 else status_s
+    progress.finish()
+    writer.write(JobState.SUCCEEDED)
+    shards = sorted((tmp_path / "out" / "_jobs" / job.job_id).iterdir())
+    # the last thousand volumes cost what the second thousand did (a summary of every result: 10x)
+    assert written[-1] < 1.1 * written[1] and written[-1] / 1000 < 10_000, written
+    assert sum(p.stat().st_size for p in shards) / 10_000 < 200  # each result written once
+    summary = json.loads(summary_path.read_text())
+    assert summary_path.stat().st_size < 32_000 and summary["counts"]["failed"] == 1_000
+    assert len(summary["failed"]) == job_progress.FAILED_LISTED and summary["nodes"] == ["n0", "n1", "n2", "n3"]
+    assert [r["name"] for r in read_volume_records(summary)] == [f"v{i}" for i in range(10_000)]
+    assert len(shards) == 10 and len(status["failed"]) == job_progress.FAILED_LISTED and status_s < 0.01

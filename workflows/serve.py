@@ -80,6 +80,13 @@ def main(argv=None) -> int:
                             "--insecure to serve without a token")
         if args.detach and not args.address:
             raise UserError("--detach needs --address: a local Ray ends with this process")
+        if args.address:
+            from lits.serve.job_spec import default_jobs_state
+
+            state = args.jobs_state or default_jobs_state()
+            if not (storage.is_s3(state) or state.startswith("file://")):
+                raise UserError(f"--address: the job records ({state}) must be read alike on every node of the cluster; "
+                                "pass --jobs-state s3://BUCKET/PREFIX (or file:///PATH for a folder every node mounts)")
         spec, _ = inference.load_spec(cfg.model)  # a bad model fails here, not in a replica
         if not args.address:  # locally the proxy binds on this machine: a taken port fails here, not in its actor
             import socket

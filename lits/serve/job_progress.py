@@ -2,6 +2,13 @@
 off them) and its summary file (`SummaryWriter`: `OUTPUT/_jobs/<job_id>.json`, rewritten at most
 every `SUMMARY_EVERY_S` while the job runs, so a lost actor loses little progress).
 
+Bookkeeping costs O(1) per volume at any job size: the summary is compact (counts, the first
+`FAILED_LISTED` failures, the nodes, the model) and the volumes' results go to shards of
+`RECORDS_PER_SHARD` JSON lines (`_jobs/<job_id>/volumes-NNNNN.jsonl`), each written once, when it
+is full or the job ends. The actor holds only the results not yet in a shard. A volume's own
+report beside its mask is its durable record: a lost job's last partial shard is not needed to
+resume it.
+
 No Ray here: the job's actor (`lits.serve.job_runner`) holds one of each.
 """
 
@@ -13,15 +20,17 @@ import json
 import logging
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from lits.core import storage
 from lits.serve import access
-from lits.serve.job_spec import JobSpec
+from lits.serve.job_spec import JobSpec, records_shard
 
 log = logging.getLogger(__name__)
 
 SUMMARY_EVERY_S = 2.0  # a running job rewrites its summary at most this often as volumes finish
+RECORDS_PER_SHARD = 1000  # volume results per records shard
+FAILED_LISTED = 100  # failures (input, reason) listed in status and summary; counts["failed"] has them all
 
 
 class JobState(str, enum.Enum):
@@ -55,8 +64,10 @@ class JobProgress:
         self.error: Optional[str] = None
         self.model: Dict = {}
         self.counts = {"total": 0, "done": 0, "skipped": 0, "failed": 0, "ignored": 0}
-        self.failed: List[Dict] = []
-        self.results: List[Dict] = []
+        self.failed: List[Dict] = []  # the first FAILED_LISTED
+        self.pending: List[Dict] = []  # results not yet in a written shard
+        self.shards_written = 0
+        self.nodes: set = set()
         self.slices = 0
         self.chunks_resent = 0
         self.in_flight_cap = 0
@@ -98,13 +109,29 @@ class JobProgress:
         """One volume's result (`job_tasks.segment_volume`'s dict)."""
         with self._lock:
             self.counts[result["status"]] += 1
-            if result["status"] == "failed":
+            if result["status"] == "failed" and len(self.failed) < FAILED_LISTED:
                 self.failed.append({"input": result["input"], "reason": result["reason"]})
             if result["status"] == "done":
                 self.slices += int(result.get("slices", 0))
                 self.chunks_resent += int(result.get("chunks_resent", 0))
-            self.results.append(result)
+            if result.get("node_id"):
+                self.nodes.add(result["node_id"])
+            self.pending.append(result)
             self.changes += 1
+
+    def due_shards(self, final: bool) -> List[Tuple[int, List[Dict]]]:
+        """(index, results) of every full shard not yet written, and with `final` the partial last
+        one. The caller writes them in order, calling `shard_written` after each."""
+        with self._lock:
+            count = len(self.pending) if final else len(self.pending) - len(self.pending) % RECORDS_PER_SHARD
+            due, base = self.pending[:count], self.shards_written
+        return [(base + i, due[start:start + RECORDS_PER_SHARD]) for i, start in enumerate(range(0, count, RECORDS_PER_SHARD))]
+
+    def shard_written(self, results: int) -> None:
+        """The next shard, of `results` results, is written: they leave memory."""
+        with self._lock:
+            self.pending = self.pending[results:]
+            self.shards_written += 1
 
     def status(self) -> Dict:
         """What GET /v1/jobs/{id} answers, and what the job's record holds."""
@@ -134,15 +161,17 @@ class JobProgress:
             }
 
     def summary(self, state: JobState) -> Dict:
-        """The summary file's content: the status said with `state`, plus the model, every
-        volume's result (by name) and the nodes that segmented them."""
+        """The summary file's content: the status said with `state`, plus the model, the nodes that
+        segmented volumes, and where the shards of volume results written so far are
+        (`volume_records`: their folder and count; `read_volume_records` reads them, in the order
+        the volumes finished)."""
         summary = self.status()
         summary["state"] = state.value
         with self._lock:
-            results = list(self.results)
+            summary["nodes"] = sorted(self.nodes)
+            shards = self.shards_written
         summary["model"] = self.model
-        summary["volumes"] = sorted(results, key=lambda r: r.get("name") or r["input"])
-        summary["nodes"] = sorted({r["node_id"] for r in results if r.get("node_id")})
+        summary["volume_records"] = {"folder": self.job.records_folder, "shards": shards}
         return summary
 
 
@@ -162,11 +191,18 @@ class SummaryWriter:
         self.written_changes = 0
 
     def write(self, state: JobState) -> None:
-        """Write the summary now, said with `state`; raises when it cannot be written (or would
-        resolve outside the allow-list)."""
+        """Write the full shards of volume results (every one left, in a final `state`), then the
+        summary, said with `state`; raises when one cannot be written (or would resolve outside the
+        allow-list). A shard that fails to write stays in memory, to be written with the next."""
+        job = self.progress.job
+        for index, results in self.progress.due_shards(final=state.value in FINAL_STATES):
+            uri = records_shard(job.records_folder, index)
+            access.check_resolved(uri, job.allow, "write")
+            storage.write_bytes(uri, "".join(json.dumps(r) + "\n" for r in results).encode())
+            self.progress.shard_written(len(results))
         summary = self.progress.summary(state)
         uri = summary["summary"]
-        access.check_resolved(uri, self.progress.job.allow, "write")
+        access.check_resolved(uri, job.allow, "write")
         storage.write_bytes(uri, json.dumps(summary, indent=1).encode())
 
     def save_progress(self, force: bool = False) -> None:
@@ -180,3 +216,11 @@ class SummaryWriter:
             self.write(self.progress.state)
         except Exception as exc:
             log.warning("job %s: cannot write its summary yet: %s", self.progress.job.job_id, exc)
+
+
+def read_volume_records(summary: Dict) -> Iterator[Dict]:
+    """Every volume result a job summary's shards hold, in the order the volumes finished."""
+    records = summary["volume_records"]
+    for index in range(records["shards"]):
+        for line in storage.read_bytes(records_shard(records["folder"], index)).decode().splitlines():
+            yield json.loads(line)

@@ -18,7 +18,7 @@ from lits.serve.model_client import MODEL_WAIT_S
 
 JOBS_NAMESPACE = "lits-jobs"
 ACTOR_PREFIX = "lits-job-"
-JOBS_FOLDER = "_jobs"  # under a job's output: <job_id>.json, its summary
+JOBS_FOLDER = "_jobs"  # under a job's output: <job_id>.json, its summary; <job_id>/volumes-*.jsonl, its results
 JOBS_STATE_ENV = "LITS_JOBS_STATE"
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 
@@ -36,6 +36,11 @@ def default_jobs_state() -> str:
 def record_uri(jobs_state: str, job_id: str) -> str:
     """The job's record: `<jobs_state>/<job_id>.json`."""
     return storage.join(storage.normalise(jobs_state), f"{job_id}.json")
+
+
+def records_shard(folder: str, index: int) -> str:
+    """Shard `index` of a job's volume results: `<records folder>/volumes-NNNNN.jsonl`."""
+    return storage.join(folder, f"volumes-{index:05d}.jsonl")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,11 @@ class JobSpec:
     @property
     def actor_name(self) -> str:
         return ACTOR_PREFIX + self.job_id
+
+    @property
+    def records_folder(self) -> str:
+        """`OUTPUT/_jobs/<job_id>/`: the shards of the job's volume results (`records_shard`)."""
+        return storage.join(self.output, JOBS_FOLDER, self.job_id)
 
     @property
     def summary_uri(self) -> str:
