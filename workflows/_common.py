@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -19,6 +20,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # matplotlib's font search logs hundreds of DEBUG records per picture: not what --verbose is for
+    logging.getLogger("matplotlib").setLevel(logging.INFO)
 
 
 def apply_cluster_args(args) -> None:
@@ -42,17 +45,20 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None, data: bool
 
     from lits.core import storage
 
-    # every process of this job logs lits at INFO and Ray Data at WARNING (lits.runtime.worker_logs)
+    # Every process of this job logs lits at INFO and Ray's own records at WARNING, unless --verbose
+    # (lits.runtime.worker_logs); log_to_driver brings the workers' lines (an epoch's) here.
     env = {**storage.endpoint_env(), **worker_logs.ray_env()}
     runtime_env = {"env_vars": env, "worker_process_setup_hook": worker_logs.SETUP_HOOK}
+    worker_logs.quiet_ray()  # before ray.init: its notices
     if address:
         logging.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=worker_logs.ray_level())
     else:
         logging.info("starting a local Ray (no --address given)")
         # address="local": always a fresh Ray, never one found through RAY_ADDRESS or the address
         # file a `ray start` leaves in /tmp/ray (possibly stale: that would hang for minutes).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True, logging_level=worker_logs.ray_level())
     if data:
         import ray.data
 
@@ -68,7 +74,8 @@ def add_cluster_args(p) -> None:
     """--address, --s3-endpoint and --verbose: the same on every workflow."""
     p.add_argument("--address", default=None, help="Ray cluster to join, e.g. 'auto'; without it a local Ray starts")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--verbose", action="store_true", help="debug logging, a line per item of every progress, and "
+                   "Ray's own records (its INFO lines, Ray Train's reports, Serve's controller and proxy)")
 
 
 def add_model_args(p, d) -> None:
@@ -80,6 +87,24 @@ def add_model_args(p, d) -> None:
     p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
                    "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
+
+
+class Beat:
+    """Which progress lines of a loop get a line of their own: failures, and one every `every_s`
+    seconds at most (counted from the Beat's creation): none for a short loop (its summary follows),
+    a steady beat for a long one. `level()` is a line's logging level: INFO when it does, else DEBUG
+    (shown under --verbose, setup_logging)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def level(self, failed: bool = False) -> int:
+        now = time.monotonic()
+        if failed or now - self.last >= self.every_s:
+            self.last = now
+            return logging.INFO
+        return logging.DEBUG
 
 
 def make_config(cls, **fields):

@@ -4,6 +4,8 @@
     synthesize -> prepare -> train (CPU) -> serve (HTTP) -> bulk segmentation job -> evaluate
 
 Each step is the real command (printed before it runs), so what works here is what a user types.
+Each prints its own lines (stage, progress, a line per epoch, summary tables); --verbose passes
+--verbose to every step: Ray's own records and a line per item of every progress.
 With --s3 an embedded S3-compatible server (moto, on 127.0.0.1) holds every input and output, and
 the results are mirrored to OUTPUT/s3-mirror/ at the end so the pictures can be opened.
 """
@@ -11,6 +13,7 @@ the results are mirrored to OUTPUT/s3-mirror/ at the end so the pictures can be 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shlex
@@ -32,19 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step(title: str, script: str, *args: str, env=None) -> None:
+def step(title: str, script: str, *args: str, env=None) -> float:
+    """Run workflows/<script>.py with `args` (printed first); its seconds."""
     command = [sys.executable, os.path.join(HERE, f"{script}.py"), *args]
-    print(f"\n=== {title}\n$ python workflows/{script}.py {shlex.join(args)}", flush=True)
+    print(f"=== {title}\n$ python workflows/{script}.py {shlex.join(args)}", flush=True)
     started = time.time()
     code = subprocess.call(command, env=env)
     if code not in (0,):
         raise SystemExit(f"demo: step '{title}' failed (exit {code}); its messages are above")
-    print(f"--- {title}: {time.time() - started:.0f} s", flush=True)
+    return time.time() - started
 
 
-def start_server(model: str, port: int, allow: str, env) -> subprocess.Popen:
+def start_server(model: str, port: int, allow: str, env, verbose: bool) -> subprocess.Popen:
     args = ["--model", model, "--port", str(port), "--allow-prefix", allow, "--cpus-per-volume", "0.5"]
-    print(f"\n=== serve the model (background)\n$ LITS_API_TOKEN=... python workflows/serve.py {shlex.join(args)}", flush=True)
+    args += ["--verbose"] if verbose else []
+    print(f"=== serve the model (background)\n$ LITS_API_TOKEN=... python workflows/serve.py {shlex.join(args)}", flush=True)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), *args], env=dict(env, LITS_API_TOKEN=TOKEN),
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     line = proc.stdout.readline()
@@ -62,8 +67,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="demo-output", help="local folder for everything (default: %(default)s)")
     p.add_argument("--s3", action="store_true", help="keep data and results in an embedded S3-compatible server")
     p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="every step with --verbose: Ray's own records too")
     args = p.parse_args(argv)
     began = time.time()
+    verbose = ["--verbose"] if args.verbose else []
+    seconds = collections.Counter()  # per workflow, for the closing summary
 
     local = os.path.abspath(args.output)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
@@ -92,28 +100,30 @@ def main(argv=None) -> int:
     serve_proc = None
     try:
         # synthesize writes local folders; with --s3 they are uploaded
-        step("synthesise 12 training volumes", "synthesize", "--output", os.path.join(local, "volumes"), "--volumes", "12",
-             "--size", "256", "--slices", "48", env=env)
-        step("synthesise 4 unseen scans", "synthesize", "--output", os.path.join(local, "new-scans"), "--volumes", "4",
-             "--size", "256", "--slices", "48", "--seed", "7", "--first-id", "100", env=env)
+        seconds["synthesize"] += step("synthesise 12 training volumes", "synthesize", "--output", os.path.join(local, "volumes"), "--volumes", "12",
+             "--size", "256", "--slices", "48", *verbose, env=env)
+        seconds["synthesize"] += step("synthesise 4 unseen scans", "synthesize", "--output", os.path.join(local, "new-scans"), "--volumes", "4",
+             "--size", "256", "--slices", "48", "--seed", "7", "--first-id", "100", *verbose, env=env)
         if args.s3:
             for name in ("volumes", "new-scans"):
                 fs.put(os.path.join(local, name) + "/", f"demo/{name}/", recursive=True)
             print("uploaded volumes/ and new-scans/ to s3://demo", flush=True)
-        step("prepare", "prepare", "--input", uri["volumes"], "--output", uri["prepared"], "--image-size", "128",
-             "--val-fraction", "0.2", env=env)
+        seconds["prepare"] += step("prepare", "prepare", "--input", uri["volumes"], "--output", uri["prepared"], "--image-size", "128",
+             "--val-fraction", "0.2", *verbose, env=env)
         if not args.s3:  # a re-run starts from scratch (train would resume, jobs would skip)
             import shutil
 
             for name in ("run", "segmentations", "evaluation"):
                 shutil.rmtree(uri[name], ignore_errors=True)
-        step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "2",
+        seconds["train"] += step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "2",
              "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "16", "--lr", "1e-3", "--name", "demo",
-             env=env)
+             *verbose, env=env)
         port = free_port()
-        serve_proc = start_server(f"{uri['run']}/model", port, root, env)
-        step("bulk segmentation job through the server", "segment", "--input", uri["new-scans"], "--output",
-             uri["segmentations"], "--server", f"http://127.0.0.1:{port}", "--overwrite",
+        started = time.time()
+        serve_proc = start_server(f"{uri['run']}/model", port, root, env, args.verbose)
+        seconds["serve"] += time.time() - started
+        seconds["segment"] += step("bulk segmentation job through the server", "segment", "--input", uri["new-scans"], "--output",
+             uri["segmentations"], "--server", f"http://127.0.0.1:{port}", "--overwrite", *verbose,
              env=dict(env, LITS_API_TOKEN=TOKEN))
     finally:
         if serve_proc is not None and serve_proc.poll() is None:
@@ -123,8 +133,8 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(serve_proc.pid, signal.SIGKILL)
     try:
-        step("evaluate", "evaluate", "--pred", uri["segmentations"], "--ref", uri["new-scans"], "--images", uri["new-scans"],
-             "--output", uri["evaluation"], "--local", env=env)
+        seconds["evaluate"] += step("evaluate", "evaluate", "--pred", uri["segmentations"], "--ref", uri["new-scans"], "--images", uri["new-scans"],
+             "--output", uri["evaluation"], "--local", *verbose, env=env)
         if args.s3:
             mirror = os.path.join(local, "s3-mirror")
             fs.get("demo/", mirror + "/", recursive=True)
@@ -142,7 +152,8 @@ def main(argv=None) -> int:
     agg = summary["aggregate"]
     print("\n" + "=" * 72)
     print(f"demo done in {(time.time() - began) / 60:.1f} min"
-          f"{' (data and results in the embedded S3 server, mirrored locally)' if args.s3 else ''}")
+          f"{' (data and results in the embedded S3 server, mirrored locally)' if args.s3 else ''}: "
+          + ", ".join(f"{script} {s:.0f} s" for script, s in seconds.items()))
     print(f"  volumes segmented: {job['counts']['done']} of {job['counts']['total']} ({job['counts']['failed']} failed), "
           f"{job['slices_per_s']} slices/s")
     les = agg["lesions"]
@@ -150,10 +161,8 @@ def main(argv=None) -> int:
           f"tumour {agg['tumour']['dice_per_case']:.3f} ({args.epochs} epochs of a width-16 U-Net at 128 pixels)")
     print(f"  lesions found: {les['detected']} of {les['reference']} present ({les['predicted']} predicted, "
           f"{'-' if les['precision'] is None else format(les['precision'], '.0%')} of them correct)")
-    print("  pictures:")
-    for rel in ("prepared/preview.png", "run/curves.png", "segmentations/volume-100_preview.png",
-                "evaluation/overlays.png", "evaluation/dice_boxplot.png"):
-        print(f"    {os.path.join(shown, rel)}")
+    print(f"  pictures in {shown}: prepared/preview.png, run/curves.png, segmentations/volume-100_preview.png, "
+          "evaluation/overlays.png, evaluation/dice_boxplot.png")
     print(f"  tables: {os.path.join(shown, 'evaluation', 'report.md')}, {os.path.join(shown, 'run', 'metrics.csv')}")
     return 0
 

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
+from workflows._common import Beat, add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.core.config import EvaluateConfig
 
@@ -46,12 +46,14 @@ def main(argv=None) -> int:
         if not cfg.local:
             start_ray(args.address)
 
+        beat = Beat()  # a line per case under --verbose; every case is in metrics.csv and report.md
+
         def progress(done: int, total: int, row: dict) -> None:
             if "error" in row:
                 logging.info("[%*d/%d] case %s: not evaluated: %s", len(str(total)), done, total, row["case"], row["error"])
             else:
-                logging.info("[%*d/%d] case %s: liver Dice %.4f, tumour Dice %.4f (%.1f s)", len(str(total)), done, total,
-                             row["case"], row["liver_dice"], row["tumour_dice"], row["seconds"])
+                logging.log(beat.level(), "[%*d/%d] case %s: liver Dice %.4f, tumour Dice %.4f (%.1f s)",
+                            len(str(total)), done, total, row["case"], row["liver_dice"], row["tumour_dice"], row["seconds"])
 
         summary = evaluation.evaluate(cfg, progress)
         print(reports.evaluation_summary(summary))

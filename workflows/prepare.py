@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from workflows._common import add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
+from workflows._common import Beat, add_cluster_args, apply_cluster_args, make_config, start_ray, user_errors
 
 from lits.core.config import INPUT_FORMATS, PrepareConfig
 
@@ -69,15 +69,17 @@ def main(argv=None) -> int:
         start_ray(args.address, data=False)
         logging.info("Ray ready in %.2f s", time.perf_counter() - started)
 
+        beat = Beat()  # a line per volume under --verbose
+
         def progress(done: int, total: int, result: dict) -> None:
             e = result["entry"]
             if e is None:
                 logging.info("[%*d/%d] failed: %s", len(str(total)), done, total, result["failed"][0]["reason"])
             else:
                 s, k = e["slices"], e["kept"]
-                logging.info("[%*d/%d] %s: %d slices (%d empty, %d liver, %d tumour), kept %d, %.1f s",
-                             len(str(total)), done, total, e["volume_id"], sum(s.values()),
-                             s["empty"], s["liver"], s["tumour"], sum(k.values()), e["seconds"]["total"])
+                logging.log(beat.level(), "[%*d/%d] %s: %d slices (%d empty, %d liver, %d tumour), kept %d, %.1f s",
+                            len(str(total)), done, total, e["volume_id"], sum(s.values()),
+                            s["empty"], s["liver"], s["tumour"], sum(k.values()), e["seconds"]["total"])
 
         manifest = pipeline.prepare(cfg, pipeline.run_ray, progress)
         print(reports.prepare_summary(manifest, storage.normalise(cfg.output)), flush=True)

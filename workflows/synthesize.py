@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from workflows._common import make_config, setup_logging, user_errors
+from workflows._common import Beat, make_config, setup_logging, user_errors
 
 from lits.core.config import COLORMAPS, SYNTH_FORMATS, SynthConfig
 
@@ -26,18 +27,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--first-id", type=int, default=d.first_id, help="number of the first volume (default: %(default)s)")
     p.add_argument("--no-compress", action="store_true", help="write .nii instead of .nii.gz")
+    p.add_argument("--verbose", action="store_true", help="a line per volume written")
     return p.parse_args(argv)
+
+
+class OnBeat(logging.Filter):
+    """Lets through the records of a loop that `Beat` finds worth a line."""
+
+    def __init__(self):
+        super().__init__()
+        self.beat = Beat()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.beat.level() == logging.INFO
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     with user_errors("synthesize"):
         cfg = make_config(SynthConfig, output=args.output, volumes=args.volumes, size=args.size, slices=args.slices,
                           format=args.format, colormap=args.colormap, seed=args.seed,
                           compress=not args.no_compress, first_id=args.first_id)
         from lits.core import synthetic
 
+        if not args.verbose:  # its line per volume: one every few seconds
+            logging.getLogger(synthetic.__name__).addFilter(OnBeat())
         ids = synthetic.synthesize(cfg)
         print(f"wrote {len(ids)} synthetic volume(s) ({cfg.format}, {cfg.size}x{cfg.size}x{cfg.slices}) to {cfg.output}")
     return 0

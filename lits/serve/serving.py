@@ -48,6 +48,7 @@ from lits.core import naming, storage
 from lits.serve.access import AccessError, check_job_uris, check_uri
 from lits.core.config import ServeConfig
 from lits.core.errors import UserError
+from lits.runtime import worker_logs
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,8 @@ def deploy(cfg: ServeConfig, http: bool = True, app_name: str = APP_NAME):
     join (`lits.serve.job_capacity`), asking the autoscaler for them.
     """
     if http:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        # Serve's controller and proxy log at WARNING unless --verbose (lits.runtime.worker_logs)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": worker_logs.ray_level()})
         handle = serve.run(build_app(cfg, app_name), name=app_name, route_prefix="/")
     else:
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
