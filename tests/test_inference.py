@@ -439,3 +439,13 @@ def test_preview_searches_only_the_box_and_draws_the_same_picture():
     assert reports.preview_png(canonical_hu, labels, "v", padded) == whole
     empty = np.zeros_like(labels)
     assert reports.preview_png(canonical_hu, empty, "v", (slice(0, 0),) * 3) == reports.preview_png(canonical_hu, empty, "v")
+
+
+def test_half_precision_follows_the_card():
+    """bf16 only where the card computes it natively (compute capability 8.0 on), fp16 on older
+    cards, full precision on CPU: serving and training ask the same rule."""
+    from lits.model.devices import half_dtype
+
+    assert half_dtype((7, 5)) is torch.float16 and half_dtype((7, 0)) is torch.float16
+    assert half_dtype((8, 0)) is torch.bfloat16 and half_dtype((9, 0)) is torch.bfloat16
+    assert half_dtype(None) is None

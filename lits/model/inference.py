@@ -181,6 +181,7 @@ class Predictor:
                  tta: Optional[bool] = None, upsample: Optional[str] = None):
         import torch
 
+        from lits.model.devices import half_dtype
         from lits.model.unet import UNet
 
         self.spec = spec
@@ -195,7 +196,9 @@ class Predictor:
         except Exception as exc:
             raise UserError(f"{spec.uri}: {WEIGHTS_NAME} does not fit its config.json ({exc}); re-export the model") from exc
         self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        self.half = half_dtype(torch.cuda.get_device_capability(self.device) if cuda else None)
+        if cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -238,10 +241,12 @@ class Predictor:
         cuda = self.device.type == "cuda"
         out = torch.empty((len(images), self.spec.probability_channels) + images.shape[1:3], dtype=torch.float32,
                           device=self.device)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=self.half or torch.float16, enabled=cuda):
             for start in range(0, len(images), self.max_batch):
                 # Arrays from Ray's object store are read-only: torch wants a writable buffer.
-                x = torch.from_numpy(np.require(images[start:start + self.max_batch], requirements=["C", "W"])).to(self.device)
+                x = torch.from_numpy(np.require(images[start:start + self.max_batch], requirements=["C", "W"]))
+                # page-locked, so the copy is asynchronous: the host prepares the next batch while the card computes
+                x = x.pin_memory().to(self.device, non_blocking=True) if cuda else x
                 x = x.permute(0, 3, 1, 2).float().div_(255.0)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -21,6 +21,7 @@ from typing import Callable, ContextManager, Dict, Iterator, Optional, Sequence,
 import numpy as np
 import torch
 
+from lits.model.devices import half_dtype
 from lits.train.augment import random_affine
 from lits.core.config import TrainConfig
 from lits.train.losses import bce_dice_loss, ce_dice_loss
@@ -168,8 +169,8 @@ def autocast_for(cfg: TrainConfig, device: torch.device, bf16: Optional[bool] = 
     """
     if cfg.amp == "off" or (device.type != "cuda" and bf16 is None):
         return contextlib.nullcontext(), None
-    if bf16 is None:
-        bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    if bf16 is None:  # the rule serving follows too
+        bf16 = half_dtype(torch.cuda.get_device_capability(device)) is torch.bfloat16
     dtype = torch.bfloat16 if bf16 else torch.float16
     scaler = None if bf16 else torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     return torch.autocast(device.type, dtype=dtype), scaler
