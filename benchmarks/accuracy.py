@@ -56,7 +56,8 @@ def scores(summary: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--output", default=os.path.join(ROOT, "bench-output", "accuracy"))
     p.add_argument("--from", dest="start", default="synthesize", choices=STEPS, help="first step to run (default: all)")
     p.add_argument("--train-args", default="", help="extra train.py flags (a lever to measure)")

@@ -48,7 +48,8 @@ def timed(fn, repeats):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

@@ -50,7 +50,8 @@ def forward(model, images: np.ndarray, labels_at: int = 0) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--slices", type=int, default=500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--model-size", type=int, default=512, help="the model's input size (slices are 512x512)")

@@ -81,7 +81,8 @@ def train_rate(batch: int, seconds: float, compile_model: bool) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--no-compile", action="store_true")

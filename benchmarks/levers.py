@@ -117,7 +117,8 @@ def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dic
     return rows[:, 0].mean(), rows[:, 1].mean(), int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum())
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--prepared", required=True)
     p.add_argument("--unseen", required=True)
     p.add_argument("--variant", action="append", required=True)

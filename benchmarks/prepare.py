@@ -275,7 +275,8 @@ def memory_probe(task) -> dict:
 # --- tables ------------------------------------------------------------------------------------
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--volumes", type=int, default=60)
     p.add_argument("--slices", type=int, default=120)
     p.add_argument("--size", type=int, default=512)

@@ -260,7 +260,8 @@ def bulk(args, work: str, model_dir: str, spec, weights) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--stage-slices", type=int, default=500, help="slices of the scan measured stage by stage")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per stage column, after a warm-up (the fastest is printed)")
     p.add_argument("--volumes", type=int, default=4)

@@ -192,7 +192,8 @@ def soak(args, work: str) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--uploads", type=int, default=100)
     p.add_argument("--jobs", type=int, default=20)
     p.add_argument("--size", type=int, default=64)

@@ -137,7 +137,8 @@ def _markdown(header, rows) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--volumes", type=int, default=12)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--base-width", type=int, default=16)

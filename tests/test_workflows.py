@@ -119,3 +119,29 @@ def test_demo_runs_the_whole_product(tmp_path):
                     "Deploying new version of Deployment", "Got updated endpoints", "Started Serve in namespace",
                     "Grad strides do not match", "Found multiple active Ray instances"):
         assert chatter not in console, chatter
+
+
+def test_num_gpus_is_a_flag_of_its_own_and_no_flag_is_abbreviated():
+    """Issue 20: serve.py had no --num-gpus, so argparse took it for --num-gpus-per-replica (and
+    `--num-gpus 2` failed its choices): an abbreviation must never mean another flag. Now it means
+    N replicas of one GPU each, with a GPU's batch, in serve.py and segment.py alike."""
+    from lits.core.config import ServeConfig
+    from lits.core.errors import UserError
+    from workflows import prepare, segment, serve, train
+    from workflows._common import GPU_MAX_BATCH, apply_model_args
+
+    d = ServeConfig(model="-")
+    for args in (serve.parse_args(["--num-gpus", "2"]), segment.parse_args(["--input", "a", "--output", "b", "--num-gpus", "2"])):
+        apply_model_args(args, d)
+        assert (args.replicas, args.num_gpus_per_replica, args.max_batch_size) == (2, 1, GPU_MAX_BATCH)
+    cpu = serve.parse_args([])
+    apply_model_args(cpu, d)
+    assert (cpu.replicas, cpu.num_gpus_per_replica, cpu.max_batch_size) == (None, 0, d.max_batch_size)
+    for bad, match in ((["--num-gpus", "0"], "at least 1"), (["--num-gpus", "2", "--replicas", "3"], "leave out --replicas")):
+        with pytest.raises(UserError, match=match):
+            apply_model_args(serve.parse_args(bad), d)
+    for parse, argv in ((serve.parse_args, ["--num-gpu", "1"]), (serve.parse_args, ["--max-rep", "3"]),
+                        (train.parse_args, ["--data", "d", "--output", "o", "--epoch", "3"]),
+                        (prepare.parse_args, ["--input", "i", "--output", "o", "--image", "64"])):
+        with pytest.raises(SystemExit):
+            parse(argv)

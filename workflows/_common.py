@@ -78,15 +78,37 @@ def add_cluster_args(p) -> None:
                    "Ray's own records (its INFO lines, Ray Train's reports, Serve's controller and proxy)")
 
 
+# Slices per forward pass of a GPU replica unless --max-batch-size says otherwise (a 24 GB card holds a
+# width-64 U-Net's activations for it at 256^2 in half precision; not measured here: no GPU was lent).
+GPU_MAX_BATCH = 64
+
+
 def add_model_args(p, d) -> None:
-    """Flags of the model deployment shared by serve.py and segment.py (`d`: a default ServeConfig)."""
+    """Flags of the model deployment shared by serve.py and segment.py (`d`: a default ServeConfig);
+    `apply_model_args` resolves them."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="exported model folder: train.py's OUTPUT/model "
                    "(default: %(default)s, what `make demo` trains)")
+    p.add_argument("--num-gpus", type=int, default=None, help="N model replicas with one GPU each (as --replicas N "
+                   "--num-gpus-per-replica 1); volume tasks never hold a GPU")
     p.add_argument("--num-gpus-per-replica", type=int, default=0, choices=(0, 1), help="(default: %(default)s)")
     p.add_argument("--cpus-per-replica", type=int, default=d.cpus_per_replica, help="CPUs and torch threads per replica (default: %(default)s)")
     p.add_argument("--cpus-per-volume", type=float, default=d.cpus_per_volume, help="CPUs a volume task reserves; "
                    "below 1 overlaps more volumes with the model on CPU-only machines (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="slices per forward pass (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=None, help=f"slices per forward pass (default: {GPU_MAX_BATCH} "
+                   f"on a GPU replica, {d.max_batch_size} on a CPU one)")
+
+
+def apply_model_args(args, d) -> None:
+    """--num-gpus N: N replicas of one GPU each; --max-batch-size's default by the replica's device.
+    Raises UserError for --num-gpus below 1 or beside a different --replicas."""
+    if args.num_gpus is not None:
+        if args.num_gpus < 1:
+            raise UserError(f"--num-gpus must be at least 1, got {args.num_gpus}; leave it out to serve on CPUs")
+        if args.replicas is not None and args.replicas != args.num_gpus:
+            raise UserError(f"--num-gpus {args.num_gpus} means {args.num_gpus} replicas of one GPU each; leave out --replicas")
+        args.replicas, args.num_gpus_per_replica = args.num_gpus, 1
+    if args.max_batch_size is None:
+        args.max_batch_size = GPU_MAX_BATCH if args.num_gpus_per_replica else d.max_batch_size
 
 
 class Beat:

@@ -63,7 +63,8 @@ def start_server(model: str, port: int, allow: str, env, verbose: bool) -> subpr
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--output", default="demo-output", help="local folder for everything (default: %(default)s)")
     p.add_argument("--s3", action="store_true", help="keep data and results in an embedded S3-compatible server")
     p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")

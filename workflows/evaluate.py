@@ -22,7 +22,8 @@ from lits.core.config import EvaluateConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--pred", required=True, help="folder or s3:// prefix of predicted segmentations")
     p.add_argument("--ref", required=True, help="folder or s3:// prefix of reference segmentations")
     p.add_argument("--output", default=None, help="where the report goes (default: PRED/_evaluation)")

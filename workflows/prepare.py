@@ -18,7 +18,8 @@ from lits.core.config import INPUT_FORMATS, PrepareConfig
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = PrepareConfig(input="-", output="-")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", required=True, help="folder or s3:// prefix holding the dataset")
     p.add_argument("--output", required=True, help="folder or s3:// prefix to write train/ val/ test/ and manifest.json")
     p.add_argument("--format", default=d.format, choices=INPUT_FORMATS, help="input layout (default: %(default)s)")

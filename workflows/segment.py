@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workflows._common import add_cluster_args, add_model_args, apply_cluster_args, make_config, start_ray, user_errors
+from workflows._common import (add_cluster_args, add_model_args, apply_cluster_args, apply_model_args, make_config,
+                               start_ray, user_errors)
 
 from lits.serve.access import TOKEN_ENV
 from lits.core.config import ServeConfig
@@ -25,7 +26,8 @@ from lits.core.config import ServeConfig
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = ServeConfig(model="-")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", required=True, help="folder or s3:// prefix holding .nii / .nii.gz volumes")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for masks, reports and _jobs/<id>.json")
     p.add_argument("--server", default=None, help="URL of a running serve.py, e.g. http://127.0.0.1:8000 "
@@ -37,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="recompute volumes whose outputs exist for this model")
     p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the volume pool's "
                    "CPUs / --cpus-per-volume: the CPUs the model replicas leave free)")
-    p.add_argument("--replicas", type=int, default=1, help="model replicas, without --server (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=None, help="model replicas, without --server (default: 1)")
     add_model_args(p, d)  # these apply without --server: the server has its own
     add_cluster_args(p)
     return p.parse_args(argv)
@@ -54,7 +56,8 @@ def run(args) -> dict:
         if args.concurrency:
             request["concurrency"] = args.concurrency
         return segment_client.run_on_server(args.server, request, args.wait)
-    cfg = make_config(ServeConfig, model=storage.normalise(args.model), replicas=args.replicas,
+    apply_model_args(args, ServeConfig(model="-"))
+    cfg = make_config(ServeConfig, model=storage.normalise(args.model), replicas=args.replicas or 1,
                       num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                       max_batch_size=args.max_batch_size, chunk=min(ServeConfig.chunk, args.max_batch_size),
                       job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume)

@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 
-from workflows._common import add_cluster_args, add_model_args, apply_cluster_args, make_config, start_ray, user_errors
+from workflows._common import (add_cluster_args, add_model_args, apply_cluster_args, apply_model_args, make_config,
+                               start_ray, user_errors)
 
 from lits.core.config import ServeConfig
 from lits.core.errors import UserError
@@ -24,7 +25,8 @@ from lits.serve.access import TOKEN_ENV
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = ServeConfig(model="-")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_model_args(p, d)
     p.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (default: autoscale between --min/--max-replicas)")
     p.add_argument("--min-replicas", type=int, default=1, help="(default: %(default)s)")
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
         from lits.model import inference
         from lits.core import storage
 
+        apply_model_args(args, ServeConfig(model="-"))
         cfg = make_config(
             ServeConfig, model=storage.normalise(args.model), replicas=args.replicas, min_replicas=args.min_replicas,
             max_replicas=max(args.max_replicas, args.min_replicas) if args.replicas is None else args.max_replicas,

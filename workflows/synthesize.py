@@ -17,7 +17,8 @@ from lits.core.config import COLORMAPS, SYNTH_FORMATS, SynthConfig
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = SynthConfig(output="-")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--output", required=True, help="folder to write into")
     p.add_argument("--volumes", type=int, default=d.volumes, help="number of volumes (default: %(default)s)")
     p.add_argument("--size", type=int, default=d.size, help="in-plane matrix size (default: %(default)s)")

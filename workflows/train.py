@@ -18,7 +18,8 @@ from lits.core.config import AMP_MODES, INGEST_MODES, SCHEDULES, TASKS, TrainCon
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = TrainConfig(data="-", output="-")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data", required=True, help="a prepare output (folder or s3:// prefix with manifest.json)")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for checkpoints, metrics.csv, curves.png, model/")
     p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPU workers, one GPU each (default: %(default)s: CPU)")
