@@ -61,13 +61,57 @@ def test_workflow_requests_fit_the_node_types(cluster):
     assert serve.cpus_per_volume <= cpu["CPU"]
 
 
-def test_nodes_run_the_submitters_version(cluster):
+def _node_setup(cluster):
+    """{node type: the commands that set it up, in the order Ray runs them}."""
+    setup = {}
+    for name, node in cluster["available_node_types"].items():
+        own = cluster["head_setup_commands"] if name == cluster["head_node_type"] else \
+            node.get("worker_setup_commands", cluster["worker_setup_commands"])
+        setup[name] = list(cluster["setup_commands"]) + list(own)
+    return setup
+
+
+def test_every_node_runs_the_submitters_version_with_the_torch_of_its_hardware(cluster):
+    """Issue 24, item 5: the same versions everywhere (torch as the Makefile's TORCH_SPEC, the rest
+    as constraints.txt, ray as the tests'), the CPU wheel on CPU nodes and the CUDA one on GPU nodes,
+    torch installed before the project (so pip keeps it), python3-venv and the region on every node."""
+    import re
+
     import ray
 
-    setup = " ".join(cluster["setup_commands"])
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        torch_spec = re.search(r"^TORCH_SPEC \?= (\S+)$", f.read(), re.M).group(1)
     assert cluster["file_mounts"]["/home/ubuntu/lits"] == "."  # the checkout, as it is
-    assert "pip install --quiet -c ~/lits/constraints.txt -e ~/lits" in setup  # the tested versions, as make venv
-    assert f"ray[data,train,serve,default]=={ray.__version__}" in setup
+    for name, commands in _node_setup(cluster).items():
+        text = "\n".join(commands)
+        gpus = cluster["available_node_types"][name]["resources"].get("GPU", 0)
+        torch_line = next(i for i, c in enumerate(commands) if f"pip install --quiet {torch_spec}" in c)
+        project_line = next(i for i, c in enumerate(commands) if "-c ~/lits/constraints.txt -e ~/lits" in c)
+        assert torch_line < project_line, name
+        assert ("download.pytorch.org/whl/cpu" in commands[torch_line]) == (gpus == 0), name
+        assert f"ray[data,train,serve,default]=={ray.__version__}" in commands[project_line], name
+        assert "python3-venv" in text and f"AWS_DEFAULT_REGION={cluster['provider']['region']}" in text, name
+    assert "boto3" in "\n".join(cluster["head_setup_commands"])  # the autoscaler's AWS client, on the head
+
+
+def test_a_gpu_node_whose_torch_sees_no_gpu_fails_its_setup(cluster):
+    """The GPU node type's last setup command fails, naming the problem, when torch sees fewer GPUs
+    than the node declares: run here (no GPU), it does."""
+    import subprocess
+    import sys
+
+    node = cluster["available_node_types"]["gpu"]
+    check = node["worker_setup_commands"][-1].replace("~/venv/bin/python", sys.executable)
+    assert f"device_count() == {node['resources']['GPU']}" in check
+    result = subprocess.run(check, shell=True, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "sees 0 of 4 GPUs" in result.stderr, result.stderr
+
+
+def test_each_node_type_has_a_resource_of_its_own(cluster):
+    """Requests shaped like the node that should come (the autoscaler test above) need one."""
+    own = {name: [r for r in node["resources"] if r.startswith("lits_")]
+           for name, node in cluster["available_node_types"].items()}
+    assert own == {"head": ["lits_head"], "cpu-spot": ["lits_cpu"], "gpu": ["lits_gpu"]}
 
 
 def test_a_bulk_job_may_use_every_cpu_node(cluster):
