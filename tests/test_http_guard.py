@@ -275,3 +275,65 @@ def test_serve_on_a_cluster_refuses_job_records_only_one_node_sees(tmp_path):
     for state in ("s3://bucket/jobs", f"file://{tmp_path / 'state'}"):
         shared = _serve("--model", missing_model, "--address", "127.0.0.1:1", "--jobs-state", state)
         assert shared.returncode == 2 and "config.json is missing" in shared.stderr, shared.stderr  # past the check
+
+
+def test_upload_bodies_are_received_a_bounded_number_at_a_time():
+    """Bodies are read whole before a route runs; without a bound, every client connected at once
+    would hold its body in the ingress's memory. With `receiving` 2: three stalled uploads and a
+    good one at once — never more than 2 bodies in reception, the stalled are cut (408), the good
+    one is answered after them; a reception that does not free in time is a 503 with Retry-After."""
+    settings = GuardSettings(token_sha256=None, upload_bytes=1 << 20, grace_s=0.3, min_rate=1 << 20, receiving=2)
+    guard = Guard(None, lambda: settings)
+    state = {"reading": 0, "most": 0}
+
+    async def app(scope, receive, send):
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(message["body"])).encode()})
+
+    guard.app = app
+
+    async def upload(parts, stall_after=None):
+        scope = {"type": "http", "method": "POST", "path": "/v1/segment", "headers": [], "query_string": b""}
+        parts, sent, first = list(parts), [], [True]
+
+        async def receive():
+            if first[0]:
+                first[0] = False
+                state["reading"] += 1
+                state["most"] = max(state["most"], state["reading"])
+            if not parts:
+                await asyncio.sleep(3600)
+            await asyncio.sleep(0.01)
+            body = parts.pop(0)
+            if not parts and stall_after is None:
+                state["reading"] -= 1
+            return {"type": "http.request", "body": body, "more_body": bool(parts) or stall_after is not None}
+
+        async def send(message):
+            sent.append(message)
+
+        try:
+            await guard(scope, receive, send)
+        finally:
+            if stall_after is not None:
+                state["reading"] -= 1
+        return next(m for m in sent if m["type"] == "http.response.start")
+
+    async def scenario():
+        stalled = [upload([b"ab"], stall_after=True) for _ in range(3)]
+        good = upload([b"x" * 1000, b"y" * 1000])
+        return await asyncio.gather(*stalled, good)
+
+    answers = [m["status"] for m in asyncio.run(scenario())]
+    assert state["most"] == 2, state
+    assert sorted(answers[:3]) in ([408, 408, 408], [408, 408, 503]) and answers[3] == 200, answers
+
+    async def crowded():  # two stalled hold both receptions past the wait of a third
+        slow = GuardSettings(token_sha256=None, upload_bytes=1 << 20, grace_s=0.2, min_rate=40, receiving=2)
+        guard.settings = lambda: slow  # 20 bytes keep a reception for 0.2 + 20 / 40 s, past the third's 0.4 s
+        return await asyncio.gather(upload([b"a"] * 20, stall_after=True), upload([b"a"] * 20, stall_after=True),
+                                    upload([b"z"]))
+
+    refused = asyncio.run(crowded())[2]
+    assert refused["status"] == 503 and (b"retry-after", b"1") in refused["headers"]

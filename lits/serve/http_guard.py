@@ -9,7 +9,10 @@ then it reads the whole body itself, counting it (a chunked body without Content
 the limit: 413) and timing it: the body must keep arriving at `min_rate` bytes/s after a grace of
 `grace_s` (408). The route gets the body replayed from memory, so a route never waits on a slow
 client: /v1/segment takes an upload slot only once its body is here, and a stalled client holds
-no slot, only its connection, and that for `grace_s` at most.
+no slot, only its connection, and that for `grace_s` at most. Upload bodies are received at most
+`receiving` at a time (a request waits up to 2 x `grace_s` for its turn, else 503 with Retry-After),
+so the memory of bodies being received is bounded by `receiving` x the upload limit, however many
+clients connect at once.
 
 Redirects (FastAPI's trailing-slash 307) leave with a relative Location, never one built from
 the request's Host header.
@@ -75,6 +78,7 @@ class GuardSettings:
             SMALL_BODY_BYTES.
         grace_s, min_rate: a body must have arrived at `grace_s + received / min_rate` seconds
             (min_rate in bytes/s) whenever the next part is awaited.
+        receiving: upload bodies received at once (twice the default --max-uploads).
     """
 
     token_sha256: Optional[str] = None
@@ -83,6 +87,7 @@ class GuardSettings:
     upload_bytes: int = 1024 * 1024 * 1024
     grace_s: float = 10.0
     min_rate: float = 64 * 1024
+    receiving: int = 16
 
     def limit(self, path: str) -> int:
         return self.upload_bytes if path == self.upload_path else SMALL_BODY_BYTES
@@ -181,6 +186,27 @@ class Guard:
     def __init__(self, app, settings: Callable[[], GuardSettings]):
         self.app = app
         self.settings = settings
+        self._receiving = None  # (event loop, its Semaphore of upload receptions)
+
+    def _receptions(self, settings: GuardSettings) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._receiving is None or self._receiving[0] is not loop:
+            self._receiving = (loop, asyncio.Semaphore(settings.receiving))
+        return self._receiving[1]
+
+    async def _read_upload(self, receive, settings: GuardSettings, path: str) -> Optional[bytes]:
+        """`read_body` of an upload once one of the `receiving` receptions is free (503 when none
+        frees within 2 x grace_s: a stalled client's is freed within grace_s)."""
+        receptions = self._receptions(settings)
+        try:
+            await asyncio.wait_for(receptions.acquire(), 2 * settings.grace_s)
+        except asyncio.TimeoutError:
+            raise Refused(503, f"{settings.receiving} uploads are being received already; send it again shortly",
+                          {"Retry-After": str(max(1, math.ceil(settings.grace_s)))}) from None
+        try:
+            return await read_body(receive, settings.limit(path), settings, path)
+        finally:
+            receptions.release()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -189,7 +215,10 @@ class Guard:
         path = scope.get("path", "")
         try:
             check_head(scope, settings)
-            body = await read_body(receive, settings.limit(path), settings, path)
+            if path == settings.upload_path:
+                body = await self._read_upload(receive, settings, path)
+            else:
+                body = await read_body(receive, settings.limit(path), settings, path)
         except Refused as refused:
             return await _answer(send, refused)
         if body is None:
