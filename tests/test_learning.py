@@ -93,6 +93,46 @@ def test_patches_keep_image_and_mask_aligned():
     assert sampler.swapped >= 8
 
 
+def test_patches_go_where_the_allocator_says_with_the_same_values():
+    """A CUDA worker crops into page-locked tensors (train_steps.pinned_empty): the batches are the
+    allocator's objects, and hold what numpy's would with the same seed."""
+    rng = np.random.default_rng(3)
+    batch = {"image": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+             "mask": rng.integers(0, 3, (4, 32, 32), dtype=np.uint8)}
+
+    def tensors(shape, dtype):
+        t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+        return t, t.numpy()
+
+    plain = list(PatchBatches(16, 0.5, 8, np.random.default_rng(0))(batch))
+    into = list(PatchBatches(16, 0.5, 8, np.random.default_rng(0), empty=tensors)(batch))
+    assert len(plain) == len(into) == 4
+    for a, b in zip(plain, into):
+        assert torch.is_tensor(b["image"]) and torch.is_tensor(b["mask"])
+        np.testing.assert_array_equal(a["image"], b["image"].numpy())
+        np.testing.assert_array_equal(a["mask"], b["mask"].numpy())
+
+
+def test_the_affine_is_drawn_and_built_on_the_images_device(monkeypatch):
+    """No tensor is moved between devices inside the augmentation (on a GPU each move was a
+    blocking host-to-device copy per step); a generator on another device is refused."""
+    from lits.train.augment import random_affine
+
+    moves, to = [], torch.Tensor.to
+
+    def counted(t, *args, **kwargs):
+        if any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs:
+            moves.append(args)
+        return to(t, *args, **kwargs)
+
+    image, mask = torch.rand(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    monkeypatch.setattr(torch.Tensor, "to", counted)
+    out_image, out_mask = random_affine(image, mask, torch.Generator().manual_seed(0))
+    assert moves == [] and out_image.shape == image.shape and out_mask.dtype == torch.int64
+    with pytest.raises(ValueError, match="generator"):
+        random_affine(image.to("meta"), mask.to("meta"), torch.Generator())
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_gpu_branches_of_the_step_run_on_cpu(slices, bf16):
     """The lines a GPU run takes first (autocast, the fp16 GradScaler branch, channels_last, pinned

@@ -8,6 +8,9 @@ import io
 import os
 import re
 import socket
+import sys
+import threading
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -152,8 +155,12 @@ def test_resume_puts_adam_state_on_the_parameters_device(tmp_path):
 
 # --- best weights ---------------------------------------------------------------------------------------
 
-def test_best_weights_are_written_only_when_they_improved_and_two_are_kept(tmp_path):
+def test_best_weights_are_written_only_when_they_improved_and_two_are_kept(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
+    writers = []
+    write_bytes = checkpoints.storage.write_bytes
+    monkeypatch.setattr(checkpoints.storage, "write_bytes",
+                        lambda *a: (writers.append(threading.current_thread().name), write_bytes(*a)))
     _, core, _, _ = checkpoints.setup_model(cfg, torch.device("cpu"), lambda m: m)
     best = checkpoints.BestWeights(cfg)
     folder = os.path.join(cfg.output, cfg.name, checkpoints.BEST_FOLDER)
@@ -166,6 +173,9 @@ def test_best_weights_are_written_only_when_they_improved_and_two_are_kept(tmp_p
         state = best.write(TrainState(epoch=epoch, best_epoch=epoch, best_file=state.best_file))
         assert state.best_file.endswith(f"epoch-{epoch:04d}.pt")
         assert best.write(state) is state  # a second checkpoint without improvement writes nothing
+    best.wait()
+    # rank 0's upload runs beside training, never on the thread the other workers wait for
+    assert len(writers) == 3 and threading.current_thread().name not in writers
     assert sorted(os.listdir(folder)) == ["epoch-0002.pt", "epoch-0004.pt"]
     weights = checkpoints.best_weights(state.to_dict())
     assert float(next(iter(weights.values())).flatten()[0]) == 4.0
@@ -264,14 +274,29 @@ def _worker(rank: int, port: int, backend: str, results) -> None:
         cfg = TrainConfig(data="-", output="-", base_width=4, depth=2, augment=False, batch_size=2)
         from lits.model.unet import UNet
 
-        model = UNet(3, 3, 4, 2)
+        model = torch.nn.parallel.DistributedDataParallel(UNet(3, 3, 4, 2))  # as prepare_model wraps it
         optimizer = torch.optim.Adam(model.parameters())
         rng = np.random.default_rng(rank)
         batches = iter([{"image": rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
                          "mask": rng.integers(0, 3, (2, 8, 8), dtype=np.uint8)} for _ in range(5 if rank == 0 else 2)])
         ctx = EpochContext(cfg, model, optimizer, torch.device("cpu"), steps_estimate=5, collective=collective)
-        totals = train_one_epoch(ctx, TrainState(), batches, EpochRandom(torch.Generator().manual_seed(0)))
-        results[rank] = (summed.tolist(), totals.steps)
+        items, item = [], torch.Tensor.item
+
+
+        def counted(t):  # .item() in lits' training code: a host sync per call on a GPU (Adam's own on CPU steps aside)
+            if os.path.dirname(sys._getframe(1).f_code.co_filename).endswith(os.path.join("lits", "train")):
+                items.append(sys._getframe(1).f_code.co_name)
+            return item(t)
+
+        torch.Tensor.item = counted
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                totals = train_one_epoch(ctx, TrainState(), batches, EpochRandom(torch.Generator().manual_seed(0)))
+        finally:
+            torch.Tensor.item = item
+        strides = [str(w.message)[:60] for w in caught if "Grad strides" in str(w.message)]
+        results[rank] = (summed.tolist(), totals.steps, items, strides)
     finally:
         dist.destroy_process_group()
 
@@ -283,8 +308,10 @@ def _run_pair(backend: str):
 
 
 def test_collectives_sum_and_stop_together_across_two_processes():
+    """Sums, and "every worker has data" without a .item() per batch; a DDP step whose gradients
+    fit DDP's buckets (the model's layout is the input's: no "Grad strides" warning)."""
     results = _run_pair("cpu:gloo")
-    assert results[0] == results[1] == ([2.0, 3.0], 2)
+    assert results[0] == results[1] == ([2.0, 3.0], 2, [], [])
 
 
 def test_a_cpu_tensor_in_a_cuda_only_group_fails_as_nccl_would():

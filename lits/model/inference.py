@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from lits.core import postprocess as post
-from lits.core import naming, reports, storage, volumes
-from lits.model import streaming
+# storage, volumes, reports, naming and streaming (fsspec, nibabel, scipy) are imported where a volume
+# or a file is handled: the Predictor alone needs torch, numpy and opencv (benchmarks/gpu_all.py)
 from lits.core.errors import UserError
 from lits.core.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
 
@@ -122,6 +122,8 @@ def model_config(architecture: Dict, task: str, image_size: int, context: int, e
 
 def save_model(uri: str, state_dict: Dict, config: Dict) -> None:
     """Write URI/weights.pt (a plain state_dict), then URI/config.json (written last: the marker)."""
+    from lits.core import storage
+
     import torch
 
     buf = io.BytesIO()
@@ -136,6 +138,8 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
     Raises:
         UserError: missing folder or files, or a config.json this version cannot use.
     """
+    from lits.core import storage
+
     uri = storage.normalise(uri)
     config_uri = storage.join(uri, CONFIG_NAME)
     if not storage.exists(config_uri):
@@ -312,6 +316,8 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
                   ) -> Tuple[np.ndarray, Dict[str, float]]:
     """Segment one volume given in file order; returns (uint8 file-order labels, Fortran-ordered, and
     per-stage seconds, `streaming.STAGES`). See `streaming.segment_volume`."""
+    from lits.model import streaming
+
     labels_file, _, _, timings = streaming.segment_volume(hu_file, geometry, spec, submit, chunk, postprocess,
                                                           min_tumour_ml, threads)
     return labels_file, timings
@@ -320,6 +326,9 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
 def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
                     chunk: int, read_s: float, threads: int):
     """(file-order labels, canonical labels, box, report) of a decoded volume."""
+    from lits.core import reports, volumes
+    from lits.model import streaming
+
     volumes.check_hu(hu_file, name)
     labels_file, labels, box, timings = streaming.segment_volume(hu_file, geometry, spec, submit, chunk, True, None,
                                                                  threads)
@@ -346,6 +355,8 @@ def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk
     Raises:
         BadInputError: not NIfTI, not 3-D, absurd dimensions, NaN HU.
     """
+    from lits.core import volumes
+
     t0 = time.perf_counter()
     hu_file, geometry = volumes.parse_nifti(data, name)
     labels_file, _, _, report = _segment_parsed(hu_file, geometry, name, spec, submit, chunk,
@@ -372,6 +383,9 @@ def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Subm
     Raises:
         BadInputError: unreadable or invalid volume (nothing is written).
     """
+    from lits.core import naming, reports, storage, volumes
+    from lits.model import streaming
+
     t0 = time.perf_counter()
     source = source or storage.identity(uri)
     hu_file, geometry = volumes.read_nifti(uri)

@@ -16,8 +16,7 @@ its source, unless --verbose:
   - the driver's "ray" and "ray.serve" INFO records ("Started a local Ray instance", Serve's
     start-up and shutdown) and the token-authentication notice of ray.init; Serve's controller,
     proxy and replicas take their level from Serve's logging_config (lits.serve.serving);
-  - deprecation warnings Ray raises about its own internal calls, and torch DDP's "Grad strides
-    do not match bucket view strides" (1x1 convolutions; harmless, says torch).
+  - deprecation warnings Ray raises about its own internal calls.
 Independent of --verbose, a worker learns its own cluster's address (`own_cluster`).
 Stdlib only at import: every worker pays for this import.
 """
@@ -82,7 +81,6 @@ def quiet_ray() -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # raised where Ray calls its own deprecated API (attributed to a ray module); ours still warn
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 def own_cluster() -> None:

@@ -6,7 +6,9 @@
 - The best weights (by validation loss) are written only when they improved since the previous
   checkpoint, as OUT/<name>/best/epoch-NNNN.pt, and the TrainState names the file; the two newest
   files are kept (enough for both kept checkpoints). They used to ride in every checkpoint: a
-  third copy of the model per save (124 MB at width 64).
+  third copy of the model per save (124 MB at width 64). Rank 0 writes them on a background
+  thread (`BestWeights.wait` joins it), so the others never wait at the next collective for an
+  upload; the checkpoint itself is saved to local disk and uploaded by Ray in the background.
 - Restoring places the model on its device first, so Adam's state follows the parameters there.
 """
 
@@ -17,6 +19,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 from typing import Callable, Dict, Optional
 
 from lits.core import storage
@@ -70,30 +73,50 @@ def setup_model(cfg: TrainConfig, device, place: Callable, checkpoint=None):
 
 class BestWeights:
     """The best weights so far: copied to host memory when they improve, written at the next
-    checkpoint only if they changed since the last one (rank 0)."""
+    checkpoint only if they changed since the last one (rank 0), on a background thread."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.weights: Optional[Dict] = None
+        self._writer: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     def improved(self, core) -> None:
         self.weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
 
     def write(self, state):
-        """Write pending best weights; returns `state` naming the file (unchanged when none)."""
-        import torch
-
+        """Start writing pending best weights; returns `state` naming the file (unchanged when none).
+        The previous write is finished first (its error, if any, raised here)."""
         if self.weights is None:
             return state
+        self.wait()
         folder = storage.join(storage.normalise(self.cfg.output), self.cfg.name, BEST_FOLDER)
         uri = storage.join(folder, f"epoch-{state.best_epoch:04d}.pt")
-        buf = io.BytesIO()
-        torch.save(self.weights, buf)
-        storage.write_bytes(uri, buf.getvalue())
-        self.weights = None
-        for old in [u for u in storage.list_files(folder) if u.endswith(".pt")][:-KEEP_BEST]:
-            storage.delete(old)
+        weights, self.weights = self.weights, None
+        self._writer = threading.Thread(target=self._write, args=(folder, uri, weights), name="lits-best-weights")
+        self._writer.start()
         return dataclasses.replace(state, best_file=uri)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, folder: str, uri: str, weights: Dict) -> None:
+        import torch
+
+        try:
+            buf = io.BytesIO()
+            torch.save(weights, buf)
+            storage.write_bytes(uri, buf.getvalue())
+            for old in [u for u in storage.list_files(folder) if u.endswith(".pt")][:-KEEP_BEST]:
+                storage.delete(old)
+        except BaseException as exc:  # raised in the training loop by the next wait()
+            self._error = exc
 
 
 def best_weights(state: Dict) -> Dict:

@@ -7,8 +7,9 @@
   materialised split is decoded once and its block order reshuffled every epoch; a streamed one is
   read again each epoch and competes with nothing on GPU nodes (the reads run on CPU nodes).
 - Batches: `iter_torch_batches` with a collate that turns each Arrow batch's fixed-size binary
-  columns into uint8 tensors in one copy (lits.core.shards.decode), prefetched in Ray's threads and,
-  for a CUDA worker, pinned so the copy to the GPU is asynchronous.
+  columns into uint8 tensors in one copy (lits.core.shards.decode), prefetched in Ray's threads. They
+  stay in pageable memory: a worker crops them into patches (lits.train.sampling), and a CUDA
+  worker crops into page-locked memory, the copy the GPU reads asynchronously.
 
 Shapes: a batch is {'image': uint8 (N, H, W, C), 'mask': uint8 (N, H, W)} (+ 'volume_id' str (N,)
 for validation), CPU tensors.
@@ -89,16 +90,15 @@ class SliceCollate(ArrowBatchCollateFn):
         return out
 
 
-def batches(shard, cfg: TrainConfig, info: DataInfo, pin: bool, shuffle_seed=None) -> Iterator[Dict]:
+def batches(shard, cfg: TrainConfig, info: DataInfo, shuffle_seed=None) -> Iterator[Dict]:
     """Batches of one worker's dataset shard, prefetched and collated in Ray's threads.
 
     Args:
         shard: `ray.train.get_dataset_shard(...)`.
-        pin: page-lock the training batches (a CUDA worker).
         shuffle_seed: seed of the local shuffle buffer (training), None for validation order.
     """
     train = shuffle_seed is not None
     return shard.iter_torch_batches(
         batch_size=cfg.batch_size, collate_fn=SliceCollate(info.image_shape, ids=not train), device="cpu",
-        pin_memory=pin and train, prefetch_batches=cfg.prefetch_batches,
+        prefetch_batches=cfg.prefetch_batches,
         local_shuffle_buffer_size=4 * cfg.batch_size if train else None, local_shuffle_seed=shuffle_seed)

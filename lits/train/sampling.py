@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -36,15 +36,21 @@ class PatchBatches:
         capacity: reservoir size in slices (reservoir sampling keeps a uniform sample of all tumour
             slices streamed so far).
         rng: the only source of randomness.
+        empty: `empty(shape, dtype)` -> (the array yielded, a writable numpy view of it): where the
+            patches are cropped into. Default: numpy arrays; a CUDA worker passes page-locked torch
+            tensors (lits.train.train_steps.pinned_empty), so the crop is the one host copy and the
+            copy to the GPU is asynchronous.
     """
 
-    def __init__(self, crop: int, fraction: float, capacity: int, rng: np.random.Generator):
+    def __init__(self, crop: int, fraction: float, capacity: int, rng: np.random.Generator,
+                 empty: Optional[Callable[[tuple, np.dtype], tuple]] = None):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         self.crop = crop
         self.fraction = fraction
         self.capacity = capacity
         self.rng = rng
+        self.empty = empty or _numpy_empty
         self.images = None  # (capacity, S, S, C) uint8, allocated on the first tumour slice
         self.masks = None
         self.filled = 0
@@ -80,8 +86,8 @@ class PatchBatches:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Iterator[Dict[str, np.ndarray]]:
         """Args: batch with 'image' uint8 (n, S, S, C) and 'mask' uint8 (n, S, S), numpy arrays or
         CPU tensors.
-        Yields: (S // crop)^2 dicts with 'image' (n, crop, crop, C) and 'mask' (n, crop, crop);
-        the input is not modified."""
+        Yields: (S // crop)^2 dicts with 'image' (n, crop, crop, C) and 'mask' (n, crop, crop) (as
+        `empty` allocates them); the input is not modified."""
         image, mask = np.asarray(batch["image"]), np.asarray(batch["mask"])  # CPU tensors: no copy
         n, side = len(mask), mask.shape[1]
         if self.crop > side:
@@ -93,8 +99,8 @@ class PatchBatches:
         tumour_rows = np.nonzero(has_tumour)[0]
         forced = math.ceil(self.fraction * n) if (tumour_rows.size or self.filled) else 0
         for _ in range((side // self.crop) ** 2):
-            out_image = np.empty((n, self.crop, self.crop) + image.shape[3:], image.dtype)
-            out_mask = np.empty((n, self.crop, self.crop), mask.dtype)
+            image_out, out_image = self.empty((n, self.crop, self.crop) + image.shape[3:], image.dtype)
+            mask_out, out_mask = self.empty((n, self.crop, self.crop), mask.dtype)
             order = self.rng.permutation(n)
             for j in range(n):
                 src_image, src_mask = image[order[j]], mask[order[j]]
@@ -110,7 +116,12 @@ class PatchBatches:
                 y, x = self._corner(src_mask, on_tumour)
                 out_image[j] = src_image[y:y + self.crop, x:x + self.crop]
                 out_mask[j] = src_mask[y:y + self.crop, x:x + self.crop]
-            yield {"image": out_image, "mask": out_mask}
+            yield {"image": image_out, "mask": mask_out}
+
+
+def _numpy_empty(shape: tuple, dtype) -> Tuple[np.ndarray, np.ndarray]:
+    array = np.empty(shape, dtype)
+    return array, array
 
 
 def poly_lr(base_lr: float, progress: float, warmup: float = 0.0, exponent: float = 0.9) -> float:

@@ -33,23 +33,34 @@ METRIC_CLASSES = {"liver-tumour": (1, 2), "tumour": (2,)}
 class Collective:
     """Sums and "every worker still has data" across the worker group; one worker: identities.
 
+    "Every worker has data" is asked once per streamed batch: its flag is reduced in host memory
+    over a gloo group (the default group when that is gloo), so the training loop never waits for
+    the GPU to drain (an NCCL flag read back with .item() would, once per batch).
+
     Args:
-        device: where the reduced tensors live (the training device).
-        world: number of workers; with world > 1 torch.distributed must be initialised.
+        device: where the reduced sums live (the training device).
+        world: number of workers; with world > 1 torch.distributed must be initialised, and every
+            worker builds its Collective at the same point (a gloo group is a collective to create).
     """
 
     def __init__(self, device: torch.device, world: int = 1):
         self.device = device
         self.world = world
+        self.host_group = None
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() != "gloo":
+                self.host_group = dist.new_group(backend="gloo")
 
     def all_have(self, has: bool) -> bool:
         if self.world == 1:
             return has
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if has else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        flag = torch.tensor([1 if has else 0], dtype=torch.int32)  # host memory, on purpose
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.host_group)
+        return bool(flag.numpy()[0])
 
     def sum(self, array: np.ndarray) -> np.ndarray:
         if self.world == 1:
@@ -112,7 +123,8 @@ def learning_rate(cfg: TrainConfig, state: TrainState, epoch_progress: float) ->
 def to_tensors(batch: Dict, device: torch.device, channels_last: bool):
     """(image float (N, C, S, S) in [0, 1], mask int64 (N, S, S)) on `device`.
 
-    `batch` holds uint8 numpy arrays or CPU tensors (lits.train.ingest's, pinned on a CUDA worker)."""
+    `batch` holds uint8 numpy arrays or CPU tensors (`pinned_empty`'s on a CUDA worker's training
+    batches; others are page-locked here first, so the copy never blocks the host)."""
     pin = device.type == "cuda"
 
     def host(x):
@@ -121,9 +133,18 @@ def to_tensors(batch: Dict, device: torch.device, channels_last: bool):
 
     image, mask = host(batch["image"]), host(batch["mask"])
     image = image.to(device, non_blocking=pin).permute(0, 3, 1, 2).float().div_(255.0)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
+    # the layout the model's weights have (channels_last is set before DDP wraps it): a channels_last
+    # input to an NCHW model gives the 1x1 head's weight gradient other strides than DDP's bucket view
+    image = image.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return image, mask.to(device, non_blocking=pin).long()
+
+
+def pinned_empty(shape: tuple, dtype) -> Tuple[torch.Tensor, np.ndarray]:
+    """A page-locked uint8/float CPU tensor and its numpy view: what a CUDA worker's `PatchBatches`
+    crops into (the tensor is what travels on, so the caching host allocator sees the asynchronous
+    copy that reads it before it reuses the memory)."""
+    tensor = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+    return tensor, tensor.numpy()
 
 
 def overlap_counts(pred: torch.Tensor, ref: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -238,7 +259,7 @@ class EpochRandom:
     """One worker's randomness for one epoch (see `epoch_random`).
 
     Args:
-        augment: the draws of `random_affine` (a CPU torch.Generator).
+        augment: the draws of `random_affine` (a torch.Generator on the training device).
         sampler: the patch sampler with its own numpy Generator, or None for batches used whole.
         shuffle_seed: seed of the ingest's local shuffle buffer (lits.train.ingest.batches).
     """
@@ -248,8 +269,10 @@ class EpochRandom:
     shuffle_seed: Optional[int] = None
 
 
-def epoch_random(cfg: TrainConfig, crop: int, epoch: int, rank: int) -> EpochRandom:
-    """Worker `rank`'s randomness in epoch `epoch` (0-based), a function of (cfg.seed, epoch, rank) alone.
+def epoch_random(cfg: TrainConfig, crop: int, epoch: int, rank: int,
+                 device: torch.device = torch.device("cpu")) -> EpochRandom:
+    """Worker `rank`'s randomness in epoch `epoch` (0-based), a function of (cfg.seed, epoch, rank) alone
+    (and of the device type: a CUDA generator draws other numbers than a CPU one from the same seed).
 
     One root, np.random.SeedSequence(cfg.seed), spawned per epoch and then per rank: the node at
     spawn key (epoch, rank) is what `root.spawn(epoch + 1)[epoch].spawn(rank + 1)[rank]` returns,
@@ -258,11 +281,14 @@ def epoch_random(cfg: TrainConfig, crop: int, epoch: int, rank: int) -> EpochRan
     group restarted or resumed at epoch e draws what an uninterrupted run drew at e. The sampler
     (its tumour reservoir included) is new every epoch for the same reason: a checkpoint does not
     hold it. The data order a worker sees also depends on Ray Data's parallel reads, which no seed fixes.
+    On a CUDA device the augmentation draws there and the patches are cropped into page-locked memory.
     """
     augment, patches, shuffle = np.random.SeedSequence(cfg.seed, spawn_key=(epoch, rank)).spawn(3)
+    cuda = device.type == "cuda"
     return EpochRandom(
-        augment=torch.Generator().manual_seed(int(augment.generate_state(1, np.uint64)[0])),
-        sampler=PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(patches)),
+        augment=torch.Generator(device=device).manual_seed(int(augment.generate_state(1, np.uint64)[0])),
+        sampler=PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(patches),
+                             empty=pinned_empty if cuda else None),
         shuffle_seed=int(shuffle.generate_state(1)[0]))
 
 

@@ -129,6 +129,8 @@ def train_loop_per_worker(config: Dict) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch and batch shapes: autotune each convolution once
     model, core, optimizer, saved = checkpoints.setup_model(cfg, device, ray.train.torch.prepare_model, ray.train.get_checkpoint())
     state, history, best = TrainState(), [], checkpoints.BestWeights(cfg)
     if saved:
@@ -150,10 +152,10 @@ def train_loop_per_worker(config: Dict) -> None:
     last_saved = time.monotonic()
     while state.epoch < cfg.epochs and not state.stopped_early:
         started = time.perf_counter()
-        draws = epoch_random(cfg, crop, state.epoch, rank)
-        batches = iter(ingest.batches(train_shard, cfg, info, pin=device.type == "cuda", shuffle_seed=draws.shuffle_seed))
+        draws = epoch_random(cfg, crop, state.epoch, rank, device)
+        batches = iter(ingest.batches(train_shard, cfg, info, shuffle_seed=draws.shuffle_seed))
         totals = train_one_epoch(ctx, state, batches, draws)
-        val = validate(ctx, ingest.batches(val_shard, cfg, info, pin=False), val_index)
+        val = validate(ctx, ingest.batches(val_shard, cfg, info), val_index)
         row = _metrics_row(ctx, state, totals, val, started)
         state, improved = schedule_step(state, row["val_loss"], cfg)
         if improved:
@@ -173,6 +175,7 @@ def train_loop_per_worker(config: Dict) -> None:
         checkpoints.report_epoch(row, rank, save, lambda: {
             **state.to_dict(), "history": history,
             "model": {k: v.cpu() for k, v in core.state_dict().items()}, "optimizer": optimizer.state_dict()})
+    best.wait()  # the exported model reads the last best weights once the workers have returned
 
 
 # --- outputs -----------------------------------------------------------------------------------
