@@ -167,6 +167,15 @@ def _job(tmp_path, n):
                    job_id=f"{n:012x}")
 
 
+async def _eventually(condition, timeout_s=10.0):
+    """Whether `condition()` holds within `timeout_s` (the queue polls every POLL_S; a loaded
+    machine may take longer than a fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return condition()
+
+
 def test_the_job_queue_caps_running_jobs_and_starts_the_waiting_in_order(tmp_path, monkeypatch):
     """Item 5: with max_jobs 2, the third and fourth jobs wait with a 'queued' record; a cancelled
     waiting job never starts; the others start oldest first as running ones end."""
@@ -198,11 +207,9 @@ def test_the_job_queue_caps_running_jobs_and_starts_the_waiting_in_order(tmp_pat
         await asyncio.sleep(0.1)
         assert len(started) == 2  # nothing ended: nothing more starts
         alive.discard(jobs[0].job_id)
-        await asyncio.sleep(0.1)
-        assert started == [j.job_id for j in (jobs[0], jobs[1], jobs[2])]
+        assert await _eventually(lambda: started == [j.job_id for j in (jobs[0], jobs[1], jobs[2])]), started
         alive.clear()
-        await asyncio.sleep(0.1)
-        assert started == [j.job_id for j in (jobs[0], jobs[1], jobs[2], jobs[4])]
+        assert await _eventually(lambda: started == [j.job_id for j in (jobs[0], jobs[1], jobs[2], jobs[4])]), started
         assert not queue.waiting and queue.status(jobs[4].job_id) is None
 
     asyncio.run(scenario())
@@ -224,8 +231,7 @@ def test_a_queued_job_that_cannot_start_is_recorded_failed(tmp_path, monkeypatch
         await queue.submit(_job(tmp_path, 1))
         await queue.submit(_job(tmp_path, 2))
         alive.clear()
-        await asyncio.sleep(0.1)
-        assert not queue.waiting
+        assert await _eventually(lambda: not queue.waiting)
 
     asyncio.run(scenario())
     with open(os.path.join(tmp_path, "000000000002.json")) as f:
