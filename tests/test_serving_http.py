@@ -112,7 +112,7 @@ def test_no_token_is_answered_before_the_body_is_read(server):
                             first=b'{"input": "')
         status, body = answer(sock)
         assert status == 401 and b"token" in body, (headers, status, body[:200])
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 12  # from the head: the body would never come
 
 
 def test_bodies_over_the_limit_are_refused_before_they_are_read(server):
