@@ -12,9 +12,6 @@ import json
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-import pyarrow.parquet as pq
-
-from lits.core import shards, storage
 from lits.core.config import TrainConfig
 from lits.core.errors import UserError
 from lits.core.schema import MANIFEST_NAME
@@ -54,6 +51,10 @@ def check_data(cfg: TrainConfig) -> DataInfo:
         UserError: no manifest, empty train or val split, missing shards, wrong columns or dtypes,
             mixed image sizes.
     """
+    import pyarrow.parquet as pq  # here, not at import: patch_size serves benchmarks/gpu_all.py without fsspec
+
+    from lits.core import shards, storage
+
     import ray.data.extensions  # noqa: F401  (so pyarrow reads Ray's tensor columns as tensors)
 
     data = storage.normalise(cfg.data)
