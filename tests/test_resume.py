@@ -111,3 +111,20 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_from_its_start(tmp_path
     # the next epoch's loss is the uninterrupted run's next epoch's, and far below a fresh start's
     assert resumed_loss == pytest.approx(next_loss, rel=1e-5)
     assert resumed_loss < 0.9 * fresh_loss, (resumed_loss, fresh_loss)
+
+
+def test_a_checkpoint_naming_best_weights_that_never_landed_resumes_without_them(tmp_path):
+    """The checkpoint names the best-weights file as its background write starts: a worker lost
+    during the write leaves a checkpoint naming a missing file. The resumed state forgets that best
+    (taken again at the next validation) instead of failing at export on the missing file."""
+    import math
+
+    from lits.train import checkpoints
+
+    written = tmp_path / "epoch-0003.pt"
+    written.write_bytes(b"weights")
+    saved = {"epoch": 5, "best_val_loss": 0.4, "best_epoch": 3, "best_file": str(written)}
+    kept = checkpoints.restored_state(saved)
+    assert (kept.best_file, kept.best_val_loss, kept.best_epoch, kept.epoch) == (str(written), 0.4, 3, 5)
+    lost = checkpoints.restored_state({**saved, "best_file": str(tmp_path / "epoch-0004.pt")})
+    assert (lost.best_file, lost.best_val_loss, lost.best_epoch, lost.epoch) == ("", math.inf, -1, 5)

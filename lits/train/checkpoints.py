@@ -5,8 +5,8 @@
   history; Ray keeps the newest two.
 - The best weights (by validation loss) are written only when they improved since the previous
   checkpoint, as OUT/<name>/best/epoch-NNNN.pt, and the TrainState names the file; the two newest
-  files are kept (enough for both kept checkpoints). They used to ride in every checkpoint: a
-  third copy of the model per save (124 MB at width 64). Rank 0 writes them on a background
+  files are kept (enough for both kept checkpoints). They do not ride in every checkpoint: that
+  would be a third copy of the model per save (124 MB at width 64). Rank 0 writes them on a background
   thread (`BestWeights.wait` joins it), so the others never wait at the next collective for an
   upload; the checkpoint itself is saved to local disk and uploaded by Ray in the background.
 - Restoring places the model on its device first, so Adam's state follows the parameters there.
@@ -119,6 +119,23 @@ class BestWeights:
             self._error = exc
 
 
+def restored_state(saved: Dict):
+    """The TrainState a checkpoint holds, with its best weights forgotten when their file is not
+    there: the checkpoint names the file as its background write starts, so a worker lost during
+    that write leaves a checkpoint naming a file that never landed. The best is then taken again
+    at the next validation (its loss compared with infinity), never read from a missing file."""
+    import math
+
+    from lits.train.train_steps import TrainState
+
+    state = TrainState.from_dict(saved)
+    if state.best_file and not storage.exists(state.best_file):
+        log.warning("the best weights %s of the checkpoint were never written (a worker was lost while writing "
+                    "them): the best is taken again from the next validation", state.best_file)
+        state = dataclasses.replace(state, best_file="", best_val_loss=math.inf, best_epoch=-1)
+    return state
+
+
 def best_weights(state: Dict) -> Dict:
     """The best weights a checkpoint's state names (the last weights when none improved)."""
     import torch
@@ -126,7 +143,7 @@ def best_weights(state: Dict) -> Dict:
     if state.get("best_file"):
         return torch.load(io.BytesIO(storage.read_bytes(state["best_file"])), map_location="cpu",
                           weights_only=True)
-    return state.get("best_model") or state["model"]  # checkpoints written before 2026-11-29
+    return state.get("best_model") or state["model"]  # older checkpoints held the best weights inline
 
 
 def report_epoch(row: Dict, rank: int, save: bool, saved_state: Callable[[], Dict]) -> None:

@@ -134,7 +134,7 @@ def train_loop_per_worker(config: Dict) -> None:
     model, core, optimizer, saved = checkpoints.setup_model(cfg, device, ray.train.torch.prepare_model, ray.train.get_checkpoint())
     state, history, best = TrainState(), [], checkpoints.BestWeights(cfg)
     if saved:
-        state, history = TrainState.from_dict(saved), saved["history"]
+        state, history = checkpoints.restored_state(saved), saved["history"]
     resumed_from = state.epoch if saved else None
     state = dataclasses.replace(state, starts=state.starts + 1)
     crop = patch_size(cfg, info.image_shape[0])
