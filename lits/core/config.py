@@ -270,7 +270,10 @@ class ServeConfig:
         volume_cpus: CPUs reserved for volume tasks (a placement group); None: what is free once the
             replicas are placed, less what autoscaling to max_replicas would take.
         jobs_state: folder or s3:// prefix of the job records; None: $LITS_JOBS_STATE or ~/.cache/lits/jobs.
-        model_wait_s: longest wait for one answer of the model deployment before it is asked again.
+        model_wait_s: longest a chunk goes unanswered while the model makes no progress before it is
+            sent again (time it queues behind other work while the model is busy does not count).
+        volumes_per_replica: volumes a job keeps in flight per running model replica (its queue);
+            CPU work runs ahead of the model only this far.
         max_uploads: /v1/segment uploads segmented at once (their bodies already read); more wait their turn.
         max_jobs: bulk jobs running at once; more wait queued (state 'queued') and start as others end.
         body_grace_s, min_body_kbps: a request body must keep arriving at min_body_kbps KB/s after
@@ -298,6 +301,7 @@ class ServeConfig:
     model_wait_s: float = 60.0
     max_uploads: int = 8
     max_jobs: int = 4
+    volumes_per_replica: int = 3
     body_grace_s: float = 10.0
     min_body_kbps: float = 64.0
 
@@ -331,6 +335,8 @@ class ServeConfig:
             raise ValueError(f"max_uploads must be >= 1, got {self.max_uploads}")
         if self.max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
+        if not 1 <= self.volumes_per_replica <= 64:
+            raise ValueError(f"volumes_per_replica must be between 1 and 64, got {self.volumes_per_replica}")
         if not self.body_grace_s > 0 or not self.min_body_kbps > 0:
             raise ValueError(f"body_grace_s and min_body_kbps must be > 0, got {self.body_grace_s}, {self.min_body_kbps}")
 

@@ -13,6 +13,11 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
   nodes); the request shrinks as the job drains and is withdrawn when the last running job ends (with
   several jobs at once, the latest refresh's request stands). Without an autoscaler it does nothing.
 
+- **The model's window.** Volumes in flight never exceed what the model replicas can absorb:
+  their running count (asked of Serve every `REFRESH_S`, so the window follows autoscaling) times
+  `volumes_per_replica` each (`ModelWindow`). CPU work runs ahead of the model only that far, and
+  the autoscaler is asked only for the CPUs of the volumes inside the window.
+
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
 job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
 could be reserved, not elastic) runs its tasks anywhere, at most the cluster's CPUs at a time.
@@ -23,15 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import ray
 
 from lits.runtime.fanout import request_cpus
 from lits.serve.job_tasks import find_pool, in_pool, pool_name, pool_shape
+from lits.serve.model_client import MODEL_DEPLOYMENT
 
 log = logging.getLogger(__name__)
 
+VOLUMES_PER_REPLICA = 3  # the default window per running model replica (ServeConfig.volumes_per_replica)
 MAX_CONCURRENCY = 1024  # volumes in flight per job: at least 20 cpu-spot nodes x 16 CPUs (cluster.yaml)
 REFRESH_S = 5.0  # how often a job looks for CPUs that joined
 READY_WAIT_S = 10.0  # how long a new group may take to be placed before it is given up (and tried later)
@@ -56,6 +63,39 @@ def spare_cpus(reserve_cpus: float) -> float:
     return max(0.0, min(free, total - reserve_cpus - _held_cpus()))
 
 
+def running_replicas(app_name: str, deployment: str = MODEL_DEPLOYMENT) -> Optional[int]:
+    """Replicas of the app's model deployment Serve reports RUNNING; None when Serve cannot say."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+        states = app.deployments[deployment].replica_states if app is not None else {}
+    except Exception as exc:  # the controller is busy or restarting: keep the last count
+        log.debug("replicas of %s unknown: %s", app_name, exc)
+        return None
+    return int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+
+
+class ModelWindow:
+    """How many volumes the model replicas can absorb now: running replicas x `per_replica` (at
+    least one replica's worth, so that a job waits for a replacement instead of stopping).
+    Asked of Serve at most every `REFRESH_S`."""
+
+    def __init__(self, app_name: str, per_replica: int = VOLUMES_PER_REPLICA):
+        self.app_name = app_name
+        self.per_replica = max(1, int(per_replica))
+        self.replicas = 1
+        self.asked = 0.0
+
+    def size(self) -> int:
+        if time.time() - self.asked >= REFRESH_S:
+            self.asked = time.time()
+            running = running_replicas(self.app_name)
+            if running is not None:
+                self.replicas = max(1, running)
+        return self.replicas * self.per_replica
+
+
 class JobCapacity:
     """The placement groups one job's volume tasks run in, and how many volumes may be in flight.
 
@@ -64,15 +104,17 @@ class JobCapacity:
         cpus_per_volume: CPUs one volume task reserves.
         reserve_cpus: CPUs the app's replicas may hold; None: the pool is fixed (never grows).
         concurrency: the caller's cap on volumes in flight (None: what the groups hold).
+        window: volumes the model can absorb now (`ModelWindow.size`); None: no such bound.
     """
 
     def __init__(self, app_name: str, job_id: str, cpus_per_volume: float, reserve_cpus: Optional[float] = None,
-                 concurrency: Optional[int] = None):
+                 concurrency: Optional[int] = None, window: Optional[Callable[[], int]] = None):
         self.app_name, self.job_id = app_name, job_id
         self.cpus_per_volume = cpus_per_volume
         self.bundle = max(1.0, float(cpus_per_volume))
         self.reserve_cpus = reserve_cpus
-        self.cap = min(concurrency or MAX_CONCURRENCY, MAX_CONCURRENCY)
+        self.max = min(concurrency or MAX_CONCURRENCY, MAX_CONCURRENCY)
+        self.window = window
         base = find_pool(app_name)
         self.groups: List = [base] if base is not None else []
         self.own_from = len(self.groups)  # the groups from here on are the job's own
@@ -83,6 +125,11 @@ class JobCapacity:
 
     def _slots(self, pg) -> int:
         return int(pool_shape(pg)[0] / self.cpus_per_volume)
+
+    @property
+    def cap(self) -> int:
+        """The most volumes in flight now: the caller's cap, within the model's window."""
+        return min(self.max, self.window()) if self.window is not None else self.max
 
     @property
     def elastic(self) -> bool:

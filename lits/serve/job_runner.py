@@ -3,15 +3,18 @@
 The actor holds the job's `JobProgress`, answers status and cancel, and starts one `JobDriver`
 thread: it lists the inputs, then keeps volume tasks (`lits.serve.job_tasks`) in flight in the
 placement groups `lits.serve.job_capacity` gives it (the app's volume pool, plus CPUs that join
-the cluster when the pool is elastic), and writes the job's summary through a `SummaryWriter`:
-after the listing, then at most every `SUMMARY_EVERY_S` as volumes finish, and last when it ends.
+the cluster when the pool is elastic), never more than the model replicas can absorb (the running
+replicas x their `volumes_per_replica`, from the model's describe()), and writes the job's summary
+through a `SummaryWriter`: after the listing, then at most every `SUMMARY_EVERY_S` as volumes
+finish, and last when it ends.
 Then the actor writes the job's record and ends itself: a finished job costs no process, and its
 status is read from its summary through that record (`lits.serve.jobs`).
 
-Failure rules: a bad volume is recorded with its reason and the job goes on; a lost model
-replica costs a resend of the chunks it held, a lost CPU worker a retry of its volume (Ray's task
-retries), never the volume. A cancel cancels the volume tasks (forcefully when they do not stop
-within `fanout.CANCEL_GRACE_S`), so their CPUs are free once the job says `cancelled`.
+Failure rules: a bad volume is recorded with its reason and the job goes on; a busy model costs
+a wait, never a resend; a lost model replica costs a resend of the chunks it held, a lost CPU
+worker a retry of its volume (Ray's task retries), never the volume. A cancel cancels the volume
+tasks (forcefully when they do not stop within `fanout.CANCEL_GRACE_S`), so their CPUs are free
+once the job says `cancelled`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from lits.core import storage
 from lits.core.errors import UserError
 from lits.model import inference
 from lits.runtime import fanout
-from lits.serve.job_capacity import JobCapacity
+from lits.serve.job_capacity import VOLUMES_PER_REPLICA, JobCapacity, ModelWindow
 from lits.serve.job_progress import FINAL_STATES, JobProgress, JobState, SummaryWriter
 from lits.serve.job_spec import ACTOR_PREFIX, JOBS_NAMESPACE, JobSpec
 from lits.serve.job_tasks import list_inputs, segment_volume_task
@@ -95,8 +98,9 @@ class JobDriver:
         if not volumes:
             return
         model = inference.ModelSpec.from_dict(self.progress.model)
+        window = ModelWindow(job.app_name, self.progress.model.get("volumes_per_replica", VOLUMES_PER_REPLICA))
         capacity = JobCapacity(job.app_name, job.job_id, job.cpus_per_volume, reserve_cpus=job.reserve_cpus,
-                               concurrency=job.concurrency)
+                               concurrency=job.concurrency, window=window.size)
         if not capacity.groups and not capacity.elastic:
             log.warning("job %s: app %s has no volume pool; its tasks may take the CPUs a model replica needs",
                         job.job_id, job.app_name)

@@ -5,6 +5,14 @@ Every caller reaches `SegmentModel` (lits.serve.serving) the same way: a handle 
 (`model_handle(app_name)`), made where it is used (the ingress, a job's actor, a volume task), and
 every wait on an answer has a deadline (`call_model`): a chunk whose replica was lost, or that got
 no answer in time, is sent again (`RETRIES` times, with back-off), then `ModelUnavailable`.
+
+A chunk's deadline runs while the model works on it, not while it queues. A lost replica is
+found by Serve itself: the handle's answer raises (an actor error) for every chunk the replica
+held, queued or running, and those are sent again at once. A chunk without an answer after its
+deadline is resent only when the model made no progress in that time (`model_progress`: the
+replica's running batch started, or its last batch ended, within the deadline); while the model
+is busy the chunk keeps its place in the queue and the wait starts again (not a try). Jobs bound
+how much they queue (`lits.serve.job_capacity.ModelWindow`).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import ray
@@ -26,7 +34,8 @@ log = logging.getLogger(__name__)
 MODEL_DEPLOYMENT = "SegmentModel"
 RETRIES = 5  # per chunk, when the model replica that held it is lost or does not answer in time
 RETRY_WAIT_S = 2.0
-MODEL_WAIT_S = 60.0  # the longest wait for one answer of the model deployment
+MODEL_WAIT_S = 60.0  # the longest a chunk may go unanswered while the model makes no progress
+PROGRESS_WAIT_S = 10.0  # the longest wait for a replica's progress()
 
 
 def _replica_lost(exc: BaseException) -> bool:
@@ -41,9 +50,23 @@ class ModelUnavailable(RuntimeError):
     """The model deployment gave no answer within every try's deadline."""
 
 
-def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[List[int]] = None, size: int = 0):
+def model_progress(handle, wait_s: float) -> bool:
+    """Whether the model deployment behind `handle` made progress in the last `wait_s` (a batch
+    started or ended then: `SegmentModel.progress`); False when it does not answer that quickly."""
+    try:
+        state = handle.progress.remote().result(timeout_s=min(wait_s, PROGRESS_WAIT_S))
+        return min(state["since_start_s"], state["since_end_s"]) < wait_s
+    except Exception as exc:  # no answer, or a deployment without progress(): no sign of progress
+        log.debug("model progress unknown: %s: %s", type(exc).__name__, exc)
+        return False
+
+
+def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[List[int]] = None, size: int = 0,
+               busy: Optional[Callable[[], bool]] = None):
     """`send()` (a DeploymentResponse) until it answers: each try waits at most `wait_s`; a timed-out
-    try is cancelled and a lost replica's is sent again, `RETRIES` times with back-off."""
+    try is cancelled and a lost replica's is sent again, `RETRIES` times with back-off. `busy()`
+    (e.g. `model_progress`): when it says the model progressed meanwhile, a timed-out wait starts
+    again instead (the chunk is queued behind others' work, not lost)."""
     response = send()
     tries = 1
     while True:
@@ -53,6 +76,8 @@ def call_model(send, what: str, wait_s: float = MODEL_WAIT_S, resent: Optional[L
             timed_out = isinstance(exc, TimeoutError)
             if not (timed_out or _replica_lost(exc)):
                 raise
+            if timed_out and busy is not None and busy():
+                continue
             if timed_out:
                 response.cancel()
             if tries > RETRIES:
@@ -89,7 +114,8 @@ class _Pending:
         def send():
             return first.pop() if first else self.handle.predict.remote(self.images, self.shape)
 
-        return call_model(send, f"{len(self.images)} slices", self.wait_s, self.resent, len(self.images))
+        return call_model(send, f"{len(self.images)} slices", self.wait_s, self.resent, len(self.images),
+                          busy=lambda: model_progress(self.handle, self.wait_s))
 
 
 class ModelSubmit:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -79,7 +80,8 @@ class SegmentModel:
         threads: torch intra-op threads on CPU (and OpenCV's, which resizes there).
     """
 
-    def __init__(self, model_uri: str, max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int = 1):
+    def __init__(self, model_uri: str, max_batch_size: int = 32, batch_wait_s: float = 0.01, threads: int = 1,
+                 volumes_per_replica: int = 3):
         import cv2
         import torch
 
@@ -89,20 +91,33 @@ class SegmentModel:
         spec, weights = inference.load_spec(model_uri)
         self.predictor = inference.Predictor(spec, weights, max_batch=max_batch_size)
         self.max_batch_size = max_batch_size
+        self.volumes_per_replica = volumes_per_replica
+        self.batch_started = self.batch_ended = time.monotonic()  # a new replica counts as progress
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_s)
         log.info("model %s (%s) loaded on %s", spec.model_id, spec.uri, self.predictor.device)
 
     def describe(self) -> Dict:
         return {**self.predictor.spec.to_dict(), "device": str(self.predictor.device),
-                "max_batch_size": self.max_batch_size, "pid": os.getpid()}
+                "max_batch_size": self.max_batch_size, "volumes_per_replica": self.volumes_per_replica,
+                "pid": os.getpid()}
+
+    def progress(self) -> Dict:
+        """Seconds since this replica's latest batch started and since its latest batch ended (how
+        `model_client.model_progress` tells a busy model from a stuck one)."""
+        now = time.monotonic()
+        return {"since_start_s": now - self.batch_started, "since_end_s": now - self.batch_ended}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_slices)
     async def predict(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]]) -> List[Tuple]:
         """uint8 (n_i, S, S, 3) chunks and their volumes' (H, W) -> per chunk (uint8 (n_i, H, W)
         labels, uint8 (n_i, S, S) model-size labels or None), one forward pass for the batch."""
-        # The forward pass runs off the event loop: health checks and describe() stay answered.
-        return await asyncio.to_thread(self.predictor.labels, chunks, [tuple(s) for s in shapes])
+        # The forward pass runs off the event loop: health checks, describe() and progress() stay answered.
+        self.batch_started = time.monotonic()
+        try:
+            return await asyncio.to_thread(self.predictor.labels, chunks, [tuple(s) for s in shapes])
+        finally:
+            self.batch_ended = time.monotonic()
 
 
 def model_deployment(cfg: ServeConfig):
@@ -123,7 +138,7 @@ def model_deployment(cfg: ServeConfig):
             "target_ongoing_requests": max(2, 2 * cfg.max_batch_size // cfg.chunk),
         }
     return SegmentModel.options(**options).bind(storage.normalise(cfg.model), cfg.max_batch_size, cfg.batch_wait_s,
-                                                cfg.cpus_per_replica)
+                                                cfg.cpus_per_replica, cfg.volumes_per_replica)
 
 
 # --- the HTTP API ------------------------------------------------------------------------------
