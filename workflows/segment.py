@@ -60,7 +60,8 @@ def run(args) -> dict:
     cfg = make_config(ServeConfig, model=storage.normalise(args.model), replicas=args.replicas or 1,
                       num_gpus_per_replica=args.num_gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                       max_batch_size=args.max_batch_size, chunk=min(ServeConfig.chunk, args.max_batch_size),
-                      job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume)
+                      job_concurrency=args.concurrency, cpus_per_volume=args.cpus_per_volume,
+                      volumes_per_replica=args.volumes_per_replica)
     return segment_client.run_locally(cfg, {**request, "input": args.input, "output": args.output}, args.concurrency,
                                       lambda: start_ray(args.address), quiet=not args.verbose)
 

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             job_concurrency=args.job_concurrency, cpus_per_volume=args.cpus_per_volume, token_sha256=serving.token_sha256(os.environ.get(access.TOKEN_ENV)),
             volume_cpus=args.volume_cpus,
             jobs_state=storage.normalise(args.jobs_state) if args.jobs_state else None, max_uploads=args.max_uploads,
-            max_jobs=args.max_jobs, body_grace_s=args.body_grace_s, min_body_kbps=args.min_body_kbps,
+            max_jobs=args.max_jobs, volumes_per_replica=args.volumes_per_replica, body_grace_s=args.body_grace_s, min_body_kbps=args.min_body_kbps,
         )
         if not cfg.token_sha256 and http_guard.exposed(cfg.host) and not args.insecure:
             raise UserError(f"--host {cfg.host} lets other machines in and no {TOKEN_ENV} is set: set it, or pass "
