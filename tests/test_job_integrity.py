@@ -335,5 +335,6 @@ def test_a_key_with_dot_dot_parts_never_leaves_its_jobs_output(server, bucket, n
     outputs = [f"{name}{suffix}" for name in ("volume-0", "volume-1") for suffix in (".json", "_preview.png", "_seg.nii.gz")]
     assert files_under(allowed) == sorted(
         [f"out-a/{f}" for f in outputs] + [f"out-a/_jobs/{first['job_id']}.json", f"out-b/_jobs/{job['job_id']}.json"]
+        + [f"{out}/_jobs/{j['job_id']}/volumes-00000.jsonl" for out, j in (("out-a", first), ("out-b", job))]
         + [f"out-b/volume-2{s}" for s in (".json", "_preview.png", "_seg.nii.gz")]
         + [f"state/{first['job_id']}.json", f"state/{job['job_id']}.json"])
