@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from lits.core import postprocess as post
 # or a file is handled: the Predictor alone needs torch, numpy and opencv (benchmarks/gpu_all.py)
 from lits.core.errors import UserError
 from lits.core.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
+
+if TYPE_CHECKING:  # imported where used: the Predictor imports without nibabel or fsspec
+    from lits.core import volumes
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +387,6 @@ def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Subm
         BadInputError: unreadable or invalid volume (nothing is written).
     """
     from lits.core import naming, reports, storage, volumes
-    from lits.model import streaming
 
     t0 = time.perf_counter()
     source = source or storage.identity(uri)
