@@ -93,6 +93,7 @@ class SegmentModel:
         self.max_batch_size = max_batch_size
         self.volumes_per_replica = volumes_per_replica
         self.batch_started = self.batch_ended = time.monotonic()  # a new replica counts as progress
+        self.busy_s = 0.0  # seconds spent in forward passes since the replica started (ModelWindow reads it)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_s)
         log.info("model %s (%s) loaded on %s", spec.model_id, spec.uri, self.predictor.device)
@@ -103,10 +104,12 @@ class SegmentModel:
                 "pid": os.getpid()}
 
     def progress(self) -> Dict:
-        """Seconds since this replica's latest batch started and since its latest batch ended (how
-        `model_client.model_progress` tells a busy model from a stuck one)."""
+        """Seconds since this replica's latest batch started and ended (how `model_progress` tells a
+        busy model from a stuck one), and its forward-pass seconds so far (`ModelWindow`'s busy fraction)."""
         now = time.monotonic()
-        return {"since_start_s": now - self.batch_started, "since_end_s": now - self.batch_ended}
+        running = now - self.batch_started if self.batch_started > self.batch_ended else 0.0
+        return {"since_start_s": now - self.batch_started, "since_end_s": now - self.batch_ended,
+                "busy_s": self.busy_s + running, "now": now, "pid": os.getpid()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_slices)
     async def predict(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]]) -> List[Tuple]:
@@ -118,6 +121,7 @@ class SegmentModel:
             return await asyncio.to_thread(self.predictor.labels, chunks, [tuple(s) for s in shapes])
         finally:
             self.batch_ended = time.monotonic()
+            self.busy_s += self.batch_ended - self.batch_started
 
 
 def model_deployment(cfg: ServeConfig):
