@@ -15,10 +15,13 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 VOLUME_PREFIX = "volume-"
 REFERENCE_PREFIX = "segmentation-"
 MASK_SUFFIX = "_seg.nii.gz"
+# A mask written as a DICOM Segmentation (lits.core.dicom_seg), for a DICOM series input.
+SEG_SUFFIX = "_seg.dcm"
+DICOM_SUFFIX = ".dcm"
 PREVIEW_SUFFIX = "_preview.png"
 REPORT_SUFFIX = ".json"
 # Files the product writes itself: a job pointed at a folder holding earlier outputs skips them.
-PRODUCT_SUFFIXES = (MASK_SUFFIX, "_seg.nii")
+PRODUCT_SUFFIXES = (MASK_SUFFIX, "_seg.nii", SEG_SUFFIX)
 OUTPUTS_TEXT = f"<name>{MASK_SUFFIX}, <name>{PREVIEW_SUFFIX}, <name>{REPORT_SUFFIX}"
 
 
@@ -64,7 +67,7 @@ def is_volume(name: str) -> bool:
 
 
 def is_mask(name: str) -> bool:
-    """Whether a file name is a mask the product wrote ('<stem>_seg.nii.gz', or '_seg.nii')."""
+    """Whether a file name is a mask the product wrote ('<stem>_seg.nii.gz', '_seg.nii' or '_seg.dcm')."""
     return name.endswith(PRODUCT_SUFFIXES)
 
 
@@ -73,7 +76,7 @@ def mask_name(stem: str) -> str:
 
 
 def mask_stem(mask: str) -> str:
-    """'OUT/volume-3_seg.nii.gz' (or '_seg.nii') -> 'OUT/volume-3'; other names as they are."""
+    """'OUT/volume-3_seg.nii.gz' (or '_seg.nii', '_seg.dcm') -> 'OUT/volume-3'; other names as they are."""
     for suffix in PRODUCT_SUFFIXES:
         if mask.endswith(suffix):
             return mask[: -len(suffix)]
