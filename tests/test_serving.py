@@ -914,6 +914,45 @@ def test_an_elastic_job_takes_free_cpus_but_never_the_replicas(server):
 
 
 @pytest.mark.slow
+def test_the_model_window_grows_only_while_it_is_full_and_the_model_idles(server, monkeypatch):
+    """The app's model is idle here: a full window grows at every reading (x1.5), a window the job
+    does not fill stays as it is, and the replica's busy seconds count its forward passes."""
+    from lits.serve import job_capacity, serving
+    from lits.serve.model_client import model_handle
+
+    monkeypatch.setattr(job_capacity, "REFRESH_S", 0.0)
+    handle = model_handle(serving.APP_NAME)
+    before = handle.progress.remote().result(timeout_s=30)
+    window = job_capacity.ModelWindow(serving.APP_NAME, 2)
+    replicas = job_capacity.running_replicas(serving.APP_NAME)
+    assert replicas >= 1 and window.size(0) == 2 * replicas  # the first reading has no predecessor
+    time.sleep(1.2)
+    assert window.size(0) == 2 * replicas  # idle, but the job does not fill the window
+    time.sleep(1.2)
+    assert window.size(10 ** 6) == 3 * replicas  # full and idle: 2 -> 3
+    time.sleep(1.2)
+    assert window.size(10 ** 6) == 4 * replicas and window.per_replica == 4  # 3 -> 4 (at least one more)
+    after = handle.progress.remote().result(timeout_s=30)
+    if after["pid"] == before["pid"]:
+        assert 0.0 <= after["busy_s"] - before["busy_s"] < after["now"] - before["now"]
+
+
+def test_the_window_per_replica_follows_the_busy_fraction():
+    """Grow by half (at least one) while full and idle, up to MAX_PER_REPLICA; shrink by one while
+    the model is saturated, never below the configured base; hold when unknown or in between."""
+    from lits.serve.job_capacity import MAX_PER_REPLICA, next_per_replica
+
+    assert next_per_replica(3, 3, 0.2, full=True) == 4
+    assert next_per_replica(8, 3, 0.5, full=True) == 12
+    assert next_per_replica(MAX_PER_REPLICA, 3, 0.0, full=True) == MAX_PER_REPLICA
+    assert next_per_replica(8, 3, 0.2, full=False) == 8  # the job does not use what it has
+    assert next_per_replica(8, 3, 0.9, full=True) == 8  # between the thresholds
+    assert next_per_replica(8, 3, 0.99, full=True) == 7
+    assert next_per_replica(3, 3, 1.0, full=True) == 3  # never below the base
+    assert next_per_replica(8, 3, None, full=True) == 8
+
+
+@pytest.mark.slow
 def test_every_wait_on_the_model_has_a_deadline_and_a_resend(server, monkeypatch):
     """Issue 11: a wait on the model had no deadline (a job hung for as long as one waited). A real
     deployment that never answers in time: each try is cut after its deadline and sent again, and

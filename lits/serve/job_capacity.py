@@ -15,8 +15,15 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
 
 - **The model's window.** Volumes in flight never exceed what the model replicas can absorb:
   their running count (asked of Serve every `REFRESH_S`, so the window follows autoscaling) times
-  `volumes_per_replica` each (`ModelWindow`). CPU work runs ahead of the model only that far, and
-  the autoscaler is asked only for the CPUs of the volumes inside the window.
+  a number of volumes per replica (`ModelWindow`). That number starts at `volumes_per_replica`
+  and follows the replicas' busy fraction (their forward-pass seconds per second, read from
+  `SegmentModel.progress`): while the window is full and the model is busy less than
+  `IDLE_BELOW` of the time, the CPU side is what bounds the job, so the window grows (x1.5, at
+  most `MAX_PER_REPLICA`); once the model is busy more than `BUSY_ABOVE` of the time (or too busy
+  to answer within `READING_WAIT_S`), extra volumes would only queue at it, so it shrinks by one a
+  refresh, never below `volumes_per_replica`. CPU work runs
+  ahead of the model only that far, and the autoscaler is asked only for the CPUs of the volumes
+  inside the window.
 
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
 job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
@@ -39,6 +46,10 @@ from lits.serve.model_client import MODEL_DEPLOYMENT
 log = logging.getLogger(__name__)
 
 VOLUMES_PER_REPLICA = 3  # the default window per running model replica (ServeConfig.volumes_per_replica)
+MAX_PER_REPLICA = 64  # the most a window grows to per replica while the model idles
+IDLE_BELOW = 0.8  # busy fraction under which a full window grows
+BUSY_ABOVE = 0.95  # busy fraction over which a grown window shrinks
+READING_WAIT_S = 2.0  # a replica that does not report its progress this quickly counts as saturated
 MAX_CONCURRENCY = 1024  # volumes in flight per job: at least 20 cpu-spot nodes x 16 CPUs (cluster.yaml)
 REFRESH_S = 5.0  # how often a job looks for CPUs that joined
 READY_WAIT_S = 10.0  # how long a new group may take to be placed before it is given up (and tried later)
@@ -76,24 +87,69 @@ def running_replicas(app_name: str, deployment: str = MODEL_DEPLOYMENT) -> Optio
     return int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
 
 
+def next_per_replica(current: int, base: int, busy: Optional[float], full: bool) -> int:
+    """The window per replica after one refresh: grow by half while the window is `full` and the
+    replicas' `busy` fraction is under IDLE_BELOW; shrink by one over BUSY_ABOVE (never below
+    `base`); unchanged otherwise, and when the busy fraction is unknown (None)."""
+    if busy is None:
+        return current
+    if busy < IDLE_BELOW and full:
+        return min(MAX_PER_REPLICA, max(current + 1, int(current * 1.5)))
+    if busy > BUSY_ABOVE:
+        return max(base, current - 1)
+    return current
+
+
 class ModelWindow:
-    """How many volumes the model replicas can absorb now: running replicas x `per_replica` (at
-    least one replica's worth, so that a job waits for a replacement instead of stopping).
-    Asked of Serve at most every `REFRESH_S`."""
+    """How many volumes the model replicas can absorb now: running replicas x volumes per replica
+    (at least one replica's worth, so that a job waits for a replacement instead of stopping);
+    the volumes per replica adapt to the replicas' busy fraction (`next_per_replica`). Asked of
+    Serve at most every `REFRESH_S`."""
 
     def __init__(self, app_name: str, per_replica: int = VOLUMES_PER_REPLICA):
         self.app_name = app_name
-        self.per_replica = max(1, int(per_replica))
+        self.base = self.per_replica = max(1, int(per_replica))
         self.replicas = 1
         self.asked = 0.0
+        self.seen: Dict[int, tuple] = {}  # replica pid -> (its clock, its busy seconds) at the last reading
+        self.handle = None
 
-    def size(self) -> int:
+    def size(self, in_flight: int = 0) -> int:
+        """Volumes that may be in flight; `in_flight`: how many are (a full window may grow)."""
         if time.time() - self.asked >= REFRESH_S:
             self.asked = time.time()
             running = running_replicas(self.app_name)
             if running is not None:
                 self.replicas = max(1, running)
+            full = in_flight >= self.replicas * self.per_replica
+            self.per_replica = next_per_replica(self.per_replica, self.base, self.busy_fraction(), full)
         return self.replicas * self.per_replica
+
+    def busy_fraction(self) -> Optional[float]:
+        """Forward-pass seconds per second of the replicas since the last reading (one `progress`
+        call per running replica; Serve routes each to a replica of its choice, so a replica may be
+        read twice and another not at all); None while no reading has a predecessor. 1.0 when a
+        replica does not answer within READING_WAIT_S: requests queue at it, or it is being
+        replaced; either way the window goes the safe way, down."""
+        from lits.serve.model_client import model_handle
+
+        fractions = []
+        try:
+            self.handle = self.handle or model_handle(self.app_name)
+            answers = [self.handle.progress.remote() for _ in range(self.replicas)]
+            states = [a.result(timeout_s=READING_WAIT_S) for a in answers]
+        except Exception as exc:
+            log.debug("model busy fraction unknown: %s: %s", type(exc).__name__, exc)
+            return 1.0
+        for state in states:
+            if "busy_s" not in state:
+                continue
+            last = self.seen.get(state["pid"])
+            if last is not None and state["now"] - last[0] >= 1.0:
+                fractions.append((state["busy_s"] - last[1]) / (state["now"] - last[0]))
+            if last is None or state["now"] - last[0] >= 1.0:
+                self.seen[state["pid"]] = (state["now"], state["busy_s"])
+        return sum(fractions) / len(fractions) if fractions else None
 
 
 class JobCapacity:
@@ -104,11 +160,11 @@ class JobCapacity:
         cpus_per_volume: CPUs one volume task reserves.
         reserve_cpus: CPUs the app's replicas may hold; None: the pool is fixed (never grows).
         concurrency: the caller's cap on volumes in flight (None: what the groups hold).
-        window: volumes the model can absorb now (`ModelWindow.size`); None: no such bound.
+        window: volumes the model can absorb now, given those in flight (`ModelWindow.size`); None: no such bound.
     """
 
     def __init__(self, app_name: str, job_id: str, cpus_per_volume: float, reserve_cpus: Optional[float] = None,
-                 concurrency: Optional[int] = None, window: Optional[Callable[[], int]] = None):
+                 concurrency: Optional[int] = None, window: Optional[Callable[[int], int]] = None):
         self.app_name, self.job_id = app_name, job_id
         self.cpus_per_volume = cpus_per_volume
         self.bundle = max(1.0, float(cpus_per_volume))
@@ -129,7 +185,7 @@ class JobCapacity:
     @property
     def cap(self) -> int:
         """The most volumes in flight now: the caller's cap, within the model's window."""
-        return min(self.max, self.window()) if self.window is not None else self.max
+        return min(self.max, self.window(sum(self.running))) if self.window is not None else self.max
 
     @property
     def elastic(self) -> bool:
