@@ -97,7 +97,8 @@ def add_model_args(p, d) -> None:
     p.add_argument("--max-batch-size", type=int, default=None, help=f"slices per forward pass (default: {GPU_MAX_BATCH} "
                    f"on a GPU replica, {d.max_batch_size} on a CPU one)")
     p.add_argument("--volumes-per-replica", type=int, default=d.volumes_per_replica, help="volumes a job keeps in "
-                   "flight per running model replica: CPU work runs ahead of the model only this far (default: %(default)s)")
+                   "flight per running model replica at least; more while the model idles (docs/serve.md) "
+                   "(default: %(default)s)")
 
 
 def apply_model_args(args, d) -> None:
