@@ -193,3 +193,51 @@ def test_one_pair_in_two_orientations_has_medpys_metrics_in_both(tmp_path):
     assert len(numbers) > 30
     for k in numbers:
         assert spl[k] == pytest.approx(lps[k], rel=1e-9), k
+
+
+# --- predictions and references as DICOM-SEG (issue 22) ------------------------------------------------
+
+def test_dicom_seg_predictions_and_references_score_as_their_nifti(tmp_path):
+    """A prediction written as DICOM-SEG (empty end slices omitted: a shorter grid) against a NIfTI
+    reference stored with its rows reversed (another voxel order, same world grid), and a NIfTI
+    prediction against a SEG reference, score exactly as the NIfTI pair on the series' grid; a SEG
+    of a series 0.3 mm off (0.7 mm columns) is a geometry mismatch."""
+    from lits.core import dicom_seg
+    from test_dicom_seg import read_headers, write_series
+
+    datasets, geometry = read_headers(write_series(str(tmp_path / "series"), shape=(30, 36, 12),
+                                                   orientation=(-1, 0, 0, 0, 1, 0), reverse_files=True))
+    pred, ref = predicted_and_reference(np.random.default_rng(22), geometry.shape)
+    pred[:, :, :2] = pred[:, :, -1:] = 0
+    affine = geometry.affine_array
+    rows_reversed = affine @ np.array([[1, 0, 0, 0], [0, -1, 0, geometry.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
+    volumes.write_nifti(str(tmp_path / "pred.nii.gz"), pred, affine)
+    volumes.write_nifti(str(tmp_path / "ref.nii.gz"), ref, affine)
+    storage.write_bytes(str(pred_dir / "volume-7_seg.dcm"), dicom_seg.seg_bytes(pred, datasets, model_id="m"))
+    volumes.write_nifti(str(ref_dir / "segmentation-7.nii.gz"), ref[:, ::-1, :], rows_reversed)
+    volumes.write_nifti(str(pred_dir / "volume-8_seg.nii.gz"), pred, affine)
+    storage.write_bytes(str(ref_dir / "segmentation-8.dcm"), dicom_seg.seg_bytes(ref, datasets, model_id="reader"))
+    shifted = [ds.copy() for ds in datasets]
+    for ds in shifted:
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 0.3] + list(ds.ImagePositionPatient[1:])
+    storage.write_bytes(str(pred_dir / "volume-9_seg.dcm"), dicom_seg.seg_bytes(pred, shifted, model_id="m"))
+    volumes.write_nifti(str(ref_dir / "segmentation-9.nii.gz"), ref, affine)
+
+    nifti = evaluation.evaluate_pair("0", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"))
+    assert 0.5 < nifti["liver_dice"] < 1 and 0 < nifti["tumour_dice"] < 1 and nifti["liver_pred_voxels"] > 1000
+    found = evaluation.pair_files(str(pred_dir), str(ref_dir))
+    assert [(k, os.path.basename(p), os.path.basename(r)) for k, p, r, _ in found["pairs"]] == [
+        ("7", "volume-7_seg.dcm", "segmentation-7.nii.gz"), ("8", "volume-8_seg.nii.gz", "segmentation-8.dcm"),
+        ("9", "volume-9_seg.dcm", "segmentation-9.nii.gz")]
+    out = tmp_path / "eval"
+    summary = evaluation.evaluate(EvaluateConfig(pred=str(pred_dir), ref=str(ref_dir), output=str(out), local=True))
+    assert summary["cases_evaluated"] == 2 and [f["case"] for f in summary["failed"]] == ["9"]
+    assert "geometry mismatch: its voxels lie up to 0.3 mm off" in summary["failed"][0]["reason"]
+    rows = {r["case"]: r for r in csv.DictReader(io.StringIO((out / "metrics.csv").read_text()))}
+    numbers = [k for k, v in nifti.items() if isinstance(v, (int, float)) and k != "seconds"]
+    assert len(numbers) > 30
+    for case, rel in (("7", 1e-9), ("8", 1e-6)):  # 8: the SEG reference's spacing, not the NIfTI's float32
+        for k in numbers:
+            assert float(rows[case][k]) == pytest.approx(nifti[k], rel=rel, abs=1e-12), (case, k)
+    assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,9 @@ Pairs files by case, computes `metrics.volume_metrics` per pair (one Ray task ea
 this process), aggregates the challenge's way (Dice per case and Dice global) and the original
 notebook's way (slice-level Dice and IoU), and writes metrics.csv, summary.json, report.md,
 overlays.png (best, median and worst cases) and dice_boxplot.png. summary.json is written last.
+Either side may be a DICOM Segmentation ('.dcm', lits.core.dicom_seg): then the pair is scored in
+world coordinates, on the reference's voxel lattice (the box holding both: a SEG holds only the
+slices its frames cover).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from lits.core import ct, metrics, naming, reports, storage, volumes
+from lits.core import ct, dicom_seg, metrics, naming, reports, storage, volumes
 from lits.runtime import fanout
 from lits.core.config import EvaluateConfig
 from lits.core.errors import BadInputError, UserError
@@ -33,12 +36,18 @@ AFFINE_TOLERANCE_MM = 1e-2
 
 
 def case_key(uri: str) -> Optional[str]:
-    """The case a file belongs to: 'volume-3_seg.nii.gz', 'segmentation-3.nii' -> '3'; other
-    '<stem>_seg.nii.gz' / '<stem>.nii[.gz]' -> '<stem>'; None for files that are not NIfTI."""
+    """The case a file belongs to: 'volume-3_seg.nii.gz', 'volume-3_seg.dcm', 'segmentation-3.nii'
+    -> '3'; other '<stem>_seg.nii.gz' / '<stem>_seg.dcm' / '<stem>.nii[.gz]' / '<stem>.dcm' ->
+    '<stem>'; None for files that are neither NIfTI nor '.dcm'."""
     name = os.path.basename(uri)
-    if not name.endswith(naming.NIFTI_SUFFIXES):
+    if naming.is_mask(name):
+        stem = naming.mask_stem(name)
+    elif name.endswith(naming.NIFTI_SUFFIXES):
+        stem = naming.strip_nifti(name)
+    elif name.endswith(naming.DICOM_SUFFIX):
+        stem = name[: -len(naming.DICOM_SUFFIX)]
+    else:
         return None
-    stem = naming.mask_stem(name) if naming.is_mask(name) else naming.strip_nifti(name)
     match = re.fullmatch(r"(?:volume|segmentation)-(\d+)", stem)
     return str(int(match.group(1))) if match else stem
 
@@ -55,8 +64,10 @@ def _index(files: List[str], wanted: Callable[[str], bool]) -> Dict[str, str]:
 def pair_files(pred: str, ref: str, images: Optional[str] = None) -> Dict:
     """{'pairs': [(key, pred_uri, ref_uri, image_uri or None)], 'unmatched_pred': [...], 'unmatched_ref': [...]}.
 
-    Predictions: '<name>_seg.nii[.gz]' (bulk-job output) or 'segmentation-N.nii[.gz]'.
-    References: 'segmentation-N.nii[.gz]' (or '<name>.nii[.gz]' matching a '<name>_seg' prediction).
+    Predictions: '<name>_seg.nii[.gz]' or '<name>_seg.dcm' (bulk-job output), or 'segmentation-N.nii[.gz]'
+    or 'segmentation-N.dcm'.
+    References: 'segmentation-N.nii[.gz]' or 'segmentation-N.dcm' (or '<name>.nii[.gz]' / '<name>.dcm'
+    matching a '<name>_seg' prediction); a '.dcm' is read as a DICOM Segmentation.
     Images (optional): 'volume-N.nii[.gz]'.
     """
     def is_pred(name: str) -> bool:
@@ -93,21 +104,44 @@ def _check_geometry(pred: volumes.Geometry, ref: volumes.Geometry, pred_uri: str
                             f"{diff:.3g} mm ({pred.axcodes} vs {ref.axcodes}); resample it onto the reference's grid")
 
 
+def _is_seg(uri: str) -> bool:
+    return uri.endswith(naming.DICOM_SUFFIX)
+
+
+def _read(uri: str) -> Tuple[np.ndarray, volumes.Geometry]:
+    return dicom_seg.read_seg(uri) if _is_seg(uri) else volumes.read_nifti(uri)
+
+
+def read_pair(pred_uri: str, ref_uri: str) -> Tuple[np.ndarray, np.ndarray, volumes.Geometry]:
+    """(prediction, reference, geometry): uint8 labels on one grid, file order (i, j, k).
+
+    Two NIfTI files must share the reference's grid (shape and affine). When either is a DICOM SEG,
+    both go onto the reference's lattice in world coordinates (the box holding both, LPS axes).
+    Raises BadInputError: an unreadable file, bad labels, or a geometry mismatch.
+    """
+    pred_raw, pred_geometry = _read(pred_uri)
+    ref_raw, ref_geometry = _read(ref_uri)
+    if not (_is_seg(pred_uri) or _is_seg(ref_uri)):
+        _check_geometry(pred_geometry, ref_geometry, pred_uri, ref_uri)
+        return volumes.as_labels(pred_raw, pred_uri), volumes.as_labels(ref_raw, ref_uri), ref_geometry
+    pred, ref = volumes.as_labels(pred_raw, pred_uri), volumes.as_labels(ref_raw, ref_uri)
+    try:
+        return dicom_seg.common_grid(pred, pred_geometry, ref, ref_geometry, AFFINE_TOLERANCE_MM)
+    except ValueError as exc:
+        raise BadInputError(f"{pred_uri}: geometry mismatch: {exc} ({ref_uri}); predictions must be written on "
+                            "the reference's series or grid") from exc
+
+
 def evaluate_pair(key: str, pred_uri: str, ref_uri: str) -> Dict:
     """One row of metrics.csv (flattened) for a pair; {'case', 'error'} for an unusable pair."""
     t0 = time.perf_counter()
     row: Dict = {"case": key, "prediction": pred_uri, "reference": ref_uri}
     try:
-        pred_raw, pred_geometry = volumes.read_nifti(pred_uri)
-        ref_raw, ref_geometry = volumes.read_nifti(ref_uri)
-        _check_geometry(pred_geometry, ref_geometry, pred_uri, ref_uri)
-        pred = volumes.as_labels(pred_raw, pred_uri)
-        ref = volumes.as_labels(ref_raw, ref_uri)
-        axial = ref_geometry.axial_axis
-        m = metrics.volume_metrics(pred, ref, ref_geometry.spacing, axial_axis=axial)
+        pred, ref, geometry = read_pair(pred_uri, ref_uri)
+        m = metrics.volume_metrics(pred, ref, geometry.spacing, axial_axis=geometry.axial_axis)
     except BadInputError as exc:
         return {**row, "error": str(exc)}
-    voxel_ml = float(np.prod(ref_geometry.spacing)) / 1000.0
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     for name in metrics.CLASSES:
         for field in CLASS_FIELDS + ("intersection", "pred_voxels", "ref_voxels", "slices_with_class"):
             row[f"{name}_{field}"] = m[name][field]
@@ -201,15 +235,13 @@ def pick_cases(rows: List[Dict], field: str = "liver_dice") -> List[Tuple[str, D
 def case_picture(row: Dict, image_uri: Optional[str]) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(caption, grey (H, W) uint8, reference (H, W), prediction (H, W)) of the axial slice with the
     most reference liver, canonical orientation, the CT's liver window when `image_uri` is given."""
-    ref_raw, geometry = volumes.read_nifti(row["reference"])
-    pred_raw, _ = volumes.read_nifti(row["prediction"])
-    ref = geometry.to_canonical(volumes.as_labels(ref_raw, row["reference"]))
-    pred = geometry.to_canonical(volumes.as_labels(pred_raw, row["prediction"]))
+    pred_file, ref_file, geometry = read_pair(row["prediction"], row["reference"])
+    ref, pred = geometry.to_canonical(ref_file), geometry.to_canonical(pred_file)
     area = np.count_nonzero(ref, axis=(1, 2)) + np.count_nonzero(pred, axis=(1, 2))
     z = int(np.argmax(area))
     if image_uri:
         hu, image_geometry = volumes.read_nifti(image_uri)
-        grey = image_geometry.to_canonical(hu)[z] if hu.shape == ref_raw.shape else None
+        grey = image_geometry.to_canonical(hu)[z] if image_geometry.canonical_shape == geometry.canonical_shape else None
     else:
         grey = None
     grey = np.full(ref.shape[1:], 40, np.uint8) if grey is None else ct.window(grey, *WINDOW_LIVER)
@@ -305,8 +337,9 @@ def evaluate(cfg: EvaluateConfig, progress: Optional[Callable[[int, int, Dict], 
     runner = run_local if cfg.local else run_ray
     found = pair_files(pred, ref, images)
     if not found["pairs"]:
-        raise UserError(f"no prediction under {pred} matches a reference under {ref} (predictions: '<name>_seg.nii.gz' "
-                        f"or 'segmentation-N.nii[.gz]'; references: 'segmentation-N.nii[.gz]'); "
+        raise UserError(f"no prediction under {pred} matches a reference under {ref} (predictions: '<name>_seg.nii.gz', "
+                        f"'<name>_seg.dcm' or 'segmentation-N.nii[.gz]'; references: 'segmentation-N.nii[.gz]' or "
+                        f"'segmentation-N.dcm'); "
                         f"{len(found['unmatched_pred'])} prediction(s), {len(found['unmatched_ref'])} reference(s) found")
     return evaluate_pairs(found, output, {"pred": pred, "ref": ref, "images": images}, runner, progress)
 
