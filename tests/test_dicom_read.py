@@ -271,7 +271,7 @@ def test_s3_series_equals_local(tmp_path, s3_server):
     from conftest import make_bucket, upload_tree
 
     folder = str(tmp_path / "ct")
-    write_series(folder, file_names=[f"x{k}" for k in range(8)][::-1])
+    write_series(folder, shape=(24, 32, 4), file_names=[f"x{k}" for k in range(4)][::-1])
     make_bucket(s3_server, "dicom")
     upload_tree(s3_server, folder, "s3://dicom/in/ct")
     (remote,), skipped = dicom.discover_series("s3://dicom/in")
@@ -281,3 +281,28 @@ def test_s3_series_equals_local(tmp_path, s3_server):
     np.testing.assert_array_equal(hu, want_hu)
     assert geometry == want_geometry and skipped == [] and remote.name == "ct"
     assert remote.files[0].startswith("s3://dicom/in/ct/") and "etag" not in dicom.series_identity(remote)
+
+
+def test_geometry_checks_on_headers(tmp_path):
+    """series_geometry and group_series are pure: headers edited by hand give each reason in one line."""
+    import dataclasses
+
+    headers, _ = dicom.read_headers(write_series(str(tmp_path / "a" / "scan")))
+    order, affine = dicom.series_geometry(headers[::-1], "s")
+    assert order == list(range(8))[::-1] and affine[2, 3] == 30.0
+    edits = {
+        "mixed pixel spacings 0.7x0.8, 0.7x0.9 mm": dict(pixel_spacing=(0.7, 0.9)),
+        "mixed image orientations": dict(orientation=(1, 0, 0, 0, 0.999, 0.0447)),
+        "a slice lacks ImagePositionPatient": dict(position=None),
+    }
+    for reason, change in edits.items():
+        bad = headers[:3] + [dataclasses.replace(headers[3], **change)] + headers[4:]
+        with pytest.raises(BadInputError, match=f"^s: {reason}"):
+            dicom.series_geometry(bad, "s")
+    skewed = [dataclasses.replace(h, orientation=(1, 0, 0, 0.1, 1, 0)) for h in headers]
+    with pytest.raises(BadInputError, match=r"^s: ImageOrientationPatient .* is not two orthogonal unit vectors$"):
+        dicom.series_geometry(skewed, "s")
+    # Same folder name in two places: names keep one more path part.
+    other, _ = dicom.read_headers(write_series(str(tmp_path / "b" / "scan"), seed=1))
+    series, skipped = dicom.group_series(headers + other)
+    assert sorted(s.name for s in series) == ["a/scan", "b/scan"] and skipped == []

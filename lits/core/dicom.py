@@ -84,13 +84,19 @@ def series_identity(series: Series, threads: int = 16) -> Dict:
             "files_hash": digest}
 
 
+def _stored_range(header: SliceHeader) -> Tuple[int, int]:
+    """The values BitsStored and PixelRepresentation allow."""
+    bits = min(max(header.bits_stored, 1), 32)
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if header.pixel_signed else (0, (1 << bits) - 1)
+
+
 def _hu_dtype(headers: Sequence[SliceHeader]) -> np.dtype:
     """int16 where every slice's rescale is exact in int16 (slope 1, integral intercept, the stored
     range shifted still inside int16: the usual CT), else float32."""
     for h in headers:
         if h.rescale_slope != 1.0 or h.rescale_intercept != int(h.rescale_intercept):
             return np.dtype(np.float32)
-        lo, hi = (-(1 << (h.bits_stored - 1)), (1 << (h.bits_stored - 1)) - 1) if h.pixel_signed else (0, (1 << h.bits_stored) - 1)
+        lo, hi = _stored_range(h)
         if lo + h.rescale_intercept < -32768 or hi + h.rescale_intercept > 32767:
             return np.dtype(np.float32)
     return np.dtype(np.int16)
@@ -119,13 +125,17 @@ def _decode_slice(data: bytes, header: SliceHeader, name: str, out: np.ndarray) 
         raise BadInputError(f"{name}: {header.uri} decodes to shape {stored.shape}, not {out.shape} (rows, columns); "
                             "a colour or multi-frame image is not a CT slice")
     if out.dtype == np.int16:
-        hu = stored.astype(np.int32) + int(header.rescale_intercept)
-        if hu.size and (hu.min() < -32768 or hu.max() > 32767):
-            raise BadInputError(f"{name}: {header.uri} holds values outside BitsStored {header.bits_stored}; "
+        lo, hi = _stored_range(header)
+        if stored.size and (stored.min() < lo or stored.max() > hi):
+            raise BadInputError(f"{name}: {header.uri} holds values outside its BitsStored ({header.bits_stored}); "
                                 "a corrupt slice")
-        out[...] = hu
+        # In int16 arithmetic (modulo 2**16): exact, as every true HU value lies in int16 (_hu_dtype).
+        np.copyto(out, stored, casting="unsafe")
+        out += np.int16(int(header.rescale_intercept))
     else:
-        out[...] = stored.astype(np.float32) * np.float32(header.rescale_slope) + np.float32(header.rescale_intercept)
+        np.copyto(out, stored, casting="unsafe")
+        out *= np.float32(header.rescale_slope)
+        out += np.float32(header.rescale_intercept)
     del ds.PixelData
     return ds
 

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 
 from lits.core import storage
-from lits.core.errors import BadInputError
+from lits.core.errors import BadInputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,18 @@ def read_header(uri: str) -> Union[SliceHeader, Skipped]:
 
 
 def read_headers(uris: Sequence[str], threads: int = 16) -> Tuple[List[SliceHeader], List[Skipped]]:
-    """`read_header` over many files on `threads` threads (reads are I/O bound); input order kept."""
+    """`read_header` over many files on `threads` threads (reads are I/O bound); input order kept. A file
+    that cannot be read (gone since it was listed, permission denied) is Skipped with the reason."""
     if not uris:
         return [], []
+    def one(uri: str) -> Union[SliceHeader, Skipped]:
+        try:
+            return read_header(uri)
+        except UserError as exc:  # gone or unreadable since it was listed: this file only
+            return Skipped(uri, str(exc))
+
     with ThreadPoolExecutor(max(1, min(threads, len(uris)))) as pool:
-        results = list(pool.map(read_header, uris))
+        results = list(pool.map(one, uris))
     return [r for r in results if isinstance(r, SliceHeader)], [r for r in results if isinstance(r, Skipped)]
 
 
