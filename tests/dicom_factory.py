@@ -47,6 +47,8 @@ def write_series(folder: str, shape=(24, 32, 8), spacing=(0.7, 0.8, 2.5), orient
         blank_uids: write empty Study/Series/SOP Instance/SOP Class UIDs in the dataset (the file
             meta keeps the SOP UIDs), as anonymisers do.
         file_names: one name per slice (default 'slice-k.dcm').
+        transfer_syntax: uncompressed (explicit or implicit VR), or a compressed one pydicom can encode
+            (RLE Lossless, JPEG-LS Lossless).
     """
     rows, cols, slices = shape
     hu = phantom_hu(shape, seed) if hu is None else np.asarray(hu)
@@ -69,7 +71,7 @@ def write_series(folder: str, shape=(24, 32, 8), spacing=(0.7, 0.8, 2.5), orient
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = transfer_syntax
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if transfer_syntax.is_compressed else transfer_syntax
         name = file_names[k] if file_names is not None else f"slice-{k}.dcm"
         path = os.path.join(folder, name)
         ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
@@ -96,6 +98,8 @@ def write_series(folder: str, shape=(24, 32, 8), spacing=(0.7, 0.8, 2.5), orient
         ds.RescaleIntercept = intercept
         ds.RescaleSlope = slope
         ds.PixelData = stored_all[:, :, k].astype(np.int16).tobytes()
+        if transfer_syntax.is_compressed:  # RLE and JPEG-LS encode here; JPEG 2000 may not (openjpeg)
+            ds.compress(transfer_syntax)
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths

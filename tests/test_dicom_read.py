@@ -112,7 +112,7 @@ def _rotation(axis, degrees):
     return (1, 0, 0, 0, c, s)  # about x: an oblique (not tilted) axial series
 
 
-@pytest.mark.parametrize("case", ["shuffled", "oblique-z", "oblique-x", "blank-uids", "rescaled"])
+@pytest.mark.parametrize("case", ["shuffled", "oblique-z", "oblique-x", "blank-uids", "rescaled", "jpeg-ls"])
 def test_synthetic_equals_simpleitk(tmp_path, case):
     n = 8
     kwargs = dict(shape=(24, 32, n), spacing=(0.7, 0.8, 2.5), position0=(5.5, -3.0, -100.0))
@@ -123,6 +123,8 @@ def test_synthetic_equals_simpleitk(tmp_path, case):
         kwargs.update(orientation=_rotation(case[-1], 20 if case.endswith("z") else 15))
     elif case == "blank-uids":
         kwargs.update(blank_uids=True)
+    elif case == "jpeg-ls":
+        kwargs.update(transfer_syntax=pydicom.uid.JPEGLSLossless)
     else:
         kwargs.update(intercept=-1000, slope=2.0, hu=(phantom_hu(kwargs["shape"]) // 2) * 2)
     folder = str(tmp_path / case)
@@ -132,6 +134,7 @@ def test_synthetic_equals_simpleitk(tmp_path, case):
     assert skipped == [] and hu.dtype == (np.float32 if case == "rescaled" else np.int16)
     assert_same_as_sitk(hu, geometry, folder)
     assert series.uids_derived == (case == "blank-uids")
+    assert series.headers[0].transfer_syntax == kwargs.get("transfer_syntax", pydicom.uid.ExplicitVRLittleEndian)
 
 
 @pytest.fixture(scope="module")
