@@ -15,7 +15,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from lits.core import dicom_seg, volumes
+from lits.core import dicom, dicom_seg, volumes
 from lits.core.errors import BadInputError
 
 TESTDATA = [os.path.join(os.path.dirname(__file__), "data"), os.path.join(os.path.dirname(__file__), "..", "..",
@@ -63,9 +63,18 @@ def write_series(folder, shape=(12, 10, 7), spacing=(0.8, 0.7, 2.5), orientation
     return paths
 
 
-def read_headers(paths):
-    """(datasets sorted along the normal, Geometry: (column, row, slice) -> RAS+ mm), blank UIDs
-    filled from the file meta (what lits.core.dicom.read_series promises)."""
+def read_series(paths):
+    """(datasets in k order, Geometry) as lits.core.dicom reads the series, its geometry checked
+    against `expected_geometry`."""
+    _, geometry, datasets = dicom.read_series_bytes({os.path.basename(p): open(p, "rb").read() for p in paths}, "series")
+    expected = expected_geometry(paths)[1]
+    assert geometry.shape == expected.shape and np.abs(geometry.affine_array - expected.affine_array).max() < 1e-9
+    return datasets, geometry
+
+
+def expected_geometry(paths):
+    """(datasets sorted along the normal, Geometry: (column, row, slice) -> RAS+ mm) computed here
+    from the headers, blank UIDs filled from the file meta."""
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     for ds in datasets:
         ds.SOPInstanceUID = ds.SOPInstanceUID or ds.file_meta.MediaStorageSOPInstanceUID
@@ -99,7 +108,7 @@ def series(request, tmp_path):
     kind = request.param
     paths = write_series(str(tmp_path / kind), orientation=ORIENTATIONS.get(kind, ORIENTATIONS["axial"]),
                          reverse_files=kind == "reversed")
-    datasets, geometry = read_headers(paths)
+    datasets, geometry = read_series(paths)
     return datasets, geometry, blobs(geometry.shape, seed=len(kind))
 
 
@@ -166,6 +175,19 @@ def test_uids_are_the_same_for_a_rerun_and_new_for_new_labels(series):
     assert other.SOPInstanceUID not in {str(ds.SOPInstanceUID) for ds in datasets}
     model2 = pydicom.dcmread(io.BytesIO(dicom_seg.seg_bytes(labels, datasets, model_id="m2")))
     assert model2.SeriesInstanceUID != first.SeriesInstanceUID
+
+
+def test_a_series_without_type2_patient_attributes_gets_a_seg_and_keeps_its_headers(series):
+    """Anonymisers delete what highdicom copies into the SEG's patient and study modules."""
+    datasets, geometry, labels = series
+    gone = ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "StudyTime")
+    for ds in datasets:
+        for keyword in gone:
+            delattr(ds, keyword)
+    seg = pydicom.dcmread(io.BytesIO(dicom_seg.seg_bytes(labels, datasets, model_id="m")))
+    assert all(keyword in seg and not seg[keyword].value for keyword in gone)
+    assert seg.PatientName == "Doe^J" and seg.PatientID == "P7"  # the source's patient module, as DICOM wants
+    assert not any(keyword in ds for ds in datasets for keyword in gone)
 
 
 def test_read_seg_round_trips_labels_and_geometry(series):
@@ -242,7 +264,8 @@ def test_real_series_liver_written_and_read_back():
     """TotalSegmentator's liver of the real series (LAS voxel order, rows against the files') onto the
     series' grid through world coordinates, as a SEG, and back."""
     folder, liver_uri = real_series()
-    datasets, geometry = read_headers([os.path.join(folder, f) for f in sorted(os.listdir(folder))])
+    (series,), _ = dicom.discover_series(folder)
+    _, geometry, datasets = dicom.read_series(series)
     liver, liver_geometry = volumes.read_nifti(liver_uri)
     assert liver_geometry.axcodes != geometry.axcodes  # a real reorientation
     assert np.abs(liver_geometry.to_canonical(np.zeros(liver.shape)).shape != np.array(geometry.canonical_shape)).sum() == 0

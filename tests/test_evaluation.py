@@ -203,9 +203,9 @@ def test_dicom_seg_predictions_and_references_score_as_their_nifti(tmp_path):
     prediction against a SEG reference, score exactly as the NIfTI pair on the series' grid; a SEG
     of a series 0.3 mm off (0.7 mm columns) is a geometry mismatch."""
     from lits.core import dicom_seg
-    from test_dicom_seg import read_headers, write_series
+    from test_dicom_seg import read_series, write_series
 
-    datasets, geometry = read_headers(write_series(str(tmp_path / "series"), shape=(30, 36, 12),
+    datasets, geometry = read_series(write_series(str(tmp_path / "series"), shape=(30, 36, 12),
                                                    orientation=(-1, 0, 0, 0, 1, 0), reverse_files=True))
     pred, ref = predicted_and_reference(np.random.default_rng(22), geometry.shape)
     pred[:, :, :2] = pred[:, :, -1:] = 0
