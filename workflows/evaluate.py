@@ -4,9 +4,9 @@
     python workflows/evaluate.py --pred s3://archive/seg/ --ref s3://archive/lits/ --images s3://archive/lits/
     python workflows/evaluate.py --pred demo-output/segmentations --ref demo-output/new-scans --images demo-output/new-scans
 
-Pairs '<name>_seg.nii.gz' (a bulk job's output) or 'segmentation-N.nii[.gz]' predictions with
-'segmentation-N.nii[.gz]' references; writes metrics.csv, summary.json, report.md, overlays.png and
-dice_boxplot.png under --output (default: PRED/_evaluation). Exit status 0, 1 when a pair could not be
+Pairs '<name>_seg.nii.gz' or '<name>_seg.dcm' (a bulk job's output) or 'segmentation-N.nii[.gz]'
+predictions with 'segmentation-N.nii[.gz]' references ('.dcm' on either side: a DICOM-SEG); writes
+metrics.csv, summary.json, report.md, overlays.png and dice_boxplot.png under --output (default: PRED/_evaluation). Exit status 0, 1 when a pair could not be
 evaluated, 2 for a bad flag or input.
 """
 
