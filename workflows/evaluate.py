@@ -6,8 +6,8 @@
 
 Pairs '<name>_seg.nii.gz' or '<name>_seg.dcm' (a bulk job's output) or 'segmentation-N.nii[.gz]'
 predictions with 'segmentation-N.nii[.gz]' references ('.dcm' on either side: a DICOM-SEG); writes
-metrics.csv, summary.json, report.md, overlays.png and dice_boxplot.png under --output (default: PRED/_evaluation). Exit status 0, 1 when a pair could not be
-evaluated, 2 for a bad flag or input.
+metrics.csv, summary.json, report.md, overlays.png and dice_boxplot.png under --output (default:
+PRED/_evaluation). Exit status 0, 1 when a pair could not be evaluated, 2 for a bad flag or input.
 """
 
 from __future__ import annotations
