@@ -309,3 +309,21 @@ def test_geometry_checks_on_headers(tmp_path):
     other, _ = dicom.read_headers(write_series(str(tmp_path / "b" / "scan"), seed=1))
     series, skipped = dicom.group_series(headers + other)
     assert sorted(s.name for s in series) == ["a/scan", "b/scan"] and skipped == []
+
+
+def test_files_without_preamble(tmp_path):
+    """Bare datasets (no 128-byte preamble, no 'DICM', no file meta) are read like Part 10 files."""
+    paths = write_series(str(tmp_path / "bare"), shape=(8, 8, 4))
+    (series,), _ = dicom.discover_series(str(tmp_path))
+    want, _, _ = dicom.read_series(series)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(path, ds, enforce_file_format=False, implicit_vr=False, little_endian=True)
+        with open(path, "rb") as f:
+            assert f.read(2) == b"\x08\x00"
+    (series,), skipped = dicom.discover_series(str(tmp_path))
+    hu, _, datasets = dicom.read_series(series)
+    np.testing.assert_array_equal(hu, want)
+    assert skipped == [] and datasets[0].SOPClassUID == pydicom.uid.CTImageStorage

@@ -115,6 +115,10 @@ def _decode_slice(data: bytes, header: SliceHeader, name: str, out: np.ndarray) 
             header.rescale_intercept):
         raise BadInputError(f"{name}: {header.uri} changed since the series was listed; list it again")
     syntax = header.transfer_syntax or "missing"
+    if header.transfer_syntax and "TransferSyntaxUID" not in (getattr(ds, "file_meta", None) or {}):
+        if getattr(ds, "file_meta", None) is None:  # a bare dataset: decoded as it was parsed
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = header.transfer_syntax
     try:
         stored = ds.pixel_array
     except Exception as exc:

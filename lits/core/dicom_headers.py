@@ -165,6 +165,21 @@ def _float(ds, keyword: str, default: float) -> float:
     return value if np.isfinite(value) else default
 
 
+def transfer_syntax_of(ds: pydicom.Dataset) -> str:
+    """The file meta's TransferSyntaxUID; for a bare dataset (no file meta) the uncompressed syntax
+    it was parsed as ('' when unknown)."""
+    meta = getattr(ds, "file_meta", None) or {}
+    syntax = _text(meta, "TransferSyntaxUID")
+    if syntax:
+        return syntax
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return ""
+    if implicit:
+        return pydicom.uid.ImplicitVRLittleEndian
+    return pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+
+
 def _looks_like_dicom(head: bytes) -> bool:
     """A Part 10 file ('DICM' at 128), or a bare dataset starting with a group 0002/0008 tag."""
     return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
@@ -186,7 +201,7 @@ def header_from_dataset(ds: pydicom.Dataset, uri: str, size: int) -> SliceHeader
         position=_floats(ds, "ImagePositionPatient", 3), orientation=_floats(ds, "ImageOrientationPatient", 6),
         pixel_spacing=spacing if spacing and min(spacing) > 0 else None,
         rows=_int(ds, "Rows", 0), columns=_int(ds, "Columns", 0), series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"), transfer_syntax=_text(meta, "TransferSyntaxUID"),
+        series_description=_text(ds, "SeriesDescription"), transfer_syntax=transfer_syntax_of(ds),
         frames=_int(ds, "NumberOfFrames", 1) or 1, rescale_slope=_float(ds, "RescaleSlope", 1.0),
         rescale_intercept=_float(ds, "RescaleIntercept", 0.0), bits_stored=_int(ds, "BitsStored", 16) or 16,
         pixel_signed=_int(ds, "PixelRepresentation", 0) == 1,
