@@ -2,7 +2,9 @@
 
 `Guard` wraps the FastAPI app of the ingress. For every request, in this order and before one byte
 of the body is read:
-  1. the token (401), on every path but the open ones (/healthz and the API docs);
+  1. the token (401), on every path but the open ones (/healthz and the API docs) and the results
+     pages (which show their own login); a read (GET, HEAD) may carry the pages' session cookie
+     instead (`lits.serve.page_auth`);
   2. a declared Content-Length over the path's limit (413): `--max-body-mb` for uploads, 1 MB for
      the JSON routes;
 then it reads the whole body itself, counting it (a chunked body without Content-Length is cut at
@@ -31,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from lits.core.errors import UserError
+from lits.serve import page_auth
 
 SMALL_BODY_BYTES = 1024 * 1024  # the JSON routes' bodies are a few hundred bytes
 UNAUTHORISED = "missing or wrong API token: send 'Authorization: Bearer <token>'"
@@ -74,6 +77,8 @@ class GuardSettings:
     Attributes:
         token_sha256: sha256 hex of the API token; None: every caller is let in.
         open_paths: paths answered without the token (/healthz, the docs).
+        page_prefixes: path prefixes of the HTML pages, let in without the token: each page shows a
+            login unless its request is signed in (`lits.serve.page_auth`).
         upload_path, upload_bytes: the upload route and its body limit; every other path has
             SMALL_BODY_BYTES.
         grace_s, min_rate: a body must have arrived at `grace_s + received / min_rate` seconds
@@ -83,6 +88,7 @@ class GuardSettings:
 
     token_sha256: Optional[str] = None
     open_paths: Tuple[str, ...] = ()
+    page_prefixes: Tuple[str, ...] = page_auth.PAGE_PREFIXES
     upload_path: str = "/v1/segment"
     upload_bytes: int = 1024 * 1024 * 1024
     grace_s: float = 10.0
@@ -116,8 +122,10 @@ def check_head(scope, settings: GuardSettings) -> None:
     """Refused for a request whose head alone condemns it: no token (401), a declared body over the
     limit or an unreadable Content-Length (413, 400)."""
     path = scope.get("path", "")
-    if path not in settings.open_paths and not token_matches(_header(scope, b"authorization") or b"",
-                                                             settings.token_sha256):
+    if not (path in settings.open_paths or path.startswith(settings.page_prefixes)
+            or token_matches(_header(scope, b"authorization") or b"", settings.token_sha256)
+            or page_auth.session_matches(_header(scope, b"cookie") or b"", settings.token_sha256,
+                                         scope.get("method", ""))):
         raise Refused(401, UNAUTHORISED, {"WWW-Authenticate": "Bearer"})
     declared = _header(scope, b"content-length")
     if declared is None:

@@ -42,7 +42,7 @@ from ray import serve
 
 import lits
 from lits.model import inference
-from lits.serve import http_guard, job_tasks, jobs, model_client
+from lits.serve import http_guard, job_tasks, jobs, model_client, results_page
 from lits.serve.job_queue import JobQueue
 from lits.serve.job_spec import JobSpec, default_jobs_state
 from lits.core import naming, storage
@@ -233,8 +233,8 @@ class Api:
         """Run a short blocking call (job status, a record) on the status threads."""
         return await asyncio.get_running_loop().run_in_executor(self._light, fn, *args)
 
-    def authorised(self, request: Request) -> bool:
-        return http_guard.token_matches(request.headers.get("authorization", "").encode("latin-1"), self.cfg.token_sha256)
+    def authorised(self, request: Request) -> bool:  # the token, or on a read the results pages' session cookie
+        return results_page.signed_in(request, self.cfg.token_sha256)
 
     def authorise(self, request: Request) -> None:
         if not self.authorised(request):
@@ -353,7 +353,7 @@ class Api:
         return await self.queue.cancel(job_id) or await self._job_or_404(jobs.cancel_job, job_id)
 
 
-api.include_router(v1)
+results_page.mount(api, v1)  # /v1, with the JSON routes the pages read (lits.serve.job_results), then the pages
 # The ingress is applied after include_router: Serve binds the routes it finds on `api` to Api.
 # Many requests at once: a light call must never wait at the proxy behind uploads (they queue inside).
 Api = serve.deployment(name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
