@@ -62,6 +62,18 @@ def start_server(model: str, port: int, allow: str, env, verbose: bool) -> subpr
     return proc
 
 
+def show_results_page(port: int, segmentations: str) -> None:
+    """Print the job's results page; at a terminal keep the server up for it until Enter (never in CI,
+    a test or a pipe: stdin is then no terminal)."""
+    from lits.core import storage
+
+    summaries = [json.loads(storage.read_bytes(f)) for f in storage.list_files(f"{segmentations}/_jobs") if f.endswith(".json")]
+    job_id = max(summaries, key=lambda job: job["times"]["submitted"])["job_id"]
+    print(f"results page: http://127.0.0.1:{port}/jobs/{job_id}  (sign in with the demo's token: {TOKEN})", flush=True)
+    if sys.stdin is not None and sys.stdin.isatty() and not os.environ.get("CI"):
+        input("the server stays up for the page; press Enter to stop it and evaluate ")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -126,6 +138,7 @@ def main(argv=None) -> int:
         seconds["segment"] += step("bulk segmentation job through the server", "segment", "--input", uri["new-scans"], "--output",
              uri["segmentations"], "--server", f"http://127.0.0.1:{port}", "--overwrite", *verbose,
              env=dict(env, LITS_API_TOKEN=TOKEN))
+        show_results_page(port, uri["segmentations"])
     finally:
         if serve_proc is not None and serve_proc.poll() is None:
             serve_proc.send_signal(signal.SIGTERM)
