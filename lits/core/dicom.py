@@ -44,7 +44,8 @@ MAX_ZIP_BYTES = 4 << 30
 _DECODERS = "pylibjpeg with pylibjpeg-openjpeg (JPEG 2000), pylibjpeg-libjpeg (JPEG), pyjpegls (JPEG-LS)"
 
 
-def _ignored(uri: str) -> bool:
+def ignored(uri: str) -> bool:
+    """Whether discovery passes a file over without opening it (outputs, NIfTI, pictures, text...)."""
     name = storage.basename(uri)
     return name.startswith(".") or name in IGNORED_NAMES or name.lower().endswith(IGNORED_SUFFIXES)
 
@@ -63,7 +64,7 @@ def discover_series(prefix: str, threads: int = 16, exclude: Sequence[str] = ())
         UserError: `prefix` does not exist or cannot be listed.
     """
     excluded = [storage.normalise(e).rstrip("/") for e in exclude]
-    uris = [u for u in storage.list_files(prefix) if not _ignored(u)
+    uris = [u for u in storage.list_files(prefix) if not ignored(u)
             and not any(u == e or u.startswith(e + "/") for e in excluded)]
     headers, skipped = read_headers(uris, threads)
     series, left_out = group_series(headers)

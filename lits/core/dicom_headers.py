@@ -85,10 +85,13 @@ class SliceHeader:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A file or a series left out, and why: `what` names it, `reason` is one line."""
+    """A file or a series left out, and why: `what` names it, `reason` is one line; `failed`: a CT
+    series that would be segmented but whose geometry cannot make a volume (a bulk job counts it
+    as a failed input), rather than a file that is not meant to be (a scout, an MR image)."""
 
     what: str
     reason: str
+    failed: bool = False
 
     def __str__(self) -> str:
         return f"{self.what}: {self.reason}"

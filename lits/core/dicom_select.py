@@ -178,7 +178,7 @@ def group_series(headers: Sequence[SliceHeader]) -> Tuple[List[Series], List[Ski
         try:
             order, _ = series_geometry(kept, name)
         except BadInputError as exc:
-            skipped.append(Skipped(name, str(exc).removeprefix(f"{name}: ")))
+            skipped.append(Skipped(name, str(exc).removeprefix(f"{name}: "), failed=True))
             continue
         series.append(_with_uids(key, name, [kept[i] for i in order]))
     return sorted(series, key=lambda s: (s.folder, s.name)), skipped
