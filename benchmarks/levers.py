@@ -12,6 +12,11 @@ every variant, so the rows compare.
         --variant "original: crop=128 tumour_fraction=0 schedule=plateau" --variant "recipe:"
 
 A variant is 'name: key=value ...' over TrainConfig fields (plus tta=1, min_tumour_ml=X for inference).
+
+A model that train.py exported (e.g. over 1 vs 2 Ray Train workers) is scored on the same unseen volumes,
+by the same code, with the inference settings of its config.json:
+
+    python benchmarks/levers.py --unseen bench-output/accuracy/unseen --model "2 workers, seed 0=RUN/model"
 """
 
 from __future__ import annotations
@@ -116,14 +121,45 @@ def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dic
     rows = np.array(rows, float)
     return rows[:, 0].mean(), rows[:, 1].mean(), int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum())
 
+def score_model(name: str, uri: str, unseen: str) -> str:
+    """The table row of the exported model at `uri` (train.py's OUT/model) on the `unseen` volumes."""
+    import json
+
+    spec, weights = inference.load_spec(uri)
+    training = json.load(open(os.path.join(uri, "config.json")))["training"]
+    cfg = TrainConfig(**training["config"])
+    metrics_csv = os.path.join(os.path.dirname(uri), "metrics.csv")
+    steps, minutes = "-", "-"
+    if os.path.exists(metrics_csv):
+        import csv
+
+        rows = list(csv.DictReader(open(metrics_csv)))
+        steps = sum(int(float(r["steps"])) for r in rows if r.get("steps"))
+        minutes = f"{sum(float(r['seconds']) for r in rows) / 60:.1f}"
+    buf = io.BytesIO(weights)
+    liver, tumour, found, present, predicted = score_unseen(
+        torch.load(buf, weights_only=True), cfg, {"image_size": spec.image_size, "context": spec.context}, unseen,
+        {"tta": int(spec.mirror), "min_tumour_ml": spec.min_tumour_ml})
+    return f"| {name} | {minutes} | {steps} | {liver:.3f} | {tumour:.3f} | {found}/{present} | {predicted} |"
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--prepared", required=True)
+    p.add_argument("--prepared", help="a prepare output to train the variants on")
     p.add_argument("--unseen", required=True)
-    p.add_argument("--variant", action="append", required=True)
+    p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="score train.py's exported model DIR")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.model:
+        torch.set_num_threads(args.threads)
+        print("| model | train min | steps | liver Dice/case | tumour Dice/case | lesions found | predicted |", flush=True)
+        print("|---|---|---|---|---|---|---|", flush=True)
+        for item in args.model:
+            name, _, uri = item.rpartition("=")
+            print(score_model(name, uri, args.unseen), flush=True)
+    if not args.variant:
+        return 0
     train = load_split(args.prepared, "train")
     val = load_split(args.prepared, "val")
     print(f"{len(train[0])} train slices, {len(val[0])} val slices; unseen: {args.unseen}", flush=True)

@@ -4,6 +4,7 @@ written only when they improve, validation counts on the device, the materialise
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -98,6 +99,43 @@ def test_materialise_or_stream_follows_the_flag_and_the_data_size_only():
     assert ingest.materialize(TrainConfig(data="-", output="-", ingest="materialize", materialize_gb=0.0), info)
     with pytest.raises(ValueError, match="ingest must be one of"):
         TrainConfig(data="-", output="-", ingest="sometimes")
+
+
+# --- --batch-size under DDP: the global batch, split over the workers -----------------------------
+
+def test_the_batch_is_global_so_any_number_of_workers_makes_one_process_steps_at_one_rate():
+    """--batch-size B over N workers: each worker takes B/N slices a step from its 1/N of the split, so an
+    epoch makes the steps of one process at B, and the rate at every step (poly over those steps) is the
+    one process's too."""
+    from lits.train.train_data import epoch_steps, worker_batch_size
+    from lits.train.train_steps import learning_rate
+
+    info = DataInfo(image_shape=(128, 128, 3), val_volumes=("v",), train_slices=400, val_slices=10,
+                    manifest_sha256="-", prepare_config={}, train_uris=("a",), val_uris=("b",))
+    one, two, four = (TrainConfig(data="-", output="-", batch_size=16, epochs=3, num_workers=n) for n in (1, 2, 4))
+    assert [worker_batch_size(c) for c in (one, two, four)] == [16, 8, 4]
+    # one process: 400 / 16 = 25 slice batches x (128 / 64)^2 patch batches
+    assert epoch_steps(one, info) == epoch_steps(two, info) == epoch_steps(four, info) == 25 * 4
+    # 403 slices: the equal split leaves out up to N - 1 and the last batch is partial: within one batch
+    odd = dataclasses.replace(info, train_slices=403)
+    assert [epoch_steps(c, odd) for c in (one, two, four)] == [26 * 4, 26 * 4, 25 * 4]
+    state = TrainState(epoch=1)
+    for step in (0, 17, 103):
+        rates = {learning_rate(c, state, step / epoch_steps(c, info)) for c in (one, two, four)}
+        assert len(rates) == 1, rates
+    assert epoch_steps(TrainConfig(data="-", output="-", batch_size=16, num_workers=2, steps_per_epoch=5), info) == 5
+    with pytest.raises(UserError, match="--batch-size 30 is the global batch.*multiple of 4"):
+        worker_batch_size(TrainConfig(data="-", output="-", batch_size=30, num_workers=4))
+
+
+def test_a_batch_the_workers_cannot_share_is_one_line_before_anything_runs(tmp_path):
+    from tests.conftest import run_workflow
+
+    res = run_workflow("train", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"),
+                       "--num-workers", "4", "--batch-size", "30")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ("train: error: --batch-size 30 is the global batch, split evenly "
+                                                   "over the 4 workers: use a multiple of 4")
 
 
 # --- validation counts on the device ----------------------------------------------------------------

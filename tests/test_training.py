@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import signal
 import threading
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from lits.prepare import pipeline
-from lits.train import train_data, training
+from lits.train import tracking, train_data, training
 from lits.core.config import PrepareConfig, TrainConfig
 from lits.core.errors import UserError
 from lits.model.unet import UNet
@@ -22,7 +23,8 @@ from tests.conftest import run_workflow, synthesize
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(num_workers=2, batch_size=8, base_width=4, depth=3, lr=1e-3)
+# --batch-size is the global batch (lits.train.train_data.worker_batch_size): 16 over 2 workers is 8 each
+TINY = dict(num_workers=2, batch_size=16, base_width=4, depth=3, lr=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def read_metrics(out):
 # Measured through Ray Train as here (seeds 0-4, 8 epochs and a 9th resumed; the numbers are in the
 # commit that set them): the test volume's whole-volume liver Dice was 0.64-0.93, within 0.05 of the
 # same volume's prepared slices. TINY (width 4, lr 1e-3, one epoch) scores 0.0: it learns nothing.
-LEARNS = dict(num_workers=2, batch_size=4, base_width=8, depth=3, lr=1e-2, crop=16)
+LEARNS = dict(num_workers=2, batch_size=8, base_width=8, depth=3, lr=1e-2, crop=16)  # 4 slices a worker
 LEARN_EPOCHS = 8
 LIVER_FLOOR = 0.4  # a model trained on garbage, or fed garbage when segmenting, scores < 0.1
 SAME_VOLUME_MARGIN = 0.15  # whole volume (serving's path) vs its prepared slices (training's path)
@@ -53,10 +55,18 @@ SAME_VOLUME_MARGIN = 0.15  # whole volume (serving's path) vs its prepared slice
 def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_path):
     out = str(tmp_path / "run")
     cfg = TrainConfig(data=prepared, output=out, epochs=LEARN_EPOCHS, name="t1", **LEARNS)
-    config = training.train(cfg)
+    store = tracking.resolve("", out)  # --mlflow: a sqlite store in the run folder
+    config = training.train(cfg, tracking=store)
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(1, LEARN_EPOCHS + 1)]
     assert float(rows[0]["train_loss"]) > 0 and int(rows[0]["train_images"]) > 0
+    # the global batch of 8 over 2 workers: each epoch makes one process's optimizer steps at batch 8
+    # (ceil(slices / 8) slice batches x (32 / 16)^2 patch batches; the equal split may drop one batch)
+    info = train_data.check_data(cfg)
+    one_process = math.ceil(info.train_slices / 8) * 4
+    assert {int(r["steps"]) for r in rows} == {train_data.epoch_steps(cfg, info)}
+    assert one_process - 4 <= int(rows[0]["steps"]) <= one_process
+    check_tracked(store, cfg, out, rows)
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     assert any(n.startswith("checkpoint_") for n in os.listdir(os.path.join(out, "t1")))
     # the exported model: weights-only state_dict + config.json that rebuild the network
@@ -91,11 +101,13 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
     # same name, one more epoch: resumes at the next epoch, the earlier rows untouched
-    resumed = training.train(TrainConfig(data=prepared, output=out, epochs=LEARN_EPOCHS + 1, name="t1", **LEARNS))
+    resumed = training.train(TrainConfig(data=prepared, output=out, epochs=LEARN_EPOCHS + 1, name="t1", **LEARNS),
+                             tracking=store)
     assert resumed["test_evaluation"]["aggregate"]["liver"]["dice_per_case"] >= LIVER_FLOOR
     again = read_metrics(out)
     assert [r["epoch"] for r in again] == [str(e) for e in range(1, LEARN_EPOCHS + 2)]
     assert again[:LEARN_EPOCHS] == rows and again[-1]["resumed_from_epoch"] == str(LEARN_EPOCHS)
+    check_tracked(store, cfg, out, again)  # the resumed run continues its MLflow run, the ninth epoch included
     # the same run name on other data is refused, not silently resumed
     other = tmp_path / "other"
     import shutil
@@ -106,6 +118,25 @@ def test_two_workers_train_export_and_resume(ray_train_cluster, prepared, tmp_pa
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="trained on other data"):
         training.train(TrainConfig(data=str(other), output=out, epochs=LEARN_EPOCHS + 2, name="t1", **LEARNS))
+
+
+def check_tracked(store, cfg: TrainConfig, out: str, rows: list) -> None:
+    """The run's MLflow record (read back with MlflowClient) holds `cfg` as parameters, one value per epoch of
+    every metric at step = epoch equal to metrics.csv's `rows`, curves.png and the exported model."""
+    import mlflow
+
+    client = mlflow.MlflowClient(store.uri)
+    runs = client.search_runs([client.get_experiment_by_name("lits").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert runs[0].data.params == {k: str(v) for k, v in cfg.to_dict().items()}
+    for name in ("val_loss", "train_loss", "val_dice_liver_volume", "lr", "steps"):
+        history = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        assert [m.step for m in history] == [int(r["epoch"]) for r in rows], name
+        assert [m.value for m in history] == [pytest.approx(float(r[name]), rel=1e-5) for r in rows], name
+    assert {a.path for a in client.list_artifacts(run_id)} == {"curves.png", "model"}
+    assert {a.path: a.file_size for a in client.list_artifacts(run_id, "model")} == {
+        f"model/{n}": os.path.getsize(os.path.join(out, "model", n)) for n in ("weights.pt", "config.json")}
 
 
 def _train_workers() -> list:
@@ -235,6 +266,7 @@ def test_ingest_decodes_every_slice_and_reshuffles_each_epoch(ray_train_cluster,
     import numpy as np
 
     import ray.data
+    from ray.data.dataset import MaterializedDataset
 
     from lits.train import ingest
     from lits.core import shards
@@ -249,8 +281,16 @@ def test_ingest_decodes_every_slice_and_reshuffles_each_epoch(ray_train_cluster,
     options = ray.data.DataContext.get_current().execution_options
     preserve, options.preserve_order = options.preserve_order, True
     try:
-        train, _, stored = ingest.datasets(cfg, info)
+        train, val, stored = ingest.datasets(cfg, info)
         assert stored == (mode == "materialize") and len(info.train_uris) >= 3
+        # nothing is read on the driver before the workers exist (PlacedIngest materialises then, where they run)
+        assert not isinstance(train, MaterializedDataset) and not isinstance(val, MaterializedDataset)
+        assert train.stats() == "" and val.stats() == ""  # never executed
+        if stored:  # as PlacedIngest does it for two workers on this node (one node: where blocks land is not
+            # observable here, and these blocks are small enough to live in the owner's memory, not the node's store)
+            node = ray.get_runtime_context().get_node_id()
+            train = ingest.placed(cfg, info, "train", [node, node])
+            assert sum(len(bundle.blocks) for bundle in train.iter_internal_ref_bundles()) >= len(info.train_uris)
         passes = []
         for _ in range(3):
             images = [b["image"].numpy() for b in train.iter_torch_batches(

@@ -25,7 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPU workers, one GPU each (default: %(default)s: CPU)")
     p.add_argument("--num-workers", type=int, default=None, help="CPU workers when --num-gpus is 0 (default: 1)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="slices per optimizer step over all workers, split evenly among them (a multiple of the "
+                   "workers): any number of workers makes the steps of one process, at the same --lr "
+                   "(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
     p.add_argument("--task", default=d.task, choices=TASKS, help="(default: %(default)s)")
     p.add_argument("--base-width", type=int, default=d.base_width, help="U-Net first-level channels (default: %(default)s)")
@@ -55,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "in --materialize-gb (default: %(default)s)")
     p.add_argument("--materialize-gb", type=float, default=d.materialize_gb,
                    help="largest decoded train+val size --ingest auto materializes (default: %(default)s)")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="log parameters, per-epoch metrics, curves.png and the model to MLflow at URI (sqlite:///..., "
+                   "http://...); without URI a sqlite store in --output (OUTPUT/mlflow.db, artifacts in "
+                   "OUTPUT/mlartifacts; a local --output only). Needs the extra lits[mlflow]")
     add_cluster_args(p)
     return p.parse_args(argv)
 
@@ -85,12 +92,17 @@ def main(argv=None) -> int:
         from lits.core import storage
         from lits.train import train_data, training
 
+        tracking = None
+        if args.mlflow is not None:
+            from lits.train import tracking as mlflow_tracking
+
+            tracking = mlflow_tracking.resolve(args.mlflow, cfg.output)
         info = train_data.check_data(cfg)  # before paying for Ray
         storage.check_writable(cfg.output)
         # Locally, one logical CPU beyond the training workers, so Ray Data can read while they train.
         start_ray(args.address, num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker + 1))
         # A cluster joined by address may autoscale: missing GPUs are a warning there, an error locally.
-        config = training.train(cfg, info, strict_resources=not args.address)
+        config = training.train(cfg, info, strict_resources=not args.address, tracking=tracking)
         out = storage.normalise(cfg.output)
         val = config["val_metrics"]
         print(f"trained {config['training']['epochs_run']} epoch(s); best epoch {config['training']['best_epoch']}: "
@@ -103,6 +115,8 @@ def main(argv=None) -> int:
 
             print("\ntest split, whole volumes at their original resolution (LiTS metrics):")
             print(reports.evaluation_summary(config["test_evaluation"]))
+        if tracking is not None:
+            print(f"MLflow: experiment {tracking.experiment!r} at {tracking.uri}")
         print(f"model: {storage.join(out, 'model')}  metrics: {storage.join(out, 'metrics.csv')}  curves: {storage.join(out, 'curves.png')}")
     return 0
 

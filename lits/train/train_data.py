@@ -48,7 +48,7 @@ def check_data(cfg: TrainConfig) -> DataInfo:
     """Validate the prepared dataset and return what workers need to know.
 
     Raises:
-        UserError: no manifest, empty train or val split, missing shards, wrong columns or dtypes,
+        UserError: a batch the workers cannot share evenly, no manifest, empty train or val split, missing shards, wrong columns or dtypes,
             mixed image sizes.
     """
     import pyarrow.parquet as pq  # here, not at import: patch_size serves benchmarks/gpu_all.py without fsspec
@@ -57,6 +57,7 @@ def check_data(cfg: TrainConfig) -> DataInfo:
 
     import ray.data.extensions  # noqa: F401  (so pyarrow reads Ray's tensor columns as tensors)
 
+    worker_batch_size(cfg)
     data = storage.normalise(cfg.data)
     manifest_uri = storage.join(data, MANIFEST_NAME)
     if not storage.exists(manifest_uri):
@@ -119,3 +120,31 @@ def patch_size(cfg: TrainConfig, side: int) -> int:
     """The training patch side: cfg.crop, or half the slice side (at least 2^(depth-1))."""
     factor = 2 ** (cfg.depth - 1)
     return cfg.crop if cfg.crop else max(factor, side // 2 // factor * factor)
+
+
+def worker_batch_size(cfg: TrainConfig) -> int:
+    """Slices each worker takes per optimizer step: `cfg.batch_size` is the global batch, split evenly
+    over the workers.
+
+    Each worker streams 1/N of the split (Ray Data's equal split) in batches of batch_size / N, so an
+    epoch makes the optimizer steps of one process at `cfg.batch_size`, and DDP's mean of the workers'
+    gradients is the gradient of the whole batch: the same learning rate holds for any N.
+
+    Raises:
+        UserError: the batch does not divide by the workers.
+    """
+    if cfg.batch_size % cfg.workers:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch, split evenly over the {cfg.workers} "
+                        f"workers: use a multiple of {cfg.workers}")
+    return cfg.batch_size // cfg.workers
+
+
+def epoch_steps(cfg: TrainConfig, info: DataInfo) -> int:
+    """Optimizer steps of one epoch on `cfg.workers` workers: each streams an equal share of the train
+    split in batches of `worker_batch_size` (the last one partial), each batch of slices giving
+    (S / crop)^2 patch batches; capped by cfg.steps_per_epoch. About train_slices / batch_size x
+    (S / crop)^2 for any number of workers."""
+    side = info.image_shape[0]
+    share = info.train_slices // cfg.workers
+    steps = max(1, -(-share // worker_batch_size(cfg))) * (side // patch_size(cfg, side)) ** 2
+    return min(steps, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps

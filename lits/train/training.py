@@ -20,7 +20,7 @@ import io
 import json
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -32,7 +32,10 @@ from lits.runtime import worker_logs
 from lits.core.config import TrainConfig
 from lits.core.errors import UserError
 from lits.core.schema import CLASS_NAMES
-from lits.train.train_data import DataInfo, check_data, patch_size
+from lits.train.train_data import DataInfo, check_data, epoch_steps, patch_size, worker_batch_size
+
+if TYPE_CHECKING:
+    from lits.train.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def _metrics_row(ctx, state, totals, val, started: float) -> Dict:
         "train_loss": train_totals[0] / max(1, train_totals[1]),
         "val_loss": val_loss[0] / max(1, val_loss[1]),
         "train_images": int(train_totals[1]),
+        "steps": totals.steps,  # optimizer steps (the same on every worker)
         # slices swapped in from the tumour reservoir so every batch holds cfg.tumour_fraction tumour
         "tumour_swapped": int(train_totals[2]),
         "seconds": round(time.perf_counter() - started, 2),
@@ -138,11 +142,8 @@ def train_loop_per_worker(config: Dict) -> None:
     resumed_from = state.epoch if saved else None
     state = dataclasses.replace(state, starts=state.starts + 1)
     crop = patch_size(cfg, info.image_shape[0])
-    steps_estimate = max(1, info.train_slices // (world * cfg.batch_size)) * (info.image_shape[0] // crop) ** 2
-    if cfg.steps_per_epoch:
-        steps_estimate = min(steps_estimate, cfg.steps_per_epoch)
     autocast, scaler = autocast_for(cfg, device)
-    ctx = EpochContext(cfg=cfg, model=model, optimizer=optimizer, device=device, steps_estimate=steps_estimate,
+    ctx = EpochContext(cfg=cfg, model=model, optimizer=optimizer, device=device, steps_estimate=epoch_steps(cfg, info),
                        collective=Collective(device, world), autocast=autocast, scaler=scaler,
                        channels_last=device.type == "cuda", nodes=_group_nodes(world))
     val_index = {v: i for i, v in enumerate(info.val_volumes)}
@@ -255,8 +256,9 @@ def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
     return config
 
 
-def build_trainer(cfg: TrainConfig, info: DataInfo):
-    """The TorchTrainer for `cfg`: datasets, scaling, storage, failures, checkpoints."""
+def build_trainer(cfg: TrainConfig, info: DataInfo, callbacks: Sequence = ()):
+    """The TorchTrainer for `cfg`: datasets (materialised, if at all, where the workers are placed:
+    ingest.PlacedIngest), scaling, storage, failures, checkpoints, Ray Train callbacks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -273,12 +275,14 @@ def build_trainer(cfg: TrainConfig, info: DataInfo):
         # Ray Train's own INFO records (every report's metrics dict) only under --verbose: the
         # per-epoch line (epoch_line) says what a user watches
         logging_config=ray.train.LoggingConfig(log_level=worker_logs.ray_level()),
+        callbacks=list(callbacks),
     )
     cpus = {"CPU": cfg.cpus_per_worker}
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.num_gpus > 0,
                                       resources_per_worker={"GPU": 1, **cpus} if cfg.num_gpus else cpus)
     return TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg.to_dict(), "info": info},
-                        scaling_config=scaling, run_config=run_config, datasets={"train": train, "val": val})
+                        scaling_config=scaling, run_config=run_config, datasets={"train": train, "val": val},
+                        dataset_config=ingest.PlacedIngest(cfg, info))
 
 
 def claim_run(cfg: TrainConfig, info: DataInfo) -> bool:
@@ -303,18 +307,21 @@ def claim_run(cfg: TrainConfig, info: DataInfo) -> bool:
     return False
 
 
-def train(cfg: TrainConfig, info: Optional[DataInfo] = None, strict_resources: bool = True) -> Dict:
+def train(cfg: TrainConfig, info: Optional[DataInfo] = None, strict_resources: bool = True,
+          tracking: Optional["Tracking"] = None) -> Dict:
     """Check, train (resuming when the run exists), export. Ray must be initialised by the caller.
 
     Args:
         cfg: the stage's configuration.
         info: `check_data(cfg)` when the caller already ran it (before starting Ray).
         strict_resources: refuse a run the cluster cannot host now (False on clusters that autoscale).
+        tracking: an MLflow store to log the run to (lits.train.tracking), or None.
     Returns:
         The exported model's config.json content.
     """
     # Workers run in other directories: every URI they see must be absolute.
     cfg = dataclasses.replace(cfg, data=storage.normalise(cfg.data), output=storage.normalise(cfg.output))
+    worker_batch_size(cfg)
     info = info or check_data(cfg)
     storage.check_writable(cfg.output)
     check_resources(cfg, strict_resources)
@@ -322,11 +329,27 @@ def train(cfg: TrainConfig, info: Optional[DataInfo] = None, strict_resources: b
         log.info("run %s exists under %s: resuming from its latest checkpoint", cfg.name, cfg.output)
     log.info("training %s on %d %s worker(s): %d train slices, %d val volumes", cfg.name, cfg.workers,
              "GPU" if cfg.num_gpus else "CPU", info.train_slices, len(info.val_volumes))
-    result = build_trainer(cfg, info).fit()
-    if result.checkpoint is None:
-        raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")
-    config = export_model(cfg, info, result.checkpoint)
-    summary = split_evaluation.evaluate_test_volumes(cfg, info)
+    callbacks, run_id = [], None
+    if tracking is not None:
+        from lits.train import tracking as mlflow_tracking
+
+        run_id = mlflow_tracking.start_run(tracking, cfg)
+        callbacks.append(mlflow_tracking.EpochLogger(tracking, run_id))
+    try:
+        result = build_trainer(cfg, info, callbacks).fit()
+        if result.checkpoint is None:
+            raise UserError(f"training produced no checkpoint under {cfg.output}/{cfg.name}")
+        config = export_model(cfg, info, result.checkpoint)
+        summary = split_evaluation.evaluate_test_volumes(cfg, info)
+    except BaseException:
+        if run_id is not None:
+            try:
+                mlflow_tracking.finish(tracking, run_id, cfg, "FAILED")
+            except Exception as exc:  # the training error is the one to see
+                log.warning("MLflow: run %s not marked failed: %s", run_id, exc)
+        raise
     if summary:
         config = dict(config, test_evaluation=summary)  # returned to the caller; config.json stays as exported
+    if run_id is not None:
+        mlflow_tracking.finish(tracking, run_id, cfg)
     return config
