@@ -134,7 +134,7 @@ def test_seg_frames_references_and_codes(series):
     # each frame on the slice it references equals the NIfTI mask of the same labels, in canonical layout
     nifti, nifti_geometry = volumes.parse_nifti(volumes.nifti_bytes(labels, geometry.affine_array))
     frames = frames_on_source_grid(seg, datasets)
-    assert np.array_equal(nifti_geometry.to_canonical(nifti >= 1), geometry.to_canonical(frames[..., 0] == 1))
+    assert np.array_equal(nifti_geometry.to_canonical(nifti == 1), geometry.to_canonical(frames[..., 0] == 1))
     assert np.array_equal(nifti_geometry.to_canonical(nifti == 2), geometry.to_canonical(frames[..., 1] == 1))
     # the frame positions are where the NIfTI affine puts slice k (LPS), for every frame written
     for item in seg.PerFrameFunctionalGroupsSequence:
@@ -142,7 +142,8 @@ def test_seg_frames_references_and_codes(series):
             str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID))
         lps = (LPS_TO_RAS @ nifti_geometry.affine_array @ [0, 0, k, 1])[:3]
         assert np.allclose(np.array(item.PlanePositionSequence[0].ImagePositionPatient, float), lps, atol=1e-3)
-    assert seg.NumberOfFrames == np.any(labels >= 1, axis=(0, 1)).sum() + np.any(labels == 2, axis=(0, 1)).sum()
+    assert seg.NumberOfFrames == np.any(labels == 1, axis=(0, 1)).sum() + np.any(labels == 2, axis=(0, 1)).sum()
+    assert seg.SegmentsOverlap == "NO"
     # references: the source series, its instances, its frame of reference
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
     sources = {str(ds.SOPInstanceUID) for ds in datasets}
@@ -206,6 +207,14 @@ def test_read_seg_round_trips_labels_and_geometry(series):
     on_series, source, grid = dicom_seg.common_grid(part, part_geometry, np.zeros_like(labels), geometry)
     assert grid.canonical_shape == geometry.canonical_shape
     assert np.array_equal(grid.to_canonical(on_series), geometry.to_canonical(labels)) and not source.any()
+    # frames on slices 1 and 4 only (the gap's empty frames omitted too), and a single frame
+    for kept in ((1, 4), (3,)):
+        sparse = np.zeros_like(labels)
+        sparse[..., list(kept)] = np.maximum(labels[..., list(kept)], 1)
+        back, back_geometry = dicom_seg.read_seg(dicom_seg.seg_bytes(sparse, datasets, model_id="m"))
+        on_series, _, grid = dicom_seg.common_grid(back, back_geometry, np.zeros_like(labels), geometry)
+        assert back_geometry.shape[2] == kept[-1] - kept[0] + 1 and grid.canonical_shape == geometry.canonical_shape
+        assert np.array_equal(grid.to_canonical(on_series), geometry.to_canonical(sparse))
 
 
 def _shift(i, j, k):
@@ -215,8 +224,8 @@ def _shift(i, j, k):
 
 
 def test_read_seg_maps_another_tools_segments_by_their_codes(series):
-    """A SEG written by another tool: kidney, tumour ('Mass' in the liver) and liver in that order,
-    uint8 frames; segments go to labels by property type, not by number or label."""
+    """A SEG written by another tool: kidney, tumour ('Mass' in the liver) and liver (its tumour
+    included: overlapping) in that order; segments go to labels by property type, not by number or label."""
     datasets, geometry, labels = series
     algorithm = hd.AlgorithmIdentificationSequence("other", codes.DCM.ArtificialIntelligence, "9")
     described = [(codes.SCT.Organ, codes.SCT.Kidney, None, "K"),

@@ -1,5 +1,6 @@
 """Evaluation: pairing, geometry checks, aggregates against direct computation, outputs, the workflow."""
 
+import copy
 import csv
 import io
 import json
@@ -218,7 +219,7 @@ def test_dicom_seg_predictions_and_references_score_as_their_nifti(tmp_path):
     volumes.write_nifti(str(ref_dir / "segmentation-7.nii.gz"), ref[:, ::-1, :], rows_reversed)
     volumes.write_nifti(str(pred_dir / "volume-8_seg.nii.gz"), pred, affine)
     storage.write_bytes(str(ref_dir / "segmentation-8.dcm"), dicom_seg.seg_bytes(ref, datasets, model_id="reader"))
-    shifted = [ds.copy() for ds in datasets]
+    shifted = [copy.deepcopy(ds) for ds in datasets]
     for ds in shifted:
         ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 0.3] + list(ds.ImagePositionPatient[1:])
     storage.write_bytes(str(pred_dir / "volume-9_seg.dcm"), dicom_seg.seg_bytes(pred, shifted, model_id="m"))

@@ -2,13 +2,15 @@
 and a liver/tumour SEG (ours or another tool's) back to labels with their geometry.
 
 Written (`seg_bytes`): a BINARY SEG (highdicom), one frame per source slice and segment, empty
-frames omitted, bit-packed, Explicit VR Little Endian. Two segments, both always described:
-  1 "Liver": category SCT 91772007 Organ, type SCT 10200004 Liver: labels >= 1 (the organ, its
-    tumour included: the LiTS convention, and what a viewer should outline as the liver);
+frames omitted, bit-packed, Explicit VR Little Endian. Two segments that do not overlap (the label
+map as it is, as MONAI Deploy's liver-tumour app writes it), both always described:
+  1 "Liver": category SCT 91772007 Organ, type SCT 10200004 Liver: label 1 (the liver around the
+    tumour; LiTS' liver is segments 1 and 2 together);
   2 "Liver tumour": category SCT 49755003 Morphologically abnormal structure, type SCT 108369006
     Neoplasm (Tumor), anatomic region SCT 10200004 Liver: label 2.
 These are the codes of MONAI Deploy's liver-tumour app and highdicom's own examples (DCM 123110
-Artificial Intelligence as the algorithm family). The SEG's Series Instance UID is derived from
+Artificial Intelligence as the algorithm family). Overlapping segments (the liver with its tumour)
+would cost highdicom a per-voxel overlap check over a (slices, rows, columns, 2) array. The SEG's Series Instance UID is derived from
 (source series, model id), its SOP Instance UID from (source series, model id, the labels' bytes):
 a rerun of one model on one series writes the same UIDs, new content gets a new instance.
 The patient and study modules are the source's (DICOM practice); nothing from them is logged.
@@ -16,7 +18,8 @@ The patient and study modules are the source's (DICOM practice); nothing from th
 Read (`read_seg`): segments are mapped by their coded property type, not their labels or
 numbers: Liver (SCT 10200004) -> label 1; Neoplasm/Tumor (108369006), Mass (4147007) or Lesion
 (52988006), unless the segment names an anatomic region other than the liver -> label 2 (over 1).
-Several segments of one kind are united; other segments are ignored. The labels come back on the
+Several segments of one kind are united (a liver that includes its tumour reads the same as one
+around it); other segments are ignored. The labels come back on the
 SEG's own grid: the frames' span (a SEG holds only its non-empty frames), in the file layout of
 `dicom.read_series` (i = column, j = row, k = slice along the normal), with a Geometry whose affine
 maps it to RAS+ mm. `common_grid` puts two label volumes of one lattice on one grid.
@@ -105,7 +108,8 @@ def seg_bytes(labels_file: np.ndarray, source: Sequence[pydicom.Dataset], *, mod
     if tuple(labels_file.shape) != expected:
         raise ValueError(f"labels of shape {labels_file.shape} for a series of (columns, rows, slices) {expected}")
     labels = volumes.as_labels(labels_file, "labels")
-    frames = np.stack([labels >= 1, labels == 2], axis=-1).transpose(2, 1, 0, 3)  # (K, rows, cols, segments)
+    # (K, rows, cols) with segment numbers as values: segments that do not overlap, no per-voxel overlap check
+    frames = np.ascontiguousarray(labels.transpose(2, 1, 0))
     series = str(first.SeriesInstanceUID)
     digest = hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
     seg = hd.seg.Segmentation(
@@ -169,7 +173,8 @@ def _file_geometry(array_src: np.ndarray, affine_lps: np.ndarray) -> Tuple[np.nd
         affine[:3, 3] += affine[:3, 2] * (array.shape[2] - 1)
         affine[:3, 2] *= -1
         array = array[:, :, ::-1]
-    return np.ascontiguousarray(array), volumes.Geometry.from_affine(_LPS_TO_RAS @ affine, array.shape)
+    array.flags.writeable = False  # a view, like a NIfTI read: (slices, rows, cols) C order is (i, j, k) F order
+    return array, volumes.Geometry.from_affine(_LPS_TO_RAS @ affine, array.shape)
 
 
 def read_seg(data_or_uri: Union[bytes, str], name: str = "<bytes>",
@@ -201,13 +206,17 @@ def read_seg(data_or_uri: Union[bytes, str], name: str = "<bytes>",
     declared = int(seg.get("NumberOfFrames", 1)) * int(seg.Rows) * int(seg.Columns)
     if declared > max_voxels:
         raise BadInputError(f"{name}: {declared} voxels in its frames, over the limit of {max_voxels}")
+    fractional = seg.SegmentationType == "FRACTIONAL"  # rescaled to 0..1, counted from 0.5
     try:
-        volume = seg.get_volume(segment_numbers=liver + tumour, combine_segments=False, dtype=np.float32)
+        volume = seg.get_volume(segment_numbers=liver + tumour, combine_segments=False,
+                                dtype=np.float32 if fractional else np.uint8)
     except Exception as exc:
         raise BadInputError(f"{name}: its frames do not form one regular 3-D volume ({exc}); expected a SEG of "
                             "an axial CT series") from exc
-    present = volume.array >= 0.5  # BINARY 0/1; FRACTIONAL rescaled to 0..1
-    labels = np.where(present[..., len(liver):].any(axis=-1), 2, present[..., :len(liver)].any(axis=-1)).astype(np.uint8)
+    present = volume.array >= 0.5 if fractional else volume.array > 0
+    labels = np.zeros(present.shape[:3], np.uint8)
+    for channel in range(len(liver) + len(tumour)):
+        labels[present[..., channel]] = 1 if channel < len(liver) else 2
     return _file_geometry(labels, np.asarray(volume.affine, dtype=np.float64))
 
 
