@@ -17,7 +17,7 @@ from conftest import free_port, local_ray, make_bucket
 from lits.core import storage
 from lits.core.errors import UserError
 from lits.model import inference
-from lits.serve import access, job_tasks
+from lits.serve import access, job_inputs, job_tasks
 from test_inference import tiny_model
 
 BUCKET = "integrity"
@@ -68,7 +68,7 @@ def test_input_names_with_dot_or_empty_parts_are_refused_when_listing(bucket, ni
             "in/a.nii", "in/a.nii.gz", "in/sub/volume-4.nii.gz"]
     for key in keys:
         bucket.pipe_file(f"{BUCKET}/list/{key}", good)
-    listing = job_tasks.list_inputs(f"s3://{BUCKET}/list/in", f"s3://{BUCKET}/list/out")
+    listing = job_inputs.list_inputs(f"s3://{BUCKET}/list/in", f"s3://{BUCKET}/list/out")
     root = f"s3://{BUCKET}/list/in/"
     assert listing["volumes"] == [(root + "a.nii", "a"), (root + "sub/volume-4.nii.gz", "sub/volume-4"),
                                   (root + "volume-0.nii.gz", "volume-0")]
@@ -230,13 +230,13 @@ def test_listing_explains_an_input_inside_its_output_and_skips_an_output_inside_
     for key in ("lits/volume-0.nii.gz", "lits/segmentation-0.nii.gz", "lits/seg/volume-0_seg.nii.gz",
                 "lits/seg/old/volume-9.nii.gz"):
         bucket.pipe_file(f"{BUCKET}/{key}", ct_bytes(nifti_dir, 0))
-    listing = job_tasks.list_inputs(f"s3://{BUCKET}/lits", f"s3://{BUCKET}/lits/seg")
+    listing = job_inputs.list_inputs(f"s3://{BUCKET}/lits", f"s3://{BUCKET}/lits/seg")
     assert listing["volumes"] == [(f"s3://{BUCKET}/lits/volume-0.nii.gz", "volume-0")] and listing["refused"] == []
     assert len(listing["ignored"]) == 3
     for output in (f"s3://{BUCKET}/lits", f"s3://{BUCKET}"):
         with pytest.raises(UserError, match="lies inside the output"):
-            job_tasks.list_inputs(f"s3://{BUCKET}/lits", output)
-    single = job_tasks.list_inputs(f"s3://{BUCKET}/lits/volume-0.nii.gz", f"s3://{BUCKET}/lits")
+            job_inputs.list_inputs(f"s3://{BUCKET}/lits", output)
+    single = job_inputs.list_inputs(f"s3://{BUCKET}/lits/volume-0.nii.gz", f"s3://{BUCKET}/lits")
     assert single["volumes"] == [(f"s3://{BUCKET}/lits/volume-0.nii.gz", "volume-0")]
 
 
@@ -326,7 +326,7 @@ def test_a_key_with_dot_dot_parts_never_leaves_its_jobs_output(server, bucket, n
     job = run_job(server, input=f"s3://{BUCKET}/e2e/evil", output=str(allowed / "out-b"))
     assert record.read_bytes() == before
     assert job["state"] == "succeeded" and job["counts"] == {"total": 2, "done": 1, "skipped": 0, "failed": 1,
-                                                               "ignored": 0}, job
+                                                               "ignored": 0, "left_out": 0}, job
     [failure] = job["failed"]
     assert "/../" in failure["input"] and "'..' path parts" in failure["reason"], failure
     status, again = call(server, "GET", f"/v1/jobs/{first['job_id']}")

@@ -173,7 +173,7 @@ def test_second_submission_skips_and_overwrite_recomputes(server, first_job):
     assert again["counts"]["skipped"] == 4 and again["counts"]["done"] == 0 and again["counts"]["failed"] == 3
     assert fs.info("archive/seg/volume-0.json")["LastModified"] == before
     redo = run_job(server, input="s3://archive/ct/volume-1.nii.gz", output="s3://archive/seg", overwrite=True)
-    assert redo["counts"] == {"total": 1, "done": 1, "skipped": 0, "failed": 0, "ignored": 0}
+    assert redo["counts"] == {"total": 1, "done": 1, "skipped": 0, "failed": 0, "ignored": 0, "left_out": 0}
     status, listing, _ = call(server, "GET", "/v1/jobs")
     assert status == 200
     assert {first_job["job_id"], again["job_id"], redo["job_id"]} <= {j["job_id"] for j in listing}
@@ -915,8 +915,9 @@ def test_an_elastic_job_takes_free_cpus_but_never_the_replicas(server):
 
 @pytest.mark.slow
 def test_the_model_window_grows_only_while_it_is_full_and_the_model_idles(server, monkeypatch):
-    """The app's model is idle here: a full window grows at every reading (x1.5), a window the job
-    does not fill stays as it is, and the replica's busy seconds count its forward passes."""
+    """The app's model is idle here: a full window that turned over grows at every reading (x1.5);
+    one the job does not fill, or that did not turn over (tasks starting), stays as it is; the
+    replica's busy seconds count its forward passes."""
     from lits.serve import job_capacity, serving
     from lits.serve.model_client import model_handle
 
@@ -925,20 +926,22 @@ def test_the_model_window_grows_only_while_it_is_full_and_the_model_idles(server
     before = handle.progress.remote().result(timeout_s=30)
     window = job_capacity.ModelWindow(serving.APP_NAME, 2)
     replicas = job_capacity.running_replicas(serving.APP_NAME)
-    assert replicas >= 1 and window.size(0) == 2 * replicas  # the first reading has no predecessor
+    assert replicas >= 1 and window.size(0, 0) == 2 * replicas  # the first reading has no predecessor
     time.sleep(1.2)
-    assert window.size(0) == 2 * replicas  # idle, but the job does not fill the window
+    assert window.size(0, 100) == 2 * replicas  # idle, but the job does not fill the window
     time.sleep(1.2)
-    assert window.size(10 ** 6) == 3 * replicas  # full and idle: 2 -> 3
+    assert window.size(10 ** 6, 100 + 2 * replicas - 1) == 2 * replicas  # full, but not one turn finished
     time.sleep(1.2)
-    assert window.size(10 ** 6) == 4 * replicas and window.per_replica == 4  # 3 -> 4 (at least one more)
+    assert window.size(10 ** 6, 1000) == 3 * replicas  # full, turned over and idle: 2 -> 3
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 2000) == 4 * replicas and window.per_replica == 4  # 3 -> 4 (at least one more)
     after = handle.progress.remote().result(timeout_s=30)
     if after["pid"] == before["pid"]:
         assert 0.0 <= after["busy_s"] - before["busy_s"] < after["now"] - before["now"]
 
 
 def test_the_window_per_replica_follows_the_busy_fraction():
-    """Grow by half (at least one) while full and idle, up to MAX_PER_REPLICA; shrink by one while
+    """Grow by half (at least one) while full and idle, up to MAX_PER_REPLICA; halve while
     the model is saturated, never below the configured base; hold when unknown or in between."""
     from lits.serve.job_capacity import MAX_PER_REPLICA, next_per_replica
 
@@ -947,8 +950,9 @@ def test_the_window_per_replica_follows_the_busy_fraction():
     assert next_per_replica(MAX_PER_REPLICA, 3, 0.0, full=True) == MAX_PER_REPLICA
     assert next_per_replica(8, 3, 0.2, full=False) == 8  # the job does not use what it has
     assert next_per_replica(8, 3, 0.9, full=True) == 8  # between the thresholds
-    assert next_per_replica(8, 3, 0.99, full=True) == 7
-    assert next_per_replica(3, 3, 1.0, full=True) == 3  # never below the base
+    assert next_per_replica(16, 3, 0.99, full=True) == 8
+    assert next_per_replica(5, 3, 0.99, full=False) == 3  # never below the base
+    assert next_per_replica(3, 3, 1.0, full=True) == 3
     assert next_per_replica(8, 3, None, full=True) == 8
 
 

@@ -326,7 +326,7 @@ def segment_array(hu_file: np.ndarray, geometry: volumes.Geometry, spec: ModelSp
     return labels_file, timings
 
 
-def _segment_parsed(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
+def segment_decoded(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, spec: ModelSpec, submit: Submit,
                     chunk: int, read_s: float, threads: int):
     """(file-order labels, canonical labels, box, report) of a decoded volume."""
     from lits.core import reports, volumes
@@ -362,7 +362,7 @@ def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk
 
     t0 = time.perf_counter()
     hu_file, geometry = volumes.parse_nifti(data, name)
-    labels_file, _, _, report = _segment_parsed(hu_file, geometry, name, spec, submit, chunk,
+    labels_file, _, _, report = segment_decoded(hu_file, geometry, name, spec, submit, chunk,
                                                 time.perf_counter() - t0, threads)
     t = time.perf_counter()
     mask_bytes = volumes.nifti_bytes(labels_file, geometry.affine_array, compress=True)
@@ -377,32 +377,48 @@ def _timed(fn, *args):
 
 def segment_uri(uri: str, outputs: Dict[str, str], spec: ModelSpec, submit: Submit, chunk: int = 16, threads: int = 1,
                 source: Optional[Dict] = None) -> Dict:
-    """Segment the NIfTI at `uri`; write outputs['mask'], outputs['preview'], then outputs['report']
-    (last: its presence means done). Every write is atomic. Returns the report, whose 'seconds'
-    hold every stage (read: fetch and decode, streamed; then `streaming.STAGES`; report; encode;
-    preview; write; total), and whose 'input_identity' says what the input was: `source` (the
-    caller's `storage.identity(uri)`), else taken here before the volume is read.
+    """Segment the NIfTI at `uri` and write its outputs (`write_segmentation`). 'input_identity'
+    in the report is `source` (the caller's `storage.identity(uri)`), else taken here before the
+    volume is read.
 
     Raises:
         BadInputError: unreadable or invalid volume (nothing is written).
     """
-    from lits.core import naming, reports, storage, volumes
+    from lits.core import storage, volumes
 
     t0 = time.perf_counter()
     source = source or storage.identity(uri)
     hu_file, geometry = volumes.read_nifti(uri)
-    labels_file, labels, box, report = _segment_parsed(hu_file, geometry, uri, spec, submit, chunk,
+    return write_segmentation(hu_file, geometry, uri, outputs, spec, submit, chunk, threads,
+                              {"input": uri, "input_identity": source}, t0)
+
+
+def write_segmentation(hu_file: np.ndarray, geometry: volumes.Geometry, name: str, outputs: Dict[str, str],
+                       spec: ModelSpec, submit: Submit, chunk: int, threads: int, head: Dict, t0: float,
+                       extra: Optional[Callable[[np.ndarray], Dict[str, bytes]]] = None) -> Dict:
+    """Segment a decoded volume; write outputs['mask'], outputs['preview'], what `extra(labels_file)`
+    returns under its keys' outputs (e.g. a DICOM-SEG), then outputs['report'] (last: its presence
+    means done). Every write is atomic. Returns the report: `head` (the input and its identity)
+    first; its 'seconds' hold every stage since `t0` (read: fetch and decode; then
+    `streaming.STAGES`; report; encode; preview; write; total)."""
+    from lits.core import naming, reports, storage, volumes
+
+    labels_file, labels, box, report = segment_decoded(hu_file, geometry, name, spec, submit, chunk,
                                                        time.perf_counter() - t0, threads)
-    report = {"input": uri, "input_identity": source, **report}
+    report = {**head, **report, "input": head.get("input", name)}
     title = os.path.basename(naming.mask_stem(outputs["mask"]))
     mask_bytes, encode_s = _timed(volumes.nifti_bytes, labels_file, geometry.affine_array)
+    more, more_s = _timed(extra, labels_file) if extra is not None else ({}, 0.0)
     png, preview_s = _timed(reports.preview_png, geometry.to_canonical(hu_file), labels, title, box)
     t = time.perf_counter()
     storage.write_bytes(outputs["mask"], mask_bytes)
     storage.write_bytes(outputs["preview"], png)
-    report.update(mask=outputs["mask"], preview=outputs["preview"])
+    for key, data in more.items():
+        storage.write_bytes(outputs[key], data)
+    report.update(mask=outputs["mask"], preview=outputs["preview"], **{key: outputs[key] for key in more})
     seconds = report["seconds"]
-    seconds.update(encode=round(encode_s, 3), preview=round(preview_s, 3), write=round(time.perf_counter() - t, 3))
+    seconds.update(encode=round(encode_s + more_s, 3), preview=round(preview_s, 3),
+                   write=round(time.perf_counter() - t, 3))
     seconds["total"] = round(time.perf_counter() - t0, 3)
     storage.write_bytes(outputs["report"], json.dumps(report, indent=1).encode())
     return report

@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from lits.core import storage
 from lits.serve import access
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 2.0  # a running job rewrites its summary at most this often as volumes finish
 RECORDS_PER_SHARD = 1000  # volume results per records shard
 FAILED_LISTED = 100  # failures (input, reason) listed in status and summary; counts["failed"] has them all
+LEFT_OUT_LISTED = 100  # DICOM files and series the selection left out, listed; counts["left_out"] has them all
 
 
 class JobState(str, enum.Enum):
@@ -63,8 +64,9 @@ class JobProgress:
         self.state = JobState.QUEUED
         self.error: Optional[str] = None
         self.model: Dict = {}
-        self.counts = {"total": 0, "done": 0, "skipped": 0, "failed": 0, "ignored": 0}
+        self.counts = {"total": 0, "done": 0, "skipped": 0, "failed": 0, "ignored": 0, "left_out": 0}
         self.failed: List[Dict] = []  # the first FAILED_LISTED
+        self.left_out: List[Dict] = []  # the first LEFT_OUT_LISTED DICOM files and series left out, and why
         self.pending: List[Dict] = []  # results not yet in a written shard
         self.shards_written = 0
         self.nodes: set = set()
@@ -100,10 +102,15 @@ class JobProgress:
     def set_concurrency(self, in_flight_cap: int) -> None:
         self._set(in_flight_cap=in_flight_cap)
 
-    def listed(self, total: int, ignored: int) -> None:
+    def listed(self, total: int, ignored: int, skipped: Sequence = ()) -> None:
+        """What the listing found: `total` inputs, `ignored` files, and the DICOM files and series
+        `skipped` by the selection (`dicom.Skipped`: scouts, other modalities, not DICOM...):
+        counted, the first LEFT_OUT_LISTED of them listed with their reasons."""
         with self._lock:
             self.counts["total"] = total
             self.counts["ignored"] = ignored
+            self.counts["left_out"] = len(skipped)
+            self.left_out = [{"what": s.what, "reason": s.reason} for s in skipped[:LEFT_OUT_LISTED]]
 
     def record(self, result: Dict) -> None:
         """One volume's result (`job_tasks.segment_volume`'s dict)."""
@@ -155,6 +162,7 @@ class JobProgress:
                 "slices_per_s": round(self.slices / elapsed, 2) if elapsed > 0 else None,
                 "elapsed_s": round(elapsed, 1),
                 "failed": list(self.failed),
+                "left_out": list(self.left_out),
                 "error": self.error,
                 "times": dict(self.times),
                 "summary": self.job.summary_uri,

@@ -35,7 +35,8 @@ from lits.runtime import fanout
 from lits.serve.job_capacity import VOLUMES_PER_REPLICA, JobCapacity, ModelWindow
 from lits.serve.job_progress import FINAL_STATES, JobProgress, JobState, SummaryWriter
 from lits.serve.job_spec import ACTOR_PREFIX, JOBS_NAMESPACE, JobSpec
-from lits.serve.job_tasks import list_inputs, segment_volume_task
+from lits.serve.job_inputs import list_inputs
+from lits.serve.job_tasks import segment_volume_task
 from lits.serve.model_client import describe_model
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,12 @@ class JobDriver:
         self.progress.set_model(describe_model(job.app_name, job.wait_s))
         listing = list_inputs(job.input, job.output)
         volumes, refused = listing["volumes"], listing["refused"]
-        self.progress.listed(len(volumes) + len(refused), len(listing["ignored"]))
+        self.progress.listed(len(volumes) + len(refused), len(listing["ignored"]), listing["skipped"])
         if not volumes and not refused:
-            raise UserError(f"no .nii or .nii.gz volumes under {job.input} "
-                            f"({len(listing['ignored'])} ignored: reference segmentations or outputs)")
+            why = "; ".join(str(s) for s in listing["skipped"][:2])
+            raise UserError(f"no .nii or .nii.gz volumes and no DICOM CT series under {job.input} "
+                            f"({len(listing['ignored'])} ignored: reference segmentations or outputs"
+                            f"{'; skipped: ' + why if why else ''})")
         for uri, reason in refused:  # names that would write outside the output, or over another's outputs
             self.progress.record({"input": uri, "status": "failed", "reason": f"refused: {reason}"})
         if not volumes:

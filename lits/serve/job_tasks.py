@@ -10,8 +10,8 @@ wait has a deadline and resends). A lost model replica never hangs the service:
   may add) outside it. Every volume task of a job or an upload runs inside the pool, so a replica
   that dies frees CPUs no volume task can take, and its replacement is scheduled.
 
-Outputs per input `INPUT/<rel>.nii[.gz]` are named by `lits.core.naming`: the mask, the preview, then
-the report (written last: its presence with this model's id and the input's identity means done).
+Outputs per input `INPUT/<rel>.nii[.gz]` (or DICOM series, `job_inputs`) are named by
+`lits.core.naming`: the mask, the preview (a series' DICOM-SEG), then the report (written last: its presence with this model's id and the input's identity means done).
 Every write is atomic, and a volume's outputs are all or nothing (`segment_volume`). Every file a
 volume reads or writes is resolved and checked against the server's allow-list first, and every
 file it writes against the job's own output.
@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import traceback
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import ray
 
 from lits.serve import access
-from lits.model import inference
-from lits.core import naming, storage
+from lits.model import dicom_inference, inference
+from lits.model.dicom_inference import SEG_KEY
+from lits.core import dicom, naming, storage
 from lits.core.errors import BadInputError, UserError
 from lits.serve.job_spec import JOBS_FOLDER, JobSpec
 from lits.serve.model_client import ModelSubmit, ModelUnavailable, task_threads
@@ -107,9 +107,9 @@ def in_pool(pg) -> Dict:
 
 def already_done(uris: Dict[str, str], model_id: str, source: Dict) -> bool:
     """True when the volume's report says this model segmented this very input (`source`, its
-    `storage.identity`) and its mask exists (the report is written last). A report without an
-    identity, or with another (the input was replaced, or another input wrote these names), is
-    not done."""
+    `storage.identity` or `dicom.series_identity`) and its mask (and DICOM-SEG, for a series)
+    exist (the report is written last). A report without an identity, or with another (the input
+    was replaced, or another input wrote these names), is not done."""
     if not storage.exists(uris["report"]):
         return False
     try:
@@ -117,35 +117,50 @@ def already_done(uris: Dict[str, str], model_id: str, source: Dict) -> bool:
     except (ValueError, UserError):
         return False
     return (isinstance(report, dict) and report.get("model_id") == model_id
-            and report.get("input_identity") == source and storage.exists(uris["mask"]))
+            and report.get("input_identity") == source and storage.exists(uris["mask"])
+            and (SEG_KEY not in uris or storage.exists(uris[SEG_KEY])))
 
 
 def remove_outputs(uris: Dict[str, str]) -> None:
-    """Delete a volume's report, preview and mask (report first: it is what marks a volume done)."""
-    for key in ("report", "preview", "mask"):
+    """Delete a volume's outputs, the report first (it is what marks a volume done)."""
+    for key in ["report"] + sorted(k for k in uris if k != "report"):
         storage.delete(uris[key])
 
 
-def _segment_all_or_nothing(uri: str, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit, *,
+Source = Union[str, dicom.Series]  # what a volume task segments: a NIfTI's URI or a DICOM series
+
+
+def source_files(source: Source) -> Sequence[str]:
+    return source.files if isinstance(source, dicom.Series) else (source,)
+
+
+def _segment(source: Source, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit,
+             chunk: int, threads: int, identity: Dict) -> Dict:
+    if isinstance(source, dicom.Series):
+        return dicom_inference.segment_series(source, uris, spec, submit, chunk, threads, source=identity)
+    return inference.segment_uri(source, uris, spec, submit, chunk, threads, source=identity)
+
+
+def _segment_all_or_nothing(uri: Source, uris: Dict[str, str], spec: inference.ModelSpec, submit: inference.Submit, *,
                             overwrite: bool, chunk: int, threads: int) -> Optional[Dict]:
     """The report, or None when this model's outputs of this input exist and `overwrite` is off.
 
     The input's identity is taken before it is read: replaced while it is segmented, the report
     names the older identity and the next job recomputes it (never the reverse)."""
-    source = storage.identity(uri)
+    source = dicom.series_identity(uri) if isinstance(uri, dicom.Series) else storage.identity(uri)
     done_before = already_done(uris, spec.model_id, source)
     if done_before and not overwrite:
         return None
     if not done_before:
         remove_outputs(uris)
     try:
-        return inference.segment_uri(uri, uris, spec, submit, chunk, threads, source=source)
+        return _segment(uri, uris, spec, submit, chunk, threads, source)
     except BaseException:
         try:
             if not already_done(uris, spec.model_id, source):
                 remove_outputs(uris)
         except Exception as exc:  # the first failure is the one to report
-            log.warning("volume %s: could not remove its partial outputs: %s", uri, exc)
+            log.warning("volume %s: could not remove its partial outputs: %s", source_name(uri), exc)
         raise
 
 
@@ -154,17 +169,22 @@ def check_outputs(uris: Dict[str, str], output: str, allow: Sequence[str]) -> No
     job's `output`, outside its summaries' folder (`JOBS_FOLDER`): checked before anything is
     removed or written."""
     summaries = storage.join(storage.normalise(output), JOBS_FOLDER)
-    for key in ("report", "mask", "preview"):
+    for key in sorted(uris):
         access.check_resolved(uris[key], allow, "write")
         access.check_inside(uris[key], output)
         if uris[key].startswith(summaries + "/"):
             raise BadInputError(f"refused to write {uris[key]}: the job summaries' folder {summaries} holds no outputs")
 
 
-def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit, *,
+def source_name(source: Source) -> str:
+    return source.folder if isinstance(source, dicom.Series) else source
+
+
+def segment_volume(uri: Source, rel_name: str, output: str, spec: inference.ModelSpec, submit: inference.Submit, *,
                    overwrite: bool, chunk: int, allow: Sequence[str] = (), threads: int = 1) -> Dict:
-    """One volume of a job (what `segment_volume_task` runs, on `threads` threads); never raises
-    for a bad volume.
+    """One volume (a NIfTI's URI or a DICOM series) of a job (what `segment_volume_task` runs, on
+    `threads` threads); never raises for a bad volume. A series also gets '<rel>_seg.dcm', its
+    DICOM-SEG (`dicom_inference.series_outputs`).
 
     Outputs are all or nothing: stale ones (another model's, or a half-written earlier try) are
     removed before the volume is segmented, and whatever this call wrote is removed again when it
@@ -175,18 +195,21 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
     output must lie inside `output` (`check_outputs`).
 
     Returns:
-        {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done}.
+        {'input', 'name', 'status': 'done'|'skipped'|'failed', 'reason' when failed, report figures when done;
+         a series also 'series_uid'}.
     """
-    uris = naming.output_uris(output, rel_name)
-    result = {"input": uri, "name": rel_name}
+    series = isinstance(uri, dicom.Series)
+    uris = dicom_inference.series_outputs(output, rel_name) if series else naming.output_uris(output, rel_name)
+    result = {"input": source_name(uri), "name": rel_name, **({"series_uid": uri.series_uid} if series else {})}
     try:
-        access.check_resolved(uri, allow, "read")
+        for path in source_files(uri):
+            access.check_resolved(path, allow, "read")
         check_outputs(uris, output, allow)
         report = _segment_all_or_nothing(uri, uris, spec, submit, overwrite=overwrite, chunk=chunk, threads=threads)
     except (UserError, ModelUnavailable) as exc:  # a bad volume, a symlink out, an unwritable output, no model
         return {**result, "status": "failed", "reason": str(exc)}
     except Exception as exc:
-        log.error("volume %s: %s", uri, traceback.format_exc())
+        log.error("volume %s: %s", source_name(uri), traceback.format_exc())
         return {**result, "status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
     if report is None:
         return {**result, "status": "skipped"}
@@ -196,7 +219,7 @@ def segment_volume(uri: str, rel_name: str, output: str, spec: inference.ModelSp
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def segment_volume_task(uri: str, rel_name: str, job: JobSpec, model: inference.ModelSpec) -> Dict:
+def segment_volume_task(uri: Source, rel_name: str, job: JobSpec, model: inference.ModelSpec) -> Dict:
     """`segment_volume` of one of `job`'s volumes on a Ray worker, on as many threads as the task
     reserved CPUs, its chunks sent to the model deployment of `job.app_name` (which serves `model`)."""
     resent: List[int] = []
@@ -206,49 +229,3 @@ def segment_volume_task(uri: str, rel_name: str, job: JobSpec, model: inference.
     if result["status"] == "done":
         result["chunks_resent"] = len(resent)
     return result
-
-
-# --- listing --------------------------------------------------------------------------------------
-
-def list_inputs(input_uri: str, output_uri: str) -> Dict[str, List]:
-    """The volumes a job segments: {'volumes': [(uri, rel_name)], 'ignored': [uri], 'refused': [(uri, reason)]}.
-
-    Ignored: reference segmentations (segmentation-N.nii*: `naming.is_reference`), the product's
-    own masks (*_seg.nii*: `naming.is_mask`) and anything under the output prefix, so a job may
-    point at a LiTS folder and write inside it; reports (.json) and previews (.png) are not NIfTI
-    and never listed. Refused (each a failed volume with its reason, never segmented): a name
-    `naming.refused_name` refuses (a '..', '.' or empty part, a control character), one whose
-    outputs would land among the job summaries (`_jobs/`), and one whose outputs another input
-    already names (`a.nii` beside `a.nii.gz`).
-
-    Raises:
-        UserError: a folder input that is the output or lies inside it (the job would skip it all).
-    """
-    root = storage.normalise(input_uri)
-    out = storage.normalise(output_uri).rstrip("/")
-    files = storage.list_files(root)
-    single = files == [root]
-    if not single and (root == out or root.startswith(out + "/")):
-        raise UserError(f"the input {root} lies inside the output {out}: every file there would be skipped as "
-                        f"an output; write beside the input or inside it (e.g. {root}/seg)")
-    volumes, ignored, refused, named = [], [], [], {}
-    for uri in files:
-        if not uri.endswith(naming.NIFTI_SUFFIXES):
-            continue
-        rel = os.path.basename(uri) if single else uri[len(root) + 1:]
-        base = os.path.basename(uri)
-        if (not single and uri.startswith(out + "/")) or naming.is_reference(base) or naming.is_mask(base):
-            ignored.append(uri)
-            continue
-        why = naming.refused_name(rel)
-        stem = None if why else naming.output_name(rel)
-        if stem is not None and stem.startswith(JOBS_FOLDER + "/"):
-            why = f"its outputs would be written among the job summaries ({JOBS_FOLDER}/); rename or move it"
-        elif stem in named:
-            why = f"its outputs would have the names of {named[stem]}'s ({stem}_seg.nii.gz...); rename one of them"
-        if why:
-            refused.append((uri, why))
-            continue
-        named[stem] = uri
-        volumes.append((uri, stem))
-    return {"volumes": volumes, "ignored": ignored, "refused": refused}
