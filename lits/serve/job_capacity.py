@@ -17,11 +17,12 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
   their running count (asked of Serve every `REFRESH_S`, so the window follows autoscaling) times
   a number of volumes per replica (`ModelWindow`). That number starts at `volumes_per_replica`
   and follows the replicas' busy fraction (their forward-pass seconds per second, read from
-  `SegmentModel.progress`): while the window is full and the model is busy less than
-  `IDLE_BELOW` of the time, the CPU side is what bounds the job, so the window grows (x1.5, at
-  most `MAX_PER_REPLICA`); once the model is busy more than `BUSY_ABOVE` of the time (or too busy
-  to answer within `READING_WAIT_S`), extra volumes would only queue at it, so it shrinks by one a
-  refresh, never below `volumes_per_replica`. CPU work runs
+  `SegmentModel.progress`): while the window is full, a whole window's worth of volumes finished
+  since the last reading (so not while tasks start) and the model was busy less than `IDLE_BELOW`
+  of the time, the CPU side is what bounds the job, so the window grows (x1.5, at most
+  `MAX_PER_REPLICA`); once the model is busy more than `BUSY_ABOVE` of the time (or too busy to
+  answer within `READING_WAIT_S`), extra volumes would only queue at it, so it halves, never below
+  `volumes_per_replica`. CPU work runs
   ahead of the model only that far, and the autoscaler is asked only for the CPUs of the volumes
   inside the window.
 
@@ -88,15 +89,16 @@ def running_replicas(app_name: str, deployment: str = MODEL_DEPLOYMENT) -> Optio
 
 
 def next_per_replica(current: int, base: int, busy: Optional[float], full: bool) -> int:
-    """The window per replica after one refresh: grow by half while the window is `full` and the
-    replicas' `busy` fraction is under IDLE_BELOW; shrink by one over BUSY_ABOVE (never below
-    `base`); unchanged otherwise, and when the busy fraction is unknown (None)."""
+    """The window per replica after one refresh: grow by half while the window is `full` (in use,
+    and turned over once since the last reading) and the replicas' `busy` fraction is under
+    IDLE_BELOW; halve over BUSY_ABOVE (never below `base`); unchanged otherwise, and when the busy
+    fraction is unknown (None)."""
     if busy is None:
         return current
     if busy < IDLE_BELOW and full:
         return min(MAX_PER_REPLICA, max(current + 1, int(current * 1.5)))
     if busy > BUSY_ABOVE:
-        return max(base, current - 1)
+        return max(base, current // 2)
     return current
 
 
@@ -112,16 +114,20 @@ class ModelWindow:
         self.replicas = 1
         self.asked = 0.0
         self.seen: Dict[int, tuple] = {}  # replica pid -> (its clock, its busy seconds) at the last reading
+        self.finished_before = 0
         self.handle = None
 
-    def size(self, in_flight: int = 0) -> int:
-        """Volumes that may be in flight; `in_flight`: how many are (a full window may grow)."""
+    def size(self, in_flight: int = 0, finished: int = 0) -> int:
+        """Volumes that may be in flight, given how many are (`in_flight`) and how many the job
+        finished so far (`finished`): the window grows only while it is in use and turns over."""
         if time.time() - self.asked >= REFRESH_S:
             self.asked = time.time()
             running = running_replicas(self.app_name)
             if running is not None:
                 self.replicas = max(1, running)
-            full = in_flight >= self.replicas * self.per_replica
+            window = self.replicas * self.per_replica
+            full = in_flight >= window and finished - self.finished_before >= window
+            self.finished_before = finished
             self.per_replica = next_per_replica(self.per_replica, self.base, self.busy_fraction(), full)
         return self.replicas * self.per_replica
 
@@ -160,11 +166,12 @@ class JobCapacity:
         cpus_per_volume: CPUs one volume task reserves.
         reserve_cpus: CPUs the app's replicas may hold; None: the pool is fixed (never grows).
         concurrency: the caller's cap on volumes in flight (None: what the groups hold).
-        window: volumes the model can absorb now, given those in flight (`ModelWindow.size`); None: no such bound.
+        window: volumes the model can absorb now, given those in flight and those finished
+            (`ModelWindow.size`); None: no such bound.
     """
 
     def __init__(self, app_name: str, job_id: str, cpus_per_volume: float, reserve_cpus: Optional[float] = None,
-                 concurrency: Optional[int] = None, window: Optional[Callable[[int], int]] = None):
+                 concurrency: Optional[int] = None, window: Optional[Callable[[int, int], int]] = None):
         self.app_name, self.job_id = app_name, job_id
         self.cpus_per_volume = cpus_per_volume
         self.bundle = max(1.0, float(cpus_per_volume))
@@ -176,6 +183,7 @@ class JobCapacity:
         self.own_from = len(self.groups)  # the groups from here on are the job's own
         self.slots: List[int] = [self._slots(base)] if base is not None else []
         self.running: List[int] = [0] * len(self.groups)
+        self.finished = 0
         self.refreshed = 0.0
         self.requested = 0
 
@@ -185,7 +193,7 @@ class JobCapacity:
     @property
     def cap(self) -> int:
         """The most volumes in flight now: the caller's cap, within the model's window."""
-        return min(self.max, self.window(sum(self.running))) if self.window is not None else self.max
+        return min(self.max, self.window(sum(self.running), self.finished)) if self.window is not None else self.max
 
     @property
     def elastic(self) -> bool:
@@ -241,6 +249,7 @@ class JobCapacity:
         return {"index": index, "options": in_pool(self.groups[index])}
 
     def done(self, index: Optional[int]) -> None:
+        self.finished += 1
         if index is not None:
             self.running[index] -= 1
 
