@@ -167,6 +167,10 @@ def study(tmp_path_factory):
     write_series(str(root / "sizes"), shape=(24, 32, 4), series_uid=uid, file_names=[f"a{k}" for k in range(4)])
     write_series(str(root / "sizes"), shape=(24, 24, 4), series_uid=uid, position0=(-10, -20, 40),
                  file_names=[f"b{k}" for k in range(4)])
+    uid = pydicom.uid.generate_uid()  # a scout inside the axial series (same SeriesInstanceUID)
+    write_series(str(root / "with-scout"), series_uid=uid, file_names=[f"ax{k}" for k in range(8)])
+    write_series(str(root / "with-scout"), shape=(24, 32, 1), series_uid=uid, file_names=["scout"],
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=(1, 0, 0, 0, 0, -1))
     write_series(str(root / "blank"), blank_uids=True, file_names=[f"{k}" for k in range(8)])
     write_series(str(root / "blank"), shape=(24, 32, 1), blank_uids=True, orientation=(0, 1, 0, 0, 0, -1),
                  file_names=["sagittal"])
@@ -175,7 +179,7 @@ def study(tmp_path_factory):
 
 def test_selection_keeps_good_series_and_names_each_bad_one(study):
     series, skipped = dicom.discover_series(study)
-    assert [s.name for s in series] == ["blank", "mixed/series-1", "mixed/series-2"]
+    assert [s.name for s in series] == ["blank", "mixed/series-1", "mixed/series-2", "with-scout"]
     lines = sorted(str(s) for s in skipped)
     expected = {
         "gap: missing slice": 1, "tilt: gantry tilt": 1, "dup: duplicate slice positions": 1,
@@ -183,11 +187,15 @@ def test_selection_keeps_good_series_and_names_each_bad_one(study):
         "mixed/series-3: localizer/scout image": 1, "mixed/series-4: modality MR, not CT": 1,
         "mixed/series-5: secondary capture": 1, "mixed/series-6: ImageType DERIVED/SECONDARY": 1,
         "/mixed/notes: not a DICOM file": 1, "blank/series-1: not axial": 1,
+        "with-scout: 1 of 9 files left out: localizer/scout image": 1,
     }
     for start, count in expected.items():
         assert sum(start in line for line in lines) == count, (start, lines)
     assert len(lines) == len(expected), lines
     assert all("\n" not in line for line in lines)
+    # Bad geometry fails a series a job would segment; the rest were never meant to be segmented.
+    assert sorted(s.what for s in skipped if s.failed) == ["dup", "gap", "sizes", "tilt", "uneven"]
+    assert series[3].slices == 8
     main = series[1]
     # Named and numbered against their positions: neither file names nor InstanceNumbers give this order.
     assert [os.path.basename(f) for f in main.files] == [f"{k:03d}" for k in range(8)][::-1]

@@ -160,18 +160,17 @@ def group_series(headers: Sequence[SliceHeader]) -> Tuple[List[Series], List[Ski
         reasons = {h.uri: unwanted(h) for h in members}
         kept = [h for h in members if reasons[h.uri] is None]
         dropped = Counter(r for r in reasons.values() if r is not None)
-        label = _label(_folder_of(members), members, key)
-        if not kept:
-            reason, count = dropped.most_common(1)[0]
-            skipped.append(Skipped(label, f"{reason} ({count} of {len(members)} files)"))
+        if kept:
+            candidates.append((key, kept, dropped, len(members)))
             continue
-        for reason, count in sorted(dropped.items()):
-            skipped.append(Skipped(label, f"{count} of {len(members)} files left out: {reason}"))
-        candidates.append((key, kept))
-    names = series_names([(key, _folder_of(kept), kept[0].series_number) for key, kept in candidates])
+        reason, count = dropped.most_common(1)[0]
+        skipped.append(Skipped(_label(_folder_of(members), members, key), f"{reason} ({count} of {len(members)} files)"))
+    names = series_names([(key, _folder_of(kept), kept[0].series_number) for key, kept, _, _ in candidates])
     series = []
-    for key, kept in candidates:
+    for key, kept, dropped, total in candidates:
         name = names[key]
+        for reason, count in sorted(dropped.items()):
+            skipped.append(Skipped(name, f"{count} of {total} files left out: {reason}"))
         if len(kept) < MIN_SLICES:
             skipped.append(Skipped(name, f"only {len(kept)} axial slice(s); a CT volume needs at least {MIN_SLICES}"))
             continue
