@@ -217,6 +217,15 @@ def test_read_seg_round_trips_labels_and_geometry(series):
         assert np.array_equal(grid.to_canonical(on_series), geometry.to_canonical(sparse))
 
 
+def test_an_empty_mask_is_a_seg_of_the_whole_series(series):
+    """Nothing segmented: highdicom keeps every (empty) frame, and the SEG reads back as zeros on the
+    series' grid."""
+    datasets, geometry, labels = series
+    back, back_geometry = dicom_seg.read_seg(dicom_seg.seg_bytes(np.zeros_like(labels), datasets, model_id="m"))
+    assert back.shape == labels.shape and not back.any()
+    assert np.abs(back_geometry.affine_array - geometry.affine_array).max() < 1e-4
+
+
 def _shift(i, j, k):
     out = np.eye(4)
     out[:3, 3] = (i, j, k)

@@ -227,12 +227,18 @@ def test_dicom_seg_predictions_and_references_score_as_their_nifti(tmp_path):
 
     nifti = evaluation.evaluate_pair("0", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"))
     assert 0.5 < nifti["liver_dice"] < 1 and 0 < nifti["tumour_dice"] < 1 and nifti["liver_pred_voxels"] > 1000
-    found = evaluation.pair_files(str(pred_dir), str(ref_dir))
-    assert [(k, os.path.basename(p), os.path.basename(r)) for k, p, r, _ in found["pairs"]] == [
-        ("7", "volume-7_seg.dcm", "segmentation-7.nii.gz"), ("8", "volume-8_seg.nii.gz", "segmentation-8.dcm"),
-        ("9", "volume-9_seg.dcm", "segmentation-9.nii.gz")]
+    images = tmp_path / "images"  # a CT slice named like case 7 is no picture's image (pictures read NIfTI)
+    images.mkdir()
+    shutil.copy(tmp_path / "series" / "IM0000", images / "7.dcm")
+    volumes.write_nifti(str(images / "volume-8.nii.gz"), ref.astype(np.int16), affine)
+    found = evaluation.pair_files(str(pred_dir), str(ref_dir), str(images))
+    assert [(k, os.path.basename(p), os.path.basename(r), img and os.path.basename(img)) for k, p, r, img in
+            found["pairs"]] == [("7", "volume-7_seg.dcm", "segmentation-7.nii.gz", None),
+                                ("8", "volume-8_seg.nii.gz", "segmentation-8.dcm", "volume-8.nii.gz"),
+                                ("9", "volume-9_seg.dcm", "segmentation-9.nii.gz", None)]
     out = tmp_path / "eval"
-    summary = evaluation.evaluate(EvaluateConfig(pred=str(pred_dir), ref=str(ref_dir), output=str(out), local=True))
+    summary = evaluation.evaluate(EvaluateConfig(pred=str(pred_dir), ref=str(ref_dir), output=str(out),
+                                                 images=str(images), local=True))
     assert summary["cases_evaluated"] == 2 and [f["case"] for f in summary["failed"]] == ["9"]
     assert "geometry mismatch: its voxels lie up to 0.3 mm off" in summary["failed"][0]["reason"]
     rows = {r["case"]: r for r in csv.DictReader(io.StringIO((out / "metrics.csv").read_text()))}

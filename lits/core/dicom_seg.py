@@ -46,6 +46,7 @@ MANUFACTURER = "lits"
 LIVER_CODE = codes.SCT.Liver  # SCT 10200004
 TUMOUR_CODES = ("108369006", "4147007", "52988006")  # SCT Neoplasm (Tumor), Mass, Lesion
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_SEG_CLASSES = (SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7")  # Segmentation, Label Map Segmentation
 # Type 2 attributes highdicom copies from the first source image: anonymised series often lack them.
 _PATIENT_STUDY_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                         "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -153,7 +154,7 @@ def _parse(data: bytes, name: str):
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:
         raise BadInputError(f"{name}: not a DICOM file ({exc}); expected a DICOM Segmentation (.dcm)") from exc
-    if dataset.get("SOPClassUID") != SegmentationStorage:
+    if dataset.get("SOPClassUID") not in _SEG_CLASSES:
         kind = dataset.get("SOPClassUID")
         raise BadInputError(f"{name}: a DICOM {getattr(kind, 'name', None) or kind or 'file without SOP class'}, not a "
                             "Segmentation (SEG); point at the SEG file (e.g. <name>_seg.dcm)")

@@ -73,8 +73,8 @@ def pair_files(pred: str, ref: str, images: Optional[str] = None) -> Dict:
     def is_pred(name: str) -> bool:
         return naming.is_mask(name) or naming.is_reference(name)
 
-    def is_image(name: str) -> bool:
-        return not naming.is_reference(name) and not naming.is_mask(name)
+    def is_image(name: str) -> bool:  # a NIfTI CT (pictures read NIfTI only)
+        return not naming.is_reference(name) and not naming.is_mask(name) and not name.endswith(naming.DICOM_SUFFIX)
 
     def is_ref(name: str) -> bool:
         return not naming.is_volume(name) and not naming.is_mask(name)
