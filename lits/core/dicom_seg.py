@@ -10,19 +10,20 @@ map as it is, as MONAI Deploy's liver-tumour app writes it), both always describ
     Neoplasm (Tumor), anatomic region SCT 10200004 Liver: label 2.
 These are the codes of MONAI Deploy's liver-tumour app and highdicom's own examples (DCM 123110
 Artificial Intelligence as the algorithm family). Overlapping segments (the liver with its tumour)
-would cost highdicom a per-voxel overlap check over a (slices, rows, columns, 2) array. The SEG's Series Instance UID is derived from
-(source series, model id), its SOP Instance UID from (source series, model id, the labels' bytes):
-a rerun of one model on one series writes the same UIDs, new content gets a new instance.
-The patient and study modules are the source's (DICOM practice); nothing from them is logged.
+would cost highdicom a per-voxel overlap check over a (slices, rows, columns, 2) array.
+The SEG's Series Instance UID is derived from (source series, model id), its SOP Instance UID from
+(source series, model id, the labels' bytes): a rerun of one model on one series writes the same
+UIDs, new content gets a new instance. The patient and study modules are the source's (DICOM
+practice); nothing from them is logged.
 
 Read (`read_seg`): segments are mapped by their coded property type, not their labels or
 numbers: Liver (SCT 10200004) -> label 1; Neoplasm/Tumor (108369006), Mass (4147007) or Lesion
 (52988006), unless the segment names an anatomic region other than the liver -> label 2 (over 1).
 Several segments of one kind are united (a liver that includes its tumour reads the same as one
-around it); other segments are ignored. The labels come back on the
-SEG's own grid: the frames' span (a SEG holds only its non-empty frames), in the file layout of
-`dicom.read_series` (i = column, j = row, k = slice along the normal), with a Geometry whose affine
-maps it to RAS+ mm. `common_grid` puts two label volumes of one lattice on one grid.
+around it); other segments are ignored. The labels come back on the SEG's own grid: the frames'
+span (a SEG holds only its non-empty frames), in the file layout of `dicom.read_series` (i = column,
+j = row, k = slice along the normal), with a Geometry whose affine maps it to RAS+ mm.
+`common_grid` puts two label volumes of one lattice on one grid.
 """
 
 from __future__ import annotations
