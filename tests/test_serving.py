@@ -466,6 +466,49 @@ def test_segment_endpoint_rejects_bad_bodies(server):
 
 
 @pytest.mark.slow
+def test_segment_endpoint_answers_a_zip_of_one_dicom_series_with_its_seg(server, tmp_path):
+    """Eight neighbouring slices of the real JPEG 2000 series, zipped in a folder, shuffled: the
+    answer is a DICOM-SEG on that series (its instances referenced, its grid); a zip holding two
+    series, or no DICOM, is one 422 line saying so."""
+    import io
+    import random
+    import zipfile
+
+    import pydicom
+
+    from dicom_factory import write_series
+    from lits.core import dicom, dicom_seg
+
+    [series], _ = dicom.discover_series(os.path.join(os.path.dirname(__file__), "data", "dicom-ct-series"))
+    files = list(series.files[4:12])
+    random.Random(0).shuffle(files)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for f in files:
+            zf.write(f, "export/" + os.path.basename(f))
+    status, payload, headers = call(server, "POST", "/v1/segment?name=abdomen.zip", raw=buffer.getvalue(),
+                                    headers={"Content-Type": "application/zip"})
+    assert status == 200, payload
+    assert headers["content-type"] == "application/dicom" and headers["content-disposition"].endswith('abdomen_seg.dcm"')
+    seg = pydicom.dcmread(io.BytesIO(payload))
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in files}
+    labels, geometry = dicom_seg.read_seg(payload)
+    assert geometry.canonical_shape == (8, 512, 512)
+    report = json.loads(headers["x-lits-report"])
+    assert report["input"] == "abdomen.zip" and report["slices"] == 8 and report["dicom"]["files"] == 8
+    write_series(str(tmp_path / "a"), shape=(16, 16, 4))
+    write_series(str(tmp_path / "b"), shape=(16, 16, 4))
+    two = io.BytesIO()
+    with zipfile.ZipFile(two, "w") as zf:
+        for folder in ("a", "b"):
+            for name in os.listdir(tmp_path / folder):
+                zf.write(tmp_path / folder / name, f"{folder}/{name}")
+    status, body, _ = call(server, "POST", "/v1/segment?name=two.zip", raw=two.getvalue())
+    assert status == 422 and body["detail"].startswith("two.zip: 2 CT series"), body
+
+
+@pytest.mark.slow
 def test_every_api_route_needs_the_token(server, first_job):
     """Every route in the OpenAPI schema, called without the token or with a wrong one, answers 401;
     only /healthz (and the docs, which are not in the schema) are open."""

@@ -36,6 +36,7 @@ RETRIES = 5  # per chunk, when the model replica that held it is lost or does no
 RETRY_WAIT_S = 2.0
 MODEL_WAIT_S = 60.0  # the longest a chunk may go unanswered while the model makes no progress
 PROGRESS_WAIT_S = 10.0  # the longest wait for a replica's progress()
+ZIP_MAGIC = b"PK\x03\x04"  # an upload that starts so is a zip of one DICOM series
 
 
 def _replica_lost(exc: BaseException) -> bool:
@@ -187,12 +188,22 @@ async def describe_async(app_name: str, wait_s: float = MODEL_WAIT_S) -> Dict:
 @ray.remote(num_cpus=1, max_retries=0)
 def segment_upload_task(data: bytes, name: str, spec: inference.ModelSpec, app_name: str, chunk: int,
                         wait_s: float = MODEL_WAIT_S) -> Dict:
-    """Segment uploaded NIfTI bytes (POST /v1/segment): {'mask': bytes, 'report'} or {'error'} (one line)."""
+    """Segment an upload (POST /v1/segment): NIfTI bytes answer their mask as .nii.gz; a zip of one
+    DICOM series (`dicom_inference.segment_zip`) answers its DICOM-SEG. {'body', 'media_type',
+    'filename', 'report'}, or {'error'} (one line)."""
+    from lits.core import naming
+    from lits.model import dicom_inference
+
+    submit = ModelSubmit(app_name, None, wait_s)
     try:
-        mask, report = inference.segment_bytes(data, name, spec,
-                                               ModelSubmit(app_name, None, wait_s), chunk, task_threads())
+        if data[:4] == ZIP_MAGIC:
+            seg, _, report = dicom_inference.segment_zip(data, name, spec, submit, chunk, task_threads())
+            stem = name[:-4] if name.lower().endswith(".zip") else name
+            return {"body": seg, "media_type": "application/dicom", "filename": stem + naming.SEG_SUFFIX, "report": report}
+        mask, report = inference.segment_bytes(data, name, spec, submit, chunk, task_threads())
     except BadInputError as exc:
         return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-    return {"mask": mask, "report": report}
+    return {"body": mask, "media_type": "application/gzip", "filename": naming.mask_name(naming.strip_nifti(name)),
+            "report": report}
 
 

@@ -280,15 +280,16 @@ class Api:
     @v1.post("/segment", responses={200: {"content": {"application/gzip": {}},
                                           "description": "the mask as .nii.gz; the report in X-LiTS-Report"}})
     async def segment(self, request: Request, name: str = "upload") -> Response:
-        """Body: one .nii or .nii.gz file. Returns the uint8 label mask with the input's shape and
-        affine as .nii.gz; the per-volume report (JSON) is in the X-LiTS-Report header."""
+        """Body: one .nii or .nii.gz file (answered by its uint8 label mask, the input's shape and
+        affine, as .nii.gz) or a .zip of one DICOM series (by its DICOM-SEG); the report (JSON) is
+        in the X-LiTS-Report header."""
         if self._uploads is None:
             self._uploads = asyncio.Semaphore(self.cfg.max_uploads)
         spec = inference.ModelSpec.from_dict(await self.spec())
         # The Guard has read the body (within its limit and deadline): a slow client holds no slot.
         data = await self.read_body(request)
         if not data:
-            raise HTTPException(400, "empty body: POST the bytes of one .nii or .nii.gz file")
+            raise HTTPException(400, "empty body: POST one .nii or .nii.gz file, or a .zip of one DICOM series")
         async with self._uploads:
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "upload"
             # Putting the body into the object store copies it: off the event loop.
@@ -304,10 +305,9 @@ class Api:
                 raise HTTPException(500, f"internal error while segmenting {safe}: {type(exc).__name__}") from exc
         if "error" in result:
             raise HTTPException(422, result["error"])
-        return Response(result["mask"], media_type="application/gzip", headers={
+        return Response(result["body"], media_type=result["media_type"], headers={
             "X-LiTS-Report": json.dumps(result["report"], separators=(",", ":")),
-            "Content-Disposition": f'attachment; filename="{naming.mask_name(naming.strip_nifti(safe))}"',
-        })
+            "Content-Disposition": f'attachment; filename="{result["filename"]}"'})
 
     @v1.post("/jobs", status_code=202, dependencies=[Depends(require_json)])
     async def create_job(self, body: JobRequest) -> Dict:
