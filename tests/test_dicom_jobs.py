@@ -118,3 +118,30 @@ def test_a_series_that_fails_to_decode_leaves_nothing_under_its_final_names(tmp_
     result = job_tasks.segment_volume(series, rel, str(out), *model, overwrite=False, chunk=8)
     assert result["status"] == "failed" and "case" in result["reason"], result
     assert not storage.exists(str(out)) or os.listdir(out) == []
+
+
+def test_liver_agreement_is_measured_in_world_coordinates(tmp_path):
+    """TotalSegmentator's liver (stored L-A-S, rows the other way round from the DICOM files) written
+    on the series' own grid agrees with itself 1.0 wherever it is stored; the same mask flipped
+    front to back on that grid agrees far less; tumour voxels count as liver and as tumour mL."""
+    from lits.core import dicom
+    from lits.evaluate.agreement import liver_agreement
+
+    ref_uri = os.path.join(os.path.dirname(REAL), "dicom-ct-series-liver.nii.gz")
+    ref, ref_geometry = volumes.read_nifti(ref_uri)
+    [series], _ = dicom.discover_series(REAL)
+    geometry = dicom.read_series(series)[1]
+    assert ref_geometry.axcodes != geometry.axcodes  # the two files store the voxels differently
+    on_series = geometry.from_canonical(ref_geometry.to_canonical(ref)).astype(np.uint8)
+    on_series[on_series > 0] = 1
+    liver = np.argwhere(on_series == 1)
+    centre = tuple(liver[len(liver) // 2])
+    tumour = tuple(slice(c - 2, c + 3) for c in centre)  # 5 x 5 x 5 voxels inside the liver
+    on_series[tumour] = 2
+    volumes.write_nifti(str(tmp_path / "pred.nii.gz"), on_series, geometry.affine_array)
+    same = liver_agreement(str(tmp_path / "pred.nii.gz"), ref_uri)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000
+    assert same["liver_dice"] == 1.0 and same["pred_lesions"] == 1
+    assert same["pred_tumour_ml"] == round(125 * voxel_ml, 2) and same["ref_liver_ml"] == same["pred_liver_ml"] > 500
+    volumes.write_nifti(str(tmp_path / "flipped.nii.gz"), on_series[:, ::-1].copy(), geometry.affine_array)
+    assert liver_agreement(str(tmp_path / "flipped.nii.gz"), ref_uri)["liver_dice"] < 0.6
