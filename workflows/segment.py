@@ -5,6 +5,8 @@
     python workflows/segment.py --input s3://archive/ct/ --output s3://archive/seg/ --server http://head:8000
     # self-contained: a local Ray + Serve with --model, the job, then shutdown
     python workflows/segment.py --input demo-output/volumes --output demo-output/segmentations
+    # keep segmenting what lands under the prefix (a watch on the server; Ctrl-C leaves it running there)
+    python workflows/segment.py --watch --poll-s 10 --input s3://archive/incoming/ --output s3://archive/seg/ --server http://head:8000
     # on a cluster
     ray job submit -- python workflows/segment.py --address auto --model s3://bucket/runs/model --input ... --output ...
 
@@ -36,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="follow the job with a progress bar until it ends (default: on; --no-wait prints the job id)")
     p.add_argument("--ref", default=None, help="reference segmentations (segmentation-N.nii[.gz]): evaluate the job's "
                    "masks against them into OUTPUT/_evaluation when the job ends")
+    p.add_argument("--watch", action="store_true", help="with --server: keep segmenting every volume that lands "
+                   "under --input (a watch on the server, POST /v1/watches); follows it until Ctrl-C unless --no-wait")
+    p.add_argument("--poll-s", type=float, default=10.0, help="with --watch: seconds between two listings of --input; "
+                   "a volume is taken once unchanged across two (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="recompute volumes whose outputs exist for this model")
     p.add_argument("--concurrency", type=int, default=None, help="volumes in flight (default: the volume pool's "
                    "CPUs / --cpus-per-volume: the CPUs the model replicas leave free)")
@@ -66,6 +72,33 @@ def run(args) -> dict:
                                       lambda: start_ray(args.address), quiet=not args.verbose)
 
 
+def watch(args) -> int:
+    """Start a watch on args.server; with --wait print its counts every few seconds until Ctrl-C."""
+    import time
+
+    from lits.core.errors import UserError
+    from lits.serve import segment_client
+
+    if not args.server or args.ref:
+        raise UserError("--watch needs --server (a watch runs on a server that stays up) and takes no --ref")
+    request = {"input": segment_client.as_uri(args.input), "output": segment_client.as_uri(args.output),
+               "poll_s": args.poll_s, "overwrite": args.overwrite}
+    watch_id = segment_client.call_server(args.server, "POST", "/v1/watches", request)["watch_id"]
+    url = f"{args.server.rstrip('/')}/v1/watches/{watch_id}"
+    print(f"watch {watch_id} started: {url}  (stop it: curl -X DELETE -H 'Authorization: Bearer ...' {url})", flush=True)
+    try:
+        while args.wait:
+            found = segment_client.call_server(args.server, "GET", f"/v1/watches/{watch_id}")
+            c, lag = found["counts"], found["lag_s"]
+            print(f"{found['state']}: {c['done']} done, {c['failed']} failed, {c['submitted']} running, {c['pending']} "
+                  f"pending; lag p50 {lag['p50']} s, p95 {lag['p95']} s", flush=True)
+            time.sleep(max(2.0, args.poll_s))
+    except KeyboardInterrupt:
+        print("\nthe watch goes on on the server", flush=True)
+        return 130
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cluster_args(args)
@@ -73,6 +106,8 @@ def main(argv=None) -> int:
         from lits.core import reports, storage
         from lits.serve import segment_client
 
+        if args.watch:
+            return watch(args)
         if args.ref:
             storage.require(args.ref)
         job = run(args)

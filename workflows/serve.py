@@ -58,6 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resume_watches(cfg: ServeConfig) -> None:
+    """Take up the watches registered with the job records (GET /v1/watches resumes them in the ingress,
+    which owns their runners); a failure is a warning: the first /v1/watches call tries again."""
+    from lits.serve import segment_client
+
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    try:
+        found = segment_client.call_server(f"http://{host}:{cfg.port}", "GET", "/v1/watches")
+    except UserError as exc:
+        logging.warning("watches not resumed yet: %s", exc)
+        return
+    if any(not w["deleted"] for w in found):
+        print(f"watching {sum(not w['deleted'] for w in found)} prefix(es): {cfg.host}:{cfg.port}/v1/watches", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cluster_args(args)
@@ -105,6 +120,7 @@ def main(argv=None) -> int:
         print(f"serving model {spec.model_id} ({cfg.model}) at {url}  (API docs: {url}/docs)", flush=True)
         if not cfg.token_sha256:
             print(f"no {access.TOKEN_ENV} set: the API accepts every caller", flush=True)
+        resume_watches(cfg)
         if args.detach:
             return 0
         stop = threading.Event()

@@ -23,7 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from ray import serve
 
-from lits.serve import http_guard, job_results, page_auth, page_html
+from lits.serve import http_guard, job_results, page_auth, page_html, watch_routes
 from lits.serve.job_spec import JOB_ID
 
 router = APIRouter(include_in_schema=False)
@@ -124,8 +124,10 @@ async def logout() -> Response:
 
 
 def mount(api: FastAPI, v1: APIRouter) -> None:
-    """Add the API router `v1` (with the JSON routes the pages read, `lits.serve.job_results`, which
-    take its token dependency) and then these pages to `api`, before Serve binds its routes."""
+    """Add the API router `v1` (with the JSON routes the pages read, `lits.serve.job_results`, and the
+    watches', `lits.serve.watch_routes`, which take its token dependency) and then these pages to `api`,
+    before Serve binds its routes."""
     v1.include_router(job_results.router)
+    v1.include_router(watch_routes.router)
     api.include_router(v1)
     api.include_router(router)

@@ -1,0 +1,141 @@
+"""What a watch knows about the objects under its prefix, and the rules that move them on (pure: no Ray,
+no I/O; `lits.serve.watches` lists, writes and submits).
+
+One entry per key (its path below the watch's input), holding the object's identity as the listing
+gives it (size and ETag on S3, size and mtime elsewhere) and where it is:
+
+    pending    seen, not yet unchanged across two polls in a row (still being written, maybe)
+    submitted  ready: a bulk job segments it (`job_id`)
+    done       its mask and report are written (`lag_s`: from first seen to the job's end)
+    failed     its job failed it (`reason`)
+
+A new key is segmented once; a key whose identity changes (replaced) is pending again and segmented
+again; a key that disappears is left alone (its outputs stay; a pending one is forgotten).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+WATCH_ID = re.compile(r"[0-9a-f]{12}")
+READY_POLLS = 2  # an object is ready once its identity was the same in this many polls in a row
+STATES = ("pending", "submitted", "done", "failed")
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """A watch: objects landing under `input` are segmented into `output`, polled every `poll_s`.
+
+    Attributes:
+        input, output: URIs, checked against the allow-list and normalised by the caller.
+        poll_s: seconds between two listings of `input`.
+        overwrite: passed to each job (recompute outputs that exist for this model).
+        max_jobs: jobs of this watch running at once; ready objects beyond wait as pending.
+        watch_id: 12 hex digits.
+    """
+
+    input: str
+    output: str
+    poll_s: float = 10.0
+    overwrite: bool = False
+    max_jobs: int = 4
+    watch_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not WATCH_ID.fullmatch(self.watch_id):
+            raise ValueError(f"watch_id must be 12 lower-case hex digits, got {self.watch_id!r}")
+        if not 0.05 <= self.poll_s <= 3600:
+            raise ValueError(f"poll_s must be in [0.05, 3600] seconds, got {self.poll_s}")
+        if not 1 <= self.max_jobs <= 256:
+            raise ValueError(f"max_jobs must be in [1, 256], got {self.max_jobs}")
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+
+def identity_of(info: Dict) -> Dict:
+    """The identity fields of one fsspec listing entry: {'size', 'etag'} or {'size', 'mtime'}."""
+    size = int(info.get("size") or 0)
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if etag:
+        return {"size": size, "etag": etag}
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    return {"size": size, "mtime": str(mtime)}
+
+
+def advance(entries: Dict[str, Dict], listing: Dict[str, Dict], now: float) -> List[str]:
+    """Move `entries` (key -> entry, changed in place) on by one poll's `listing` (key -> identity);
+    return the keys that became ready (submit them), in key order."""
+    ready = []
+    for key, identity in listing.items():
+        entry = entries.get(key)
+        if entry is None or entry["identity"] != identity:
+            if entry is not None and entry["state"] == "submitted":
+                entry["replaced"] = True  # changed under its job: segmented again once that job ends
+                continue
+            versions = (entry or {}).get("versions", 0) + (entry is not None and entry["state"] != "pending")
+            entries[key] = {"identity": identity, "state": "pending", "polls": 1, "first_seen": now,
+                            "versions": versions}
+            continue
+        if entry["state"] == "pending":
+            entry["polls"] += 1
+            if entry["polls"] >= READY_POLLS:
+                ready.append(key)
+    for key in [k for k, e in entries.items() if k not in listing and e["state"] == "pending"]:
+        del entries[key]  # gone before it was ready
+    return sorted(ready)
+
+
+def submitted(entries: Dict[str, Dict], keys: Sequence[str], job_id: str, now: float) -> None:
+    for key in keys:
+        entries[key].update(state="submitted", job_id=job_id, submitted_at=now)
+
+
+def finished(entries: Dict[str, Dict], key: str, ok: bool, reason: Optional[str], now: float) -> None:
+    """The job of `key` ended: done (with its lag) or failed (with the reason). A key replaced while its job
+    ran is pending again."""
+    entry = entries[key]
+    if entry.pop("replaced", False):
+        entries[key] = {"identity": {}, "state": "pending", "polls": 0, "first_seen": now,
+                        "versions": entry.get("versions", 0) + 1}
+        return
+    entry.update(state="done" if ok else "failed", done_at=now, lag_s=round(now - entry["first_seen"], 3))
+    if not ok:
+        entry["reason"] = reason or "failed"
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """The q-th percentile (0-100) by nearest rank, None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def summary(entries: Dict[str, Dict], failed_listed: int = 100) -> Dict:
+    """Counts per state, lag p50/p95 of the done ones, and the first `failed_listed` failures."""
+    counts = {s: 0 for s in STATES}
+    lags, failed = [], []
+    for key, entry in sorted(entries.items()):
+        counts[entry["state"]] += 1
+        if entry["state"] == "done":
+            lags.append(entry["lag_s"])
+        elif entry["state"] == "failed" and len(failed) < failed_listed:
+            failed.append({"key": key, "reason": entry.get("reason"), "job_id": entry.get("job_id")})
+    pending = [k for k, e in sorted(entries.items()) if e["state"] == "pending"][:failed_listed]
+    return {"counts": counts, "lag_s": {"p50": percentile(lags, 50), "p95": percentile(lags, 95), "n": len(lags)},
+            "failed": failed, "pending": pending}
+
+
+def split_ready(ready: Sequence[str], running_jobs: int, max_jobs: int) -> Tuple[List[str], List[str]]:
+    """(keys to submit now, keys left pending) when `running_jobs` of the watch's `max_jobs` run."""
+    room = max(0, max_jobs - running_jobs)
+    return list(ready[:room]), list(ready[room:])

@@ -1,0 +1,324 @@
+"""Watches: a prefix the service keeps segmenting. Objects landing under the watch's input are segmented
+into its output without anyone resubmitting, through the bulk-job machinery (`lits.serve.jobs`).
+
+A watch is a `WatchRunner` actor (one per watch per cluster, named after it, owned by the process that
+started it) whose thread, every `poll_s`:
+  1. holds the watch's lease (`OUTPUT/_watches/<id>/lease.json`: owner and expiry, taken when absent,
+     expired or its own, then read back after `LEASE_SETTLE_S`: of two servers on one watch, the one
+     whose write landed last works; the other only watches the lease), so a second server on the same
+     watch does no work twice;
+  2. lists the input once (fsspec `find` with details: ListObjectsV2 pages on S3, size and ETag per
+     key, no request per object) and moves each key on (`watch_state.advance`: ready when unchanged
+     across two polls);
+  3. submits each ready object as a bulk job of its own (input: that object; output: the watch's output
+     plus the object's folder, so outputs are named as a job over the whole prefix names them), at most
+     `max_jobs` of the watch's jobs at once. A job per object keeps the readiness rule exact (the job
+     reads the ready object only, never one still being written) and reuses the jobs' identity-based
+     skip: a volume already segmented for this input and model is skipped, whoever submits it;
+  4. follows its jobs to their end (done, or failed with the reason) and writes the watch's state
+     (`OUTPUT/_watches/<id>/state.json`) when anything changed.
+
+The state lives in the output bucket, so a restarted server (or another one) takes the watch up where
+it was: entries already submitted are followed again through their job records. The list of watches is
+kept beside the job records (`<jobs state>/watches/<id>.json`), which `resume` reads at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Dict, List, Optional
+
+import ray
+
+from lits.core import naming, storage
+from lits.serve import jobs
+from lits.serve.job_progress import FINAL_STATES
+from lits.serve.job_spec import JOBS_NAMESPACE, JobSpec, new_job_id
+from lits.serve import watch_state
+from lits.serve.watch_state import WatchSpec
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "lits-watch-"
+WATCHES_FOLDER = "_watches"
+LEASE_SETTLE_S = 0.3
+LEASE_POLLS = 3  # a lease lasts this many polls (at least LEASE_MIN_S): a server that stops polling loses it
+LEASE_MIN_S = 30.0
+
+
+def state_folder(output: str, watch_id: str) -> str:
+    return storage.join(output, WATCHES_FOLDER, watch_id)
+
+
+def registry_uri(jobs_state: str, watch_id: str) -> str:
+    return storage.join(storage.normalise(jobs_state), "watches", f"{watch_id}.json")
+
+
+def _read_json(uri: str) -> Optional[Dict]:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except Exception:  # absent or unreadable: the caller decides what that means
+        return None
+
+
+def read_lease(uri: str) -> Optional[Dict]:
+    """The lease at `uri`, None when there is none; raises when it cannot be read (a server that cannot
+    tell whether another holds the watch must not take it)."""
+    fs, path = storage.filesystem(uri)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def renew_lease(uri: str, owner: str, ttl_s: float) -> bool:
+    """Extend `owner`'s lease by `ttl_s` from now; False when it is another's now (taken after it expired)."""
+    current = read_lease(uri)
+    if not current or current.get("owner") != owner:
+        return False
+    storage.write_bytes(uri, json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode())
+    return True
+
+
+def take_lease(uri: str, owner: str, ttl_s: float, settle_s: float = LEASE_SETTLE_S) -> bool:
+    """Whether `owner` holds the lease at `uri` for the next `ttl_s` seconds (module docstring, step 1)."""
+    current = read_lease(uri)
+    now = time.time()
+    if current and current.get("owner") != owner and current.get("expires", 0) > now:
+        return False
+    storage.write_bytes(uri, json.dumps({"owner": owner, "expires": now + ttl_s}).encode())
+    time.sleep(settle_s)
+    found = read_lease(uri)
+    return bool(found) and found.get("owner") == owner
+
+
+def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
+    """key (path below the input) -> identity of every NIfTI object a job would segment there (not the
+    product's own outputs, reference segmentations or anything under the output). One listing."""
+    root = storage.normalise(input_uri).rstrip("/")
+    out = storage.normalise(output_uri).rstrip("/")
+    fs, path = storage.filesystem(root)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return {}
+    found = {}
+    for fs_path, info in fs.find(path, detail=True).items():
+        uri = root + "/" + fs_path[len(path.rstrip("/")) + 1:]
+        base = os.path.basename(uri)
+        if (not uri.endswith(naming.NIFTI_SUFFIXES) or uri.startswith(out + "/") or naming.is_reference(base)
+                or naming.is_mask(base)):
+            continue
+        found[uri[len(root) + 1:]] = watch_state.identity_of(info)
+    return found
+
+
+class WatchRunner:
+    """One watch's actor: its polling thread (module docstring) and what GET /v1/watches/{id} reads."""
+
+    def __init__(self, spec: WatchSpec, job_template: JobSpec, owner: Optional[str] = None):
+        self.spec = spec
+        self.template = job_template
+        self.owner = owner or uuid.uuid4().hex
+        self.folder = state_folder(spec.output, spec.watch_id)
+        self.lease_s = max(LEASE_MIN_S, LEASE_POLLS * spec.poll_s)
+        self.entries: Dict[str, Dict] = {}
+        self.jobs: Dict[str, List[str]] = {}
+        self.leased = False
+        self.takeovers = 0  # times this runner took the lease up (from none, another server, or after an error)
+        self.submits = 0
+        self.polls = 0
+        self.listing = {"keys": 0, "seconds": None}
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"watch-{self.spec.watch_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> Dict:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(30.0, 3 * self.spec.poll_s))
+        return self.status()
+
+    def status(self) -> Dict:
+        with self._lock:
+            return {"watch_id": self.spec.watch_id, "state": "watching" if self.leased else "standby",
+                    "input": self.spec.input, "output": self.spec.output, "poll_s": self.spec.poll_s,
+                    "polls": self.polls, "takeovers": self.takeovers, "jobs_submitted": self.submits,
+                    "listing": dict(self.listing), "error": self.error,
+                    **watch_state.summary(self.entries)}
+
+    def _reload(self) -> None:
+        """Take the watch up as its last holder left it (its state in the output): what it submitted is
+        followed through the job records, never submitted again."""
+        saved = _read_json(storage.join(self.folder, "state.json")) or {}
+        with self._lock:
+            self.entries = saved.get("entries", {})
+            self.jobs = {}
+            for key, entry in self.entries.items():
+                if entry["state"] == "submitted":
+                    self.jobs.setdefault(entry["job_id"], []).append(key)
+
+    def _run(self) -> None:
+        lease = storage.join(self.folder, "lease.json")
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                holding = take_lease(lease, self.owner, self.lease_s)
+                if holding and not self.leased:
+                    self._reload()
+                    self.takeovers += 1
+                self.leased = holding
+                if holding:
+                    self.poll_once(lease)
+                self.error = None
+            except Exception as exc:  # storage down, a bug: said in status, tried again next poll
+                log.warning("watch %s: %s", self.spec.watch_id, exc)
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.leased = False
+            self._stop.wait(max(0.0, self.spec.poll_s - (time.monotonic() - started)))
+
+    def poll_once(self, lease: str) -> None:
+        """One poll: list, follow the jobs, submit the ready objects (while the `lease` is still this
+        runner's), write the state when it changed."""
+        t = time.monotonic()
+        listing = list_prefix(self.spec.input, self.spec.output)
+        seconds = time.monotonic() - t
+        now = time.time()
+        with self._lock:
+            before = json.dumps(self.entries, sort_keys=True)
+            self.polls += 1
+            self.listing = {"keys": len(listing), "seconds": round(seconds, 4)}
+            ready = watch_state.advance(self.entries, listing, now)
+        self._follow_jobs()
+        submit, _ = watch_state.split_ready(ready, len(self.jobs), self.spec.max_jobs)
+        for key in submit:
+            # The lease renewed before each job and the state written after it: a server that takes the
+            # watch over (this one stalled past its lease) reads every job submitted so far.
+            if not renew_lease(lease, self.owner, self.lease_s):
+                break  # taken over: the new holder submits the rest
+            self._submit(key)
+            self._save()
+        with self._lock:
+            changed = json.dumps(self.entries, sort_keys=True) != before
+        if changed:
+            self._save()
+
+    def _save(self) -> None:
+        with self._lock:
+            state = json.dumps({"watch": self.spec.to_dict(), "owner": self.owner, "entries": self.entries})
+        storage.write_bytes(storage.join(self.folder, "state.json"), state.encode())
+
+    def _submit(self, key: str) -> None:
+        folder = os.path.dirname(key)
+        job = dataclasses.replace(self.template, input=storage.join(self.spec.input, key),
+                                  output=storage.join(self.spec.output, folder) if folder else self.spec.output,
+                                  overwrite=self.spec.overwrite, job_id=new_job_id())
+        job_id = jobs.submit_job(job)
+        with self._lock:
+            watch_state.submitted(self.entries, [key], job_id, time.time())
+            self.submits += 1
+            self.jobs.setdefault(job_id, []).append(key)
+
+    def _follow_jobs(self) -> None:
+        for job_id, keys in list(self.jobs.items()):
+            status = jobs.get_job(job_id, self.template.jobs_state)
+            if status is not None and status["state"] not in FINAL_STATES:
+                continue
+            ok = bool(status) and status["state"] == "succeeded" and status["counts"]["failed"] == 0
+            reason = None
+            if not ok:
+                reason = ((status or {}).get("failed") or [{}])[0].get("reason") or (status or {}).get("error") \
+                    or f"job {job_id} {(status or {}).get('state', 'lost')}"
+            with self._lock:
+                for key in keys:
+                    if key in self.entries:
+                        watch_state.finished(self.entries, key, ok, reason, time.time())
+                del self.jobs[job_id]
+
+
+def _actor(watch_id: str):
+    try:
+        return ray.get_actor(ACTOR_PREFIX + watch_id, namespace=JOBS_NAMESPACE)
+    except ValueError:
+        return None
+
+
+_HELD: Dict[str, object] = {}  # the runners this process started (not detached: see lits.serve.jobs)
+
+
+def start_watch(spec: WatchSpec, job_template: JobSpec, register: bool = True) -> str:
+    """Register the watch beside the job records (unless `register` is False: it is already) and start
+    its runner in this cluster, unless one runs already."""
+    if register:
+        storage.write_bytes(registry_uri(job_template.jobs_state, spec.watch_id),
+                            json.dumps({"watch": spec.to_dict(), "deleted": False}).encode())
+    if _actor(spec.watch_id) is None:
+        runner = ray.remote(WatchRunner).options(name=ACTOR_PREFIX + spec.watch_id, namespace=JOBS_NAMESPACE,
+                                                 num_cpus=0, max_concurrency=4, max_restarts=0
+                                                 ).remote(spec, job_template)
+        ray.get(runner.start.remote())
+        _HELD[spec.watch_id] = runner
+    return spec.watch_id
+
+
+def registered(jobs_state: str) -> List[Dict]:
+    """Every watch registered beside the job records (deleted ones included, marked)."""
+    folder = storage.join(storage.normalise(jobs_state), "watches")
+    if not storage.exists(folder):
+        return []
+    found = [_read_json(uri) for uri in storage.list_files(folder) if uri.endswith(".json")]
+    return [w for w in found if w and "watch" in w]
+
+
+def resume(job_template: JobSpec) -> List[str]:
+    """Start the runner of every registered, not deleted watch that has none in this cluster (a server's
+    start); their state is read back from each output."""
+    started = []
+    for found in registered(job_template.jobs_state):
+        if not found.get("deleted"):
+            started.append(start_watch(WatchSpec(**found["watch"]), job_template, register=False))
+    return started
+
+
+def get_watch(watch_id: str, jobs_state: str) -> Optional[Dict]:
+    """The watch's status: from its runner in this cluster, else from its state in the output."""
+    actor = _actor(watch_id)
+    if actor is not None:
+        try:
+            return ray.get(actor.status.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+    found = _read_json(registry_uri(jobs_state, watch_id))
+    if not found:
+        return None
+    spec = WatchSpec(**found["watch"])
+    saved = _read_json(storage.join(state_folder(spec.output, watch_id), "state.json")) or {}
+    return {"watch_id": watch_id, "state": "deleted" if found.get("deleted") else "stopped", "input": spec.input,
+            "output": spec.output, "poll_s": spec.poll_s, **watch_state.summary(saved.get("entries", {}))}
+
+
+def delete_watch(watch_id: str, jobs_state: str) -> Optional[Dict]:
+    """Stop the watch's runner and mark it deleted (its outputs and state stay; jobs it started run on)."""
+    found = _read_json(registry_uri(jobs_state, watch_id))
+    if not found:
+        return None
+    storage.write_bytes(registry_uri(jobs_state, watch_id), json.dumps({**found, "deleted": True}).encode())
+    actor = _actor(watch_id)
+    if actor is not None:
+        try:
+            ray.get(actor.stop.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            pass
+        ray.kill(actor)
+    _HELD.pop(watch_id, None)
+    return get_watch(watch_id, jobs_state)

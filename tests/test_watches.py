@@ -1,0 +1,167 @@
+"""Watches (/v1/watches): a prefix the service keeps segmenting. The rules on hand-made listings (fast),
+then the real app on a real Ray against a real S3-protocol server (slow, one app for the module)."""
+
+import json
+import time
+
+import pytest
+
+from conftest import free_port, local_ray, make_bucket, synthesize
+from lits.serve import watch_state
+from test_inference import tiny_model
+from test_serving import TOKEN, call, s3fs_for
+
+
+def test_an_object_is_ready_after_two_unchanged_polls_and_segmented_once():
+    entries = {}
+    a1, a2 = {"size": 10, "etag": "x"}, {"size": 12, "etag": "y"}
+    assert watch_state.advance(entries, {"a.nii.gz": a1}, 0.0) == []  # seen once
+    assert watch_state.advance(entries, {"a.nii.gz": a2}, 1.0) == []  # still growing: seen once again
+    assert watch_state.advance(entries, {"a.nii.gz": a2}, 2.0) == ["a.nii.gz"]
+    watch_state.submitted(entries, ["a.nii.gz"], "0123456789ab", 2.0)
+    assert watch_state.advance(entries, {"a.nii.gz": a2}, 3.0) == []  # submitted: never again while unchanged
+    watch_state.finished(entries, "a.nii.gz", True, None, 5.0)
+    assert entries["a.nii.gz"]["state"] == "done" and entries["a.nii.gz"]["lag_s"] == 4.0  # from first seen, t=1
+    for t in (6.0, 7.0):
+        assert watch_state.advance(entries, {"a.nii.gz": a2}, t) == []
+    # Replaced: segmented again; deleted: left alone (a pending one that vanishes is forgotten).
+    a3 = {"size": 12, "etag": "z"}
+    assert watch_state.advance(entries, {"a.nii.gz": a3, "b.nii": a1}, 8.0) == []
+    assert watch_state.advance(entries, {"a.nii.gz": a3}, 9.0) == ["a.nii.gz"]
+    assert entries["a.nii.gz"]["versions"] == 1 and "b.nii" not in entries
+    watch_state.submitted(entries, ["a.nii.gz"], "0123456789ac", 9.0)
+    watch_state.finished(entries, "a.nii.gz", False, "not a NIfTI file", 10.0)
+    assert watch_state.advance(entries, {}, 11.0) == [] and entries["a.nii.gz"]["state"] == "failed"
+    assert watch_state.summary(entries)["failed"] == [{"key": "a.nii.gz", "reason": "not a NIfTI file",
+                                                        "job_id": "0123456789ac"}]
+
+
+def test_an_object_replaced_while_its_job_runs_is_segmented_again_after():
+    entries = {}
+    for t in (0.0, 1.0):
+        ready = watch_state.advance(entries, {"a.nii": {"size": 1, "etag": "x"}}, t)
+    watch_state.submitted(entries, ready, "0123456789ab", 1.0)
+    assert watch_state.advance(entries, {"a.nii": {"size": 2, "etag": "y"}}, 2.0) == []
+    watch_state.finished(entries, "a.nii", True, None, 3.0)
+    assert entries["a.nii"]["state"] == "pending"
+    assert watch_state.advance(entries, {"a.nii": {"size": 2, "etag": "y"}}, 4.0) == []
+    assert watch_state.advance(entries, {"a.nii": {"size": 2, "etag": "y"}}, 5.0) == ["a.nii"]
+
+
+def test_percentiles_and_the_job_window():
+    assert watch_state.percentile([5, 1, 3, 2, 4], 50) == 3 and watch_state.percentile([], 95) is None
+    assert watch_state.percentile(list(range(1, 101)), 95) == 95
+    assert watch_state.split_ready(["a", "b", "c"], 3, 4) == (["a"], ["b", "c"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3_server):
+    from ray import serve
+
+    from lits.core.config import ServeConfig
+    from lits.serve import serving
+
+    root = tmp_path_factory.mktemp("watch")
+    synthesize(root / "ct", volumes=4, size=48, slices=16, seed=9)
+    make_bucket(s3_server, "watched")
+    port = free_port()
+    cfg = ServeConfig(model=tiny_model(root / "model"), port=port, allow_prefixes=("s3://watched",),
+                      batch_wait_s=0.05, chunk=8, max_batch_size=16, token_sha256=serving.token_sha256(TOKEN),
+                      volume_cpus=2, jobs_state=str(root / "jobs"))
+    with local_ray(3):
+        try:
+            serving.deploy(cfg)
+            yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "ct": root / "ct", "cfg": cfg}
+        finally:
+            serve.shutdown()
+
+
+def wait_watch(server, watch_id, until, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, found, _ = call(server, "GET", f"/v1/watches/{watch_id}")
+        assert status == 200, found
+        if until(found):
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"watch {watch_id}: {found}")
+
+
+def put(fs, server, name, key):
+    fs.put_file(str(server["ct"] / name), f"watched/{key}")
+
+
+def job_summaries(fs, prefix):
+    return [p for p in fs.find(f"watched/{prefix}") if "/_jobs/" in p and p.endswith(".json")]
+
+
+@pytest.mark.slow
+def test_a_watch_segments_what_lands_once_survives_a_restart_and_reports_failures(server):
+    from lits.serve import serving
+
+    fs = s3fs_for(server["endpoint"])
+    put(fs, server, "volume-0.nii.gz", "in/a/volume-0.nii.gz")
+    status, created, _ = call(server, "POST", "/v1/watches", {"input": "s3://watched/in", "output": "s3://watched/out",
+                                                               "poll_s": 0.5})
+    assert status == 202, created
+    watch_id = created["watch_id"]
+    put(fs, server, "volume-1.nii.gz", "in/volume-1.nii.gz")
+    fs.pipe_file("watched/in/notes.nii", b"this is not a NIfTI file\n" * 40)
+    found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 2 and w["counts"]["failed"] == 1)
+    assert found["failed"][0]["key"] == "notes.nii" and "not a NIfTI" in found["failed"][0]["reason"], found
+    assert found["lag_s"]["n"] == 2 and 0 < found["lag_s"]["p50"] <= found["lag_s"]["p95"] < 60, found
+    for key in ("a/volume-0", "volume-1"):
+        assert fs.exists(f"watched/out/{key}_seg.nii.gz") and fs.exists(f"watched/out/{key}.json")
+    assert len(job_summaries(fs, "out")) == 3  # one job per object, nothing twice
+    # Replaced: segmented again; deleted: left alone (its outputs stay).
+    first = json.loads(fs.cat("watched/out/volume-1.json"))
+    put(fs, server, "volume-2.nii.gz", "in/volume-1.nii.gz")
+    fs.rm("watched/in/a/volume-0.nii.gz")
+    wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 2 and len(job_summaries(fs, "out")) == 4
+               and not w["counts"]["submitted"] and not w["counts"]["pending"])
+    assert json.loads(fs.cat("watched/out/volume-1.json"))["shape"] != first["shape"] or \
+        json.loads(fs.cat("watched/out/volume-1.json")) != first
+    assert fs.exists("watched/out/a/volume-0_seg.nii.gz")
+    # A restart of the server: the watch is taken up from its state in the bucket; done work stays done.
+    serving.undeploy(serving.APP_NAME)
+    serving.deploy(server["cfg"])
+    assert call(server, "GET", "/v1/watches")[1] == [{"watch_id": watch_id, "input": "s3://watched/in",
+                                                      "output": "s3://watched/out", "deleted": False}]
+    put(fs, server, "volume-3.nii.gz", "in/volume-3.nii.gz")
+    found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 3)
+    time.sleep(2)  # a few more polls: nothing is submitted again
+    assert len(job_summaries(fs, "out")) == 5 and call(server, "GET", f"/v1/watches/{watch_id}")[1]["counts"] == \
+        {"pending": 0, "submitted": 0, "done": 3, "failed": 1}
+    status, deleted, _ = call(server, "DELETE", f"/v1/watches/{watch_id}")
+    assert status == 200 and deleted["state"] == "deleted", deleted
+
+
+@pytest.mark.slow
+def test_two_servers_on_one_watch_do_no_work_twice(server):
+    """A second runner of the same watch (what another server would start) waits on the lease."""
+    import ray
+
+    from lits.serve import watches
+    from lits.serve.job_spec import JobSpec
+    from lits.serve.watch_state import WatchSpec
+
+    fs = s3fs_for(server["endpoint"])
+    status, created, _ = call(server, "POST", "/v1/watches", {"input": "s3://watched/in2", "output": "s3://watched/out2",
+                                                               "poll_s": 0.3})
+    assert status == 202, created
+    watch_id = created["watch_id"]
+    wait_watch(server, watch_id, lambda w: w["state"] == "watching")  # the server's runner holds the lease
+    job = JobSpec(input="-", output="-", app_name="lits", chunk=8, allow=("s3://watched",),
+                  jobs_state=server["cfg"].jobs_state, cpus_per_volume=1.0)
+    other = ray.remote(watches.WatchRunner).options(num_cpus=0, max_concurrency=4).remote(
+        WatchSpec(input="s3://watched/in2", output="s3://watched/out2", poll_s=0.3, watch_id=watch_id), job)
+    ray.get(other.start.remote())
+    for i in range(3):
+        put(fs, server, f"volume-{i}.nii.gz", f"in2/volume-{i}.nii.gz")
+    wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 3)
+    time.sleep(2)
+    mine, theirs = call(server, "GET", f"/v1/watches/{watch_id}")[1], ray.get(other.status.remote())
+    assert theirs["state"] == "standby" and theirs["jobs_submitted"] == 0, (mine, theirs)
+    assert len(job_summaries(fs, "out2")) == 3 and mine["jobs_submitted"] == 3, (mine, theirs)
+    ray.get(other.stop.remote())
+    assert call(server, "DELETE", f"/v1/watches/{watch_id}")[0] == 200
