@@ -77,7 +77,7 @@ def banded_model(folder, ct_files, low=0.3, high=0.9, seed=0):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, s3_server):
-    """The app (token, allow-list s3://archive) on a 3-CPU Ray, and one finished job: three phantoms of
+    """The app (token, allow-list s3://results-page) on a 3-CPU Ray, and one finished job: three phantoms of
     different sizes and one file that is not NIfTI (a failure with its reason)."""
     from ray import serve
 
@@ -94,17 +94,17 @@ def server(tmp_path_factory, s3_server):
         f.unlink()
     model = banded_model(root / "model", sorted(ct.glob("volume-*")))
     (ct / "notes.nii").write_bytes(b"this is not a NIfTI file\n" * 40)
-    make_bucket(s3_server, "archive")
-    upload_tree(s3_server, str(ct), "s3://archive/ct")
+    make_bucket(s3_server, "results-page")
+    upload_tree(s3_server, str(ct), "s3://results-page/ct")
     port = free_port()
-    cfg = ServeConfig(model=model, port=port, allow_prefixes=("s3://archive",),
+    cfg = ServeConfig(model=model, port=port, allow_prefixes=("s3://results-page",),
                       batch_wait_s=0.05, chunk=8, max_batch_size=16, token_sha256=serving.token_sha256(TOKEN),
                       volume_cpus=2)
     with local_ray(3):
         try:
             serving.deploy(cfg)
             found = {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server}
-            job = run_job(found, input="s3://archive/ct", output="s3://archive/seg")
+            job = run_job(found, input="s3://results-page/ct", output="s3://results-page/seg")
             summary = json.loads(storage.read_bytes(job["summary"]))
             found.update(job=job, summary=summary, records={r["name"]: r for r in read_volume_records(summary)})
             yield found
@@ -175,12 +175,12 @@ def test_a_preview_opens_and_the_files_are_the_buckets(browser, server):
         assert page.eval_on_selector("#viewer-img", "img => img.naturalWidth") > 100
         preview = page.request.get(server["url"] + page.get_attribute(f"{row} button.preview", "data-src"))
         assert preview.status == 200 and preview.headers["content-type"] == "image/png"
-        assert preview.body() == fs.cat(f"archive/seg/{name}_preview.png")
+        assert preview.body() == fs.cat(f"results-page/seg/{name}_preview.png")
         mask = page.request.get(server["url"] + page.get_attribute(f"{row} a.mask", "href"))
-        assert mask.status == 200 and mask.body() == fs.cat(f"archive/seg/{name}_seg.nii.gz")
+        assert mask.status == 200 and mask.body() == fs.cat(f"results-page/seg/{name}_seg.nii.gz")
         assert gzip.decompress(mask.body())[:4] == (348).to_bytes(4, "little")  # a NIfTI-1 header
         report = page.request.get(server["url"] + page.get_attribute(f"{row} a.report", "href"))
-        assert report.json() == json.loads(fs.cat(f"archive/seg/{name}.json"))
+        assert report.json() == json.loads(fs.cat(f"results-page/seg/{name}.json"))
         # Only the job's own volumes: another name is a 404, not a read of the bucket.
         other = page.request.get(f"{server['url']}/v1/jobs/{server['job']['job_id']}/outputs/report?name=_jobs/x")
         assert other.status == 404
@@ -215,7 +215,7 @@ def test_without_the_token_the_page_shows_a_login_and_no_data(browser, server):
         assert response.status == 401 and page.locator("form.login input#token").is_visible()
         assert page.locator("#volumes").count() == 0
         content = page.content()
-        assert not any(name in content for name in server["records"]) and "archive" not in content
+        assert not any(name in content for name in server["records"]) and "results-page" not in content
         assert page.request.get(f"{server['url']}/v1/jobs/{job_id}/volumes").status == 401
         page.goto(f"{server['url']}/jobs/{job_id}?token=wrong")
         assert page.inner_text("#login-error") == "wrong token" and "wrong" not in page.url.split("?", 1)[0]
@@ -230,7 +230,7 @@ def test_without_the_token_the_page_shows_a_login_and_no_data(browser, server):
         assert page.evaluate("document.cookie") == ""
         # The cookie reads; it never submits, cancels or uploads (those need the Bearer header).
         assert page.request.get(f"{server['url']}/v1/jobs/{job_id}").status == 200
-        posted = page.request.post(f"{server['url']}/v1/jobs", data={"input": "s3://archive/ct", "output": "s3://archive/x"})
+        posted = page.request.post(f"{server['url']}/v1/jobs", data={"input": "s3://results-page/ct", "output": "s3://results-page/x"})
         assert posted.status == 401
         assert page.request.delete(f"{server['url']}/v1/jobs/{job_id}").status == 401
         page.goto(f"{server['url']}/logout")
