@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make_bucket, run_workflow, upload_tree
-from lits.evaluate import evaluation
+from lits.evaluate import evaluation, lesions
 from lits.core import metrics, storage, volumes
 from lits.core.config import EvaluateConfig
 
@@ -84,10 +84,31 @@ def test_evaluate_writes_exact_metrics_and_pictures(folders, tmp_path):
     lesions0 = metrics.lesion_detection(ref0 == 2, ref0 == 2)["ref_lesions"]
     assert agg["lesions"]["recall"] == pytest.approx(lesions0 / (lesions0 + direct["tumour"]["ref_lesions"]))
     assert agg["tumour"]["distance_undefined_cases"] == 1  # case 1 predicts no tumour
+    # by size: case 0's lesions all found by identical predictions, case 1's all missed, no prediction
+    by0 = metrics.lesion_detection_by_size(ref0 == 2, ref0 == 2, _labels(folders["ref"] / "segmentation-0.nii.gz")[1].spacing)
+    by_size = {b["bucket"]: b for b in agg["lesions_by_size"]["buckets"]}
+    for key, _ in metrics.SIZE_BUCKETS:
+        n0, n1 = by0["buckets"][key]["ref_lesions"], direct["tumour"]["lesions_by_size"][key]["ref_lesions"]
+        assert (by_size[key]["ref_lesions"], by_size[key]["ref_detected"], by_size[key]["pred_lesions"],
+                by_size[key]["pred_correct"]) == (n0 + n1, n0, n0, n0), key
+        assert by_size[key]["recall"] == (n0 / (n0 + n1) if n0 + n1 else None), key
+    assert by_size["all"]["ref_lesions"] == lesions0 + direct["tumour"]["ref_lesions"] and lesions0 > 0
+    assert by_size["all"]["recall"] == pytest.approx(agg["lesions"]["recall"])
+    assert agg["lesions_by_size"]["fp_lesions_per_volume"] == 0.0
+    assert agg["lesions_by_size"]["fp_lesions_per_case"] == {"0": 0, "1": 0}
+    assert int(rows[1]["lesions_lt10_ref_lesions"]) == direct["tumour"]["lesions_by_size"]["lt10"]["ref_lesions"]
+    # overlays: both references hold tumour; case 1 (tumour Dice 0) is the worst, case 0 (1.0) the best
+    assert summary["overlays"] == {"ranked_by": "tumour_dice", "cases": {"worst": "1", "best": "0"}}
     saved = json.loads((out / "summary.json").read_text())
     assert saved["aggregate"]["liver"]["dice_per_case"] == pytest.approx(agg["liver"]["dice_per_case"])
     report = (out / "report.md").read_text()
     assert "| liver |" in report and "geometry mismatch" in report and "segmentation-3.nii.gz" in report
+    assert saved["aggregate"]["lesions_by_size"]["buckets"][-1]["ref_lesions"] == by_size["all"]["ref_lesions"]
+    assert "| lesion size | reference lesions | detected | recall | predicted lesions | correct | precision |" in report
+    assert (f"| all sizes | {by_size['all']['ref_lesions']} | {lesions0} | {by_size['all']['recall']:.4f} | {lesions0} | "
+            f"{lesions0} | 1.0000 |") in report
+    assert "False-positive lesions per volume: 0.0000" in report
+    assert "Overlays: worst case 1, best case 0; ranked by tumour Dice" in report
     for picture in ("overlays.png", "dice_boxplot.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -248,3 +269,53 @@ def test_dicom_seg_predictions_and_references_score_as_their_nifti(tmp_path):
         for k in numbers:
             assert float(rows[case][k]) == pytest.approx(nifti[k], rel=rel, abs=1e-12), (case, k)
     assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- lesion detection by size, overlays' ranking (issue 23) -------------------------------------------
+
+def _lesion_row(case, fp, **buckets):
+    """A metrics.csv row's lesion columns: buckets {key: (ref, detected, pred, correct)}, others 0."""
+    row = {"case": case, "tumour_fp_lesions": fp}
+    for key, _ in metrics.SIZE_BUCKETS:
+        for field, n in zip(metrics.DETECTION_COUNTS, buckets.get(key, (0, 0, 0, 0))):
+            row[lesions.column(key, field)] = n
+    return row
+
+
+def test_lesion_aggregate_sums_counts_then_takes_ratios():
+    # case a: one small lesion found, 2 FPs; case b: three small lesions missed, one 10-20 mm found
+    rows = [_lesion_row("a", 2, lt10=(1, 1, 3, 1)), _lesion_row("b", 0, lt10=(3, 0, 0, 0), **{"10to20": (1, 1, 1, 1)})]
+    agg = lesions.aggregate(rows)
+    b = {x["bucket"]: x for x in agg["buckets"]}
+    assert [x["bucket"] for x in agg["buckets"]] == ["lt10", "10to20", "gt20", "all"]
+    assert b["lt10"] == {"bucket": "lt10", "label": "< 10 mm", "ref_lesions": 4, "ref_detected": 1, "recall": 0.25,
+                         "pred_lesions": 3, "pred_correct": 1, "precision": pytest.approx(1 / 3)}  # not (1 + 0) / 2
+    assert b["10to20"]["recall"] == 1.0 and b["10to20"]["precision"] == 1.0
+    assert b["gt20"]["recall"] is None and b["gt20"]["precision"] is None
+    assert (b["all"]["ref_lesions"], b["all"]["ref_detected"], b["all"]["pred_lesions"], b["all"]["pred_correct"]) == (5, 2, 4, 2)
+    assert agg["fp_lesions_per_volume"] == 1.0 and agg["fp_lesions_per_case"] == {"a": 2, "b": 0}
+    table = lesions.table_md(agg)
+    assert "| < 10 mm | 4 | 1 | 0.2500 | 3 | 1 | 0.3333 |" in table
+    assert "| > 20 mm | 0 | 0 | - | 0 | 0 | - |" in table
+    assert lesions.aggregate([])["fp_lesions_per_volume"] is None
+
+
+def _dice_row(case, liver, tumour, ref_tumour_voxels):
+    return {"case": case, "liver_dice": liver, "tumour_dice": tumour, "tumour_ref_voxels": ref_tumour_voxels}
+
+
+def test_overlays_rank_cases_with_tumour_by_tumour_dice():
+    rows = [_dice_row("good-liver-bad-tumour", 0.99, 0.10, 500),
+            _dice_row("mid", 0.95, 0.60, 300),
+            _dice_row("bad-liver-good-tumour", 0.80, 0.90, 200),
+            _dice_row("no-tumour", 0.50, 1.00, 0),       # lowest liver Dice, no tumour: not in the ranking
+            {"case": "broken", "error": "geometry mismatch"}]
+    picks = evaluation.pick_cases(rows)
+    assert [(label, r["case"]) for label, r in picks] == [
+        ("worst", "good-liver-bad-tumour"), ("median", "mid"), ("best", "bad-liver-good-tumour")]
+    assert evaluation.rank_for_overlays(rows)[0] == "tumour_dice"
+    # without tumour in any reference: by liver Dice
+    plain = [_dice_row("a", 0.9, 1.0, 0), _dice_row("b", 0.7, 1.0, 0), _dice_row("c", 0.95, 0.0, 0)]
+    assert evaluation.rank_for_overlays(plain)[0] == "liver_dice"
+    assert [(label, r["case"]) for label, r in evaluation.pick_cases(plain)] == [("worst", "b"), ("median", "a"), ("best", "c")]
+    assert evaluation.pick_cases([{"case": "x", "error": "e"}]) == []

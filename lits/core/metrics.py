@@ -106,6 +106,41 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> Tuple[np.nd
     return to_ref[sp], to_pred[sr]
 
 
+def _lesion_matches(pred: np.ndarray, ref: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every lesion's size and whether it is matched (the rule of `lesion_detection`).
+
+    Args:
+        pred, ref: boolean arrays of one shape.
+    Returns:
+        (reference sizes int64 (n_ref,) voxels, reference detected bool (n_ref,),
+         predicted sizes int64 (n_pred,) voxels, predicted correct bool (n_pred,)).
+    """
+    def matched(a_ids: np.ndarray, n_a: int, b: np.ndarray, b_ids: np.ndarray) -> np.ndarray:
+        found = np.zeros(n_a, bool)
+        for k in range(1, n_a + 1):
+            region = a_ids == k
+            touching = np.unique(b_ids[region & b])
+            touching = touching[touching > 0]
+            if touching.size == 0:
+                continue
+            other = np.isin(b_ids, touching)
+            inter = np.count_nonzero(region & other)
+            union = np.count_nonzero(region | other)
+            found[k - 1] = inter / union > DETECTION_IOU
+        return found
+
+    if not pred.any() and not ref.any():
+        none = np.zeros(0, np.int64)
+        return none, none.astype(bool), none, none.astype(bool)
+    box = bounding_box(pred | ref)
+    p, r = pred[box], ref[box]
+    p_ids, n_p = label_components(p)
+    r_ids, n_r = label_components(r)
+    r_sizes = np.bincount(r_ids.ravel(), minlength=n_r + 1)[1:].astype(np.int64)
+    p_sizes = np.bincount(p_ids.ravel(), minlength=n_p + 1)[1:].astype(np.int64)
+    return r_sizes, matched(r_ids, n_r, p, p_ids), p_sizes, matched(p_ids, n_p, r, r_ids)
+
+
 def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> Dict[str, int]:
     """Lesion-wise detection counts from 3-D connected components (26-connectivity).
 
@@ -117,28 +152,72 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> Dict[str, int]:
     Returns:
         {'ref_lesions', 'ref_detected', 'pred_lesions', 'pred_correct'}.
     """
-    def matched(a_ids: np.ndarray, n_a: int, b: np.ndarray, b_ids: np.ndarray) -> int:
-        found = 0
-        for k in range(1, n_a + 1):
-            region = a_ids == k
-            touching = np.unique(b_ids[region & b])
-            touching = touching[touching > 0]
-            if touching.size == 0:
-                continue
-            other = np.isin(b_ids, touching)
-            inter = np.count_nonzero(region & other)
-            union = np.count_nonzero(region | other)
-            found += inter / union > DETECTION_IOU
-        return int(found)
+    r_sizes, r_found, p_sizes, p_found = _lesion_matches(pred, ref)
+    return {"ref_lesions": int(r_sizes.size), "ref_detected": int(r_found.sum()),
+            "pred_lesions": int(p_sizes.size), "pred_correct": int(p_found.sum())}
 
-    if not pred.any() and not ref.any():
-        return {"ref_lesions": 0, "ref_detected": 0, "pred_lesions": 0, "pred_correct": 0}
-    box = bounding_box(pred | ref)
-    p, r = pred[box], ref[box]
-    p_ids, n_p = label_components(p)
-    r_ids, n_r = label_components(r)
-    return {"ref_lesions": n_r, "ref_detected": matched(r_ids, n_r, p, p_ids),
-            "pred_lesions": n_p, "pred_correct": matched(p_ids, n_p, r, r_ids)}
+
+# Lesion size buckets by equivalent-sphere diameter d (mm): d < 10, 10 <= d <= 20, d > 20.
+SIZE_BUCKETS = (("lt10", "< 10 mm"), ("10to20", "10-20 mm"), ("gt20", "> 20 mm"))
+DETECTION_COUNTS = ("ref_lesions", "ref_detected", "pred_lesions", "pred_correct")
+
+
+def lesion_diameters(voxels: np.ndarray, spacing) -> np.ndarray:
+    """Equivalent-sphere diameters (mm): d = (6 V / pi) ** (1/3), V = voxel count x voxel volume.
+
+    Args:
+        voxels: (n,) voxel counts of lesions.
+        spacing: voxel size per axis, mm (its product is the voxel volume, in any axis order).
+    Returns:
+        float64 (n,).
+    """
+    volume = np.asarray(voxels, float) * float(np.prod(np.asarray(spacing, float)))
+    return np.cbrt(6.0 * volume / np.pi)
+
+
+def size_bucket(diameter: float) -> str:
+    """The key of SIZE_BUCKETS a lesion of `diameter` mm falls in (< 10, 10-20 inclusive, > 20)."""
+    return "lt10" if diameter < 10.0 else "10to20" if diameter <= 20.0 else "gt20"
+
+
+def detection_ratios(counts: Dict[str, int]) -> Dict:
+    """`counts` (DETECTION_COUNTS) with recall = ref_detected / ref_lesions and precision =
+    pred_correct / pred_lesions added; None where the denominator is 0 (an empty bucket)."""
+    out = {k: int(counts[k]) for k in DETECTION_COUNTS}
+    out["recall"] = out["ref_detected"] / out["ref_lesions"] if out["ref_lesions"] else None
+    out["precision"] = out["pred_correct"] / out["pred_lesions"] if out["pred_lesions"] else None
+    return out
+
+
+def lesion_detection_by_size(pred: np.ndarray, ref: np.ndarray, spacing) -> Dict:
+    """Lesion detection (the rule of `lesion_detection`) split by lesion size, and false positives.
+
+    Each lesion (3-D component, 26-connectivity) is bucketed by its own equivalent-sphere diameter
+    (`lesion_diameters`, with the voxel `spacing`): reference lesions for recall, predicted lesions
+    for precision. So a predicted lesion merging two reference lesions is one correct prediction in
+    its own bucket, and each reference lesion it merges is detected only if it has IoU > 0.5 with it.
+    A false-positive lesion is a predicted lesion that is not correct.
+
+    Args:
+        pred, ref: boolean arrays of one shape.
+        spacing: voxel size per array axis, mm.
+    Returns:
+        {'ref_lesions', 'ref_detected', 'pred_lesions', 'pred_correct', 'fp_lesions',
+         'buckets': {key of SIZE_BUCKETS: detection_ratios(...) of that bucket}}.
+    """
+    r_sizes, r_found, p_sizes, p_found = _lesion_matches(pred, ref)
+    r_keys = [size_bucket(d) for d in lesion_diameters(r_sizes, spacing)]
+    p_keys = [size_bucket(d) for d in lesion_diameters(p_sizes, spacing)]
+    buckets = {}
+    for key, _ in SIZE_BUCKETS:
+        r_in = np.array([k == key for k in r_keys], bool)
+        p_in = np.array([k == key for k in p_keys], bool)
+        buckets[key] = detection_ratios({
+            "ref_lesions": r_in.sum(), "ref_detected": (r_in & r_found).sum(),
+            "pred_lesions": p_in.sum(), "pred_correct": (p_in & p_found).sum()})
+    return {"ref_lesions": int(r_sizes.size), "ref_detected": int(r_found.sum()),
+            "pred_lesions": int(p_sizes.size), "pred_correct": int(p_found.sum()),
+            "fp_lesions": int(p_sizes.size - p_found.sum()), "buckets": buckets}
 
 
 def _ratio(a: float, b: float, empty: float) -> float:
@@ -203,7 +282,9 @@ def volume_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing, axi
         spacing: voxel size per array axis, mm (the reference's).
         axial_axis: which array axis runs through axial slices (for the slice-level scores).
     Returns:
-        {'liver': {...}, 'tumour': {... + lesion detection}, 'tumour_burden': {'pred', 'ref', 'error'}}.
+        {'liver': {...}, 'tumour': {... + lesion detection, 'fp_lesions', 'lesions_by_size'},
+         'tumour_burden': {'pred', 'ref', 'error'}} ('lesions_by_size': lesion_detection_by_size's
+        'buckets').
     """
     if pred_labels.shape != ref_labels.shape:
         raise ValueError(f"prediction shape {pred_labels.shape} differs from the reference's {ref_labels.shape}")
@@ -213,7 +294,9 @@ def volume_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing, axi
         m = class_metrics(p, r, spacing)
         m.update(slice_scores(np.moveaxis(p, axial_axis, 0), np.moveaxis(r, axial_axis, 0)))
         if name == "tumour":
-            m.update(lesion_detection(p, r))
+            lesions = lesion_detection_by_size(p, r, spacing)
+            m["lesions_by_size"] = lesions.pop("buckets")
+            m.update(lesions)
         out[name] = m
     burden_p = _ratio(out["tumour"]["pred_voxels"], out["liver"]["pred_voxels"], 0.0)
     burden_r = _ratio(out["tumour"]["ref_voxels"], out["liver"]["ref_voxels"], 0.0)

@@ -3,7 +3,9 @@
 Pairs files by case, computes `metrics.volume_metrics` per pair (one Ray task each, or in
 this process), aggregates the challenge's way (Dice per case and Dice global) and the original
 notebook's way (slice-level Dice and IoU), and writes metrics.csv, summary.json, report.md,
-overlays.png (best, median and worst cases) and dice_boxplot.png. summary.json is written last.
+overlays.png (worst, median and best cases: by tumour Dice among the cases whose reference holds
+tumour) and dice_boxplot.png; lesion detection by size in lits.evaluate.lesions. summary.json is
+written last.
 Either side may be a DICOM Segmentation ('.dcm', lits.core.dicom_seg): then the pair is scored in
 world coordinates, on the reference's voxel lattice (the box holding both: a SEG holds only the
 slices its frames cover).
@@ -23,6 +25,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from lits.core import ct, dicom_seg, metrics, naming, reports, storage, volumes
+from lits.evaluate import lesions
 from lits.runtime import fanout
 from lits.core.config import EvaluateConfig
 from lits.core.errors import BadInputError, UserError
@@ -149,6 +152,7 @@ def evaluate_pair(key: str, pred_uri: str, ref_uri: str) -> Dict:
         row[f"{name}_pred_ml"] = m[name]["pred_voxels"] * voxel_ml
     for field in TUMOUR_FIELDS:
         row[f"tumour_{field}"] = m["tumour"][field]
+    row.update(lesions.row_fields(m["tumour"]))
     row.update(burden_ref=m["tumour_burden"]["ref"], burden_pred=m["tumour_burden"]["pred"],
                burden_error=m["tumour_burden"]["error"], seconds=round(time.perf_counter() - t0, 3))
     return row
@@ -210,6 +214,7 @@ def aggregate(rows: List[Dict]) -> Dict:
         "recall": sum(r["tumour_ref_detected"] for r in ok) / ref_lesions if ref_lesions else None,
         "precision": sum(r["tumour_pred_correct"] for r in ok) / pred_lesions if pred_lesions else None,
     }
+    out["lesions_by_size"] = lesions.aggregate(ok)
     errors = np.array([r["burden_error"] for r in ok], float)
     out["tumour_burden"] = {"rmse": float(np.sqrt(np.mean(errors ** 2))) if ok else None,
                             "max_abs_error": float(np.abs(errors).max()) if ok else None}
@@ -218,18 +223,31 @@ def aggregate(rows: List[Dict]) -> Dict:
 
 # --- pictures ----------------------------------------------------------------------------------
 
-def pick_cases(rows: List[Dict], field: str = "liver_dice") -> List[Tuple[str, Dict]]:
-    """(label, row) for the best, median and worst evaluated cases by `field`."""
-    ok = sorted((r for r in rows if "error" not in r), key=lambda r: r[field])
-    if not ok:
+def rank_for_overlays(rows: List[Dict]) -> Tuple[str, List[Dict]]:
+    """(ranked_by, evaluated rows worst first) for overlays.png.
+
+    The cases whose reference holds tumour, by tumour Dice (ties by liver Dice): while any case has
+    tumour, the cases without it are left out (their tumour Dice is 1 or 0 by the empty-mask rule,
+    no measure of segmenting tumour). When no reference holds tumour, every case by liver Dice.
+    ranked_by is 'tumour_dice' or 'liver_dice'.
+    """
+    ok = [r for r in rows if "error" not in r]
+    with_tumour = [r for r in ok if r["tumour_ref_voxels"] > 0]
+    if with_tumour:
+        return "tumour_dice", sorted(with_tumour, key=lambda r: (r["tumour_dice"], r["liver_dice"]))
+    return "liver_dice", sorted(ok, key=lambda r: r["liver_dice"])
+
+
+def pick_cases(rows: List[Dict]) -> List[Tuple[str, Dict]]:
+    """(label, row) for the worst, median and best cases of `rank_for_overlays`, worst first; each case
+    once, under its extreme label when it is also the median (two cases: worst and best)."""
+    _, ranked = rank_for_overlays(rows)
+    if not ranked:
         return []
-    picks = [("worst", ok[0]), ("median", ok[len(ok) // 2]), ("best", ok[-1])]
-    seen, out = set(), []
-    for label, r in picks:
-        if r["case"] not in seen:
-            seen.add(r["case"])
-            out.append((label, r))
-    return out
+    chosen: Dict[int, str] = {}
+    for label, i in (("worst", 0), ("best", len(ranked) - 1), ("median", len(ranked) // 2)):
+        chosen.setdefault(i, label)
+    return [(chosen[i], ranked[i]) for i in sorted(chosen)]
 
 
 def case_picture(row: Dict, image_uri: Optional[str]) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -299,21 +317,28 @@ def report_md(summary: Dict, rows: List[Dict]) -> str:
                   f"{_fmt(burden['rmse'])}, max error {_fmt(burden['max_abs_error'])}.",
               "", "Slice Dice / IoU are the original notebook's (smoothed per-slice scores over slices holding the "
                   "class; it reported 0.85 / 0.74 for tumour on 200 tumour slices); Dice per case and Dice global "
-                  "are the LiTS challenge's.", "",
-              "| case | liver Dice | tumour Dice | liver ASSD mm | tumour ASSD mm | lesions found / reference |",
-              "|---|---|---|---|---|---|"]
+                  "are the LiTS challenge's.", "", "## Lesion detection by size", ""]
+    lines += lesions.table_md(agg["lesions_by_size"])
+    lines += ["", "| case | liver Dice | tumour Dice | liver ASSD mm | tumour ASSD mm | lesions found / reference | FP lesions |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['case']} | error: {r['error']} | | | | | |")
         else:
             lines.append(f"| {r['case']} | {_fmt(r['liver_dice'])} | {_fmt(r['tumour_dice'])} | {_fmt(r['liver_assd'])} | "
-                         f"{_fmt(r['tumour_assd'])} | {r['tumour_ref_detected']} / {r['tumour_ref_lesions']} |")
+                         f"{_fmt(r['tumour_assd'])} | {r['tumour_ref_detected']} / {r['tumour_ref_lesions']} | "
+                         f"{r['tumour_fp_lesions']} |")
     if summary["unmatched_pred"] or summary["unmatched_ref"]:
         lines += ["", "Unmatched files (not evaluated):"]
         lines += [f"- prediction without reference: `{u}`" for u in summary["unmatched_pred"]]
         lines += [f"- reference without prediction: `{u}`" for u in summary["unmatched_ref"]]
     if summary.get("pictures"):
-        lines += ["", "![best, median and worst cases](overlays.png)", "", "![Dice per case](dice_boxplot.png)"]
+        shown = summary["overlays"]
+        basis = ("tumour Dice, among the cases whose reference holds tumour" if shown["ranked_by"] == "tumour_dice"
+                 else "liver Dice (no reference holds tumour)")
+        cases = ", ".join(f"{label} case {case}" for label, case in shown["cases"].items())
+        lines += ["", f"Overlays: {cases}; ranked by {basis}.", "",
+                  "![worst, median and best cases](overlays.png)", "", "![Dice per case](dice_boxplot.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +398,7 @@ def evaluate_pairs(found: Dict, output: str, sources: Dict, runner: Callable = r
     }
     picks = pick_cases(rows)
     if picks:
+        summary["overlays"] = {"ranked_by": rank_for_overlays(rows)[0], "cases": {label: r["case"] for label, r in picks}}
         tiles = []
         for label, row in picks:
             caption, grey, ref_slice, pred_slice = case_picture(row, image_of.get(row["case"]))
