@@ -6,6 +6,7 @@ rules and a job's per-volume outputs are checked without them.
 
 import concurrent.futures
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -452,6 +453,8 @@ def test_segment_endpoint_answers_concurrent_requests(server):
         assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
         report = json.loads(headers["x-lits-report"])
         assert report["input"] == path.name and report["shape"] == list(source.shape)
+        assert report["input_identity"] == {"name": path.name, "size": path.stat().st_size,
+                                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         assert headers["content-disposition"].endswith(f'{path.name[:-7]}_seg.nii.gz"')
 
 
@@ -497,6 +500,7 @@ def test_segment_endpoint_answers_a_zip_of_one_dicom_series_with_its_seg(server,
     assert geometry.canonical_shape == (8, 512, 512)
     report = json.loads(headers["x-lits-report"])
     assert report["input"] == "abdomen.zip" and report["slices"] == 8 and report["dicom"]["files"] == 8
+    assert report["input_identity"]["sha256"] == hashlib.sha256(buffer.getvalue()).hexdigest()
     write_series(str(tmp_path / "a"), shape=(16, 16, 4))
     write_series(str(tmp_path / "b"), shape=(16, 16, 4))
     two = io.BytesIO()
@@ -969,7 +973,9 @@ def test_the_model_window_grows_only_while_it_is_full_and_the_model_idles(server
     before = handle.progress.remote().result(timeout_s=30)
     window = job_capacity.ModelWindow(serving.APP_NAME, 2)
     replicas = job_capacity.running_replicas(serving.APP_NAME)
-    assert replicas >= 1 and window.size(0, 0) == 2 * replicas  # the first reading has no predecessor
+    assert replicas >= 1 and window.size(0, 0) == 2 * replicas  # readings asked, none read yet
+    time.sleep(1.2)
+    assert window.size(0, 0) == 2 * replicas  # the first answers have no predecessor
     time.sleep(1.2)
     assert window.size(0, 100) == 2 * replicas  # idle, but the job does not fill the window
     time.sleep(1.2)

@@ -72,7 +72,7 @@ def segment_zip(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: 
     hu_file, geometry, datasets = dicom.read_series_bytes(files, name)
     labels_file, _, _, report = inference.segment_decoded(hu_file, geometry, name, spec, submit, chunk,
                                                           time.perf_counter() - t0, threads)
-    source = {"name": name, "count": len(files), "size": len(data)}
+    source = {**inference.upload_identity(data, name), "count": len(files)}
     report = {**series_head(series, source), **report, "input": name}
     t = time.perf_counter()
     seg = _seg_writer(datasets, spec)(labels_file)[SEG_KEY]

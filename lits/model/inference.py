@@ -364,10 +364,16 @@ def segment_bytes(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk
     hu_file, geometry = volumes.parse_nifti(data, name)
     labels_file, _, _, report = segment_decoded(hu_file, geometry, name, spec, submit, chunk,
                                                 time.perf_counter() - t0, threads)
+    report = {"input": name, "input_identity": upload_identity(data, name), **report}
     t = time.perf_counter()
     mask_bytes = volumes.nifti_bytes(labels_file, geometry.affine_array, compress=True)
     report["seconds"]["encode"] = round(time.perf_counter() - t, 3)
     return mask_bytes, report
+
+
+def upload_identity(data: bytes, name: str) -> Dict:
+    """What an uploaded body was: its name, size and SHA-256 (what a report says it segmented)."""
+    return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _timed(fn, *args):

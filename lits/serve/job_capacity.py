@@ -21,10 +21,10 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
   since the last reading (so not while tasks start) and the model was busy less than `IDLE_BELOW`
   of the time, the CPU side is what bounds the job, so the window grows (x1.5, at most
   `MAX_PER_REPLICA`); once the model is busy more than `BUSY_ABOVE` of the time (or too busy to
-  answer within `READING_WAIT_S`), extra volumes would only queue at it, so it halves, never below
-  `volumes_per_replica`. CPU work runs
-  ahead of the model only that far, and the autoscaler is asked only for the CPUs of the volumes
-  inside the window.
+  answer a reading within a refresh), extra volumes would only queue at it, so it halves, never
+  below `volumes_per_replica`. Readings never block the job: each refresh reads the answers to the
+  calls the previous one sent. CPU work runs ahead of the model only that far, and the autoscaler
+  is asked only for the CPUs of the volumes inside the window.
 
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
 job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
@@ -50,7 +50,6 @@ VOLUMES_PER_REPLICA = 3  # the default window per running model replica (ServeCo
 MAX_PER_REPLICA = 64  # the most a window grows to per replica while the model idles
 IDLE_BELOW = 0.8  # busy fraction under which a full window grows
 BUSY_ABOVE = 0.95  # busy fraction over which a grown window shrinks
-READING_WAIT_S = 2.0  # a replica that does not report its progress this quickly counts as saturated
 MAX_CONCURRENCY = 1024  # volumes in flight per job: at least 20 cpu-spot nodes x 16 CPUs (cluster.yaml)
 REFRESH_S = 5.0  # how often a job looks for CPUs that joined
 READY_WAIT_S = 10.0  # how long a new group may take to be placed before it is given up (and tried later)
@@ -116,10 +115,12 @@ class ModelWindow:
         self.seen: Dict[int, tuple] = {}  # replica pid -> (its clock, its busy seconds) at the last reading
         self.finished_before = 0
         self.handle = None
+        self.asking: List = []  # the progress() calls sent at the last refresh, read at the next
 
     def size(self, in_flight: int = 0, finished: int = 0) -> int:
-        """Volumes that may be in flight, given how many are (`in_flight`) and how many the job
-        finished so far (`finished`): the window grows only while it is in use and turns over."""
+        """Volumes that may be in flight, given the most that were since the last refresh
+        (`in_flight`) and how many the job finished so far (`finished`): the window grows only
+        while it is in use and turns over."""
         if time.time() - self.asked >= REFRESH_S:
             self.asked = time.time()
             running = running_replicas(self.app_name)
@@ -132,29 +133,36 @@ class ModelWindow:
         return self.replicas * self.per_replica
 
     def busy_fraction(self) -> Optional[float]:
-        """Forward-pass seconds per second of the replicas since the last reading (one `progress`
-        call per running replica; Serve routes each to a replica of its choice, so a replica may be
-        read twice and another not at all); None while no reading has a predecessor. 1.0 when a
-        replica does not answer within READING_WAIT_S: requests queue at it, or it is being
-        replaced; either way the window goes the safe way, down."""
+        """Forward-pass seconds per second of the replicas between the readings of the last two
+        refreshes; None while no reading has a predecessor. Never waits: each refresh reads the
+        `progress` calls sent at the previous one (one per running replica; Serve routes each to a
+        replica of its choice, so one may be read twice and another not at all) and sends new ones.
+        1.0 when a call went unanswered for a whole refresh: requests queue at the replica, or it
+        is being replaced; either way the window goes the safe way, down."""
         from lits.serve.model_client import model_handle
 
-        fractions = []
-        try:
-            self.handle = self.handle or model_handle(self.app_name)
-            answers = [self.handle.progress.remote() for _ in range(self.replicas)]
-            states = [a.result(timeout_s=READING_WAIT_S) for a in answers]
-        except Exception as exc:
-            log.debug("model busy fraction unknown: %s: %s", type(exc).__name__, exc)
-            return 1.0
-        for state in states:
-            if "busy_s" not in state:
+        fractions, unanswered = [], False
+        for answer in self.asking:
+            try:
+                state = answer.result(timeout_s=0.01)
+            except Exception as exc:  # not answered in a whole refresh, or the replica went away
+                log.debug("model progress unanswered: %s: %s", type(exc).__name__, exc)
+                answer.cancel()
+                unanswered = True
                 continue
             last = self.seen.get(state["pid"])
             if last is not None and state["now"] - last[0] >= 1.0:
                 fractions.append((state["busy_s"] - last[1]) / (state["now"] - last[0]))
             if last is None or state["now"] - last[0] >= 1.0:
                 self.seen[state["pid"]] = (state["now"], state["busy_s"])
+        try:
+            self.handle = self.handle or model_handle(self.app_name)
+            self.asking = [self.handle.progress.remote() for _ in range(self.replicas)]
+        except Exception as exc:
+            log.debug("model progress not asked: %s: %s", type(exc).__name__, exc)
+            self.asking = []
+        if unanswered:
+            return 1.0
         return sum(fractions) / len(fractions) if fractions else None
 
 
@@ -184,6 +192,7 @@ class JobCapacity:
         self.slots: List[int] = [self._slots(base)] if base is not None else []
         self.running: List[int] = [0] * len(self.groups)
         self.finished = 0
+        self.peak, self.peak_since = 0, time.time()  # the most volumes in flight over about REFRESH_S
         self.refreshed = 0.0
         self.requested = 0
 
@@ -193,7 +202,12 @@ class JobCapacity:
     @property
     def cap(self) -> int:
         """The most volumes in flight now: the caller's cap, within the model's window."""
-        return min(self.max, self.window(sum(self.running), self.finished)) if self.window is not None else self.max
+        if self.window is None:
+            return self.max
+        size = self.window(max(self.peak, sum(self.running)), self.finished)
+        if time.time() - self.peak_since >= REFRESH_S:  # the peak covers about the window's last refresh
+            self.peak, self.peak_since = sum(self.running), time.time()
+        return min(self.max, size)
 
     @property
     def elastic(self) -> bool:
@@ -246,6 +260,7 @@ class JobCapacity:
             return {"index": None, "options": {}}
         index = max(range(len(self.groups)), key=lambda i: self.slots[i] - self.running[i])
         self.running[index] += 1
+        self.peak = max(self.peak, sum(self.running))
         return {"index": index, "options": in_pool(self.groups[index])}
 
     def done(self, index: Optional[int]) -> None:
