@@ -48,6 +48,16 @@ def test_an_object_replaced_while_its_job_runs_is_segmented_again_after():
     assert watch_state.advance(entries, {"a.nii": {"size": 2, "etag": "y"}}, 5.0) == ["a.nii"]
 
 
+def test_an_object_whose_job_was_lost_is_submitted_again_at_the_next_poll():
+    entries = {}
+    for t in (0.0, 1.0):
+        ready = watch_state.advance(entries, {"a.nii": {"size": 1, "etag": "x"}}, t)
+    watch_state.submitted(entries, ready, "0123456789ab", 1.0)
+    watch_state.retry(entries, "a.nii")
+    assert watch_state.advance(entries, {"a.nii": {"size": 1, "etag": "x"}}, 2.0) == ["a.nii"]
+    assert entries["a.nii"]["first_seen"] == 0.0 and entries["a.nii"]["retries"] == 1
+
+
 def test_percentiles_and_the_job_window():
     assert watch_state.percentile([5, 1, 3, 2, 4], 50) == 3 and watch_state.percentile([], 95) is None
     assert watch_state.percentile(list(range(1, 101)), 95) == 95
@@ -154,7 +164,8 @@ def test_two_servers_on_one_watch_do_no_work_twice(server):
     job = JobSpec(input="-", output="-", app_name="lits", chunk=8, allow=("s3://watched",),
                   jobs_state=server["cfg"].jobs_state, cpus_per_volume=1.0)
     other = ray.remote(watches.WatchRunner).options(num_cpus=0, max_concurrency=4).remote(
-        WatchSpec(input="s3://watched/in2", output="s3://watched/out2", poll_s=0.3, watch_id=watch_id), job)
+        WatchSpec(input="s3://watched/in2", output="s3://watched/out2", poll_s=0.3, watch_id=watch_id), job,
+        owner="another-server")
     ray.get(other.start.remote())
     for i in range(3):
         put(fs, server, f"volume-{i}.nii.gz", f"in2/volume-{i}.nii.gz")

@@ -112,6 +112,14 @@ def finished(entries: Dict[str, Dict], key: str, ok: bool, reason: Optional[str]
         entry["reason"] = reason or "failed"
 
 
+def retry(entries: Dict[str, Dict], key: str) -> None:
+    """The job of `key` was lost (its server stopped while it ran): ready again at the next poll that
+    finds it unchanged; its lag still counts from when it was first seen."""
+    entry = entries[key]
+    entry.update(state="pending", polls=READY_POLLS - 1, retries=entry.get("retries", 0) + 1)
+    entry.pop("job_id", None)
+
+
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
     """The q-th percentile (0-100) by nearest rank, None for no values."""
     if not values:

@@ -26,12 +26,12 @@ kept beside the job records (`<jobs state>/watches/<id>.json`), which `resume` r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
-import uuid
 from typing import Dict, List, Optional
 
 import ray
@@ -124,7 +124,10 @@ class WatchRunner:
     def __init__(self, spec: WatchSpec, job_template: JobSpec, owner: Optional[str] = None):
         self.spec = spec
         self.template = job_template
-        self.owner = owner or uuid.uuid4().hex
+        # One runner per watch per cluster (a named actor): the runner a restarted app starts in the same
+        # cluster is the same owner and takes the lease up at once, without waiting for it to expire.
+        self.owner = owner or hashlib.sha256(f"{ray.get_runtime_context().gcs_address}/{spec.watch_id}".encode()
+                                             ).hexdigest()[:16]
         self.folder = state_folder(spec.output, spec.watch_id)
         self.lease_s = max(LEASE_MIN_S, LEASE_POLLS * spec.poll_s)
         self.entries: Dict[str, Dict] = {}
@@ -233,6 +236,13 @@ class WatchRunner:
         for job_id, keys in list(self.jobs.items()):
             status = jobs.get_job(job_id, self.template.jobs_state)
             if status is not None and status["state"] not in FINAL_STATES:
+                continue
+            if status is None or status.get("error") == jobs.LOST:  # stopped with its server: submit it again
+                with self._lock:
+                    for key in keys:
+                        if key in self.entries and self.entries[key]["state"] == "submitted":
+                            watch_state.retry(self.entries, key)
+                    del self.jobs[job_id]
                 continue
             ok = bool(status) and status["state"] == "succeeded" and status["counts"]["failed"] == 0
             reason = None
