@@ -286,10 +286,11 @@ def test_ingest_decodes_every_slice_and_reshuffles_each_epoch(ray_train_cluster,
         # nothing is read on the driver before the workers exist (PlacedIngest materialises then, where they run)
         assert not isinstance(train, MaterializedDataset) and not isinstance(val, MaterializedDataset)
         assert train.stats() == "" and val.stats() == ""  # never executed
-        if stored:  # as PlacedIngest does it for two workers on this node (one node: where blocks land is not
-            # observable here, and these blocks are small enough to live in the owner's memory, not the node's store)
+        if stored:  # as PlacedIngest does it for two workers on two nodes, one of them gone since (its part is
+            # read here: the affinity is soft). One node: where blocks land is not observable here, and these
+            # blocks are small enough to live in their owner's memory, not in a node's store.
             node = ray.get_runtime_context().get_node_id()
-            train = ingest.placed(cfg, info, "train", [node, node])
+            train = ingest.placed(cfg, info, "train", [node, "ab" * 28])
             assert sum(len(bundle.blocks) for bundle in train.iter_internal_ref_bundles()) >= len(info.train_uris)
         passes = []
         for _ in range(3):
