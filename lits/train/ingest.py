@@ -19,6 +19,7 @@ for validation), CPU tensors.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -61,18 +62,20 @@ def read(cfg: TrainConfig, uris, split: str, node: Optional[str] = None):
     fs, _ = storage.arrow_filesystem(cfg.data)
     strip = (lambda u: u[len("s3://"):]) if storage.is_s3(cfg.data) else (lambda u: u)
     columns = ["image", "mask"] if split == "train" else ["volume_id", "image", "mask"]
-    shuffle = ray.data.FileShuffleConfig(seed=cfg.seed) if split == "train" and not node else None
+    shuffle = ray.data.FileShuffleConfig(seed=cfg.seed) if split == "train" else None
     # A dataset keeps a copy of the DataContext it is created under: its scheduling strategy places
-    # the read and repartition tasks of this dataset alone.
+    # the read and repartition tasks of this dataset alone. Ray 2.60 deprecates it (removal announced
+    # after January 2027) for per-operator label selectors; its warning is silenced here, once known.
+    if not node:
+        return ray.data.read_parquet([strip(u) for u in uris], filesystem=fs, shuffle=shuffle).select_columns(columns)
     context = ray.data.DataContext.get_current()
-    saved = context.scheduling_strategy
-    if node:
-        context.scheduling_strategy = NodeAffinitySchedulingStrategy(node, soft=True)
-    try:
-        dataset = ray.data.read_parquet([strip(u) for u in uris], filesystem=fs, shuffle=shuffle).select_columns(columns)
-        return dataset.repartition(len(uris)) if node else dataset
-    finally:
-        context.scheduling_strategy = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        saved, context.scheduling_strategy = context.scheduling_strategy, NodeAffinitySchedulingStrategy(node, soft=True)
+        try:
+            return ray.data.read_parquet([strip(u) for u in uris], filesystem=fs).select_columns(columns).repartition(len(uris))
+        finally:
+            context.scheduling_strategy = saved
 
 
 def datasets(cfg: TrainConfig, info: DataInfo) -> Tuple[object, object, bool]:
