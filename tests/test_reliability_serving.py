@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from lits.model import inference
-from lits.serve import job_tasks
+from lits.serve import job_inputs, job_tasks
 from lits.serve.access import check_resolved
 from lits.core.errors import BadInputError
 from test_inference import tiny_model
@@ -79,7 +79,7 @@ def test_job_inputs_skip_what_the_product_writes(nifti_dir, tmp_path):
     for name in ("volume-0_seg.nii.gz", "old_seg.nii", "volume-0_preview.png"):
         (folder / name).write_bytes(b"x")
     (folder / "volume-0.json").write_text(json.dumps({"model_id": "0" * 16}))
-    listing = job_tasks.list_inputs(str(folder), str(tmp_path / "out"))
+    listing = job_inputs.list_inputs(str(folder), str(tmp_path / "out"))
     assert listing["volumes"] == [(str(folder / "volume-0.nii.gz"), "volume-0")]
     assert sorted(os.path.basename(u) for u in listing["ignored"]) == ["old_seg.nii", "segmentation-0.nii.gz",
                                                                        "volume-0_seg.nii.gz"]

@@ -336,7 +336,7 @@ def test_a_running_job_writes_its_summary_at_most_every_few_seconds(tmp_path):
     assert summary["progress"] == 1.0 and summary["slices_segmented"] == 24 and summary["chunks_resent"] == 1
     assert list(progress.status()) == ["job_id", "state", "input", "output", "overwrite", "model_id", "counts",
                                        "progress", "slices_segmented", "chunks_resent", "concurrency", "slices_per_s",
-                                       "elapsed_s", "failed", "error", "times", "summary"]
+                                       "elapsed_s", "failed", "left_out", "error", "times", "summary"]
     fenced = SummaryWriter(JobProgress(dataclasses.replace(job, allow=(str(tmp_path / "in"),))), every_s=0)
     fenced.save_progress(force=True)  # logged, not raised: the job goes on
     with pytest.raises(BadInputError, match="outside the allowed prefixes"):
