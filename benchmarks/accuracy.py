@@ -6,7 +6,7 @@ The contract of issue 10, step by step with the real commands:
     synthesize.py --volumes 12 --size 256 --slices 64                     (training data, seed 0)
     synthesize.py --volumes 8 --size 256 --slices 64 --seed 11 --first-id 200   (unseen scans)
     prepare.py --image-size 128                                           (default keep fractions)
-    train.py --num-workers 2 --epochs 30 --batch-size 16 --base-width 16 --depth 4 --lr 1e-3
+    train.py --num-workers 2 --epochs 30 --batch-size 32 --base-width 16 --depth 4 --lr 1e-3
     segment.py --model RUN/model --input UNSEEN                           (self-contained job)
     evaluate.py --pred SEG --ref UNSEEN --local
 
@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("synthesize", "prepare", "train", "segment", "evaluate")
-TRAIN_FLAGS = ["--num-workers", "2", "--epochs", "30", "--batch-size", "16", "--base-width", "16", "--depth", "4",
+TRAIN_FLAGS = ["--num-workers", "2", "--epochs", "30", "--batch-size", "32", "--base-width", "16", "--depth", "4",
                "--lr", "1e-3"]
 
 

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--s3", action="store_true", help="keep data and results in an embedded S3-compatible server")
     p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="every step with --verbose: Ray's own records too")
+    p.add_argument("--mlflow", action="store_true", help="track the training run in MLflow (a sqlite store in "
+                   "OUTPUT/run/mlflow.db; needs the lits[mlflow] extra, which make venv installs)")
     args = p.parse_args(argv)
     began = time.time()
     verbose = ["--verbose"] if args.verbose else []
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     else:
         root = local
     uri = {k: f"{root}/{k}" for k in ("volumes", "prepared", "run", "new-scans", "segmentations", "evaluation")}
+    tracking = f"sqlite:///{os.path.join(local, 'mlflow.db')}" if args.s3 else f"sqlite:///{local}/run/mlflow.db"
+    mlflow = ["--mlflow", tracking] if args.mlflow else []
     serve_proc = None
     try:
         # synthesize writes local folders; with --s3 they are uploaded
@@ -150,8 +154,8 @@ def main(argv=None) -> int:
             for name in ("run", "segmentations", "evaluation"):
                 shutil.rmtree(uri[name], ignore_errors=True)
         seconds["train"] += step("train", "train", "--data", uri["prepared"], "--output", uri["run"], "--num-workers", "2",
-             "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "16", "--lr", "1e-3", "--name", "demo",
-             *verbose, env=env)
+             "--epochs", str(args.epochs), "--base-width", "16", "--batch-size", "32", "--lr", "1e-3", "--name", "demo",
+             *verbose, *mlflow, env=env)
         port = free_port()
         started = time.time()
         serve_proc = start_server(f"{uri['run']}/model", port, root, env, args.verbose)
@@ -203,6 +207,8 @@ def main(argv=None) -> int:
     print(f"  pictures in {shown}: prepared/preview.png, run/curves.png, segmentations/volume-100_preview.png, "
           f"segmentations/{REAL_NAME}_preview.png, evaluation/overlays.png, evaluation/dice_boxplot.png")
     print(f"  tables: {os.path.join(shown, 'evaluation', 'report.md')}, {os.path.join(shown, 'run', 'metrics.csv')}")
+    if args.mlflow:
+        print(f"  MLflow: mlflow ui --backend-store-uri {tracking}")
     return 0
 
 

@@ -139,7 +139,7 @@ class TrainConfig:
         output: URI for checkpoints (under output/<name>/), metrics.csv, curves.png and model/.
         num_gpus: data-parallel GPU workers (one GPU each); 0 trains on CPU workers.
         num_workers: workers; None means num_gpus on GPU and 1 on CPU.
-        epochs, batch_size (per worker), lr: the original's 55, 32, 1e-4.
+        epochs, batch_size (the global batch: each of N workers takes batch_size / N), lr: the original's 55, 32, 1e-4.
         task: 'liver-tumour' (3-class softmax) or 'tumour' (the original's binary sigmoid).
         base_width, depth: U-Net size (64 and 5: the original's 31 M parameters).
         amp: 'auto' (bf16 autocast on GPUs that support it, fp16 otherwise; off on CPU) or 'off'.
