@@ -131,7 +131,7 @@ def test_job_segments_good_volumes_and_lists_bad_ones(server, first_job, tmp_pat
 
     job = first_job
     assert job["state"] == "succeeded", job
-    assert job["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4}
+    assert job["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4, "left_out": 0}
     reasons = {os.path.basename(f["input"]): f["reason"] for f in job["failed"]}
     assert set(reasons) == {"truncated.nii.gz", "notes.nii", "flat.nii.gz"}
     assert "truncated" in reasons["truncated.nii.gz"]
@@ -214,7 +214,8 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
         serving.undeploy("lits-model-b")
     assert second["state"] == "succeeded", second
     assert second["model_id"] != first["model_id"]
-    assert second["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4}, second
+    assert second["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4,
+                                 "left_out": 0}, second
     fs = s3fs_for(server["endpoint"])
     for i in range(4):
         assert json.loads(fs.cat_file(f"archive/remodel/volume-{i}.json"))["model_id"] == second["model_id"]
