@@ -20,7 +20,7 @@ import json
 import logging
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pydicom
@@ -233,9 +233,10 @@ def series_from_files(files: Mapping[str, bytes], name: str) -> Series:
 
 
 def read_series_bytes(files: Mapping[str, bytes], name: str, max_voxels: int = volumes.MAX_VOXELS,
-                      threads: int = 4) -> Tuple[np.ndarray, Geometry, List[pydicom.Dataset]]:
-    """`read_series` of the one CT series among uploaded files {relative name: bytes}."""
-    series = series_from_files(files, name)
+                      threads: int = 4, series: Optional[Series] = None) -> Tuple[np.ndarray, Geometry, List[pydicom.Dataset]]:
+    """`read_series` of the one CT series among uploaded files {relative name: bytes} (`series`: their
+    `series_from_files`, when the caller has it already)."""
+    series = series or series_from_files(files, name)
     by_uri = {f"{name}/{relative}": data for relative, data in files.items()}
     return _read(series, by_uri.__getitem__, max_voxels, threads)
 

@@ -69,7 +69,7 @@ def segment_zip(data: bytes, name: str, spec: ModelSpec, submit: Submit, chunk: 
     t0 = time.perf_counter()
     files = dicom.unzip_series(data, name)
     series = dicom.series_from_files(files, name)
-    hu_file, geometry, datasets = dicom.read_series_bytes(files, name)
+    hu_file, geometry, datasets = dicom.read_series_bytes(files, name, series=series)
     labels_file, _, _, report = inference.segment_decoded(hu_file, geometry, name, spec, submit, chunk,
                                                           time.perf_counter() - t0, threads)
     source = {**inference.upload_identity(data, name), "count": len(files)}
