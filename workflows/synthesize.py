@@ -2,6 +2,7 @@
 """Write seeded LiTS-like synthetic CT volumes (NIfTI pairs or the converted image dataset).
 
     python workflows/synthesize.py --output data/synthetic --volumes 12 --size 256 --slices 64
+    python workflows/synthesize.py --output data/abdomen --anatomy abdomen --volumes 12 --size 256 --slices 64
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--volumes", type=int, default=d.volumes, help="number of volumes (default: %(default)s)")
     p.add_argument("--size", type=int, default=d.size, help="in-plane matrix size (default: %(default)s)")
     p.add_argument("--slices", type=int, default=d.slices, help="axial slices per volume (default: %(default)s)")
+    p.add_argument("--anatomy", default=d.anatomy, choices=SynthConfig.ANATOMIES,
+                   help="simple: ellipses; abdomen: domain-randomised organs and tumours, docs/phantoms.md (default: %(default)s)")
     p.add_argument("--format", default=d.format, choices=SYNTH_FORMATS, help="(default: %(default)s)")
     p.add_argument("--colormap", default=d.colormap, choices=COLORMAPS, help="mask colormap for --format images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
@@ -49,13 +52,14 @@ def main(argv=None) -> int:
     with user_errors("synthesize"):
         cfg = make_config(SynthConfig, output=args.output, volumes=args.volumes, size=args.size, slices=args.slices,
                           format=args.format, colormap=args.colormap, seed=args.seed,
-                          compress=not args.no_compress, first_id=args.first_id)
+                          compress=not args.no_compress, first_id=args.first_id, anatomy=args.anatomy)
         from lits.core import synthetic
 
         if not args.verbose:  # its line per volume: one every few seconds
             logging.getLogger(synthetic.__name__).addFilter(OnBeat())
         ids = synthetic.synthesize(cfg)
-        print(f"wrote {len(ids)} synthetic volume(s) ({cfg.format}, {cfg.size}x{cfg.size}x{cfg.slices}) to {cfg.output}")
+        print(f"wrote {len(ids)} synthetic volume(s) ({cfg.anatomy}, {cfg.format}, {cfg.size}x{cfg.size}x{cfg.slices}) "
+              f"to {cfg.output}")
     return 0
 
 

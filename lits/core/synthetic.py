@@ -5,20 +5,22 @@ orientation drawn per volume (flipped and, now and then, permuted axes), so ever
 has to undo a non-identity affine. Intensities follow abdominal CT: air -1000 (-1024 padding outside the circular field of view), fat about -100,
 soft tissue 20..60 with texture, bone 300..1000, contrast-enhanced liver 60..120, hypo- and
 hyper-dense tumours of 3..30 mm, Gaussian noise of sigma 10..20 HU. Liver covers only part of
-the slices, so empty, liver-only and tumour slices all occur.
+the slices, so empty, liver-only and tumour slices all occur. That is the "simple" anatomy;
+SynthConfig.anatomy "abdomen" draws lits.core.anatomy's domain-randomised phantoms instead
+(docs/phantoms.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import List, Tuple
 
 import cv2
 import numpy as np
 
 from lits.core import ct, masks, storage, volumes
+from lits.core.anatomy import Phantom, make_abdomen
 from lits.core.config import SynthConfig
 
 log = logging.getLogger(__name__)
@@ -27,21 +29,6 @@ log = logging.getLogger(__name__)
 # axial axis last, some flipped along z; a few permuted layouts exercise the general path.
 ORIENTATIONS = (("LPS", 0.3), ("LPI", 0.2), ("RAS", 0.15), ("LAS", 0.1), ("RPI", 0.1), ("PLS", 0.1), ("SPL", 0.05))
 _AXIS = {"L": (0, -1), "R": (0, 1), "P": (1, -1), "A": (1, 1), "S": (2, 1), "I": (2, -1)}
-
-
-@dataclass(frozen=True)
-class Phantom:
-    """One synthetic volume in canonical layout.
-
-    Attributes:
-        hu: int16 (Z, H, W).
-        labels: uint8 (Z, H, W), 0 background, 1 liver, 2 tumour.
-        spacing: (x, y, z) mm (column, row, slice).
-    """
-
-    hu: np.ndarray
-    labels: np.ndarray
-    spacing: Tuple[float, float, float]
 
 
 def _smooth_field(rng: np.random.Generator, shape: Tuple[int, int], cells: int) -> np.ndarray:
@@ -200,7 +187,7 @@ def write_image_series(out_dir: str, index: int, phantom: Phantom, affine: np.nd
 
 
 def synthesize(cfg: SynthConfig) -> List[str]:
-    """Write cfg.volumes phantoms under cfg.output; volume N is seeded with (seed, N).
+    """Write cfg.volumes phantoms of cfg.anatomy under cfg.output; volume N is seeded with (seed, N).
 
     Returns:
         The volume ids written.
@@ -209,12 +196,13 @@ def synthesize(cfg: SynthConfig) -> List[str]:
     ids = []
     for index in range(cfg.first_id, cfg.first_id + cfg.volumes):
         rng = np.random.default_rng([cfg.seed, index])
-        phantom = make_phantom(rng, cfg.size, cfg.slices)
+        make = make_abdomen if cfg.anatomy == "abdomen" else make_phantom
+        phantom = make(rng, cfg.size, cfg.slices)
         affine, shape = phantom_affine(rng, phantom)
         if cfg.format == "nifti":
             write_nifti_pair(out, index, phantom, affine, shape, cfg.compress)
         else:
             write_image_series(out, index, phantom, affine, shape, cfg.colormap)
         ids.append(f"volume-{index}")
-        log.info("synthesised volume-%d (%s, %d slices)", index, cfg.format, cfg.slices)
+        log.info("synthesised volume-%d (%s, %s, %d slices)", index, cfg.anatomy, cfg.format, cfg.slices)
     return ids
