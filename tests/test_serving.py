@@ -982,9 +982,17 @@ def test_the_model_window_grows_only_while_it_is_full_and_the_model_idles(server
     time.sleep(1.2)
     assert window.size(10 ** 6, 100 + 2 * replicas - 1) == 2 * replicas  # full, but not one turn finished
     time.sleep(1.2)
-    assert window.size(10 ** 6, 1000) == 3 * replicas  # full, turned over and idle: 2 -> 3
+    assert window.size(10 ** 6, 1000) == 3 * replicas  # full, turned over and idle: 2 -> 3, on trial
     time.sleep(1.2)
-    assert window.size(10 ** 6, 2000) == 4 * replicas and window.per_replica == 4  # 3 -> 4 (at least one more)
+    assert window.size(10 ** 6, 2000) == 3 * replicas  # the trial's first refresh settles (tasks start)
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 4000) == 4 * replicas and window.per_replica == 4  # paid (2x): 3 -> 4
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 6000) == 4 * replicas  # settles
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 6100) == 3 * replicas  # 4 did not pay (the rate fell): back to 3
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 9000) == 3 * replicas  # and not past 3 again for a while
     after = handle.progress.remote().result(timeout_s=30)
     if after["pid"] == before["pid"]:
         assert 0.0 <= after["busy_s"] - before["busy_s"] < after["now"] - before["now"]
@@ -1004,6 +1012,28 @@ def test_the_window_per_replica_follows_the_busy_fraction():
     assert next_per_replica(5, 3, 0.99, full=False) == 3  # never below the base
     assert next_per_replica(3, 3, 1.0, full=True) == 3
     assert next_per_replica(8, 3, None, full=True) == 8
+
+
+def test_a_window_growth_is_kept_only_when_volumes_then_finish_faster():
+    """Each growth is a trial: one refresh to settle, then the completion rate must have risen by
+    GROWTH_PAYS or the window goes back and is barred from growing past that size for
+    CEILING_REFRESHES refreshes (2 CPU cores under 18 logical ones: an idle model, no faster job)."""
+    from lits.serve.job_capacity import GROWTH_PAYS, GrowthTrial
+
+    trial = GrowthTrial(ceiling_refreshes=3)
+    assert trial.step(3, 4, None) == 3  # no rate yet: no baseline, no growth
+    assert trial.step(3, 4, 10.0) == 4  # grown on trial against 10/s
+    assert trial.step(4, 6, 2.0) == 4  # the settling refresh: neither judged nor grown further
+    assert trial.step(4, 6, 10.0 * GROWTH_PAYS + 0.1) == 6  # paid: kept, and the next growth on trial
+    assert trial.step(6, 9, 30.0) == 6  # settling
+    assert trial.step(6, 9, 11.5) == 4  # 6 finished no faster than 4 did: back to 4
+    assert trial.step(4, 6, 50.0) == 4  # barred past 4 ...
+    assert trial.step(4, 6, 50.0) == 4
+    assert trial.step(4, 6, 50.0) == 6  # ... for 3 refreshes, then tried again
+    assert trial.step(6, 3, 50.0) == 3  # saturated: shrinking is never held back, and ends the trial
+    assert trial.step(3, 4, 50.0) == 4
+    trial.replicas_changed()
+    assert trial.trial is None and trial.ceiling is None
 
 
 @pytest.mark.slow

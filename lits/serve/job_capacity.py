@@ -25,6 +25,13 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
   below `volumes_per_replica`. Readings never block the job: each refresh reads the answers to the
   calls the previous one sent. CPU work runs ahead of the model only that far, and the autoscaler
   is asked only for the CPUs of the volumes inside the window.
+- **Growth must pay** (`GrowthTrial`). An idle model says the CPU side bounds the job, not that more
+  volumes at once will go faster: CPUs that are oversubscribed (logical CPUs over fewer cores, a
+  node's disk or network, the object store) finish no more volumes per second in a bigger window.
+  So each growth is a trial: the refresh after it is left to settle (new tasks start), and at the one
+  after that the job's completion rate must have risen by `GROWTH_PAYS` over the rate before the
+  growth, or the window goes back and is not grown past that size again for `CEILING_REFRESHES`
+  refreshes (nor while the replica count stays the same within them).
 
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
 job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
@@ -51,6 +58,8 @@ MAX_PER_REPLICA = 64  # the most a window grows to per replica while the model i
 IDLE_BELOW = 0.8  # busy fraction under which a full window grows
 BUSY_ABOVE = 0.95  # busy fraction over which a grown window shrinks
 MAX_CONCURRENCY = 1024  # volumes in flight per job: at least 20 cpu-spot nodes x 16 CPUs (cluster.yaml)
+GROWTH_PAYS = 1.10  # a grown window is kept when the job's completion rate rose this much (GrowthTrial)
+CEILING_REFRESHES = 12  # how long a growth that did not pay bars the window from growing past it again
 REFRESH_S = 5.0  # how often a job looks for CPUs that joined
 READY_WAIT_S = 10.0  # how long a new group may take to be placed before it is given up (and tried later)
 
@@ -101,6 +110,50 @@ def next_per_replica(current: int, base: int, busy: Optional[float], full: bool)
     return current
 
 
+class GrowthTrial:
+    """Keeps a window's growth only when the job then finishes volumes faster (module docstring).
+
+    `step(current, proposed, rate)` at each refresh: `current` volumes per replica, `proposed` what
+    `next_per_replica` says, `rate` the volumes finished per second since the previous refresh (None
+    at the first: no growth without a baseline). Returns the volumes per replica to use. Shrinking
+    is always allowed (and ends a trial)."""
+
+    def __init__(self, pays: float = GROWTH_PAYS, ceiling_refreshes: int = CEILING_REFRESHES):
+        self.pays, self.ceiling_refreshes = pays, ceiling_refreshes
+        self.trial: Optional[tuple] = None  # (volumes per replica before the growth, rate before it, settled)
+        self.ceiling: Optional[int] = None  # a size whose growth did not pay: not grown past for a while
+        self.ceiling_left = 0
+
+    def step(self, current: int, proposed: int, rate: Optional[float]) -> int:
+        if self.ceiling is not None:
+            self.ceiling_left -= 1
+            if self.ceiling_left <= 0:
+                self.ceiling = None
+        if proposed < current or rate is None:  # the model saturated (or nothing to compare with)
+            self.trial = None
+            return min(current, proposed)
+        if self.trial is not None:
+            before, before_rate, settled = self.trial
+            if not settled:  # the refresh right after the growth: its new tasks were starting
+                self.trial = (before, before_rate, True)
+                return current
+            self.trial = None
+            if rate < before_rate * self.pays:  # it did not pay: back, and not past it for a while
+                log.info("model window: %d volumes per replica finished %.2f/s against %.2f/s at %d; back to %d",
+                         current, rate, before_rate, before, before)
+                self.ceiling, self.ceiling_left = before, self.ceiling_refreshes
+                return before
+        if proposed > current and self.ceiling is not None:
+            proposed = max(current, min(proposed, self.ceiling))
+        if proposed > current:
+            self.trial = (current, rate, False)
+        return proposed
+
+    def replicas_changed(self) -> None:
+        """Another replica count is another job shape: forget a growth that did not pay."""
+        self.trial, self.ceiling, self.ceiling_left = None, None, 0
+
+
 class ModelWindow:
     """How many volumes the model replicas can absorb now: running replicas x volumes per replica
     (at least one replica's worth, so that a job waits for a replacement instead of stopping);
@@ -114,6 +167,8 @@ class ModelWindow:
         self.asked = 0.0
         self.seen: Dict[int, tuple] = {}  # replica pid -> (its clock, its busy seconds) at the last reading
         self.finished_before = 0
+        self.rate_since = 0.0  # when finished_before was taken (0: not yet)
+        self.growth = GrowthTrial()
         self.handle = None
         self.asking: List = []  # the progress() calls sent at the last refresh, read at the next
 
@@ -124,12 +179,17 @@ class ModelWindow:
         if time.time() - self.asked >= REFRESH_S:
             self.asked = time.time()
             running = running_replicas(self.app_name)
+            now = time.time()
+            if running is not None and max(1, running) != self.replicas:
+                self.growth.replicas_changed()
             if running is not None:
                 self.replicas = max(1, running)
             window = self.replicas * self.per_replica
             full = in_flight >= window and finished - self.finished_before >= window
-            self.finished_before = finished
-            self.per_replica = next_per_replica(self.per_replica, self.base, self.busy_fraction(), full)
+            rate = (finished - self.finished_before) / max(1e-3, now - self.rate_since) if self.rate_since else None
+            self.finished_before, self.rate_since = finished, now
+            proposed = next_per_replica(self.per_replica, self.base, self.busy_fraction(), full)
+            self.per_replica = self.growth.step(self.per_replica, proposed, rate)
         return self.replicas * self.per_replica
 
     def busy_fraction(self) -> Optional[float]:
