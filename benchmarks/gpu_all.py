@@ -117,7 +117,7 @@ def train_rates(s: Sizes, device: torch.device) -> dict:
     per_batch = (s.slice_side // crop) ** 2  # patch batches per streamed batch of slices
     streamed = slices(s, s.batch)
     torch.manual_seed(cfg.seed)
-    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
+    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth, cfg.norm)
     cuda = device.type == "cuda"
     model = (model.to(memory_format=torch.channels_last) if cuda else model).to(device)  # as setup_model places it
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -39,7 +39,7 @@ from lits.core.config import TrainConfig  # noqa: E402
 from lits.model.unet import UNet  # noqa: E402
 from lits.train.sampling import PatchBatches  # noqa: E402
 from lits.train.train_steps import (EpochContext, EpochRandom, TrainState, schedule_step, train_one_epoch,  # noqa: E402
-                                    validate)
+                                    validate_with_best_statistics)
 from lits.train.train_data import patch_size  # noqa: E402
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
@@ -78,7 +78,7 @@ def train_variant(cfg: TrainConfig, train, val, threads: int):
     images, masks, _, _ = train
     side = images.shape[1]
     crop = patch_size(cfg, side)
-    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
+    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth, cfg.norm)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     draws = EpochRandom(torch.Generator().manual_seed(cfg.seed),
                         PatchBatches(crop, cfg.tumour_fraction, 16 * cfg.batch_size, np.random.default_rng(cfg.seed)))
@@ -93,9 +93,9 @@ def train_variant(cfg: TrainConfig, train, val, threads: int):
                        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size))
         totals = train_one_epoch(ctx, state, batches, draws)
         steps += totals.steps
-        vb = ({"image": val[0][i:i + 32], "mask": val[1][i:i + 32], "volume_id": val[2][i:i + 32]}
-              for i in range(0, len(val[0]), 32))
-        val_loss, _, _ = validate(ctx, vb, val_index)
+        vb = lambda: ({"image": val[0][i:i + 32], "mask": val[1][i:i + 32], "volume_id": val[2][i:i + 32]}  # noqa: E731
+                      for i in range(0, len(val[0]), 32))
+        (val_loss, _, _), _ = validate_with_best_statistics(ctx, totals.slices, vb, val_index)
         state, improved = schedule_step(state, val_loss[0] / max(1, val_loss[1]), cfg)
         if improved:
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -105,7 +105,7 @@ def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dic
     buf = io.BytesIO()
     torch.save(weights, buf)
     spec = inference.ModelSpec(uri="memory", model_id="x", task=cfg.task, out_channels=cfg.classes,
-                               base_width=cfg.base_width, depth=cfg.depth, image_size=prepare_cfg["image_size"],
+                               base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm, image_size=prepare_cfg["image_size"],
                                context=prepare_cfg.get("context", 0))
     predictor = inference.Predictor(spec, buf.getvalue(), device="cpu", tta=bool(infer.get("tta", 0)))
     rows = []

@@ -225,6 +225,27 @@ def test_predictor_loads_weights_only_and_outputs_probabilities(tmp_path):
     assert np.array_equal(probs[3:5], predictor(images[3:5]))
 
 
+def test_the_exported_normalisation_is_the_one_rebuilt(tmp_path):
+    """config.json's architecture.norm rebuilds the network it was saved from; a model exported before
+    norm existed is BatchNorm; an unknown norm is one clear error."""
+    assert inference.load_spec(tiny_model(tmp_path / "old"))[0].norm == "batch"  # no 'norm' key
+    torch.manual_seed(0)
+    model = UNet(3, 3, base_width=4, depth=3, norm="instance").eval()
+    arch = {"name": "UNet", "in_channels": 3, "out_channels": 3, "base_width": 4, "depth": 3, "norm": "instance"}
+    inference.save_model(str(tmp_path / "inst"), model.state_dict(), inference.model_config(arch, "liver-tumour", 32, 0))
+    spec, weights = inference.load_spec(str(tmp_path / "inst"))
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255), 1)
+    probs = inference.Predictor(spec, weights, device="cpu", tta=False)(images)
+    assert spec.norm == "instance"
+    assert np.abs(probs.astype(float) - expected.permute(0, 2, 3, 1).numpy() * 255).max() <= 1.0
+    arch["norm"] = "group"
+    inference.save_model(str(tmp_path / "bad"), model.state_dict(), inference.model_config(arch, "liver-tumour", 32, 0))
+    with pytest.raises(UserError, match="norm 'group'.*re-export"):
+        inference.load_spec(str(tmp_path / "bad"))
+
+
 def test_segment_bytes_keeps_input_geometry(nifti_dir, tmp_path):
     spec, weights = inference.load_spec(tiny_model(tmp_path / "model"))
     predictor = inference.Predictor(spec, weights, device="cpu")

@@ -48,7 +48,7 @@ def train(slices, steps_per_epoch: int = 25, epochs: int = 6):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     cfg = TrainConfig(data="-", output="-", epochs=epochs, batch_size=8, base_width=8, depth=3, lr=3e-3, crop=32)
-    model = UNet(3, 3, cfg.base_width, cfg.depth)
+    model = UNet(3, 3, cfg.base_width, cfg.depth, cfg.norm)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ctx = EpochContext(TrainConfig(**{**cfg.to_dict(), "steps_per_epoch": steps_per_epoch}), model, optimizer,
                        torch.device("cpu"), steps_estimate=steps_per_epoch)
@@ -140,7 +140,7 @@ def test_gpu_branches_of_the_step_run_on_cpu(slices, bf16):
     images, masks = slices
     torch.manual_seed(0)
     cfg = TrainConfig(data="-", output="-", batch_size=4, base_width=4, depth=3, lr=1e-3)
-    model = UNet(3, 3, cfg.base_width, cfg.depth).to(memory_format=torch.channels_last)
+    model = UNet(3, 3, cfg.base_width, cfg.depth, cfg.norm).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     autocast, scaler = autocast_for(cfg, torch.device("cpu"), bf16=bf16)
     assert (scaler is None) == bf16  # fp16 needs a GradScaler, bf16 does not
@@ -162,7 +162,7 @@ def test_step_on_cuda_learns_with_its_own_autocast(slices):
     device = torch.device("cuda")
     torch.manual_seed(0)
     cfg = TrainConfig(data="-", output="-", batch_size=8, base_width=8, depth=3, lr=3e-3)
-    model = UNet(3, 3, cfg.base_width, cfg.depth).to(device).to(memory_format=torch.channels_last)
+    model = UNet(3, 3, cfg.base_width, cfg.depth, cfg.norm).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     autocast, scaler = autocast_for(cfg, device)
     generator = torch.Generator().manual_seed(0)

@@ -269,7 +269,7 @@ def test_an_epoch_after_a_resume_trains_exactly_as_in_the_uninterrupted_run():
 
     def fresh(seed):
         torch.manual_seed(seed)
-        model = UNet(3, 3, cfg.base_width, cfg.depth)
+        model = UNet(3, 3, cfg.base_width, cfg.depth, cfg.norm)
         return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     straight = fresh(0)
@@ -334,7 +334,17 @@ def _worker(rank: int, port: int, backend: str, results) -> None:
         finally:
             torch.Tensor.item = item
         strides = [str(w.message)[:60] for w in caught if "Grad strides" in str(w.message)]
-        results[rank] = (summed.tolist(), totals.steps, items, strides)
+        # BatchNorm statistics recomputed on each worker's own slices end the same on both (their
+        # weighted mean); the choice between them and the moving average is the same on both
+        from lits.train.precise_bn import recalibrate
+        from lits.train.train_steps import to_tensors, validate_with_best_statistics
+
+        val = [{"image": rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+                "mask": rng.integers(0, 3, (2, 8, 8), dtype=np.uint8), "volume_id": np.array(["v", "v"])}]
+        _, chosen = validate_with_best_statistics(ctx, totals.slices, lambda: iter(val), {"v": 0})
+        recalibrate(model.module, totals.slices, lambda x: to_tensors({"image": x, "mask": x[..., 0]}, torch.device("cpu"), False)[0],
+                    collective.weighted_mean_)
+        results[rank] = (summed.tolist(), totals.steps, items, strides, model.module.down[0][1].running_mean.tolist(), chosen)
     finally:
         dist.destroy_process_group()
 
@@ -347,9 +357,12 @@ def _run_pair(backend: str):
 
 def test_collectives_sum_and_stop_together_across_two_processes():
     """Sums, and "every worker has data" without a .item() per batch; a DDP step whose gradients
-    fit DDP's buckets (the model's layout is the input's: no "Grad strides" warning)."""
+    fit DDP's buckets (the model's layout is the input's: no "Grad strides" warning); BatchNorm's
+    statistics recomputed on each worker's own slices end the same on both (their weighted mean)."""
     results = _run_pair("cpu:gloo")
-    assert results[0] == results[1] == ([2.0, 3.0], 2, [], [])
+    assert results[0][:4] == results[1][:4] == ([2.0, 3.0], 2, [], [])
+    assert results[0][4] == results[1][4] and any(abs(v) > 1e-6 for v in results[0][4])
+    assert results[0][5] == results[1][5] in ("moving", "slices")
 
 
 def test_a_cpu_tensor_in_a_cuda_only_group_fails_as_nccl_would():
@@ -369,8 +382,7 @@ def test_every_collective_in_lits_goes_through_the_device_collective():
                 for line in open(os.path.join(folder, name)):
                     for m in call.finditer(line):
                         found.append((name, m.group(1)))
-    assert sorted(found) == [("train_steps.py", "all_reduce"), ("train_steps.py", "all_reduce"),
-                             ("training.py", "all_gather_object")], found
+    assert sorted(found) == [("train_steps.py", "all_reduce")] * 3 + [("training.py", "all_gather_object")], found
 
 
 def test_the_epoch_line_says_what_a_user_watches():

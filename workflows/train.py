@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs and torch threads per worker (default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--norm", default=d.norm, choices=("batch", "instance"),
+                   help="the U-Net's normalisation (default: %(default)s)")
+    p.add_argument("--precise-bn", type=int, default=d.precise_bn,
+                   help="whole training slices per worker and epoch on which BatchNorm's statistics are recomputed; "
+                   "validation keeps them or the moving average, whichever validates better; 0: the moving average "
+                   "(default: %(default)s)")
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_interval_s / 60,
                    help="checkpoint after the first epoch ending this long after the last checkpoint, and after "
                    "the last epoch; 0: every epoch (default: %(default)s)")
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
             augment=not args.no_augment, steps_per_epoch=args.steps_per_epoch, crop=args.crop,
             tumour_fraction=args.tumour_fraction, schedule=args.schedule,
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
-            materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker,
+            materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, norm=args.norm,
+            precise_bn=args.precise_bn,
         )
         from lits.core import storage
         from lits.train import train_data, training

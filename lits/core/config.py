@@ -97,6 +97,8 @@ class SynthConfig:
         colormap: the sequential colormap masks are rendered with (images format).
         seed: base seed; volume N uses (seed, N).
         compress: write .nii.gz (True) or .nii.
+        anatomy: 'simple' (an ellipse of liver in an ellipse of body: synthetic.make_phantom) or
+            'abdomen' (domain-randomised organs, vessels and tumours: lits.core.anatomy).
     """
 
     output: str
@@ -108,6 +110,8 @@ class SynthConfig:
     seed: int = 0
     compress: bool = True
     first_id: int = 0
+    anatomy: str = "simple"
+    ANATOMIES = ("simple", "abdomen")  # the choices of `anatomy`; no annotation, so not a field
 
     def __post_init__(self) -> None:
         if self.volumes < 1:
@@ -120,6 +124,8 @@ class SynthConfig:
             raise ValueError(f"format must be one of {', '.join(SYNTH_FORMATS)}, got {self.format!r}")
         if self.colormap not in COLORMAPS:
             raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)}, got {self.colormap!r}")
+        if self.anatomy not in self.ANATOMIES:
+            raise ValueError(f"anatomy must be one of {', '.join(self.ANATOMIES)}, got {self.anatomy!r}")
         if self.seed < 0 or self.first_id < 0:
             raise ValueError("seed and first_id must be >= 0")
 
@@ -142,6 +148,9 @@ class TrainConfig:
         epochs, batch_size (the global batch: each of N workers takes batch_size / N), lr: the original's 55, 32, 1e-4.
         task: 'liver-tumour' (3-class softmax) or 'tumour' (the original's binary sigmoid).
         base_width, depth: U-Net size (64 and 5: the original's 31 M parameters).
+        norm: 'batch' (the original's BatchNorm; see precise_bn) or 'instance' (nnU-Net's
+            InstanceNorm: no stored statistics, but each patch loses its absolute HU level; it scored
+            lower on CT phantoms, docs/benchmarks.md).
         amp: 'auto' (bf16 autocast on GPUs that support it, fp16 otherwise; off on CPU) or 'off'.
         max_failures: worker-group restarts from the last checkpoint before giving up.
         name: run name; the same name in the same output resumes.
@@ -160,6 +169,10 @@ class TrainConfig:
             keeps every tumour slice and few others, and forcing a third more cost 0.08 tumour Dice
             on unseen scans (benchmarks/levers.py); set it when prepare keeps most slices.
         augment: the original's random affine and flips.
+        precise_bn: whole training slices per worker (a uniform sample of each epoch's) on which
+            BatchNorm's statistics are recomputed with the epoch's final weights; validation keeps
+            them or the moving average, whichever validates better (lits.train.precise_bn). 0: the
+            moving average of the last batches, whose swing made validation untrustworthy.
         steps_per_epoch: cap on optimizer steps per epoch (None: the whole train split).
         cpus_per_worker: CPUs (and torch threads) per worker.
         checkpoint_interval_s: a checkpoint (and curves.png) after the first epoch that ends this
@@ -183,6 +196,7 @@ class TrainConfig:
     task: str = "liver-tumour"
     base_width: int = 64
     depth: int = 5
+    norm: str = "batch"
     amp: str = "auto"
     max_failures: int = 2
     name: str = "lits-unet"
@@ -194,6 +208,7 @@ class TrainConfig:
     crop: Optional[int] = None
     tumour_fraction: float = 0.0
     augment: bool = True
+    precise_bn: int = 64
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1
     checkpoint_interval_s: float = 120.0
@@ -218,6 +233,10 @@ class TrainConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.base_width < 1 or not 2 <= self.depth <= 7:
             raise ValueError("base_width must be >= 1 and depth between 2 and 7")
+        if self.precise_bn < 0:
+            raise ValueError(f"precise_bn must be >= 0 slices, got {self.precise_bn}")
+        if self.norm not in ("instance", "batch"):
+            raise ValueError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check_fraction("tumour_fraction", self.tumour_fraction)

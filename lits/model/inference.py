@@ -62,6 +62,7 @@ class ModelSpec:
         mirror: test-time mirroring (config.json's inference.mirror; off for models exported
             before it existed).
         min_tumour_ml: tumour components smaller than this become liver (inference.min_tumour_ml).
+        norm: the U-Net's normalisation (architecture.norm; 'batch' for models exported before it).
     """
 
     uri: str
@@ -74,6 +75,7 @@ class ModelSpec:
     context: int
     mirror: bool = False
     min_tumour_ml: float = 0.0
+    norm: str = "batch"
 
     @property
     def probability_channels(self) -> int:
@@ -96,7 +98,7 @@ def model_config(architecture: Dict, task: str, image_size: int, context: int, e
     """config.json of an exported model: what inference reads, plus `extra` (training facts).
 
     Args:
-        architecture: {'name': 'UNet', 'in_channels': 3, 'out_channels', 'base_width', 'depth'}.
+        architecture: {'name': 'UNet', 'in_channels': 3, 'out_channels', 'base_width', 'depth', 'norm'}.
         task: 'liver-tumour' or 'tumour'.
         image_size, context: the preprocessing the model was trained on (prepare's flags).
     """
@@ -155,6 +157,8 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
         task = config["task"]
         if arch.get("name") != "UNet" or arch.get("in_channels") != 3 or task not in ("liver-tumour", "tumour"):
             raise ValueError(f"architecture {arch.get('name')!r} / task {task!r}")
+        if arch.get("norm", "batch") not in ("instance", "batch"):
+            raise ValueError(f"norm {arch.get('norm')!r}")
         weights_uri = storage.join(uri, config.get("weights", WEIGHTS_NAME))
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{config_uri}: not a model config this version understands ({exc}); re-export the model") from exc
@@ -163,7 +167,8 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
                      base_width=int(arch["base_width"]), depth=int(arch["depth"]),
                      image_size=int(pre["image_size"]), context=int(pre.get("context") or 0),
                      mirror=bool(config.get("inference", {}).get("mirror", False)),
-                     min_tumour_ml=float(config.get("inference", {}).get("min_tumour_ml", 0.0)))
+                     min_tumour_ml=float(config.get("inference", {}).get("min_tumour_ml", 0.0)),
+                     norm=str(arch.get("norm", "batch")))
     return spec, weights
 
 
@@ -196,7 +201,7 @@ class Predictor:
         self.tta = spec.mirror if tta is None else tta
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.upsample = upsample or ("torch" if self.device.type == "cuda" else "cv2")
-        model = UNet(3, spec.out_channels, spec.base_width, spec.depth)
+        model = UNet(3, spec.out_channels, spec.base_width, spec.depth, spec.norm)
         try:
             state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
             model.load_state_dict(state)

@@ -61,7 +61,7 @@ def setup_model(cfg: TrainConfig, device, place: Callable, checkpoint=None):
     from lits.model.unet import UNet
 
     torch.manual_seed(cfg.seed)
-    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
+    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth, cfg.norm)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = place(model)

@@ -37,7 +37,7 @@ def evaluate_split(cfg: TrainConfig, uris: List[str], weights: Dict, batch_size:
     if not uris:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU task's GPU
-    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth)
+    model = UNet(3, cfg.classes, cfg.base_width, cfg.depth, cfg.norm)
     model.load_state_dict(weights)
     model.to(device).eval()
     classes = METRIC_CLASSES[cfg.task]

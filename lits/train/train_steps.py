@@ -25,6 +25,7 @@ from lits.model.devices import half_dtype
 from lits.train.augment import random_affine
 from lits.core.config import TrainConfig
 from lits.train.losses import bce_dice_loss, ce_dice_loss
+from lits.train.precise_bn import Reservoir
 from lits.train.sampling import PatchBatches, poly_lr
 
 METRIC_CLASSES = {"liver-tumour": (1, 2), "tumour": (2,)}
@@ -61,6 +62,24 @@ class Collective:
         flag = torch.tensor([1 if has else 0], dtype=torch.int32)  # host memory, on purpose
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.host_group)
         return bool(flag.numpy()[0])
+
+    def weighted_mean_(self, tensors, weight: float) -> float:
+        """Replace each of `tensors` (on the device) by the workers' average weighted by their
+        `weight`, in place; returns the weights' sum (lits.train.precise_bn)."""
+        if self.world == 1:
+            return weight
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1).double() * weight for t in tensors]
+                         + [torch.tensor([weight], dtype=torch.float64, device=tensors[0].device)])
+        dist.all_reduce(flat)
+        total = float(flat[-1])
+        if total > 0:
+            offset = 0
+            for t in tensors:
+                t.copy_((flat[offset:offset + t.numel()] / total).reshape(t.shape).to(t.dtype))
+                offset += t.numel()
+        return total
 
     def sum(self, array: np.ndarray) -> np.ndarray:
         if self.world == 1:
@@ -300,18 +319,22 @@ class EpochTotals:
     data_wait_s: float = 0.0
     train_s: float = 0.0
     replaced: int = 0
+    slices: Optional[np.ndarray] = None  # a uniform sample of the epoch's whole slices (lits.train.precise_bn)
 
 
 def train_one_epoch(ctx: EpochContext, state: TrainState, batches: Iterator[Dict[str, np.ndarray]],
                     draws: EpochRandom) -> EpochTotals:
     """Train epoch `state.epoch` over `batches` (each turned into patch batches by `draws.sampler`)
     until any worker's shard runs dry (DDP needs equal step counts) or cfg.steps_per_epoch steps;
-    the rate follows `learning_rate` step by step over `ctx.steps_estimate` steps per epoch."""
+    the rate follows `learning_rate` step by step over `ctx.steps_estimate` steps per epoch.
+    `totals.slices` holds a uniform sample of up to cfg.precise_bn of the epoch's whole slices
+    (`validate_with_best_statistics` recomputes BatchNorm's statistics on them)."""
     cfg, sampler = ctx.cfg, draws.sampler
     totals = EpochTotals()
     swapped_before = sampler.swapped if sampler is not None else 0
     started = time.perf_counter()
     losses = []  # device tensors: one host sync per epoch, not per step
+    sample = Reservoir(cfg.precise_bn, np.random.default_rng([cfg.seed, state.epoch]))
     ctx.model.train()
     while cfg.steps_per_epoch is None or totals.steps < cfg.steps_per_epoch:
         waited = time.perf_counter()
@@ -319,6 +342,7 @@ def train_one_epoch(ctx: EpochContext, state: TrainState, batches: Iterator[Dict
         totals.data_wait_s += time.perf_counter() - waited
         if not ctx.collective.all_have(batch is not None):
             break
+        sample.add(batch["image"])
         for patches in (sampler(batch) if sampler is not None else (batch,)):
             if cfg.steps_per_epoch is not None and totals.steps >= cfg.steps_per_epoch:
                 break
@@ -331,9 +355,36 @@ def train_one_epoch(ctx: EpochContext, state: TrainState, batches: Iterator[Dict
             totals.images += len(image)
             totals.steps += 1
     totals.loss_sum = float(torch.stack(losses).sum()) if losses else 0.0
+    totals.slices = sample.images()
     totals.train_s = time.perf_counter() - started
     totals.replaced = sampler.swapped - swapped_before if sampler is not None else 0  # this epoch's
     return totals
+
+
+def validate_with_best_statistics(ctx: EpochContext, slices: Optional[np.ndarray], batches: Callable[[], Iterator[Dict]],
+                                  volume_index: Dict[str, int]):
+    """`validate` (with a fresh `batches()`), with whichever BatchNorm statistics validate better over
+    the group: the moving average training left, or the exact ones of the epoch's final weights on
+    its whole `slices` (lits.train.precise_bn); the model keeps them. Every worker calls it at the
+    same point and makes the same choice. Returns (validate's result, 'moving' or 'slices')."""
+    from lits.train.precise_bn import batch_norms, recalibrate
+
+    norms = batch_norms(ctx.core)
+    result = validate(ctx, batches(), volume_index)
+    if not ctx.cfg.precise_bn or not norms or slices is None:
+        return result, "moving"
+    kept = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    to_input = lambda x: to_tensors({"image": x, "mask": x[..., 0]}, ctx.device, ctx.channels_last)[0]  # noqa: E731
+    if not recalibrate(ctx.core, slices, to_input, ctx.collective.weighted_mean_, ctx.autocast):
+        return result, "moving"
+    again = validate(ctx, batches(), volume_index)
+    before, after = ctx.collective.sum(result[0]), ctx.collective.sum(again[0])
+    if after[0] / max(1.0, after[1]) <= before[0] / max(1.0, before[1]):
+        return again, "slices"
+    for m, (mean, var) in zip(norms, kept):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return result, "moving"
 
 
 def validate(ctx: EpochContext, batches: Iterator[Dict], volume_index: Dict[str, int]):

@@ -126,7 +126,7 @@ def train_loop_per_worker(config: Dict) -> None:
 
     from lits.train import ingest
     from lits.train.train_steps import (Collective, EpochContext, TrainState, autocast_for, epoch_random,
-                                        schedule_step, train_one_epoch, validate)
+                                        schedule_step, train_one_epoch, validate_with_best_statistics)
 
     cfg = TrainConfig(**config["cfg"])
     info = config["info"]
@@ -156,8 +156,10 @@ def train_loop_per_worker(config: Dict) -> None:
         draws = epoch_random(cfg, crop, state.epoch, rank, device)
         batches = iter(ingest.batches(train_shard, cfg, info, shuffle_seed=draws.shuffle_seed))
         totals = train_one_epoch(ctx, state, batches, draws)
-        val = validate(ctx, ingest.batches(val_shard, cfg, info), val_index)
+        val, statistics = validate_with_best_statistics(ctx, totals.slices, lambda: ingest.batches(val_shard, cfg, info),
+                                                        val_index)
         row = _metrics_row(ctx, state, totals, val, started)
+        row["bn_statistics"] = statistics
         state, improved = schedule_step(state, row["val_loss"], cfg)
         if improved:
             best.improved(core)
@@ -238,7 +240,7 @@ def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), history[-1])
     prepare = info.prepare_config
     architecture = {"name": "UNet", "in_channels": 3, "out_channels": cfg.classes,
-                    "base_width": cfg.base_width, "depth": cfg.depth}
+                    "base_width": cfg.base_width, "depth": cfg.depth, "norm": cfg.norm}
     config = inference.model_config(
         architecture, cfg.task, image_size=prepare.get("image_size", info.image_shape[0]),
         context=prepare.get("context", 0),
