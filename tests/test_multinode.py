@@ -40,16 +40,20 @@ def _start(args, ready: str = "Ray runtime started", timeout: float = 120) -> su
     raise RuntimeError("ray start did not come up:\n" + "".join(seen[-30:]))
 
 
+STOP_GRACE_S = 8
+
+
 def _stop(procs) -> None:
     """SIGTERM the `ray start --block` processes (each stops its node's processes): the joined nodes
-    together, then the head; then SIGKILL what is left of their process groups."""
+    together, then the head, each given STOP_GRACE_S; then SIGKILL what is left of their process
+    groups (a node's graceful stop took ~30 s, with nothing left to keep)."""
     for group in (procs[1:], procs[:1]):
         for proc in group:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in group:
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
     for proc in procs:

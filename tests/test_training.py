@@ -155,9 +155,14 @@ def _train_workers() -> list:
 EPOCHS = 6
 
 
-def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_train_cluster, prepared, tmp_path):
-    out = str(tmp_path / "run")
-    cfg = TrainConfig(data=prepared, output=out, epochs=EPOCHS, name="kill", max_failures=2, checkpoint_interval_s=0, **TINY)
+def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_train_cluster, prepared, tmp_path,
+                                                                           monkeypatch):
+    # Relative --data and --output, as a user types them: Ray workers run in their own directories, and
+    # both the first group and the restarted one must still read and write here.
+    monkeypatch.chdir(tmp_path)
+    out = "run"
+    cfg = TrainConfig(data=os.path.relpath(prepared), output=out, epochs=EPOCHS, name="kill", max_failures=2,
+                      checkpoint_interval_s=0, **TINY)
     outcome = {}
 
     def run():
@@ -193,6 +198,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_t
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(1, EPOCHS + 1)]
     assert outcome["config"]["training"]["epochs_run"] == EPOCHS
+    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "model" / "weights.pt").exists()
     # the group restarted (two new worker processes) and resumed from a checkpoint, not from scratch
     ours = [a for a in _train_workers() if a.actor_id not in earlier]
     assert victim in {a.pid for a in ours} and len({a.pid for a in ours} - {a.pid for a in group}) == 2, ours
@@ -205,14 +211,6 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_t
     # epochs before the resume point are the first attempt's rows, untouched
     kept = min(resumed, len(first))
     assert rows[:kept] == first[:kept]
-
-
-def test_relative_paths_reach_the_workers(ray_train_cluster, prepared, tmp_path, monkeypatch):
-    # Ray workers run in their own directories: a relative --output must still land here.
-    monkeypatch.chdir(tmp_path)
-    training.train(TrainConfig(data=os.path.relpath(prepared), output="rel", epochs=1, name="rel", **TINY))
-    assert [r["epoch"] for r in read_metrics(str(tmp_path / "rel"))] == ["1"]
-    assert os.path.exists(tmp_path / "rel" / "curves.png") and os.path.exists(tmp_path / "rel" / "model" / "weights.pt")
 
 
 def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_path):
