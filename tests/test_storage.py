@@ -93,3 +93,51 @@ def test_a_ray_worker_finds_the_endpoint_in_its_environment(ray_cluster, s3_serv
 
     assert ray.get(copy.remote("s3://worker-env/in/x.bin", "s3://worker-env/out/x.bin")) == s3_server
     assert storage.read_bytes("s3://worker-env/out/x.bin") == b"from the driver, through a worker"
+
+
+def _race(uri: str, contenders: int = 4, rounds: int = 8):
+    """`contenders` threads at once write `uri` conditionally on the version each read; per round,
+    how many writes landed and whether the object holds the winner's bytes."""
+    import threading
+
+    outcomes = []
+    for r in range(rounds):
+        _, version = storage.read_versioned(uri)
+        barrier, won = threading.Barrier(contenders), []
+
+        def contend(i):
+            barrier.wait()
+            if storage.write_if(uri, f"{r}-{i}".encode(), version):
+                won.append(i)
+
+        threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        data, _ = storage.read_versioned(uri)
+        outcomes.append((len(won), data == f"{r}-{won[0]}".encode() if won else None))
+    return outcomes
+
+
+def test_conditional_writes_let_exactly_one_of_many_writers_win_locally(tmp_path):
+    """Created only when absent, replaced only at the version read: of 4 writers at once, one."""
+    uri = str(tmp_path / "lease.json")
+    assert storage.read_versioned(uri) == (None, None)
+    assert _race(uri) == [(1, True)] * 8
+    data, version = storage.read_versioned(uri)
+    assert not storage.write_if(uri, b"stale", None)  # it exists: "only if absent" fails
+    assert storage.write_if(uri, b"next", version) and not storage.write_if(uri, b"late", version)
+    assert storage.read_versioned(uri)[0] == b"next"
+
+
+def test_conditional_writes_let_exactly_one_of_many_writers_win_on_s3(s3_server):
+    """The same through the S3 protocol: If-None-Match: * and If-Match: ETag on one PUT each."""
+    make_bucket(s3_server, "leases")
+    uri = "s3://leases/w/lease.json"
+    assert storage.read_versioned(uri) == (None, None)
+    assert _race(uri) == [(1, True)] * 8
+    data, version = storage.read_versioned(uri)
+    assert not storage.write_if(uri, b"stale", None)
+    assert storage.write_if(uri, b"next", version) and not storage.write_if(uri, b"late", version)
+    assert storage.read_versioned(uri)[0] == b"next"

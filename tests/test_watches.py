@@ -58,6 +58,34 @@ def test_an_object_whose_job_was_lost_is_submitted_again_at_the_next_poll():
     assert entries["a.nii"]["first_seen"] == 0.0 and entries["a.nii"]["retries"] == 1
 
 
+def test_of_servers_taking_an_expired_lease_at_once_exactly_one_holds_it(tmp_path):
+    """take_lease is a conditional write against the version read: absent, expired or its own, and
+    of 4 servers at once (threads released by one barrier) exactly one gets it; renew_lease keeps
+    only the holder's."""
+    import threading
+
+    from lits.serve.watches import read_lease, renew_lease, take_lease
+
+    uri = str(tmp_path / "lease.json")
+    for round_ in range(6):
+        barrier, holders = threading.Barrier(4), []
+
+        def take(owner):
+            barrier.wait()
+            if take_lease(uri, owner, ttl_s=0.05):  # expires at once: the next round takes it again
+                holders.append(owner)
+
+        threads = [threading.Thread(target=take, args=(f"s{round_}-{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(holders) == 1 and read_lease(uri)["owner"] == holders[0], holders
+        time.sleep(0.06)
+    assert take_lease(uri, "a", ttl_s=60) and not take_lease(uri, "b", ttl_s=60)  # held: not taken
+    assert renew_lease(uri, "a", 60) and not renew_lease(uri, "b", 60) and read_lease(uri)["owner"] == "a"
+
+
 def test_percentiles_and_the_job_window():
     assert watch_state.percentile([5, 1, 3, 2, 4], 50) == 3 and watch_state.percentile([], 95) is None
     assert watch_state.percentile(list(range(1, 101)), 95) == 95

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import hashlib
 import posixpath
 import uuid
 from typing import Dict, Iterator, Optional, Tuple
@@ -238,6 +239,66 @@ def write_bytes(uri: str, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
+
+
+def read_versioned(uri: str) -> Tuple[Optional[bytes], Optional[str]]:
+    """(bytes, version) of `uri`, (None, None) when absent. The version is the object's ETag on S3 and
+    a hash of the bytes locally: what `write_if` compares."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri)
+    with user_errors(uri, "read"):
+        if is_s3(uri):
+            for _ in range(5):
+                fs.invalidate_cache(path)
+                try:
+                    info = fs.info(path)
+                    data = fs.cat_file(path)
+                    fs.invalidate_cache(path)
+                    if fs.info(path).get("ETag") == info.get("ETag"):  # the bytes are this ETag's
+                        return data, info.get("ETag")
+                except FileNotFoundError:
+                    return None, None
+            raise OSError(f"{uri} kept changing while it was read")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if(uri: str, data: bytes, version: Optional[str]) -> bool:
+    """Write `data` to `uri` only if it is still at `version` (from `read_versioned`; None: only if
+    absent). Returns False, writing nothing, when another writer got there first. One conditional
+    PUT on S3 (If-None-Match: * / If-Match: ETag, which AWS S3, MinIO and the test server honour);
+    locally a compare-and-rename under an exclusive lock on a sibling lock file."""
+    uri = normalise(uri)
+    fs, path = filesystem(uri)
+    with user_errors(uri, "write"):
+        if is_s3(uri):
+            try:
+                if version is None:
+                    fs.pipe_file(path, data, mode="create")
+                else:
+                    fs.pipe_file(path, data, IfMatch=version)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    return False
+                raise
+            finally:
+                fs.invalidate_cache(path)
+            return True
+        import fcntl
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if read_versioned(uri)[1] != version:
+                return False
+            write_bytes(uri, data)
+            return True
 
 
 def delete(uri: str) -> None:

@@ -4,9 +4,9 @@ into its output without anyone resubmitting, through the bulk-job machinery (`li
 A watch is a `WatchRunner` actor (one per watch per cluster, named after it, owned by the process that
 started it) whose thread, every `poll_s`:
   1. holds the watch's lease (`OUTPUT/_watches/<id>/lease.json`: owner and expiry, taken when absent,
-     expired or its own, then read back after `LEASE_SETTLE_S`: of two servers on one watch, the one
-     whose write landed last works; the other only watches the lease), so a second server on the same
-     watch does no work twice;
+     expired or its own by a conditional write against the version it read: If-None-Match / If-Match
+     on S3, a compare under a file lock locally, `storage.write_if`; of two servers on one watch
+     exactly one holds it, the other only watches it), so a second server does no work twice;
   2. lists the input once (fsspec `find` with details: ListObjectsV2 pages on S3, size and ETag per
      key, no request per object) and moves each key on (`watch_state.advance`: ready when unchanged
      across two polls);
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "lits-watch-"
 WATCHES_FOLDER = "_watches"
-LEASE_SETTLE_S = 0.3
 LEASE_POLLS = 3  # a lease lasts this many polls (at least LEASE_MIN_S): a server that stops polling loses it
 LEASE_MIN_S = 30.0
 
@@ -70,32 +69,30 @@ def _read_json(uri: str) -> Optional[Dict]:
 def read_lease(uri: str) -> Optional[Dict]:
     """The lease at `uri`, None when there is none; raises when it cannot be read (a server that cannot
     tell whether another holds the watch must not take it)."""
-    fs, path = storage.filesystem(uri)
-    try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
+    data, _ = storage.read_versioned(uri)
+    return json.loads(data) if data is not None else None
 
 
 def renew_lease(uri: str, owner: str, ttl_s: float) -> bool:
-    """Extend `owner`'s lease by `ttl_s` from now; False when it is another's now (taken after it expired)."""
-    current = read_lease(uri)
+    """Extend `owner`'s lease by `ttl_s` from now, conditionally on the version read; False when it is
+    another's now (taken after it expired), or was taken between the read and the write."""
+    data, version = storage.read_versioned(uri)
+    current = json.loads(data) if data is not None else None
     if not current or current.get("owner") != owner:
         return False
-    storage.write_bytes(uri, json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode())
-    return True
+    return storage.write_if(uri, json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode(), version)
 
 
-def take_lease(uri: str, owner: str, ttl_s: float, settle_s: float = LEASE_SETTLE_S) -> bool:
-    """Whether `owner` holds the lease at `uri` for the next `ttl_s` seconds (module docstring, step 1)."""
-    current = read_lease(uri)
+def take_lease(uri: str, owner: str, ttl_s: float) -> bool:
+    """Whether `owner` holds the lease at `uri` for the next `ttl_s` seconds: taken when absent, expired
+    or already its own, by a conditional write against the version read (module docstring, step 1),
+    so of two servers taking it at once exactly one succeeds."""
+    data, version = storage.read_versioned(uri)
+    current = json.loads(data) if data is not None else None
     now = time.time()
     if current and current.get("owner") != owner and current.get("expires", 0) > now:
         return False
-    storage.write_bytes(uri, json.dumps({"owner": owner, "expires": now + ttl_s}).encode())
-    time.sleep(settle_s)
-    found = read_lease(uri)
-    return bool(found) and found.get("owner") == owner
+    return storage.write_if(uri, json.dumps({"owner": owner, "expires": now + ttl_s}).encode(), version)
 
 
 def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
