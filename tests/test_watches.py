@@ -86,6 +86,37 @@ def test_of_servers_taking_an_expired_lease_at_once_exactly_one_holds_it(tmp_pat
     assert renew_lease(uri, "a", 60) and not renew_lease(uri, "b", 60) and read_lease(uri)["owner"] == "a"
 
 
+def test_a_listing_keys_nifti_objects_and_leaf_folders_of_dicom_files(tmp_path):
+    """One listing: each NIfTI object by its key; each leaf folder of DICOM-like files (.dcm, no
+    suffix, digits) as one input whose identity changes when any file of it changes, comes or goes;
+    other files, the output and a folder with subfolders of inputs are not inputs."""
+    import shutil
+
+    from dicom_factory import write_series
+    from lits.serve.watches import list_prefix
+
+    root = tmp_path / "in"
+    (root / "p1").mkdir(parents=True)
+    (root / "a.nii.gz").write_bytes(b"x" * 10)
+    write_series(str(root / "p1" / "ct"), shape=(8, 8, 3))
+    (root / "p1" / "notes.json").write_text("{}")
+    (root / "p2").mkdir()
+    (root / "p2" / "IM0001").write_bytes(b"d" * 7)
+    (root / "p2" / "1.2.840.1").write_bytes(b"d" * 5)
+    (root / "mixed" / "sub").mkdir(parents=True)
+    (root / "mixed" / "x.dcm").write_bytes(b"d")
+    (root / "mixed" / "sub" / "v.nii").write_bytes(b"n")
+    (root / "out").mkdir()
+    (root / "out" / "y.dcm").write_bytes(b"o")
+    listing = list_prefix(str(root), str(root / "out"))
+    assert sorted(listing) == ["a.nii.gz", "mixed/sub/v.nii", "p1/ct/", "p2/"], listing
+    assert listing["p2/"]["size"] == 12 and listing["p2/"]["etag"].startswith("2-")
+    before = listing["p1/ct/"]
+    shutil.copy(next((root / "p1" / "ct").iterdir()), root / "p1" / "ct" / "extra.dcm")
+    after = list_prefix(str(root), str(root / "out"))["p1/ct/"]
+    assert after != before and after["etag"].startswith("4-")
+
+
 def test_percentiles_and_the_job_window():
     assert watch_state.percentile([5, 1, 3, 2, 4], 50) == 3 and watch_state.percentile([], 95) is None
     assert watch_state.percentile(list(range(1, 101)), 95) == 95
@@ -170,6 +201,15 @@ def test_a_watch_segments_what_lands_once_survives_a_restart_and_reports_failure
     time.sleep(2)  # a few more polls: nothing is submitted again
     assert len(job_summaries(fs, "out")) == 5 and call(server, "GET", f"/v1/watches/{watch_id}")[1]["counts"] == \
         {"pending": 0, "submitted": 0, "done": 3, "failed": 1}
+    # A DICOM series landing file by file: one input (its folder), segmented once it stopped changing,
+    # named as a job over the whole prefix names it.
+    from dicom_factory import write_series
+
+    for path in write_series(str(server["ct"].parent / "series"), shape=(32, 32, 6)):
+        fs.put_file(path, f"watched/in/p1/ct/{path.rsplit('/', 1)[1]}")
+    found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 4)
+    assert fs.exists("watched/out/p1/ct_seg.nii.gz") and fs.exists("watched/out/p1/ct.json"), fs.find("watched/out/p1")
+    assert len(job_summaries(fs, "out")) == 6
     status, deleted, _ = call(server, "DELETE", f"/v1/watches/{watch_id}")
     assert status == 200 and deleted["state"] == "deleted", deleted
 

@@ -95,23 +95,47 @@ def take_lease(uri: str, owner: str, ttl_s: float) -> bool:
     return storage.write_if(uri, json.dumps({"owner": owner, "expires": now + ttl_s}).encode(), version)
 
 
+DICOM_SUFFIXES = ("", ".dcm", ".ima", ".dicom")  # what a DICOM file's name ends with (or digits: "1.2.840...")
+
+
+def _dicom_like(base: str) -> bool:
+    ext = os.path.splitext(base)[1].lower()
+    return ext in DICOM_SUFFIXES or ext[1:].isdigit()
+
+
 def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
-    """key (path below the input) -> identity of every NIfTI object a job would segment there (not the
-    product's own outputs, reference segmentations or anything under the output). One listing."""
+    """key (path below the input) -> identity of every input a job would segment there, in one listing:
+    each NIfTI object by its key, and each folder of DICOM-like files (`_dicom_like`: a series, or
+    several) by the folder's key with a trailing '/' ('' + '/' for the input itself), its identity
+    the file count, bytes and a digest of every file's identity, so a folder is ready only when no
+    file of it changed, came or went for two polls. Only leaf folders (a job over a folder reads its
+    subfolders too). Not the product's own outputs, reference segmentations or anything under the
+    output."""
     root = storage.normalise(input_uri).rstrip("/")
     out = storage.normalise(output_uri).rstrip("/")
     fs, path = storage.filesystem(root)
     fs.invalidate_cache()
     if not fs.exists(path):
         return {}
-    found = {}
+    found, folders = {}, {}
     for fs_path, info in fs.find(path, detail=True).items():
         uri = root + "/" + fs_path[len(path.rstrip("/")) + 1:]
         base = os.path.basename(uri)
-        if (not uri.endswith(naming.NIFTI_SUFFIXES) or uri.startswith(out + "/") or naming.is_reference(base)
-                or naming.is_mask(base)):
+        if uri.startswith(out + "/") or naming.is_reference(base) or naming.is_mask(base) or base.startswith("."):
             continue
-        found[uri[len(root) + 1:]] = watch_state.identity_of(info)
+        key = uri[len(root) + 1:]
+        if uri.endswith(naming.NIFTI_SUFFIXES):
+            found[key] = watch_state.identity_of(info)
+        elif _dicom_like(base):
+            folders.setdefault(os.path.dirname(key) + "/", {})[base] = watch_state.identity_of(info)
+    for key, files in folders.items():
+        if any(other != key and other.startswith(key.lstrip("/")) for other in list(found) + list(folders)):
+            # a job over this folder would take its subfolders too, ready or not: series in leaf folders only
+            log.warning("watch %s: DICOM files in %s lie beside subfolders of inputs; not segmented (put each "
+                        "series in a folder of its own)", root, key)
+            continue
+        digest = hashlib.sha256(json.dumps(sorted(files.items()), sort_keys=True).encode()).hexdigest()[:32]
+        found[key] = {"size": sum(f["size"] for f in files.values()), "etag": f"{len(files)}-{digest}"}
     return found
 
 
@@ -219,8 +243,11 @@ class WatchRunner:
         storage.write_bytes(storage.join(self.folder, "state.json"), state.encode())
 
     def _submit(self, key: str) -> None:
-        folder = os.path.dirname(key)
-        job = dataclasses.replace(self.template, input=storage.join(self.spec.input, key),
+        """A job over one ready input: a NIfTI object, or a folder of DICOM files (key ending in '/'),
+        whose outputs a job over the whole prefix would name the same (`job_inputs.series_rel_name`)."""
+        path = key.rstrip("/")
+        folder = os.path.dirname(path)
+        job = dataclasses.replace(self.template, input=storage.join(self.spec.input, path) if path else self.spec.input,
                                   output=storage.join(self.spec.output, folder) if folder else self.spec.output,
                                   overwrite=self.spec.overwrite, job_id=new_job_id())
         job_id = jobs.submit_job(job)
