@@ -109,8 +109,15 @@ def test_a_listing_keys_nifti_objects_and_leaf_folders_of_dicom_files(tmp_path):
     (root / "out").mkdir()
     (root / "out" / "y.dcm").write_bytes(b"o")
     listing = list_prefix(str(root), str(root / "out"))
-    assert sorted(listing) == ["a.nii.gz", "mixed/sub/v.nii", "p1/ct/", "p2/"], listing
+    assert sorted(listing) == ["a.nii.gz", "mixed/", "mixed/sub/v.nii", "p1/ct/", "p2/"], listing
     assert listing["p2/"]["size"] == 12 and listing["p2/"]["etag"].startswith("2-")
+    assert "folder of its own" in listing["mixed/"]["refused"] and not any("refused" in listing[k] for k in
+                                                                           ("p1/ct/", "p2/", "a.nii.gz"))
+    # the mixed folder is never submitted: once ready it is failed with the reason
+    entries = {}
+    assert watch_state.advance(entries, listing, 0.0) == []
+    assert watch_state.advance(entries, listing, 1.0) == ["a.nii.gz", "mixed/sub/v.nii", "p1/ct/", "p2/"]
+    assert entries["mixed/"]["state"] == "failed" and "folder of its own" in entries["mixed/"]["reason"]
     before = listing["p1/ct/"]
     shutil.copy(next((root / "p1" / "ct").iterdir()), root / "p1" / "ct" / "extra.dcm")
     after = list_prefix(str(root), str(root / "out"))["p1/ct/"]

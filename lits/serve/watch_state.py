@@ -73,7 +73,8 @@ def identity_of(info: Dict) -> Dict:
 
 def advance(entries: Dict[str, Dict], listing: Dict[str, Dict], now: float) -> List[str]:
     """Move `entries` (key -> entry, changed in place) on by one poll's `listing` (key -> identity);
-    return the keys that became ready (submit them), in key order."""
+    return the keys that became ready (submit them), in key order. An identity with a 'refused'
+    reason is never submitted: once ready it is failed with that reason."""
     ready = []
     for key, identity in listing.items():
         entry = entries.get(key)
@@ -87,7 +88,10 @@ def advance(entries: Dict[str, Dict], listing: Dict[str, Dict], now: float) -> L
             continue
         if entry["state"] == "pending":
             entry["polls"] += 1
-            if entry["polls"] >= READY_POLLS:
+            if entry["polls"] >= READY_POLLS and identity.get("refused"):  # never segmented: failed, with why
+                entry.update(state="failed", reason=identity["refused"], done_at=now,
+                             lag_s=round(now - entry["first_seen"], 3))
+            elif entry["polls"] >= READY_POLLS:
                 ready.append(key)
     for key in [k for k, e in entries.items() if k not in listing and e["state"] == "pending"]:
         del entries[key]  # gone before it was ready

@@ -108,9 +108,9 @@ def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
     each NIfTI object by its key, and each folder of DICOM-like files (`_dicom_like`: a series, or
     several) by the folder's key with a trailing '/' ('' + '/' for the input itself), its identity
     the file count, bytes and a digest of every file's identity, so a folder is ready only when no
-    file of it changed, came or went for two polls. Only leaf folders (a job over a folder reads its
-    subfolders too). Not the product's own outputs, reference segmentations or anything under the
-    output."""
+    file of it changed, came or went for two polls. A folder that is not a leaf carries a 'refused'
+    reason (a job over it would read its subfolders too): the watch fails it with that reason. Not the
+    product's own outputs, reference segmentations or anything under the output."""
     root = storage.normalise(input_uri).rstrip("/")
     out = storage.normalise(output_uri).rstrip("/")
     fs, path = storage.filesystem(root)
@@ -129,13 +129,12 @@ def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
         elif _dicom_like(base):
             folders.setdefault(os.path.dirname(key) + "/", {})[base] = watch_state.identity_of(info)
     for key, files in folders.items():
-        if any(other != key and other.startswith(key.lstrip("/")) for other in list(found) + list(folders)):
-            # a job over this folder would take its subfolders too, ready or not: series in leaf folders only
-            log.warning("watch %s: DICOM files in %s lie beside subfolders of inputs; not segmented (put each "
-                        "series in a folder of its own)", root, key)
-            continue
         digest = hashlib.sha256(json.dumps(sorted(files.items()), sort_keys=True).encode()).hexdigest()[:32]
         found[key] = {"size": sum(f["size"] for f in files.values()), "etag": f"{len(files)}-{digest}"}
+        if any(other != key and other.startswith(key.lstrip("/")) for other in list(found) + list(folders)):
+            # a job over this folder would take its subfolders too, ready or not: series in leaf folders only
+            found[key]["refused"] = ("DICOM files beside subfolders of other inputs: a job over this folder would "
+                                     "read those too; put each series in a folder of its own")
     return found
 
 
