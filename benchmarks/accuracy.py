@@ -79,8 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="start", default="synthesize", choices=STEPS, help="first step to run (default: all)")
     p.add_argument("--train-args", default="", help="extra train.py flags (a lever to measure)")
     p.add_argument("--unseen", type=int, default=8, help="unseen scans of each generator (default: %(default)s)")
-    p.add_argument("--anatomy", default="simple", choices=("simple", "abdomen"),
-                   help="the training generator's anatomy (synthesize.py --anatomy; default: %(default)s)")
+    p.add_argument("--anatomy", default="simple", choices=("simple", "abdomen", "mixed"),
+                   help="the training generator's anatomy (synthesize.py --anatomy; mixed: half of each; "
+                   "default: %(default)s)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     d = {k: os.path.join(out, k) for k in ("volumes", "unseen", "heldout", "real", "prepared", "run", "seg",
@@ -89,10 +90,17 @@ def main(argv=None) -> int:
     todo = STEPS[STEPS.index(args.start):]
     if "synthesize" in todo:
         shutil.rmtree(out, ignore_errors=True)
-        seconds["synthesize"] = run("synthesize", "--output", d["volumes"], "--volumes", "12", "--size", "256",
-                                    "--slices", "64", "--anatomy", args.anatomy)
-        seconds["synthesize"] += run("synthesize", "--output", d["unseen"], "--volumes", str(args.unseen), "--size", "256",
-                                     "--slices", "64", "--seed", "11", "--first-id", "200", "--anatomy", args.anatomy)
+        # 'mixed': half of each anatomy, training and unseen alike (ids after the first half's)
+        parts = [(a, 1) for a in ("simple", "abdomen")] if args.anatomy == "mixed" else [(args.anatomy, 0)]
+        seconds["synthesize"] = 0.0
+        for i, (anatomy, split) in enumerate(parts):
+            train_n, unseen_n = (6, args.unseen // 2) if split else (12, args.unseen)
+            seconds["synthesize"] += run("synthesize", "--output", d["volumes"], "--volumes", str(train_n), "--size", "256",
+                                         "--slices", "64", "--anatomy", anatomy, "--first-id", str(i * train_n),
+                                         "--seed", str(i))
+            seconds["synthesize"] += run("synthesize", "--output", d["unseen"], "--volumes", str(unseen_n), "--size",
+                                         "256", "--slices", "64", "--seed", str(11 + i), "--first-id",
+                                         str(200 + i * unseen_n), "--anatomy", anatomy)
         seconds["synthesize"] += run_heldout(d["heldout"], args.unseen)
         shutil.copytree(REAL_SERIES, os.path.join(d["real"], "real-ct-dicom"))
     if "prepare" in todo:
