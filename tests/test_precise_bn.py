@@ -1,5 +1,5 @@
-"""Precise BatchNorm statistics (lits.train.precise_bn): exact averages over an epoch's training
-patches with its final weights, wired into every training epoch."""
+"""Precise BatchNorm statistics (lits.train.precise_bn): averages over an epoch's whole slices with its
+final weights, and validation keeping the better of those and the moving average."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_recalibration_gives_the_exact_mean_and_variance_of_the_slices():
     var = (torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]) * sizes[:, None]).sum(0) / 40
     assert torch.allclose(norm.running_mean, torch.cat(batches).mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(norm.running_mean, mean, atol=1e-5) and torch.allclose(norm.running_var, var, rtol=1e-4)
-    assert norm.momentum == 0.1 and model.training  # as they were
+    assert norm.momentum == 0.1 and model.training and int(norm.num_batches_tracked) == 0  # as they were
     assert not recalibrate(UNet(3, 3, 4, 2, norm="instance"), images, _input)  # nothing to recompute
 
 

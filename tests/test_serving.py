@@ -1032,6 +1032,11 @@ def test_a_window_growth_is_kept_only_when_volumes_then_finish_faster():
     assert trial.step(4, 6, 50.0) == 6  # ... for 3 refreshes, then tried again
     assert trial.step(6, 3, 50.0) == 3  # saturated: shrinking is never held back, and ends the trial
     assert trial.step(3, 4, 50.0) == 4
+    # a grown window the job cannot fill yet (an elastic pool's new nodes take minutes) is not judged
+    for _ in range(5):
+        assert trial.step(4, 6, 1.0, filled=False) == 4
+    assert trial.step(4, 6, 1.0, filled=True) == 4  # filled at last: one refresh to settle
+    assert trial.step(4, 6, 50.0 * GROWTH_PAYS + 1) == 6  # then judged against the rate before the growth
     trial.replicas_changed()
     assert trial.trial is None and trial.ceiling is None
 

@@ -101,8 +101,10 @@ def test_a_listing_keys_nifti_objects_and_leaf_folders_of_dicom_files(tmp_path):
     write_series(str(root / "p1" / "ct"), shape=(8, 8, 3))
     (root / "p1" / "notes.json").write_text("{}")
     (root / "p2").mkdir()
-    (root / "p2" / "IM0001").write_bytes(b"d" * 7)
-    (root / "p2" / "1.2.840.1").write_bytes(b"d" * 5)
+    (root / "p2" / "IM0001").write_bytes(b"d" * 200)
+    (root / "p2" / "1.2.840.1").write_bytes(b"d" * 150)
+    (root / "p2" / "README").write_bytes(b"r" * 500)  # no suffix, but no slice
+    (root / "p2" / "tiny").write_bytes(b"t" * 20)  # no suffix, smaller than a DICOM preamble
     (root / "mixed" / "sub").mkdir(parents=True)
     (root / "mixed" / "x.dcm").write_bytes(b"d")
     (root / "mixed" / "sub" / "v.nii").write_bytes(b"n")
@@ -110,7 +112,7 @@ def test_a_listing_keys_nifti_objects_and_leaf_folders_of_dicom_files(tmp_path):
     (root / "out" / "y.dcm").write_bytes(b"o")
     listing = list_prefix(str(root), str(root / "out"))
     assert sorted(listing) == ["a.nii.gz", "mixed/", "mixed/sub/v.nii", "p1/ct/", "p2/"], listing
-    assert listing["p2/"]["size"] == 12 and listing["p2/"]["etag"].startswith("2-")
+    assert listing["p2/"]["size"] == 350 and listing["p2/"]["etag"].startswith("2-")
     assert "folder of its own" in listing["mixed/"]["refused"] and not any("refused" in listing[k] for k in
                                                                            ("p1/ct/", "p2/", "a.nii.gz"))
     # the mixed folder is never submitted: once ready it is failed with the reason
@@ -122,6 +124,21 @@ def test_a_listing_keys_nifti_objects_and_leaf_folders_of_dicom_files(tmp_path):
     shutil.copy(next((root / "p1" / "ct").iterdir()), root / "p1" / "ct" / "extra.dcm")
     after = list_prefix(str(root), str(root / "out"))["p1/ct/"]
     assert after != before and after["etag"].startswith("4-")
+
+
+def test_folder_placeholders_on_s3_are_not_inputs(s3_server):
+    """Keys ending in '/' (the S3 console's "Create folder") are neither slices nor folders of them."""
+    from lits.serve.watches import list_prefix
+    from test_serving import s3fs_for
+
+    make_bucket(s3_server, "placeholders")
+    fs = s3fs_for(s3_server)
+    for key in ("in/", "in/p1/", "in/p1/ct/"):
+        fs.pipe_file(f"placeholders/{key}", b"")
+    for name in ("a.dcm", "b.dcm"):
+        fs.pipe_file(f"placeholders/in/p1/ct/{name}", b"d" * 200)
+    listing = list_prefix("s3://placeholders/in", "s3://placeholders/out")
+    assert sorted(listing) == ["p1/ct/"] and listing["p1/ct/"]["etag"].startswith("2-"), listing
 
 
 def test_percentiles_and_the_job_window():

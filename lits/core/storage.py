@@ -267,6 +267,20 @@ def read_versioned(uri: str) -> Tuple[Optional[bytes], Optional[str]]:
         return data, hashlib.sha256(data).hexdigest()
 
 
+CONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}  # 412; 409 when two land at once
+
+
+def _condition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error (s3fs wraps botocore's) says a conditional write's condition did not hold."""
+    seen = exc
+    while seen is not None:
+        code = getattr(seen, "response", {}).get("Error", {}).get("Code")
+        if code in CONDITION_CODES:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def write_if(uri: str, data: bytes, version: Optional[str]) -> bool:
     """Write `data` to `uri` only if it is still at `version` (from `read_versioned`; None: only if
     absent). Returns False, writing nothing, when another writer got there first. One conditional
@@ -284,7 +298,7 @@ def write_if(uri: str, data: bytes, version: Optional[str]) -> bool:
             except FileExistsError:
                 return False
             except OSError as exc:
-                if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc) or "412" in str(exc):
+                if _condition_failed(exc):
                     return False
                 raise
             finally:

@@ -28,10 +28,11 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
 - **Growth must pay** (`GrowthTrial`). An idle model says the CPU side bounds the job, not that more
   volumes at once will go faster: CPUs that are oversubscribed (logical CPUs over fewer cores, a
   node's disk or network, the object store) finish no more volumes per second in a bigger window.
-  So each growth is a trial: the refresh after it is left to settle (new tasks start), and at the one
-  after that the job's completion rate must have risen by `GROWTH_PAYS` over the rate before the
-  growth, or the window goes back and is not grown past that size again for `CEILING_REFRESHES`
-  refreshes (nor while the replica count stays the same within them).
+  So each growth is a trial: once the grown window is first filled (an elastic pool's new CPUs may
+  take minutes), one refresh is left to settle (new tasks start), and at the one after that the
+  job's completion rate must have risen by `GROWTH_PAYS` over the rate before the growth, or the
+  window goes back and is not grown past that size again for `CEILING_REFRESHES` refreshes (a new
+  replica count forgets that bar).
 
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
 job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
@@ -113,10 +114,12 @@ def next_per_replica(current: int, base: int, busy: Optional[float], full: bool)
 class GrowthTrial:
     """Keeps a window's growth only when the job then finishes volumes faster (module docstring).
 
-    `step(current, proposed, rate)` at each refresh: `current` volumes per replica, `proposed` what
-    `next_per_replica` says, `rate` the volumes finished per second since the previous refresh (None
-    at the first: no growth without a baseline). Returns the volumes per replica to use. Shrinking
-    is always allowed (and ends a trial)."""
+    `step(current, proposed, rate, filled)` at each refresh: `current` volumes per replica,
+    `proposed` what `next_per_replica` says, `rate` the volumes finished per second since the
+    previous refresh (None at the first: no growth without a baseline). Returns the volumes per
+    replica to use. A trial is judged at the second refresh after the grown window was first
+    filled, however long the CPUs for it took to come. Shrinking is always allowed (and ends a
+    trial)."""
 
     def __init__(self, pays: float = GROWTH_PAYS, ceiling_refreshes: int = CEILING_REFRESHES):
         self.pays, self.ceiling_refreshes = pays, ceiling_refreshes
@@ -124,7 +127,9 @@ class GrowthTrial:
         self.ceiling: Optional[int] = None  # a size whose growth did not pay: not grown past for a while
         self.ceiling_left = 0
 
-    def step(self, current: int, proposed: int, rate: Optional[float]) -> int:
+    def step(self, current: int, proposed: int, rate: Optional[float], filled: bool = True) -> int:
+        """`filled`: the grown window was in use (volumes in flight reached it) since the last refresh;
+        a trial waits for that (CPUs an elastic pool asked for take minutes to join) before it settles."""
         if self.ceiling is not None:
             self.ceiling_left -= 1
             if self.ceiling_left <= 0:
@@ -134,8 +139,8 @@ class GrowthTrial:
             return min(current, proposed)
         if self.trial is not None:
             before, before_rate, settled = self.trial
-            if not settled:  # the refresh right after the growth: its new tasks were starting
-                self.trial = (before, before_rate, True)
+            if not settled:  # filling the grown window, then one refresh while its new tasks start
+                self.trial = (before, before_rate, filled)
                 return current
             self.trial = None
             if rate < before_rate * self.pays:  # it did not pay: back, and not past it for a while
@@ -189,7 +194,7 @@ class ModelWindow:
             rate = (finished - self.finished_before) / max(1e-3, now - self.rate_since) if self.rate_since else None
             self.finished_before, self.rate_since = finished, now
             proposed = next_per_replica(self.per_replica, self.base, self.busy_fraction(), full)
-            self.per_replica = self.growth.step(self.per_replica, proposed, rate)
+            self.per_replica = self.growth.step(self.per_replica, proposed, rate, in_flight >= window)
         return self.replicas * self.per_replica
 
     def busy_fraction(self) -> Optional[float]:

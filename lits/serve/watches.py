@@ -95,12 +95,18 @@ def take_lease(uri: str, owner: str, ttl_s: float) -> bool:
     return storage.write_if(uri, json.dumps({"owner": owner, "expires": now + ttl_s}).encode(), version)
 
 
-DICOM_SUFFIXES = ("", ".dcm", ".ima", ".dicom")  # what a DICOM file's name ends with (or digits: "1.2.840...")
+DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
+NOT_DICOM = {"DICOMDIR", "README", "LICENSE", "_SUCCESS"}  # names without a suffix that are no slice
+DICOM_MIN_BYTES = 132  # a DICOM file's 128-byte preamble and 'DICM'
 
 
-def _dicom_like(base: str) -> bool:
+def _dicom_like(base: str, size: int) -> bool:
+    """A slice by its name: a DICOM suffix, or none (or digits, '1.2.840...') on a file at least as
+    large as the DICOM preamble that is not a known other file."""
     ext = os.path.splitext(base)[1].lower()
-    return ext in DICOM_SUFFIXES or ext[1:].isdigit()
+    if ext in DICOM_SUFFIXES:
+        return True
+    return (ext == "" or ext[1:].isdigit()) and size >= DICOM_MIN_BYTES and base.upper() not in NOT_DICOM
 
 
 def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
@@ -121,17 +127,22 @@ def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
     for fs_path, info in fs.find(path, detail=True).items():
         uri = root + "/" + fs_path[len(path.rstrip("/")) + 1:]
         base = os.path.basename(uri)
-        if uri.startswith(out + "/") or naming.is_reference(base) or naming.is_mask(base) or base.startswith("."):
-            continue
+        if (fs_path.endswith("/") or not base or uri.startswith(out + "/") or naming.is_reference(base)
+                or naming.is_mask(base) or base.startswith(".")):
+            continue  # a folder placeholder (a key ending in '/'), an output, a reference, a hidden file
         key = uri[len(root) + 1:]
         if uri.endswith(naming.NIFTI_SUFFIXES):
             found[key] = watch_state.identity_of(info)
-        elif _dicom_like(base):
+        elif _dicom_like(base, int(info.get("size") or 0)):
             folders.setdefault(os.path.dirname(key) + "/", {})[base] = watch_state.identity_of(info)
+    holding = set()  # every folder with an input below it ('' for the root): each input's ancestors
+    for other in list(found) + [k.rstrip("/") for k in folders]:
+        parts = other.split("/") if other else []
+        holding.update("/".join(parts[:i]) for i in range(len(parts)))
     for key, files in folders.items():
         digest = hashlib.sha256(json.dumps(sorted(files.items()), sort_keys=True).encode()).hexdigest()[:32]
         found[key] = {"size": sum(f["size"] for f in files.values()), "etag": f"{len(files)}-{digest}"}
-        if any(other != key and other.startswith(key.lstrip("/")) for other in list(found) + list(folders)):
+        if key.rstrip("/") in holding:
             # a job over this folder would take its subfolders too, ready or not: series in leaf folders only
             found[key]["refused"] = ("DICOM files beside subfolders of other inputs: a job over this folder would "
                                      "read those too; put each series in a folder of its own")

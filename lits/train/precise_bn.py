@@ -10,8 +10,10 @@ slices with the final weights ("precise BN": Wu & Johnson, "Rethinking BatchNorm
 PreciseBN) removed the collapses of one recipe and halved the Dice of another.
 
 So each epoch keeps a uniform sample of its whole slices (`Reservoir`, at most
-`TrainConfig.precise_bn` per worker), `recalibrate` computes their exact statistics (each batch
-weighted by its size), averaged over the workers weighted by their counts, and
+`TrainConfig.precise_bn` per worker), `recalibrate` computes their statistics as BatchNorm's running
+average does, exactly rather than as a moving average (the mean over all of them; the variance as
+the mean of each batch's, each weighted by its size), averaged over the workers weighted by their
+counts, and
 `lits.train.train_steps.validate_with_best_statistics` validates with both and keeps whichever
 validates better over the group.
 """
@@ -68,7 +70,7 @@ def recalibrate(model: nn.Module, images: np.ndarray, to_input: Callable[[np.nda
     norms = batch_norms(model)
     if not norms:
         return False
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in norms]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in norms]
     was_training = model.training
     for m in norms:
         m.reset_running_stats()
@@ -84,8 +86,9 @@ def recalibrate(model: nn.Module, images: np.ndarray, to_input: Callable[[np.nda
     total = weight
     if weighted_mean is not None:
         total = weighted_mean(tensors, weight)
-    for m, (mean, var, momentum) in zip(norms, saved):
+    for m, (mean, var, tracked, momentum) in zip(norms, saved):
         m.momentum = momentum
+        m.num_batches_tracked.copy_(tracked)  # a count of training batches, not of these passes
         if total <= 0:  # no worker saw a slice: keep what was there
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)

@@ -373,7 +373,7 @@ def validate_with_best_statistics(ctx: EpochContext, slices: Optional[np.ndarray
     result = validate(ctx, batches(), volume_index)
     if not ctx.cfg.precise_bn or not norms or slices is None:
         return result, "moving"
-    kept = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    kept = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
     to_input = lambda x: to_tensors({"image": x, "mask": x[..., 0]}, ctx.device, ctx.channels_last)[0]  # noqa: E731
     if not recalibrate(ctx.core, slices, to_input, ctx.collective.weighted_mean_, ctx.autocast):
         return result, "moving"
@@ -381,9 +381,10 @@ def validate_with_best_statistics(ctx: EpochContext, slices: Optional[np.ndarray
     before, after = ctx.collective.sum(result[0]), ctx.collective.sum(again[0])
     if after[0] / max(1.0, after[1]) <= before[0] / max(1.0, before[1]):
         return again, "slices"
-    for m, (mean, var) in zip(norms, kept):
+    for m, (mean, var, tracked) in zip(norms, kept):
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(tracked)
     return result, "moving"
 
 
