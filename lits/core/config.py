@@ -134,6 +134,7 @@ TASKS = ("liver-tumour", "tumour")
 AMP_MODES = ("auto", "off")
 INGEST_MODES = ("auto", "materialize", "stream")
 SCHEDULES = ("poly", "plateau")
+NORMS = ("batch", "instance")  # the U-Net's normalisation (lits.model.unet)
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,8 @@ class TrainConfig:
             raise ValueError("base_width must be >= 1 and depth between 2 and 7")
         if self.precise_bn < 0:
             raise ValueError(f"precise_bn must be >= 0 slices, got {self.precise_bn}")
-        if self.norm not in ("instance", "batch"):
-            raise ValueError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check_fraction("tumour_fraction", self.tumour_fraction)

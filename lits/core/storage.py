@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import hashlib
+import os
 import posixpath
 import uuid
 from typing import Dict, Iterator, Optional, Tuple

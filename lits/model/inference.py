@@ -29,6 +29,7 @@ import numpy as np
 from lits.core import postprocess as post
 # storage, volumes, reports, naming and streaming (fsspec, nibabel, scipy) are imported where a volume
 # or a file is handled: the Predictor alone needs torch, numpy and opencv (benchmarks/gpu_all.py)
+from lits.core.config import NORMS
 from lits.core.errors import UserError
 from lits.core.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
 
@@ -157,7 +158,7 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
         task = config["task"]
         if arch.get("name") != "UNet" or arch.get("in_channels") != 3 or task not in ("liver-tumour", "tumour"):
             raise ValueError(f"architecture {arch.get('name')!r} / task {task!r}")
-        if arch.get("norm", "batch") not in ("instance", "batch"):
+        if arch.get("norm", "batch") not in NORMS:
             raise ValueError(f"norm {arch.get('norm')!r}")
         weights_uri = storage.join(uri, config.get("weights", WEIGHTS_NAME))
     except (ValueError, KeyError, TypeError) as exc:

@@ -6,8 +6,8 @@ skip concatenations, a 1x1 convolution to logits. Input (N, C, H, W) float; outp
 (N, classes, H, W); H and W must be divisible by 2 ** (depth - 1).
 
 Normalisation: 'batch' (the original's BatchNorm; training validates with the better of its moving
-average and statistics recomputed on whole slices, lits.train.precise_bn) or 'instance' (nnU-Net's affine InstanceNorm, per image and
-channel, the same in training and inference). Models exported before 'norm' existed are 'batch'.
+average and statistics recomputed on whole slices, lits.train.precise_bn) or 'instance' (nnU-Net's
+affine InstanceNorm, per image and channel, the same in training and inference). Models exported before 'norm' existed are 'batch'.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import List
 import torch
 from torch import nn
 
-
-NORMS = ("instance", "batch")
+from lits.core.config import NORMS
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -66,18 +66,22 @@ def _read_json(uri: str) -> Optional[Dict]:
         return None
 
 
+def _versioned_lease(uri: str):
+    """(the lease at `uri` or None, its version for `storage.write_if`); raises when it cannot be read
+    (a server that cannot tell whether another holds the watch must not take it)."""
+    data, version = storage.read_versioned(uri)
+    return (json.loads(data) if data is not None else None), version
+
+
 def read_lease(uri: str) -> Optional[Dict]:
-    """The lease at `uri`, None when there is none; raises when it cannot be read (a server that cannot
-    tell whether another holds the watch must not take it)."""
-    data, _ = storage.read_versioned(uri)
-    return json.loads(data) if data is not None else None
+    """The lease at `uri`, None when there is none (`_versioned_lease`)."""
+    return _versioned_lease(uri)[0]
 
 
 def renew_lease(uri: str, owner: str, ttl_s: float) -> bool:
     """Extend `owner`'s lease by `ttl_s` from now, conditionally on the version read; False when it is
     another's now (taken after it expired), or was taken between the read and the write."""
-    data, version = storage.read_versioned(uri)
-    current = json.loads(data) if data is not None else None
+    current, version = _versioned_lease(uri)
     if not current or current.get("owner") != owner:
         return False
     return storage.write_if(uri, json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode(), version)
@@ -87,8 +91,7 @@ def take_lease(uri: str, owner: str, ttl_s: float) -> bool:
     """Whether `owner` holds the lease at `uri` for the next `ttl_s` seconds: taken when absent, expired
     or already its own, by a conditional write against the version read (module docstring, step 1),
     so of two servers taking it at once exactly one succeeds."""
-    data, version = storage.read_versioned(uri)
-    current = json.loads(data) if data is not None else None
+    current, version = _versioned_lease(uri)
     now = time.time()
     if current and current.get("owner") != owner and current.get("expires", 0) > now:
         return False

@@ -13,9 +13,8 @@ So each epoch keeps a uniform sample of its whole slices (`Reservoir`, at most
 `TrainConfig.precise_bn` per worker), `recalibrate` computes their statistics as BatchNorm's running
 average does, exactly rather than as a moving average (the mean over all of them; the variance as
 the mean of each batch's, each weighted by its size), averaged over the workers weighted by their
-counts, and
-`lits.train.train_steps.validate_with_best_statistics` validates with both and keeps whichever
-validates better over the group.
+counts, and `lits.train.train_steps.validate_with_best_statistics` validates with both and keeps
+whichever validates better over the group.
 """
 
 from __future__ import annotations
