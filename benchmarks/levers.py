@@ -43,6 +43,8 @@ from lits.train.train_steps import (EpochContext, EpochRandom, TrainState, sched
 from lits.train.train_data import patch_size  # noqa: E402
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
+REAL_SERIES = os.path.join(ROOT, "tests", "data", "dicom-ct-series")
+REAL_LIVER = os.path.join(ROOT, "tests", "data", "dicom-ct-series-liver.nii.gz")
 
 def load_split(prepared: str, split: str):
     import json
@@ -101,19 +103,24 @@ def train_variant(cfg: TrainConfig, train, val, threads: int):
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return best, time.perf_counter() - started, steps
 
-def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dict):
+def _predictor(weights, cfg: TrainConfig, prepare_cfg, infer: dict):
     buf = io.BytesIO()
     torch.save(weights, buf)
     spec = inference.ModelSpec(uri="memory", model_id="x", task=cfg.task, out_channels=cfg.classes,
                                base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm, image_size=prepare_cfg["image_size"],
                                context=prepare_cfg.get("context", 0))
     predictor = inference.Predictor(spec, buf.getvalue(), device="cpu", tta=bool(infer.get("tta", 0)))
+    return spec, lambda x: inference.Done(predictor(x))
+
+
+def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dict):
+    """(liver Dice, tumour Dice per case, lesions found, present, predicted) over `unseen`'s volumes."""
+    spec, submit = _predictor(weights, cfg, prepare_cfg, infer)
     rows = []
     for name in sorted(f for f in os.listdir(unseen) if f.startswith("volume-")):
         hu, geometry = volumes.read_nifti(os.path.join(unseen, name))
         ref, _ = volumes.read_nifti(os.path.join(unseen, name.replace("volume-", "segmentation-")))
-        labels, _ = inference.segment_array(hu, geometry, spec, lambda x: inference.Done(predictor(x)),
-                                            min_tumour_ml=infer.get("min_tumour_ml"))
+        labels, _ = inference.segment_array(hu, geometry, spec, submit, min_tumour_ml=infer.get("min_tumour_ml"))
         counts = metrics.overlap_counts(labels[None], np.asarray(ref)[None], (1, 2))
         dice, _ = metrics.dice_iou(counts)
         found = metrics.lesion_detection(labels == 2, np.asarray(ref) == 2)
@@ -121,8 +128,50 @@ def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dic
     rows = np.array(rows, float)
     return rows[:, 0].mean(), rows[:, 1].mean(), int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum())
 
-def score_model(name: str, uri: str, unseen: str) -> str:
-    """The table row of the exported model at `uri` (train.py's OUT/model) on the `unseen` volumes."""
+
+def score_real(weights, cfg: TrainConfig, prepare_cfg, infer: dict, series_dir: str = REAL_SERIES,
+               liver: str = REAL_LIVER):
+    """(liver agreement Dice, invented tumour mL) on the real DICOM series against its reference liver,
+    compared in world coordinates (lits.evaluate.agreement, as accuracy.py and the demo do)."""
+    import tempfile
+
+    from lits.core import dicom
+    from lits.evaluate.agreement import liver_agreement
+
+    spec, submit = _predictor(weights, cfg, prepare_cfg, infer)
+    (series, *_), _ = dicom.discover_series(series_dir)
+    hu, geometry, _ = dicom.read_series(series)
+    labels, _ = inference.segment_array(hu, geometry, spec, submit, min_tumour_ml=infer.get("min_tumour_ml"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "real_seg.nii.gz")
+        volumes.write_nifti(out, labels, geometry.affine)
+        found = liver_agreement(out, liver)
+    return found["liver_dice"], found["pred_tumour_ml"]
+
+
+def score_all(weights, cfg: TrainConfig, prepare_cfg, sets, infer: dict, real: bool) -> str:
+    """The table cells after the variant's name: per scan set liver / tumour Dice and lesions, then the
+    real series' liver agreement and invented tumour."""
+    cells = []
+    for unseen in sets:
+        liver, tumour, found, present, predicted = score_unseen(weights, cfg, prepare_cfg, unseen, infer)
+        cells.append(f"{liver:.3f} / {tumour:.3f} | {found}/{present} ({predicted})")
+    if real:
+        dice, tumour_ml = score_real(weights, cfg, prepare_cfg, infer)
+        cells.append(f"{dice:.3f} / {tumour_ml:.1f} mL")
+    return " | ".join(cells)
+
+
+def header(first: str, sets, real: bool) -> str:
+    names = [os.path.basename(os.path.normpath(u)) for u in sets]
+    cols = [first, "train min", "steps"] + [c for n in names for c in (f"{n}: liver / tumour Dice per case",
+                                                                        f"{n}: lesions found (predicted)")]
+    cols += ["real series: liver agreement / invented tumour"] if real else []
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+def score_model(name: str, uri: str, sets, real: bool) -> str:
+    """The table row of the exported model at `uri` (train.py's OUT/model) on the scan `sets`."""
     import json
 
     spec, weights = inference.load_spec(uri)
@@ -136,35 +185,38 @@ def score_model(name: str, uri: str, unseen: str) -> str:
         rows = list(csv.DictReader(open(metrics_csv)))
         steps = sum(int(float(r["steps"])) for r in rows if r.get("steps"))
         minutes = f"{sum(float(r['seconds']) for r in rows) / 60:.1f}"
-    buf = io.BytesIO(weights)
-    liver, tumour, found, present, predicted = score_unseen(
-        torch.load(buf, weights_only=True), cfg, {"image_size": spec.image_size, "context": spec.context}, unseen,
-        {"tta": int(spec.mirror), "min_tumour_ml": spec.min_tumour_ml})
-    return f"| {name} | {minutes} | {steps} | {liver:.3f} | {tumour:.3f} | {found}/{present} | {predicted} |"
+    cells = score_all(torch.load(io.BytesIO(weights), weights_only=True), cfg,
+                      {"image_size": spec.image_size, "context": spec.context}, sets,
+                      {"tta": int(spec.mirror), "min_tumour_ml": spec.min_tumour_ml}, real)
+    return f"| {name} | {minutes} | {steps} | {cells} |"
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--prepared", help="a prepare output to train the variants on")
-    p.add_argument("--unseen", required=True)
+    p.add_argument("--unseen", required=True, action="append",
+                   help="a folder of volume-N/segmentation-N scans never trained on; repeat for more sets (own "
+                   "generator, the independent one), each scored in its own columns")
+    p.add_argument("--real", action="store_true",
+                   help="also score the real CT series in tests/data: liver agreement with its reference (another "
+                   "model's liver) and the tumour volume the model invents")
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="score train.py's exported model DIR")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.model:
         torch.set_num_threads(args.threads)
-        print("| model | train min | steps | liver Dice/case | tumour Dice/case | lesions found | predicted |", flush=True)
-        print("|---|---|---|---|---|---|---|", flush=True)
+        print(header("model", args.unseen, args.real), flush=True)
         for item in args.model:
             name, _, uri = item.rpartition("=")
-            print(score_model(name, uri, args.unseen), flush=True)
+            print(score_model(name, uri, args.unseen, args.real), flush=True)
     if not args.variant:
         return 0
     train = load_split(args.prepared, "train")
     val = load_split(args.prepared, "val")
     print(f"{len(train[0])} train slices, {len(val[0])} val slices; unseen: {args.unseen}", flush=True)
-    print("| variant | train min | steps | liver Dice/case | tumour Dice/case | lesions found | predicted |", flush=True)
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print(header("variant", args.unseen, args.real), flush=True)
     trained = {}  # variants differing only in inference flags share one training
     for text in args.variant:
         name, overrides, infer = parse_variant(text)
@@ -173,8 +225,7 @@ def main(argv=None) -> int:
         if key not in trained:
             trained[key] = train_variant(cfg, train, val, args.threads)
         weights, seconds, steps = trained[key]
-        liver, tumour, found, present, predicted = score_unseen(weights, cfg, train[3], args.unseen, infer)
-        print(f"| {name} | {seconds / 60:.1f} | {steps} | {liver:.3f} | {tumour:.3f} | {found}/{present} | {predicted} |",
+        print(f"| {name} | {seconds / 60:.1f} | {steps} | {score_all(weights, cfg, train[3], args.unseen, infer, args.real)} |",
               flush=True)
     return 0
 

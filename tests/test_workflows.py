@@ -149,3 +149,10 @@ def test_num_gpus_is_a_flag_of_its_own_and_no_flag_is_abbreviated():
                         (prepare.parse_args, ["--input", "i", "--output", "o", "--image", "64"])):
         with pytest.raises(SystemExit):
             parse(argv)
+
+
+@pytest.mark.parametrize("flags, expected", [(["--intensity-aug", "1.5"], "intensity_aug must be between 0 and 1, got 1.5"),
+                                             (["--scale-aug", "0.9"], "scale_aug must be in [0, 0.5], got 0.9")])
+def test_bad_augmentation_flags_are_one_line_before_ray(tmp_path, flags, expected):
+    res = run_workflow("train", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o"), *flags)
+    assert expected in one_line_error(res, "train")

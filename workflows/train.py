@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on steps per epoch (default: whole split)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs and torch threads per worker (default: %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--scale-aug", type=float, default=d.scale_aug,
+                   help="zoom range of the random affine: scale in [1-X, 1+X] (default: %(default)s; nnU-Net: ~0.3)")
+    p.add_argument("--intensity-aug", type=float, default=d.intensity_aug,
+                   help="probability of each intensity augmentation per sample: brightness, shift, contrast, gamma, "
+                   "noise, blur (default: %(default)s: none)")
     p.add_argument("--norm", default=d.norm, choices=("batch", "instance"),
                    help="the U-Net's normalisation (default: %(default)s)")
     p.add_argument("--precise-bn", type=int, default=d.precise_bn,
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
             tumour_fraction=args.tumour_fraction, schedule=args.schedule,
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
             materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, norm=args.norm,
-            precise_bn=args.precise_bn,
+            precise_bn=args.precise_bn, scale_aug=args.scale_aug, intensity_aug=args.intensity_aug,
         )
         from lits.core import storage
         from lits.train import train_data, training

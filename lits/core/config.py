@@ -170,6 +170,10 @@ class TrainConfig:
             keeps every tumour slice and few others, and forcing a third more cost 0.08 tumour Dice
             on unseen scans (benchmarks/levers.py); set it when prepare keeps most slices.
         augment: the original's random affine and flips.
+        scale_aug: the affine's zoom range: scale in [1 - scale_aug, 1 + scale_aug] (the original's
+            0.05; nnU-Net's 0.7-1.4 is about 0.3).
+        intensity_aug: probability with which each of nnU-Net's intensity augmentations (brightness,
+            shift, contrast, gamma, noise, blur; lits.train.augment) is applied to a sample; 0: none.
         precise_bn: whole training slices per worker (a uniform sample of each epoch's) on which
             BatchNorm's statistics are recomputed with the epoch's final weights; validation keeps
             them or the moving average, whichever validates better (lits.train.precise_bn). 0: the
@@ -209,6 +213,8 @@ class TrainConfig:
     crop: Optional[int] = None
     tumour_fraction: float = 0.0
     augment: bool = True
+    scale_aug: float = 0.05
+    intensity_aug: float = 0.0
     precise_bn: int = 64
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1
@@ -241,6 +247,9 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check_fraction("tumour_fraction", self.tumour_fraction)
+        _check_fraction("intensity_aug", self.intensity_aug)
+        if not 0 <= self.scale_aug <= 0.5:
+            raise ValueError(f"scale_aug must be in [0, 0.5], got {self.scale_aug}")
         if self.crop is not None and self.crop < 8:
             raise ValueError(f"crop must be >= 8 pixels, got {self.crop}")
         if self.amp not in AMP_MODES:

@@ -1,8 +1,13 @@
-"""Seeded augmentation applied identically to images and masks (batched, on the training device).
+"""Seeded augmentation, batched, on the training device.
 
-The original's Keras ImageDataGenerator, as one random affine per sample: rotation, shift,
-shear, zoom, horizontal and vertical flips; edges repeated ("nearest" fill). Images are sampled
-bilinearly, masks with nearest neighbour so labels stay labels.
+`random_affine`: the original's Keras ImageDataGenerator, as one random affine per sample applied
+identically to images and masks: rotation, shift, shear, zoom (the scale augmentation: `--scale-aug`),
+horizontal and vertical flips; edges repeated ("nearest" fill). Images are sampled bilinearly, masks
+with nearest neighbour so labels stay labels.
+
+`random_intensity`: nnU-Net's intensity augmentations on the images only (brightness, shift,
+contrast, gamma, noise, blur; `--intensity-aug`), so a model sees livers and tumours at other HU
+levels, doses and sharpness than its generator's.
 """
 
 from __future__ import annotations
@@ -68,3 +73,68 @@ def random_affine(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
     if image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous():
         image_out = image_out.contiguous(memory_format=torch.channels_last)  # grid_sample returns NCHW
     return image_out, mask_out
+
+
+@dataclass(frozen=True)
+class IntensityConfig:
+    """nnU-Net's intensity augmentations on the model's [0, 1] images, each drawn per sample with
+    probability `p` (0: none, and no draw from the generator at all, so runs without it are the
+    runs they were). Ranges as nnU-Net's defaults where the units carry over."""
+
+    p: float = 0.0
+    brightness: tuple = (0.75, 1.25)  # multiplicative
+    shift: float = 0.1  # additive, a fraction of the range: a liver window ~15 HU brighter or darker
+    contrast: tuple = (0.75, 1.25)  # around the sample's mean, clipped to its own range
+    gamma: tuple = (0.7, 1.5)
+    noise_sigma: float = 0.05  # Gaussian noise, sigma drawn in [0, noise_sigma]
+    blur_sigma: tuple = (0.5, 1.0)  # pixels, separable Gaussian
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each sample blurred by its own sigma (pixels): one separable 2-D Gaussian per sample, as grouped
+    convolutions over the batch (N*C groups), edges repeated."""
+    n, c, h, w = image.shape
+    radius = int(math.ceil(3 * float(sigma.max()))) if n else 1
+    x = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (x[None] / sigma[:, None].to(image.dtype)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, K)
+    flat = image.reshape(1, n * c, h, w)
+    flat = F.pad(flat, (radius, radius, 0, 0), mode="replicate")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)
+    flat = F.pad(flat, (0, 0, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)
+    return flat.reshape(n, c, h, w)
+
+
+def random_intensity(image: torch.Tensor, generator: torch.Generator, cfg: IntensityConfig) -> torch.Tensor:
+    """The image batch (N, C, H, W in [0, 1]) with `cfg`'s augmentations: each of brightness, shift,
+    contrast, gamma, noise and blur applied to a sample with probability cfg.p, with one draw for all of
+    a sample's channels (its windows of the same slice). Returns a new tensor in [0, 1], same layout."""
+    if cfg.p <= 0 or image.shape[0] == 0:
+        return image
+    n, device = image.shape[0], image.device
+    channels_last = image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+
+    def draw(lo, hi):
+        return (torch.rand(n, generator=generator, device=device) * (hi - lo) + lo).to(image.dtype)[:, None, None, None]
+
+    def chosen():
+        return (torch.rand(n, generator=generator, device=device) < cfg.p)[:, None, None, None]
+
+    x = image.float() if image.dtype != torch.float32 else image.clone()
+    x = torch.where(chosen(), x * draw(*cfg.brightness), x)
+    x = torch.where(chosen(), x + draw(-cfg.shift, cfg.shift), x)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    x = torch.where(chosen(), ((x - mean) * draw(*cfg.contrast) + mean).clamp(lo, hi), x)
+    x = x.clamp_(0.0, 1.0)
+    x = torch.where(chosen(), x.pow(draw(*cfg.gamma)), x)
+    noisy = chosen()
+    sigma = draw(0.0, cfg.noise_sigma)
+    x = torch.where(noisy, x + torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) * sigma, x)
+    blurred = chosen()
+    blur_sigma = draw(*cfg.blur_sigma).flatten()
+    if device.type != "cpu" or bool(blurred.any()):  # a GPU blurs every sample and picks: no host sync
+        x = torch.where(blurred, _gaussian_blur(x.contiguous(), blur_sigma), x)
+    x = x.clamp_(0.0, 1.0).to(image.dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

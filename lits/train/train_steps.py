@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lits.model.devices import half_dtype
-from lits.train.augment import random_affine
+from lits.train.augment import AugmentConfig, IntensityConfig, random_affine, random_intensity
 from lits.core.config import TrainConfig
 from lits.train.losses import bce_dice_loss, ce_dice_loss
 from lits.train.precise_bn import Reservoir
@@ -220,7 +220,8 @@ def train_step(model, optimizer, image: torch.Tensor, mask: torch.Tensor, cfg: T
                generator: torch.Generator, autocast=contextlib.nullcontext(), scaler=None) -> torch.Tensor:
     """One optimizer step on a batch (augmented when cfg.augment); returns the detached loss."""
     if cfg.augment:
-        image, mask = random_affine(image, mask, generator)
+        image, mask = random_affine(image, mask, generator, AugmentConfig(zoom=cfg.scale_aug))
+        image = random_intensity(image, generator, IntensityConfig(p=cfg.intensity_aug))
     with autocast:
         loss = loss_function(cfg.task)(model(image), target(mask, cfg.task))
     optimizer.zero_grad(set_to_none=True)
