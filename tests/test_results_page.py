@@ -1,8 +1,10 @@
-"""The results page (GET /jobs/{id}) in a real browser: Playwright driving Debian's Chromium against the real
-Serve app, on a real job over volumes in a real S3-protocol server. One Ray and one app for the module.
+"""The results pages (GET /jobs/{id}, /watches/{id}) in a real browser: Playwright driving Debian's Chromium
+against the real Serve app, on a real job and a real watch over volumes in a real S3-protocol server. One Ray
+and one app for the module.
 
-The page is checked against what the job wrote to the bucket (its summary and the shards of volume
-results, read here directly), not against what the page's own API routes say.
+The job page is checked against what the job wrote to the bucket (its summary and the shards of volume
+results, read here directly), not against what the page's own API routes say; the watch page against the
+watch's JSON status (the API is the source the page reads).
 """
 
 import gzip
@@ -14,6 +16,7 @@ import pytest
 
 from conftest import free_port, local_ray, make_bucket, synthesize, upload_tree
 from test_serving import TOKEN, call, run_job, s3fs_for
+from test_watches import wait_watch
 
 pytestmark = pytest.mark.slow
 
@@ -245,3 +248,70 @@ def test_the_bearer_header_still_reads_the_volumes(server):
     status, found, _ = call(server, "GET", f"/v1/jobs/{job_id}/volumes")
     assert status == 200 and found["complete"] and {v["name"]: v for v in found["volumes"]} == server["records"]
     assert call(server, "GET", f"/v1/jobs/{job_id}/volumes", token=None)[0] == 401
+
+
+@pytest.fixture(scope="module")
+def watch(server):
+    """A watch over the job's input (three phantoms and the file that is not NIfTI), once it has
+    segmented them all; its JSON status with every key."""
+    status, created, _ = call(server, "POST", "/v1/watches", {"input": "s3://results-page/ct",
+                                                               "output": "s3://results-page/watched", "poll_s": 0.5})
+    assert status == 202, created
+    wait_watch(server, created["watch_id"], lambda w: w["counts"]["done"] == 3 and w["counts"]["failed"] == 1,
+               timeout=300)
+    status, found, _ = call(server, "GET", f"/v1/watches/{created['watch_id']}?entries=500")
+    assert status == 200 and len(found["entries"]) == 4, found
+    return found
+
+
+def test_the_watch_page_shows_what_its_status_says(browser, server, watch):
+    watch_id = watch["watch_id"]
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(f"{server['url']}/watches/{watch_id}?token={TOKEN}")
+        assert page.url == f"{server['url']}/watches/{watch_id}"  # the token left the address bar at once
+        page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
+        shown = {f: page.inner_text(f'#summary tr[data-field="{f}"] td') for f in
+                 ("state", "seen", "pending", "submitted", "done", "failed", "lag_p50", "lag_p95", "listing_keys",
+                  "jobs_submitted")}
+        counts = watch["counts"]
+        assert shown == {"state": "watching", "seen": "4", **{k: str(v) for k, v in counts.items()},
+                         "lag_p50": str(watch["lag_s"]["p50"]), "lag_p95": str(watch["lag_s"]["p95"]),
+                         "listing_keys": str(watch["listing"]["keys"]),
+                         "jobs_submitted": str(watch["jobs_submitted"])}, (shown, watch)
+        assert int(page.inner_text('#summary tr[data-field="polls"] td')) >= watch["polls"]
+        keys = page.eval_on_selector_all("#entries tbody tr", "rows => rows.map(r => r.dataset.key)")
+        inputs = sorted(os.path.basename(r["input"]) for r in server["records"].values())
+        assert keys == [e["key"] for e in watch["entries"]] == inputs and len(keys) == 4, keys
+        for entry in watch["entries"]:
+            row = f'#entries tbody tr[data-key="{entry["key"]}"]'
+            assert page.inner_text(f'{row} td[data-field="state"]') == entry["state"]
+            assert page.inner_text(f'{row} td[data-field="reason"]') == (entry["reason"] or "")
+            assert float(page.get_attribute(f'{row} td[data-field="lag_s"]', "data-value")) == entry["lag_s"]
+            assert page.get_attribute(f"{row} a.job", "href") == f"/jobs/{entry['job_id']}"
+        assert "not a NIfTI" in page.inner_text('#entries tbody tr[data-key="notes.nii"] td[data-field="reason"]')
+        # A key's job link opens that job's page (the same session).
+        done = next(e for e in watch["entries"] if e["state"] == "done")
+        page.click(f'#entries tbody tr[data-key="{done["key"]}"] a.job')
+        page.wait_for_selector("body[data-loaded=true]", timeout=30_000)
+        assert page.url == f"{server['url']}/jobs/{done['job_id']}" and page.inner_text("#state") == "succeeded"
+    finally:
+        context.close()
+
+
+def test_without_the_token_the_watch_page_shows_a_login_and_no_data(browser, server, watch):
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        response = page.goto(f"{server['url']}/watches/{watch['watch_id']}")
+        assert response.status == 401 and page.locator("form.login input#token").is_visible()
+        content = page.content()
+        assert page.locator("#entries").count() == 0 and "results-page" not in content
+        assert not any(e["key"] in content for e in watch["entries"])
+        assert page.request.get(f"{server['url']}/v1/watches/{watch['watch_id']}").status == 401
+        page.goto(f"{server['url']}/watches/{watch['watch_id']}?token=wrong")
+        assert page.inner_text("#login-error") == "wrong token" and not context.cookies()
+        assert page.goto(f"{server['url']}/watches/nothex").status == 401  # no page, signed out or not, without it
+    finally:
+        context.close()

@@ -34,6 +34,9 @@ def test_an_object_is_ready_after_two_unchanged_polls_and_segmented_once():
     assert watch_state.advance(entries, {}, 11.0) == [] and entries["a.nii.gz"]["state"] == "failed"
     assert watch_state.summary(entries)["failed"] == [{"key": "a.nii.gz", "reason": "not a NIfTI file",
                                                         "job_id": "0123456789ac"}]
+    assert "entries" not in watch_state.summary(entries)
+    assert watch_state.summary(entries, rows=5)["entries"] == [{"key": "a.nii.gz", "state": "failed", "lag_s": 2.0,
+                                                                "reason": "not a NIfTI file", "job_id": "0123456789ac"}]
 
 
 def test_an_object_replaced_while_its_job_runs_is_segmented_again_after():

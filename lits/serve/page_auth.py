@@ -21,7 +21,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 COOKIE = "lits_session"
-PAGE_PREFIXES = ("/jobs/", "/login", "/logout")  # the pages' paths: each shows its own login (the guard lets them in)
+PAGE_PREFIXES = ("/jobs/", "/watches/", "/login", "/logout")  # the pages' paths: each shows its own login (the guard lets them in)
 SESSION_S = 12 * 3600
 READ_METHODS = ("GET", "HEAD")
 

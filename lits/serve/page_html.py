@@ -1,10 +1,12 @@
 """The results pages' HTML, CSS and JavaScript (no build step: served as they are by
 `lits.serve.results_page`, filled with `string.Template`: $title, $nonce and the page's own fields).
 
-The job page holds no data when served: its script reads the JSON API with the browser's session cookie
-(GET /v1/jobs/{id} every REFRESH_MS while the job runs, then GET /v1/jobs/{id}/volumes) and builds the
-table, the totals and the histogram from those answers, every name and reason written as text (never
-as HTML), so what the page shows is what the API says.
+The pages hold no data when served: their script reads the JSON API with the browser's session cookie
+and builds what they show from its answers, every name and reason written as text (never as HTML), so
+what a page shows is what the API says. The job page reads GET /v1/jobs/{id} every REFRESH_MS while the
+job runs, then GET /v1/jobs/{id}/volumes (its table, totals and histogram); the watch page reads
+GET /v1/watches/{id}?entries=N every REFRESH_MS while the watch runs (its summary and a table of its
+first N keys, each linked to its job's page).
 """
 
 from __future__ import annotations
@@ -42,11 +44,44 @@ LOGIN = Template("""<!doctype html>
 </form></body></html>
 """)
 
-JOB_PAGE = Template("""<!doctype html>
+PAGE_HEAD = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>$title</title>
 <style nonce="$nonce">$style</style></head>
 <body>
-<h1>Job <code id="job-id">$job_id</code> <span id="state" class="muted">loading…</span></h1>
+"""
+
+# The pages' shared script: strict mode, the refresh period, $ (an element by id), api (a JSON answer of
+# this server, read with the session cookie; a 401 reloads into the login), el (an element whose text is
+# set as text, never parsed as HTML) and fmt (a number to `digits` places, '–' for none).
+COMMON_JS = """"use strict";
+const REFRESH_MS = %d;
+const $ = (id) => document.getElementById(id);
+
+async function api(path) {
+  const r = await fetch(path, {credentials: "same-origin", headers: {Accept: "application/json"}});
+  if (r.status === 401) { location.reload(); throw new Error("signed out"); }
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.detail || ("HTTP " + r.status));
+  return body;
+}
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function fmt(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits); }
+"""
+
+
+def common_js(refresh_ms: int) -> str:
+    """COMMON_JS with the pages' refresh period (milliseconds)."""
+    return COMMON_JS % int(refresh_ms)
+
+
+JOB_PAGE = Template(PAGE_HEAD + """<h1>Job <code id="job-id">$job_id</code> <span id="state" class="muted">loading…</span></h1>
 <p class="muted"><span id="paths"></span> · <a href="/v1/jobs/$job_id">status (JSON)</a> ·
 <a href="/v1/jobs/$job_id/volumes">volumes (JSON)</a> · <a href="/logout">sign out</a></p>
 <p class="error" id="error"></p>
@@ -70,27 +105,9 @@ JOB_PAGE = Template("""<!doctype html>
 </section>
 <dialog id="viewer"><img id="viewer-img" alt=""><form method="dialog"><button id="viewer-close">close</button></form></dialog>
 <script nonce="$nonce">
-"use strict";
-const JOB = "$job_id", REFRESH_MS = $refresh_ms, FINAL = ["succeeded", "failed", "cancelled"];
-const $$ = (id) => document.getElementById(id);
+$common
+const JOB = "$job_id", FINAL = ["succeeded", "failed", "cancelled"];
 let rows = [], sortKey = null, sortDir = 1;
-
-async function api(path) {
-  const r = await fetch(path, {credentials: "same-origin", headers: {Accept: "application/json"}});
-  if (r.status === 401) { location.reload(); throw new Error("signed out"); }
-  const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(body.detail || ("HTTP " + r.status));
-  return body;
-}
-
-function el(tag, text, attrs) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  return node;
-}
-
-function fmt(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits); }
 
 function output(kind, name) {
   return "/v1/jobs/" + JOB + "/outputs/" + kind + "?name=" + encodeURIComponent(name);
@@ -219,6 +236,71 @@ async function refresh() {
 }
 
 for (const th of document.querySelectorAll("th[data-key]")) th.addEventListener("click", () => sortBy(th));
+refresh();
+</script></body></html>
+""")
+
+WATCH_PAGE = Template(PAGE_HEAD + """<h1>Watch <code id="watch-id">$watch_id</code> <span id="state" class="muted">loading…</span></h1>
+<p class="muted"><span id="paths"></span> · <a href="/v1/watches/$watch_id?entries=$rows">status (JSON)</a> ·
+<a href="/logout">sign out</a></p>
+<p class="error" id="error"></p>
+<table id="summary"><tbody></tbody></table>
+<h2>Objects</h2>
+<p class="muted" id="entries-note"></p>
+<table id="entries"><thead><tr><th>key</th><th>state</th><th>lag s</th><th>failure</th><th>job</th></tr></thead>
+<tbody></tbody></table>
+<script nonce="$nonce">
+$common
+const WATCH = "$watch_id", ROWS = $rows, ENDED = ["stopped", "deleted"];
+
+function fields(w) {
+  const c = w.counts, seen = c.pending + c.submitted + c.done + c.failed;
+  return [["state", w.state], ["error", w.error || "–"], ["poll_s", w.poll_s], ["polls", w.polls],
+    ["listing_keys", w.listing ? w.listing.keys : null], ["listing_s", w.listing ? w.listing.seconds : null],
+    ["seen", seen], ["pending", c.pending], ["submitted", c.submitted], ["done", c.done], ["failed", c.failed],
+    ["lag_p50", w.lag_s.p50], ["lag_p95", w.lag_s.p95], ["jobs_submitted", w.jobs_submitted],
+    ["takeovers", w.takeovers]];
+}
+
+function entryRow(e) {
+  const tr = el("tr", null, {"data-key": e.key, class: e.state});
+  const job = el("td", null, {"data-field": "job"});
+  if (e.job_id) job.append(el("a", e.job_id, {href: "/jobs/" + e.job_id, class: "job"}));
+  tr.append(el("td", e.key, {"data-field": "key"}), el("td", e.state, {"data-field": "state"}),
+            el("td", fmt(e.lag_s, 1), {class: "num", "data-field": "lag_s", "data-value": e.lag_s === null ? "" : e.lag_s}),
+            el("td", e.reason || "", {"data-field": "reason"}), job);
+  return tr;
+}
+
+function show(w) {
+  $$("state").textContent = w.state;
+  $$("paths").textContent = w.input + " → " + w.output;
+  $$("summary").tBodies[0].replaceChildren(...fields(w).map(([key, value]) => {
+    const tr = el("tr", null, {"data-field": key});
+    tr.append(el("th", key.replace(/_/g, " ")), el("td", value === undefined || value === null ? "–" : value, {class: "num"}));
+    return tr;
+  }));
+  const rows = w.entries || [];
+  $$("entries").tBodies[0].replaceChildren(...rows.map(entryRow));
+  const seen = fields(w).find(([k]) => k === "seen")[1];
+  $$("entries-note").textContent = rows.length < seen ? "the first " + rows.length + " of " + seen + " keys" : seen + " keys";
+}
+
+async function refresh() {
+  try {
+    const w = await api("/v1/watches/" + WATCH + "?entries=" + ROWS);
+    show(w);
+    $$("error").textContent = "";
+    document.body.dataset.loaded = "true";
+    document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
+    if (!ENDED.includes(w.state)) setTimeout(refresh, REFRESH_MS);
+  } catch (e) {
+    $$("error").textContent = e.message;
+    document.body.dataset.loaded = document.body.dataset.loaded || "error";
+    setTimeout(refresh, REFRESH_MS);
+  }
+}
+
 refresh();
 </script></body></html>
 """)

@@ -4,8 +4,11 @@
                                of tumour burden and a sortable table of its volumes with their previews and
                                links to each mask and report (`lits.serve.page_html`: the page's script
                                reads /v1/jobs/{id} and /v1/jobs/{id}/volumes, the JSON API stays the source)
-    GET  /jobs/{id}?token=T    signs the browser in (`lits.serve.page_auth`) and redirects to /jobs/{id}, so
-                               the token leaves the address bar at once
+    GET  /watches/{id}         a watch's page, refreshing while it runs: its state, polls, listing, error,
+                               counts, lag and a table of its first WATCH_ROWS keys (state, failure, a link
+                               to its job's page), from /v1/watches/{id}?entries=WATCH_ROWS
+    GET  /jobs/{id}?token=T    (and /watches/{id}?token=T) signs the browser in (`lits.serve.page_auth`) and
+                               redirects to the page without it, so the token leaves the address bar at once
     GET  /login, POST /login   the login form (token and the page to go back to, in the body)
     GET  /logout               signs the browser out
 
@@ -24,10 +27,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from ray import serve
 
 from lits.serve import http_guard, job_results, page_auth, page_html, watch_routes
-from lits.serve.job_spec import JOB_ID
+from lits.serve.job_spec import JOB_ID as ITEM_ID  # a job's and a watch's ids: 12 hex digits
 
 router = APIRouter(include_in_schema=False)
-REFRESH_MS = 2000  # a running job's page asks for its status this often
+REFRESH_MS = 2000  # a running job's or watch's page asks for its status this often
+PAGES = {"job": "/jobs", "watch": "/watches"}
+WATCH_ROWS = 500  # keys a watch's page lists (its first by key; the counts cover them all)
 TITLE = "LiTS segmentation"
 
 
@@ -74,24 +79,39 @@ def _token_ok(token: str, token_sha256: Optional[str]) -> bool:
     return not token_sha256 or hmac.compare_digest(page_auth.token_sha256_of(token), token_sha256)
 
 
+def _page(request: Request, what: str, item_id: str, token: Optional[str], fill: dict) -> Response:
+    """The page of job or watch `item_id` (`what`: 'job' or 'watch', at PAGES[what]/{id}) from `page_html`'s
+    template of that name filled with `fill`; the login form until the browser is signed in, a `token`
+    exchanged for the cookie and a redirect to the page without it."""
+    sha = _token_sha256()
+    valid = bool(ITEM_ID.fullmatch(item_id))
+    here = f"{PAGES[what]}/{item_id}" if valid else "/login"
+    if token is not None:  # exchanged once for the cookie, then out of the address bar
+        if not _token_ok(token, sha):
+            return login_page(here, f"{what} {item_id}", "wrong token")
+        return _signed_in_redirect(here, sha)
+    if not signed_in(request, sha):
+        return login_page(here, f"{what} {item_id}")
+    nonce = secrets.token_urlsafe(16)
+    if not valid:
+        return _html(f"<!doctype html><title>{TITLE}</title><p>no {what} {_escape(item_id)!s}: a {what} id is 12 "
+                     "hexadecimal digits</p>", nonce, 404)
+    template = page_html.JOB_PAGE if what == "job" else page_html.WATCH_PAGE
+    body = template.substitute(title=f"{TITLE}: {what} {item_id}", nonce=nonce, style=page_html.STYLE,
+                               common=page_html.common_js(REFRESH_MS), **{f"{what}_id": item_id}, **fill)
+    return _html(body, nonce)
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(request: Request, job_id: str, token: Optional[str] = None) -> Response:
     """The job's page (module docstring); the login form until the browser is signed in."""
-    sha = _token_sha256()
-    here = f"/jobs/{job_id}" if JOB_ID.fullmatch(job_id) else "/login"
-    if token is not None:  # exchanged once for the cookie, then out of the address bar
-        if not _token_ok(token, sha):
-            return login_page(here, f"job {job_id}", "wrong token")
-        return _signed_in_redirect(here, sha)
-    if not signed_in(request, sha):
-        return login_page(here, f"job {job_id}")
-    nonce = secrets.token_urlsafe(16)
-    if not JOB_ID.fullmatch(job_id):
-        return _html(f"<!doctype html><title>{TITLE}</title><p>no job {_escape(job_id)!s}: a job id is 12 "
-                     "hexadecimal digits</p>", nonce, 404)
-    body = page_html.JOB_PAGE.substitute(title=f"{TITLE}: job {job_id}", nonce=nonce, style=page_html.STYLE,
-                                         job_id=job_id, refresh_ms=REFRESH_MS)
-    return _html(body, nonce)
+    return _page(request, "job", job_id, token, {})
+
+
+@router.get("/watches/{watch_id}", response_class=HTMLResponse)
+async def watch_page(request: Request, watch_id: str, token: Optional[str] = None) -> Response:
+    """The watch's page (module docstring); the login form until the browser is signed in."""
+    return _page(request, "watch", watch_id, token, {"rows": WATCH_ROWS})
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -2,7 +2,8 @@
 
     POST   /v1/watches        {input, output, poll_s, overwrite, max_jobs} -> 202 {watch_id, status}
     GET    /v1/watches        every watch registered with this server's job records
-    GET    /v1/watches/{id}   what it saw: counts per state, pending keys, failures and why, lag p50/p95
+    GET    /v1/watches/{id}   what it saw: counts per state, pending keys, failures and why, lag p50/p95;
+                              ?entries=N also its first N keys (key, state, reason, job, lag): the page's table
     DELETE /v1/watches/{id}   stop it (outputs, state and running jobs stay)
 
 The first of these calls in an ingress replica (and serve.py at start) resumes the registered watches
@@ -14,7 +15,7 @@ import asyncio
 import re
 from typing import Dict, List, Optional
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -24,6 +25,7 @@ from lits.serve.job_spec import JobSpec
 from lits.serve.watch_state import WatchSpec
 
 router = APIRouter()
+MAX_ROWS = 5000  # entries one status may list (?entries=N): the page shows the first ones by key
 _resumed: Dict[int, bool] = {}  # replica (id of its Api object) -> its watches resumed
 
 
@@ -93,9 +95,10 @@ async def list_watches() -> List[Dict]:
 
 
 @router.get("/watches/{watch_id}")
-async def get_watch(watch_id: str) -> Dict:
+async def get_watch(watch_id: str, entries: int = Query(0, ge=0, le=MAX_ROWS,
+                                                       description="also list this many of its keys (by key)")) -> Dict:
     replica = await _replica_resumed()
-    found: Optional[Dict] = await replica.light(watches.get_watch, _checked_id(watch_id), replica.jobs_state)
+    found: Optional[Dict] = await replica.light(watches.get_watch, _checked_id(watch_id), replica.jobs_state, entries)
     if found is None:
         raise HTTPException(404, f"no watch {watch_id!r}")
     return found

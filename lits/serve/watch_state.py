@@ -132,8 +132,9 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def summary(entries: Dict[str, Dict], failed_listed: int = 100) -> Dict:
-    """Counts per state, lag p50/p95 of the done ones, and the first `failed_listed` failures."""
+def summary(entries: Dict[str, Dict], failed_listed: int = 100, rows: int = 0) -> Dict:
+    """Counts per state, lag p50/p95 of the done ones, the first `failed_listed` failures and pending keys,
+    and with `rows` > 0 the first `rows` entries by key ('entries': key, state, reason, job_id, lag_s)."""
     counts = {s: 0 for s in STATES}
     lags, failed = [], []
     for key, entry in sorted(entries.items()):
@@ -143,8 +144,12 @@ def summary(entries: Dict[str, Dict], failed_listed: int = 100) -> Dict:
         elif entry["state"] == "failed" and len(failed) < failed_listed:
             failed.append({"key": key, "reason": entry.get("reason"), "job_id": entry.get("job_id")})
     pending = [k for k, e in sorted(entries.items()) if e["state"] == "pending"][:failed_listed]
-    return {"counts": counts, "lag_s": {"p50": percentile(lags, 50), "p95": percentile(lags, 95), "n": len(lags)},
-            "failed": failed, "pending": pending}
+    found = {"counts": counts, "lag_s": {"p50": percentile(lags, 50), "p95": percentile(lags, 95), "n": len(lags)},
+             "failed": failed, "pending": pending}
+    if rows > 0:
+        found["entries"] = [{"key": key, "state": e["state"], "reason": e.get("reason"), "job_id": e.get("job_id"),
+                             "lag_s": e.get("lag_s")} for key, e in sorted(entries.items())[:rows]]
+    return found
 
 
 def split_ready(ready: Sequence[str], running_jobs: int, max_jobs: int) -> Tuple[List[str], List[str]]:
