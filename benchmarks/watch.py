@@ -11,8 +11,9 @@ Everything in the embedded S3 server (moto on 127.0.0.1, as the tests run it):
   small phantoms landing one every --every-s; for each, from its PUT returning to its report being
   readable (checked every 0.1 s); p50 and p95;
 - restarts: the app undeployed and deployed again --restarts times while objects land; at the end,
-  the jobs started per object (job summaries under the output, one object each): 1 for each means
-  nothing was done twice and nothing lost.
+  the jobs the watch started (job summaries under the output; one a poll round) and how many times
+  each object was segmented (its 'done' volume results over those jobs): once each means nothing
+  was done twice and nothing lost.
 
 Prints a markdown table. The issue's full run (100,000 keys; 30 minutes at one object a second) is
 `--keys 100000 --objects 1800`; say which was run when quoting numbers.
@@ -173,10 +174,15 @@ def main(argv=None) -> int:
         lags = land_and_time(fs, volumes, args, restart)
         wall = time.time() - started
         status = segment_client.call_server(url, "GET", f"/v1/watches/{watch_id}")
+        fs.invalidate_cache()
         summaries = [p for p in fs.find("archive/out/_jobs") if p.endswith(".json")]
         import json
 
-        per_key = collections.Counter(os.path.basename(json.loads(fs.cat(p))["input"]) for p in summaries)
+        from lits.serve.job_progress import read_volume_records
+
+        # per object: the jobs that segmented it (its 'done' volume results over every job of the watch)
+        per_key = collections.Counter(r["name"] for p in summaries for r in read_volume_records(json.loads(fs.cat(p)))
+                                      if r["status"] == "done")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -192,8 +198,8 @@ def main(argv=None) -> int:
           f"{args.restarts} restarts of the app |")
     print(f"| lag landing -> report, p50 / p95 / max | {percentile(values, 50):.1f} / {percentile(values, 95):.1f} / "
           f"{max(values):.1f} s ({len(values)} of {args.objects} seen) |")
-    print(f"| jobs per object | {len(per_key)} objects with a job, {twice} with more than one, "
-          f"{args.objects - len(per_key)} with none |")
+    print(f"| jobs | {len(summaries)} jobs for {args.objects} objects ({len(summaries) / args.objects:.2f} per object); "
+          f"{len(per_key)} objects segmented, {twice} more than once, {args.objects - len(per_key)} never |")
     print(f"| watch status at the end | {status['counts']}, takeovers {status.get('takeovers')} |")
     return 0
 

@@ -147,7 +147,71 @@ def test_folder_placeholders_on_s3_are_not_inputs(s3_server):
 def test_percentiles_and_the_job_window():
     assert watch_state.percentile([5, 1, 3, 2, 4], 50) == 3 and watch_state.percentile([], 95) is None
     assert watch_state.percentile(list(range(1, 101)), 95) == 95
-    assert watch_state.split_ready(["a", "b", "c"], 3, 4) == (["a"], ["b", "c"])
+    # a round's ready keys in one job (or jobs of at most per_job), as many jobs as the window has room for
+    assert watch_state.job_batches(["a", "b", "c"], 3, 4, 500) == [["a", "b", "c"]]
+    assert watch_state.job_batches(["a", "b", "c"], 1, 4, 2) == [["a", "b"], ["c"]]
+    assert watch_state.job_batches(["a", "b", "c"], 3, 4, 2) == [["a", "b"]]
+    assert watch_state.job_batches(["a", "b"], 4, 4, 500) == []
+    assert watch_state.job_batches(["/"], 0, 4, 500) == [["/"]]
+
+
+def test_a_jobs_volume_results_settle_each_of_its_keys_alone():
+    """One job over several keys: a key is done when its own volumes are, failed with its own reason,
+    and failed with the job's word when none of its volumes was recorded."""
+    uris = {"a.nii": "s3://b/in/a.nii", "notes.nii": "s3://b/in/notes.nii", "p1/ct/": "s3://b/in/p1/ct",
+            "p2/ct/": "s3://b/in/p2/ct", "gone/": "s3://b/in/gone"}
+    records = [{"input": "s3://b/in/a.nii", "status": "done"},
+               {"input": "s3://b/in/notes.nii", "status": "failed", "reason": "not a NIfTI file"},
+               {"input": "s3://b/in/p1/ct", "status": "skipped"},
+               {"input": "s3://b/in/p2/ct", "status": "done"},
+               {"input": "s3://b/in/p2/ct", "status": "failed", "reason": "series 2: gaps"},
+               {"input": "s3://b/in/p1/ct2", "status": "failed", "reason": "another folder"}]
+    assert watch_state.outcomes(uris, records, "nothing there") == {
+        "a.nii": (True, None), "notes.nii": (False, "not a NIfTI file"), "p1/ct/": (True, None),
+        "p2/ct/": (False, "series 2: gaps"), "gone/": (False, "nothing there")}
+    # a job of one key owns every record (a series refused by its short name, 'ct')
+    assert watch_state.outcomes({"/": "s3://b/in"}, [{"input": "ct", "status": "failed", "reason": "tilt"}],
+                                "x") == {"/": (False, "tilt")}
+
+
+def test_a_job_takes_explicit_inputs_only_below_its_input_and_outside_its_output():
+    from lits.serve.job_spec import JobSpec
+
+    def job(inputs):
+        return JobSpec(input="s3://b/in", output="s3://b/in/out", app_name="lits", inputs=inputs)
+
+    assert job(["a/v.nii.gz", "p1/ct/"]).inputs == ("a/v.nii.gz", "p1/ct/")
+    for bad in ("../x.nii.gz", "a/../../x.nii", "/etc/x.nii", "a//b.nii", "./a.nii", "a/./b.nii", "out/x.nii",
+                "out/", "", "/", "a\\b.nii", "a\x01.nii", 3):
+        with pytest.raises(ValueError):
+            job([bad])
+    with pytest.raises(ValueError, match="at least one"):
+        job([])
+
+
+def test_explicit_inputs_are_read_alone_and_named_as_the_whole_prefix_names_them(tmp_path):
+    """A job's explicit inputs (what a watch submits): only those objects and folders are read (not
+    one still being written beside them), and each output name is the one a job over the whole
+    prefix gives it; a folder that is gone is refused with the reason."""
+    from dicom_factory import write_series
+    from lits.serve.job_inputs import list_inputs
+
+    root = tmp_path / "in"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "v1.nii.gz").write_bytes(b"x" * 10)
+    (root / "v2.nii").write_bytes(b"x" * 10)
+    (root / "growing.nii.gz").write_bytes(b"x" * 3)
+    write_series(str(root / "p1" / "ct"), shape=(8, 8, 3))
+    write_series(str(root / "p2" / "ct"), shape=(8, 8, 3))
+    whole = list_inputs(str(root), str(root / "out"))
+    names = {rel: src for src, rel in whole["volumes"]}
+    assert sorted(names) == ["a/v1", "growing", "p1/ct", "p2/ct", "v2"], sorted(names)
+    chosen = list_inputs(str(root), str(root / "out"), inputs=["a/v1.nii.gz", "p2/ct/", "gone/"])
+    assert sorted(rel for _, rel in chosen["volumes"]) == ["a/v1", "p2/ct"]
+    for source, rel in chosen["volumes"]:
+        assert source == names[rel] or source.files == names[rel].files, rel
+    assert chosen["refused"] == [(str(root / "gone"), chosen["refused"][0][1])]
+    assert "cannot list it" in chosen["refused"][0][1]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +252,18 @@ def put(fs, server, name, key):
 
 
 def job_summaries(fs, prefix):
+    fs.invalidate_cache()  # s3fs caches listings: a job's summary written since would be "not found"
     return [p for p in fs.find(f"watched/{prefix}") if "/_jobs/" in p and p.endswith(".json")]
+
+
+def segmented(fs, prefix):
+    """Output name -> how many times a job under the output segmented it (its 'done' volume results)."""
+    from collections import Counter
+
+    from lits.serve.job_progress import read_volume_records
+
+    return dict(Counter(r["name"] for p in job_summaries(fs, prefix)
+                        for r in read_volume_records(json.loads(fs.cat(p))) if r["status"] == "done"))
 
 
 @pytest.mark.slow
@@ -196,24 +271,27 @@ def test_a_watch_segments_what_lands_once_survives_a_restart_and_reports_failure
     from lits.serve import serving
 
     fs = s3fs_for(server["endpoint"])
+    # Three objects there when the watch starts: ready in the same round, so one job takes them all.
     put(fs, server, "volume-0.nii.gz", "in/a/volume-0.nii.gz")
+    put(fs, server, "volume-1.nii.gz", "in/volume-1.nii.gz")
+    fs.pipe_file("watched/in/notes.nii", b"this is not a NIfTI file\n" * 40)
     status, created, _ = call(server, "POST", "/v1/watches", {"input": "s3://watched/in", "output": "s3://watched/out",
                                                                "poll_s": 0.5})
     assert status == 202, created
     watch_id = created["watch_id"]
-    put(fs, server, "volume-1.nii.gz", "in/volume-1.nii.gz")
-    fs.pipe_file("watched/in/notes.nii", b"this is not a NIfTI file\n" * 40)
     found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 2 and w["counts"]["failed"] == 1)
+    # each key settled by its own volume: the failed one with its reason, the others done
     assert found["failed"][0]["key"] == "notes.nii" and "not a NIfTI" in found["failed"][0]["reason"], found
     assert found["lag_s"]["n"] == 2 and 0 < found["lag_s"]["p50"] <= found["lag_s"]["p95"] < 60, found
     for key in ("a/volume-0", "volume-1"):
         assert fs.exists(f"watched/out/{key}_seg.nii.gz") and fs.exists(f"watched/out/{key}.json")
-    assert len(job_summaries(fs, "out")) == 3  # one job per object, nothing twice
+    assert len(job_summaries(fs, "out")) == 1 and found["jobs_submitted"] == 1, found  # one job for 3 objects
+    assert segmented(fs, "out") == {"a/volume-0": 1, "volume-1": 1}
     # Replaced: segmented again; deleted: left alone (its outputs stay).
     first = json.loads(fs.cat("watched/out/volume-1.json"))
     put(fs, server, "volume-2.nii.gz", "in/volume-1.nii.gz")
     fs.rm("watched/in/a/volume-0.nii.gz")
-    wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 2 and len(job_summaries(fs, "out")) == 4
+    wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 2 and len(job_summaries(fs, "out")) == 2
                and not w["counts"]["submitted"] and not w["counts"]["pending"])
     assert json.loads(fs.cat("watched/out/volume-1.json"))["shape"] != first["shape"] or \
         json.loads(fs.cat("watched/out/volume-1.json")) != first
@@ -226,7 +304,7 @@ def test_a_watch_segments_what_lands_once_survives_a_restart_and_reports_failure
     put(fs, server, "volume-3.nii.gz", "in/volume-3.nii.gz")
     found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 3)
     time.sleep(2)  # a few more polls: nothing is submitted again
-    assert len(job_summaries(fs, "out")) == 5 and call(server, "GET", f"/v1/watches/{watch_id}")[1]["counts"] == \
+    assert len(job_summaries(fs, "out")) == 3 and call(server, "GET", f"/v1/watches/{watch_id}")[1]["counts"] == \
         {"pending": 0, "submitted": 0, "done": 3, "failed": 1}
     # A DICOM series landing file by file: one input (its folder), segmented once it stopped changing,
     # named as a job over the whole prefix names it.
@@ -236,7 +314,8 @@ def test_a_watch_segments_what_lands_once_survives_a_restart_and_reports_failure
         fs.put_file(path, f"watched/in/p1/ct/{path.rsplit('/', 1)[1]}")
     found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 4)
     assert fs.exists("watched/out/p1/ct_seg.nii.gz") and fs.exists("watched/out/p1/ct.json"), fs.find("watched/out/p1")
-    assert len(job_summaries(fs, "out")) == 6
+    assert len(job_summaries(fs, "out")) == 4
+    assert segmented(fs, "out") == {"a/volume-0": 1, "volume-1": 2, "volume-3": 1, "p1/ct": 1}  # nothing twice
     status, deleted, _ = call(server, "DELETE", f"/v1/watches/{watch_id}")
     assert status == 200 and deleted["state"] == "deleted", deleted
 
@@ -268,6 +347,7 @@ def test_two_servers_on_one_watch_do_no_work_twice(server):
     time.sleep(2)
     mine, theirs = call(server, "GET", f"/v1/watches/{watch_id}")[1], ray.get(other.status.remote())
     assert theirs["state"] == "standby" and theirs["jobs_submitted"] == 0, (mine, theirs)
-    assert len(job_summaries(fs, "out2")) == 3 and mine["jobs_submitted"] == 3, (mine, theirs)
+    assert len(job_summaries(fs, "out2")) == mine["jobs_submitted"] <= 3, (mine, theirs)
+    assert segmented(fs, "out2") == {f"volume-{i}": 1 for i in range(3)}
     ray.get(other.stop.remote())
     assert call(server, "DELETE", f"/v1/watches/{watch_id}")[0] == 200

@@ -17,9 +17,17 @@ from lits.core.errors import UserError
 from lits.serve.job_spec import JOBS_FOLDER
 
 
-def list_inputs(input_uri: str, output_uri: str, threads: int = 16) -> Dict[str, List]:
+def list_inputs(input_uri: str, output_uri: str, threads: int = 16,
+                inputs: Optional[Sequence[str]] = None) -> Dict[str, List]:
     """The volumes a job segments: {'volumes': [(uri or dicom.Series, rel_name)], 'ignored': [uri],
     'refused': [(uri, reason)], 'skipped': [dicom.Skipped]}.
+
+    `inputs` None: every file under `input_uri` (one listing). Else exactly those keys below it
+    (`JobSpec.inputs`, already checked by `job_spec.refused_input`): a NIfTI object each, or a
+    folder of DICOM files (ending in '/', listed on its own); nothing else under the input is read,
+    and the outputs are named as they would be with `inputs` None. A folder that is gone or
+    cannot be listed is refused with the reason; a series there whose geometry refuses it is
+    named by its folder's URI.
 
     NIfTI files are volumes by their names; every other file (but the product's outputs, pictures,
     JSON and the like: `dicom.IGNORED_SUFFIXES`) has its DICOM header read (`threads` at once) and
@@ -40,14 +48,17 @@ def list_inputs(input_uri: str, output_uri: str, threads: int = 16) -> Dict[str,
     """
     root = storage.normalise(input_uri)
     out = storage.normalise(output_uri).rstrip("/")
-    files = storage.list_files(root)
-    single = files == [root]
+    refused: List[Tuple[str, str]] = []
+    if inputs is None:
+        groups = [(None, storage.list_files(root))]
+    else:
+        groups = _chosen(root, inputs, refused)
+    files = [uri for _, uris in groups for uri in uris]
+    single = inputs is None and files == [root]
     if not single and (root == out or root.startswith(out + "/")):
         raise UserError(f"the input {root} lies inside the output {out}: every file there would be skipped as "
                         f"an output; write beside the input or inside it (e.g. {root}/seg)")
-    volumes, ignored, refused, named = [], [], [], {}
-    others = [u for u in files if not u.endswith(naming.NIFTI_SUFFIXES) and not dicom.ignored(u)
-              and (single or not u.startswith(out + "/"))]
+    volumes, ignored, skipped, named = [], [], [], {}
     for uri in files:
         if not uri.endswith(naming.NIFTI_SUFFIXES):
             continue
@@ -64,15 +75,36 @@ def list_inputs(input_uri: str, output_uri: str, threads: int = 16) -> Dict[str,
             continue
         named[stem] = uri
         volumes.append((uri, stem))
-    series, skipped = series_inputs(others, root, threads)
-    for source, rel, why in series:
-        why = why or _name_taken(rel, named)
-        if why:
-            refused.append((source.folder if isinstance(source, dicom.Series) else source, why))
-            continue
-        named[rel] = source.folder
-        volumes.append((source, rel))
+    for folder, uris in groups:
+        others = [u for u in uris if not u.endswith(naming.NIFTI_SUFFIXES) and not dicom.ignored(u)
+                  and (single or not u.startswith(out + "/"))]
+        series, left_out = series_inputs(others, root, threads)
+        skipped.extend(left_out)
+        for source, rel, why in series:
+            why = why or _name_taken(rel, named)
+            if why:
+                refused.append((source.folder if isinstance(source, dicom.Series) else folder or source, why))
+                continue
+            named[rel] = source.folder
+            volumes.append((source, rel))
     return {"volumes": volumes, "ignored": ignored, "refused": refused, "skipped": skipped}
+
+
+def _chosen(root: str, inputs: Sequence[str], refused: List[Tuple[str, str]]) -> List[Tuple[Optional[str], List[str]]]:
+    """[(folder URI or None, its files)] of a job's explicit `inputs` below `root`: a NIfTI key as
+    (None, [its URI]), a folder key ('p1/ct/') as (its URI, the files listed under it). A folder that
+    cannot be listed goes to `refused` with the reason."""
+    groups: List[Tuple[Optional[str], List[str]]] = []
+    for key in inputs:
+        uri = storage.join(root, key.rstrip("/"))
+        if not key.endswith("/"):
+            groups.append((None, [uri]))
+            continue
+        try:
+            groups.append((uri, storage.list_files(uri)))
+        except UserError as exc:
+            refused.append((uri, f"cannot list it: {exc}"))
+    return groups
 
 
 def _name_taken(stem: str, named: Dict[str, str]) -> Optional[str]:

@@ -88,7 +88,7 @@ class JobDriver:
     def _run_volumes(self) -> None:
         job = self.job
         self.progress.set_model(describe_model(job.app_name, job.wait_s))
-        listing = list_inputs(job.input, job.output)
+        listing = list_inputs(job.input, job.output, inputs=job.inputs)
         volumes, refused = listing["volumes"], listing["refused"]
         self.progress.listed(len(volumes) + len(refused), len(listing["ignored"]), listing["skipped"])
         if not volumes and not refused:

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lits.core import storage
+from lits.core import naming, storage
 from lits.serve.model_client import MODEL_WAIT_S
 
 JOBS_NAMESPACE = "lits-jobs"
@@ -43,12 +43,35 @@ def records_shard(folder: str, index: int) -> str:
     return storage.join(folder, f"volumes-{index:05d}.jsonl")
 
 
+def refused_input(key: str, input_uri: str, output_uri: str) -> Optional[str]:
+    """Why `key` cannot be one of a job's explicit inputs (`JobSpec.inputs`), or None when it can: it
+    must be a relative path below `input_uri` (a NIfTI object's key, or a folder's ending in '/') with
+    no empty, '.' or '..' part, no backslash or control character (`naming.refused_name`), that does
+    not lie in `output_uri`: so no crafted key reads outside the input or names outputs outside the
+    output."""
+    if not isinstance(key, str) or not key.rstrip("/"):
+        return f"an input must be a non-empty path below the job's input, got {key!r}"
+    if key.startswith("/") or "\\" in key:
+        return f"an input must be a relative path below the job's input, got {key!r}"
+    why = naming.refused_name(key[:-1] if key.endswith("/") else key)
+    if why:
+        return why
+    uri, out = storage.join(input_uri, key.rstrip("/")), output_uri.rstrip("/")
+    if uri == out or uri.startswith(out + "/"):
+        return f"the input {key!r} lies in the job's output {output_uri}"
+    return None
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A bulk job: every NIfTI under `input` -> a mask, a preview and a report under `output`.
 
     Attributes:
         input, output: URIs, already checked against the allow-list and normalised by the caller.
+        inputs: None: every input under `input` (listed by the job). Else exactly these, as keys
+            below `input` (`refused_input` says which may be): NIfTI objects ('a/volume-1.nii.gz')
+            and folders of DICOM files ('p1/ct/'); their outputs are named as a job over the whole
+            `input` names them. What a watch submits: the objects it found ready, and no other.
         app_name: the Serve application holding the model deployment (and its volume pool).
         overwrite: recompute volumes whose outputs exist for this model.
         chunk: slices per model request.
@@ -77,10 +100,13 @@ class JobSpec:
     reserve_cpus: Optional[float] = None
     jobs_state: Optional[str] = None
     job_id: str = dataclasses.field(default_factory=new_job_id)
+    inputs: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         # A list from a caller would make the spec unhashable and mutable behind its back.
         object.__setattr__(self, "allow", tuple(self.allow))
+        if self.inputs is not None:
+            object.__setattr__(self, "inputs", tuple(self.inputs))
         for name in ("input", "output", "app_name"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -102,6 +128,13 @@ class JobSpec:
             raise ValueError(f"reserve_cpus must be >= 0, got {self.reserve_cpus}")
         if self.jobs_state is not None and not self.jobs_state:
             raise ValueError("jobs_state must name a folder or bucket prefix (or be None)")
+        if self.inputs is not None:
+            if not self.inputs:
+                raise ValueError("inputs must name at least one input below the job's input (or be None: all)")
+            for key in self.inputs:
+                why = refused_input(key, self.input, self.output)
+                if why:
+                    raise ValueError(why)
 
     @property
     def actor_name(self) -> str:

@@ -20,7 +20,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 WATCH_ID = re.compile(r"[0-9a-f]{12}")
 READY_POLLS = 2  # an object is ready once its identity was the same in this many polls in a row
@@ -152,7 +152,40 @@ def summary(entries: Dict[str, Dict], failed_listed: int = 100, rows: int = 0) -
     return found
 
 
-def split_ready(ready: Sequence[str], running_jobs: int, max_jobs: int) -> Tuple[List[str], List[str]]:
-    """(keys to submit now, keys left pending) when `running_jobs` of the watch's `max_jobs` run."""
+def job_batches(ready: Sequence[str], running_jobs: int, max_jobs: int, per_job: int) -> List[List[str]]:
+    """The jobs to submit now for the `ready` keys while `running_jobs` of the watch's `max_jobs` run:
+    each a list of at most `per_job` keys, at most `max_jobs - running_jobs` of them; the key '/' (the
+    input folder itself, one series) alone. Keys left out stay pending, ready again at the next poll."""
     room = max(0, max_jobs - running_jobs)
-    return list(ready[:room]), list(ready[room:])
+    keys = [k for k in ready if k != "/"]
+    batches = [["/"]] if "/" in ready else []
+    batches += [list(keys[i:i + per_job]) for i in range(0, len(keys), per_job)]
+    return batches[:room]
+
+
+def outcomes(uris: Dict[str, str], records: Iterable[Dict], missing: str) -> Dict[str, Tuple[bool, Optional[str]]]:
+    """key -> (ok, failure reason) of one job's keys from its volume results (`records`: 'input',
+    'status', 'reason'). `uris`: each key's input URI (an object's, or a folder's for a key ending in
+    '/', whose series' inputs lie in it); a job of one key owns every record. A key is done when
+    each of its volumes is done or skipped, failed with the first failed one's reason otherwise,
+    and failed with `missing` when no volume of it was recorded (none found there, or the job
+    stopped first). So a key whose volume succeeded is done whatever another key of the job did."""
+    found: Dict[str, Tuple[bool, Optional[str]]] = {}
+    for record in records:
+        key = _key_of(str(record.get("input", "")), uris)
+        if key is None:
+            continue
+        ok = record.get("status") in ("done", "skipped")
+        if key not in found or (found[key][0] and not ok):
+            found[key] = (ok, None if ok else record.get("reason") or "failed")
+    return {key: found.get(key, (False, missing)) for key in uris}
+
+
+def _key_of(uri: str, uris: Dict[str, str]) -> Optional[str]:
+    if len(uris) == 1:
+        return next(iter(uris))
+    for key, base in uris.items():
+        base = base.rstrip("/")
+        if uri == base or (key.endswith("/") and uri.startswith(base + "/")):
+            return key
+    return None

@@ -10,12 +10,16 @@ started it) whose thread, every `poll_s`:
   2. lists the input once (fsspec `find` with details: ListObjectsV2 pages on S3, size and ETag per
      key, no request per object) and moves each key on (`watch_state.advance`: ready when unchanged
      across two polls);
-  3. submits each ready object as a bulk job of its own (input: that object; output: the watch's output
-     plus the object's folder, so outputs are named as a job over the whole prefix names them), at most
-     `max_jobs` of the watch's jobs at once. A job per object keeps the readiness rule exact (the job
-     reads the ready object only, never one still being written) and reuses the jobs' identity-based
-     skip: a volume already segmented for this input and model is skipped, whoever submits it;
-  4. follows its jobs to their end (done, or failed with the reason) and writes the watch's state
+  3. submits the round's ready inputs together as one bulk job (`JobSpec.inputs`: their keys; input
+     and output the watch's, so outputs are named as a job over the whole prefix names them), or a
+     few jobs of at most JOB_INPUTS keys, with at most `max_jobs` of the watch's jobs at once. The
+     job reads exactly the listed inputs (never an object still being written, never the old ones
+     again) without listing the prefix, and a round's objects share one job actor, one model
+     describe and one summary: what a job costs to start, rather than what a volume does, was most
+     of a watch's lag with a job per object. The jobs' identity-based skip stays a second guard: a
+     volume already segmented for this input and model is skipped, whoever submits it;
+  4. follows its jobs to their end and settles each key from the job's volume results
+     (`watch_state.outcomes`: done, or failed with its own volume's reason) and writes the watch's state
      (`OUTPUT/_watches/<id>/state.json`) when anything changed.
 
 The state lives in the output bucket, so a restarted server (or another one) takes the watch up where
@@ -38,8 +42,8 @@ import ray
 
 from lits.core import naming, storage
 from lits.serve import jobs
-from lits.serve.job_progress import FINAL_STATES
-from lits.serve.job_spec import JOBS_NAMESPACE, JobSpec, new_job_id
+from lits.serve.job_progress import FINAL_STATES, read_volume_records
+from lits.serve.job_spec import JOBS_NAMESPACE, JobSpec, new_job_id, refused_input
 from lits.serve import watch_state
 from lits.serve.watch_state import WatchSpec
 
@@ -49,6 +53,7 @@ ACTOR_PREFIX = "lits-watch-"
 WATCHES_FOLDER = "_watches"
 LEASE_POLLS = 3  # a lease lasts this many polls (at least LEASE_MIN_S): a server that stops polling loses it
 LEASE_MIN_S = 30.0
+JOB_INPUTS = 500  # inputs one job of a watch takes at most; a larger round is split into several jobs
 
 
 def state_folder(output: str, watch_id: str) -> str:
@@ -118,7 +123,8 @@ def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
     several) by the folder's key with a trailing '/' ('' + '/' for the input itself), its identity
     the file count, bytes and a digest of every file's identity, so a folder is ready only when no
     file of it changed, came or went for two polls. A folder that is not a leaf carries a 'refused'
-    reason (a job over it would read its subfolders too): the watch fails it with that reason. Not the
+    reason (a job over it would read its subfolders too): the watch fails it with that reason, and so
+    does a key no job may take (`job_spec.refused_input`: an empty, '.' or '..' part). Not the
     product's own outputs, reference segmentations or anything under the output."""
     root = storage.normalise(input_uri).rstrip("/")
     out = storage.normalise(output_uri).rstrip("/")
@@ -149,6 +155,10 @@ def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
             # a job over this folder would take its subfolders too, ready or not: series in leaf folders only
             found[key]["refused"] = ("DICOM files beside subfolders of other inputs: a job over this folder would "
                                      "read those too; put each series in a folder of its own")
+    for key, identity in found.items():  # a key no job may take (a '..' or empty part): failed with why
+        why = key != "/" and refused_input(key, root, out)
+        if why and "refused" not in identity:
+            identity["refused"] = why
     return found
 
 
@@ -238,13 +248,12 @@ class WatchRunner:
             self.listing = {"keys": len(listing), "seconds": round(seconds, 4)}
             ready = watch_state.advance(self.entries, listing, now)
         self._follow_jobs()
-        submit, _ = watch_state.split_ready(ready, len(self.jobs), self.spec.max_jobs)
-        for key in submit:
+        for keys in watch_state.job_batches(ready, len(self.jobs), self.spec.max_jobs, JOB_INPUTS):
             # The lease renewed before each job and the state written after it: a server that takes the
             # watch over (this one stalled past its lease) reads every job submitted so far.
             if not renew_lease(lease, self.owner, self.lease_s):
                 break  # taken over: the new holder submits the rest
-            self._submit(key)
+            self._submit(keys)
             self._save()
         with self._lock:
             changed = json.dumps(self.entries, sort_keys=True) != before
@@ -256,19 +265,18 @@ class WatchRunner:
             state = json.dumps({"watch": self.spec.to_dict(), "owner": self.owner, "entries": self.entries})
         storage.write_bytes(storage.join(self.folder, "state.json"), state.encode())
 
-    def _submit(self, key: str) -> None:
-        """A job over one ready input: a NIfTI object, or a folder of DICOM files (key ending in '/'),
-        whose outputs a job over the whole prefix would name the same (`job_inputs.series_rel_name`)."""
-        path = key.rstrip("/")
-        folder = os.path.dirname(path)
-        job = dataclasses.replace(self.template, input=storage.join(self.spec.input, path) if path else self.spec.input,
-                                  output=storage.join(self.spec.output, folder) if folder else self.spec.output,
-                                  overwrite=self.spec.overwrite, job_id=new_job_id())
+    def _submit(self, keys: List[str]) -> None:
+        """One job over ready inputs: NIfTI objects and folders of DICOM files (keys ending in '/'),
+        named as a job over the whole prefix names them (`job_inputs.list_inputs`); the key '/' (the
+        input itself is one series, and then the only input) is a job over the input."""
+        job = dataclasses.replace(self.template, input=self.spec.input, output=self.spec.output,
+                                  inputs=None if keys == ["/"] else tuple(keys), overwrite=self.spec.overwrite,
+                                  job_id=new_job_id())
         job_id = jobs.submit_job(job)
         with self._lock:
-            watch_state.submitted(self.entries, [key], job_id, time.time())
+            watch_state.submitted(self.entries, keys, job_id, time.time())
             self.submits += 1
-            self.jobs.setdefault(job_id, []).append(key)
+            self.jobs.setdefault(job_id, []).extend(keys)
 
     def _follow_jobs(self) -> None:
         for job_id, keys in list(self.jobs.items()):
@@ -282,16 +290,29 @@ class WatchRunner:
                             watch_state.retry(self.entries, key)
                     del self.jobs[job_id]
                 continue
-            ok = bool(status) and status["state"] == "succeeded" and status["counts"]["failed"] == 0
-            reason = None
-            if not ok:
-                reason = ((status or {}).get("failed") or [{}])[0].get("reason") or (status or {}).get("error") \
-                    or f"job {job_id} {(status or {}).get('state', 'lost')}"
+            settled = self._outcomes(job_id, status, keys)
             with self._lock:
-                for key in keys:
+                for key, (ok, reason) in settled.items():
                     if key in self.entries:
                         watch_state.finished(self.entries, key, ok, reason, time.time())
                 del self.jobs[job_id]
+
+    def _outcomes(self, job_id: str, status: Dict, keys: List[str]) -> Dict:
+        """key -> (ok, reason) of a finished job, from its volume results (`watch_state.outcomes`);
+        when they cannot be read, the job's own outcome for every key."""
+        root = storage.normalise(self.spec.input)
+        uris = {key: storage.join(root, key.rstrip("/")) if key != "/" else root for key in keys}
+        missing = status.get("error") or (f"nothing segmented in it: no NIfTI volume or DICOM CT series there "
+                                          f"(job {job_id} {status['state']})")
+        try:
+            summary = json.loads(storage.read_bytes(status["summary"]))
+            return watch_state.outcomes(uris, read_volume_records(summary), missing)
+        except Exception as exc:  # its results unreadable: the job as a whole says
+            log.warning("watch %s: job %s's volume results: %s", self.spec.watch_id, job_id, exc)
+        ok = status["state"] == "succeeded" and status["counts"]["failed"] == 0
+        reason = None if ok else (status.get("failed") or [{}])[0].get("reason") or status.get("error") \
+            or f"job {job_id} {status['state']}"
+        return {key: (ok, reason) for key in keys}
 
 
 def _actor(watch_id: str):
