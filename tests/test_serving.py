@@ -986,13 +986,17 @@ def test_the_model_window_grows_only_while_it_is_full_and_the_model_idles(server
     time.sleep(1.2)
     assert window.size(10 ** 6, 2000) == 3 * replicas  # the trial's first refresh settles (tasks start)
     time.sleep(1.2)
-    assert window.size(10 ** 6, 4000) == 4 * replicas and window.per_replica == 4  # paid (2x): 3 -> 4
+    assert window.size(10 ** 6, 4000) == 3 * replicas  # judged over two refreshes: the first decides nothing
     time.sleep(1.2)
-    assert window.size(10 ** 6, 6000) == 4 * replicas  # settles
+    assert window.size(10 ** 6, 6000) == 4 * replicas and window.per_replica == 4  # paid (~4x): 3 -> 4
     time.sleep(1.2)
-    assert window.size(10 ** 6, 6100) == 3 * replicas  # 4 did not pay (the rate fell): back to 3
+    assert window.size(10 ** 6, 8000) == 4 * replicas  # settles
     time.sleep(1.2)
-    assert window.size(10 ** 6, 9000) == 3 * replicas  # and not past 3 again for a while
+    assert window.size(10 ** 6, 8100) == 4 * replicas
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 8200) == 3 * replicas  # 4 did not pay (the rate fell): back to 3
+    time.sleep(1.2)
+    assert window.size(10 ** 6, 11000) == 3 * replicas  # and not past 3 again for a while
     after = handle.progress.remote().result(timeout_s=30)
     if after["pid"] == before["pid"]:
         assert 0.0 <= after["busy_s"] - before["busy_s"] < after["now"] - before["now"]
@@ -1015,18 +1019,22 @@ def test_the_window_per_replica_follows_the_busy_fraction():
 
 
 def test_a_window_growth_is_kept_only_when_volumes_then_finish_faster():
-    """Each growth is a trial: one refresh to settle, then the completion rate must have risen by
-    GROWTH_PAYS or the window goes back and is barred from growing past that size for
-    CEILING_REFRESHES refreshes (2 CPU cores under 18 logical ones: an idle model, no faster job)."""
+    """Each growth is a trial: one refresh to settle, then the mean completion rate of the next
+    JUDGE_REFRESHES refreshes must have risen by GROWTH_PAYS over the mean before the growth, or the
+    window goes back and is barred from growing past that size for CEILING_REFRESHES refreshes (2 CPU
+    cores under 18 logical ones: an idle model, no faster job)."""
     from lits.serve.job_capacity import GROWTH_PAYS, GrowthTrial
 
-    trial = GrowthTrial(ceiling_refreshes=3)
+    trial = GrowthTrial(ceiling_refreshes=3, judge_refreshes=2)
     assert trial.step(3, 4, None) == 3  # no rate yet: no baseline, no growth
     assert trial.step(3, 4, 10.0) == 4  # grown on trial against 10/s
     assert trial.step(4, 6, 2.0) == 4  # the settling refresh: neither judged nor grown further
-    assert trial.step(4, 6, 10.0 * GROWTH_PAYS + 0.1) == 6  # paid: kept, and the next growth on trial
+    paid = 10.0 * GROWTH_PAYS
+    assert trial.step(4, 6, paid + 0.3) == 4  # judged over two refreshes: the first alone decides nothing
+    assert trial.step(4, 6, paid - 0.1) == 6  # one interval under the bar, the mean over it: kept, 6 on trial
     assert trial.step(6, 9, 30.0) == 6  # settling
-    assert trial.step(6, 9, 11.5) == 4  # 6 finished no faster than 4 did: back to 4
+    assert trial.step(6, 9, 15.0) == 6  # one interval over the bar ...
+    assert trial.step(6, 9, 8.0) == 4  # ... in a mean (11.5) under (paid + 0.1) * GROWTH_PAYS: back to 4
     assert trial.step(4, 6, 50.0) == 4  # barred past 4 ...
     assert trial.step(4, 6, 50.0) == 4
     assert trial.step(4, 6, 50.0) == 6  # ... for 3 refreshes, then tried again
@@ -1036,9 +1044,10 @@ def test_a_window_growth_is_kept_only_when_volumes_then_finish_faster():
     for _ in range(5):
         assert trial.step(4, 6, 1.0, filled=False) == 4
     assert trial.step(4, 6, 1.0, filled=True) == 4  # filled at last: one refresh to settle
-    assert trial.step(4, 6, 50.0 * GROWTH_PAYS + 1) == 6  # then judged against the rate before the growth
+    assert trial.step(4, 6, 50.0 * GROWTH_PAYS + 1) == 4
+    assert trial.step(4, 6, 50.0 * GROWTH_PAYS + 1) == 6  # then judged against the rates before the growth
     trial.replicas_changed()
-    assert trial.trial is None and trial.ceiling is None
+    assert trial.trial is None and trial.ceiling is None and trial.recent == []
 
 
 @pytest.mark.slow

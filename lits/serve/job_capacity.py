@@ -29,10 +29,10 @@ deployed) plus, when the pool is elastic, placement groups the job adds itself w
   volumes at once will go faster: CPUs that are oversubscribed (logical CPUs over fewer cores, a
   node's disk or network, the object store) finish no more volumes per second in a bigger window.
   So each growth is a trial: once the grown window is first filled (an elastic pool's new CPUs may
-  take minutes), one refresh is left to settle (new tasks start), and at the one after that the
-  job's completion rate must have risen by `GROWTH_PAYS` over the rate before the growth, or the
-  window goes back and is not grown past that size again for `CEILING_REFRESHES` refreshes (a new
-  replica count forgets that bar).
+  take minutes), one refresh is left to settle (new tasks start), and over the `JUDGE_REFRESHES`
+  after that the job's mean completion rate must have risen by `GROWTH_PAYS` over the mean of as
+  many refreshes before the growth, or the window goes back and is not grown past that size again
+  for `CEILING_REFRESHES` refreshes (a new replica count forgets that bar).
 
 A fixed pool (`--volume-cpus` given, or a job submitted without `reserve_cpus`) never grows: a
 job's concurrency is the pool's CPUs / cpus_per_volume. An app without any pool (none
@@ -60,6 +60,7 @@ IDLE_BELOW = 0.8  # busy fraction under which a full window grows
 BUSY_ABOVE = 0.95  # busy fraction over which a grown window shrinks
 MAX_CONCURRENCY = 1024  # volumes in flight per job: at least 20 cpu-spot nodes x 16 CPUs (cluster.yaml)
 GROWTH_PAYS = 1.10  # a grown window is kept when the job's completion rate rose this much (GrowthTrial)
+JUDGE_REFRESHES = 2  # refreshes whose mean completion rate judges a growth, against as many before it
 CEILING_REFRESHES = 12  # how long a growth that did not pay bars the window from growing past it again
 REFRESH_S = 5.0  # how often a job looks for CPUs that joined
 READY_WAIT_S = 10.0  # how long a new group may take to be placed before it is given up (and tried later)
@@ -117,15 +118,24 @@ class GrowthTrial:
     `step(current, proposed, rate, filled)` at each refresh: `current` volumes per replica,
     `proposed` what `next_per_replica` says, `rate` the volumes finished per second since the
     previous refresh (None at the first: no growth without a baseline). Returns the volumes per
-    replica to use. A trial is judged at the second refresh after the grown window was first
-    filled, however long the CPUs for it took to come. Shrinking is always allowed (and ends a
-    trial)."""
+    replica to use. A trial waits until the grown window was first filled, however long the CPUs
+    for it took to come, leaves one refresh to settle, then compares the mean rate of the next
+    `judge_refreshes` refreshes with the mean of the (up to) `judge_refreshes` before the growth:
+    one interval of a few seconds holds too few volumes of a small window to tell 10% apart.
+    Shrinking is always allowed (and ends a trial)."""
 
-    def __init__(self, pays: float = GROWTH_PAYS, ceiling_refreshes: int = CEILING_REFRESHES):
-        self.pays, self.ceiling_refreshes = pays, ceiling_refreshes
-        self.trial: Optional[tuple] = None  # (volumes per replica before the growth, rate before it, settled)
+    def __init__(self, pays: float = GROWTH_PAYS, ceiling_refreshes: int = CEILING_REFRESHES,
+                 judge_refreshes: int = JUDGE_REFRESHES):
+        self.pays, self.ceiling_refreshes, self.judge_refreshes = pays, ceiling_refreshes, max(1, judge_refreshes)
+        # (volumes per replica before the growth, mean rate before it, settled, rates since it settled)
+        self.trial: Optional[tuple] = None
+        self.recent: List[float] = []  # the last judge_refreshes rates outside a trial: the next baseline
         self.ceiling: Optional[int] = None  # a size whose growth did not pay: not grown past for a while
         self.ceiling_left = 0
+
+    def _seen(self, rate: Optional[float]) -> None:
+        if rate is not None:
+            self.recent = (self.recent + [rate])[-self.judge_refreshes:]
 
     def step(self, current: int, proposed: int, rate: Optional[float], filled: bool = True) -> int:
         """`filled`: the grown window was in use (volumes in flight reached it) since the last refresh;
@@ -136,27 +146,35 @@ class GrowthTrial:
                 self.ceiling = None
         if proposed < current or rate is None:  # the model saturated (or nothing to compare with)
             self.trial = None
+            self._seen(rate)
             return min(current, proposed)
         if self.trial is not None:
-            before, before_rate, settled = self.trial
+            before, before_rate, settled, rates = self.trial
             if not settled:  # filling the grown window, then one refresh while its new tasks start
-                self.trial = (before, before_rate, filled)
+                self.trial = (before, before_rate, filled, rates)
                 return current
-            self.trial = None
-            if rate < before_rate * self.pays:  # it did not pay: back, and not past it for a while
+            rates = rates + [rate]
+            if len(rates) < self.judge_refreshes:
+                self.trial = (before, before_rate, settled, rates)
+                return current
+            self.trial, self.recent = None, rates
+            mean = sum(rates) / len(rates)
+            if mean < before_rate * self.pays:  # it did not pay: back, and not past it for a while
                 log.info("model window: %d volumes per replica finished %.2f/s against %.2f/s at %d; back to %d",
-                         current, rate, before_rate, before, before)
+                         current, mean, before_rate, before, before)
                 self.ceiling, self.ceiling_left = before, self.ceiling_refreshes
                 return before
+        else:
+            self._seen(rate)
         if proposed > current and self.ceiling is not None:
             proposed = max(current, min(proposed, self.ceiling))
         if proposed > current:
-            self.trial = (current, rate, False)
+            self.trial = (current, sum(self.recent) / len(self.recent), False, [])
         return proposed
 
     def replicas_changed(self) -> None:
         """Another replica count is another job shape: forget a growth that did not pay."""
-        self.trial, self.ceiling, self.ceiling_left = None, None, 0
+        self.trial, self.ceiling, self.ceiling_left, self.recent = None, None, 0, []
 
 
 class ModelWindow:
