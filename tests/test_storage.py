@@ -141,3 +141,27 @@ def test_conditional_writes_let_exactly_one_of_many_writers_win_on_s3(s3_server)
     assert not storage.write_if(uri, b"stale", None)
     assert storage.write_if(uri, b"next", version) and not storage.write_if(uri, b"late", version)
     assert storage.read_versioned(uri)[0] == b"next"
+
+
+def test_a_versioned_read_on_s3_is_one_get_whose_etag_is_the_version(s3_server):
+    """read_versioned on S3: one GetObject (its body and ETag from the same answer), no HEAD around it."""
+    make_bucket(s3_server, "versioned")
+    uri = "s3://versioned/w/lease.json"
+    storage.write_bytes(uri, b"one")
+    fs, path = storage.filesystem(uri)
+    storage.read_versioned(uri)  # the client exists once one call was made
+    calls = []
+
+    def count(model, **_):
+        calls.append(model.name)
+
+    fs.s3.meta.events.register("before-call.s3.*", count)
+    try:
+        data, version = storage.read_versioned(uri)
+        absent = storage.read_versioned("s3://versioned/w/none.json")
+    finally:
+        fs.s3.meta.events.unregister("before-call.s3.*", count)
+    assert (data, absent, calls) == (b"one", (None, None), ["GetObject", "GetObject"])
+    fs.invalidate_cache()
+    assert version == fs.info(path)["ETag"] and storage.write_if(uri, b"two", version)
+    assert storage.read_versioned(uri)[0] == b"two" and not storage.write_if(uri, b"late", version)

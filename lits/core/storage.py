@@ -248,23 +248,33 @@ def read_versioned(uri: str) -> Tuple[Optional[bytes], Optional[str]]:
     fs, path = filesystem(uri)
     with user_errors(uri, "read"):
         if is_s3(uri):
-            for _ in range(5):
-                fs.invalidate_cache(path)
-                try:
-                    info = fs.info(path)
-                    data = fs.cat_file(path)
-                    fs.invalidate_cache(path)
-                    if fs.info(path).get("ETag") == info.get("ETag"):  # the bytes are this ETag's
-                        return data, info.get("ETag")
-                except FileNotFoundError:
-                    return None, None
-            raise OSError(f"{uri} kept changing while it was read")
+            return _get_with_etag(fs, path)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return None, None
         return data, hashlib.sha256(data).hexdigest()
+
+
+def _get_with_etag(fs, path: str) -> Tuple[Optional[bytes], Optional[str]]:
+    """(bytes, ETag) of one S3 object from one GET: the body and the ETag of the same response, so the
+    bytes are always that version's (s3fs's cat_file gives no headers); (None, None) when absent."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def get():
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await response["Body"].read(), response.get("ETag")
+        finally:
+            response["Body"].close()
+
+    try:
+        return sync(fs.loop, get)
+    except FileNotFoundError:  # s3fs reads NoSuchKey as this
+        return None, None
 
 
 CONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}  # 412; 409 when two land at once
