@@ -144,6 +144,23 @@ def test_folder_placeholders_on_s3_are_not_inputs(s3_server):
     assert sorted(listing) == ["p1/ct/"] and listing["p1/ct/"]["etag"].startswith("2-"), listing
 
 
+def test_a_key_no_job_may_take_is_listed_refused(s3_server):
+    """An S3 key may hold '..' or empty parts: the listing marks it refused (the watch fails it with the
+    reason) instead of handing a job an input it would refuse."""
+    from lits.serve.watches import list_prefix
+    from test_serving import s3fs_for
+
+    make_bucket(s3_server, "crafted")
+    fs = s3fs_for(s3_server)
+    for key in ("in/ok.nii.gz", "in/a/../../out/x.nii.gz", "in/b//c.nii.gz"):
+        fs.pipe_file(f"crafted/{key}", b"n" * 10)
+    listing = list_prefix("s3://crafted/in", "s3://crafted/out")
+    assert "refused" not in listing["ok.nii.gz"], listing
+    crafted = {k: v for k, v in listing.items() if k != "ok.nii.gz"}
+    assert sorted(crafted) == ["a/../../out/x.nii.gz", "b//c.nii.gz"], listing
+    assert all("path parts" in v.get("refused", "") for v in crafted.values()), listing
+
+
 def test_percentiles_and_the_job_window():
     assert watch_state.percentile([5, 1, 3, 2, 4], 50) == 3 and watch_state.percentile([], 95) is None
     assert watch_state.percentile(list(range(1, 101)), 95) == 95
