@@ -165,3 +165,104 @@ def test_a_versioned_read_on_s3_is_one_get_whose_etag_is_the_version(s3_server):
     fs.invalidate_cache()
     assert version == fs.info(path)["ETag"] and storage.write_if(uri, b"two", version)
     assert storage.read_versioned(uri)[0] == b"two" and not storage.write_if(uri, b"late", version)
+
+
+class HeaderStrippingProxy:
+    """A real HTTP reverse proxy on 127.0.0.1 in front of `upstream` (the S3 server) that, while
+    `strip` is set, drops If-None-Match and If-Match from every request: what an S3-compatible
+    store that accepts conditional PUTs but ignores their condition does. `url` is its endpoint."""
+
+    DROPPED = {"if-none-match", "if-match"}
+    HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+    def __init__(self, upstream: str, strip: bool = True):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        self.strip = strip
+        target = urlsplit(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.raw_chunks() if chunked else self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP | {"expect"}
+                           and not (proxy.strip and k.lower() in proxy.DROPPED)}
+                if chunked:  # passed on as it came (aws-chunked bodies carry trailers)
+                    headers["Transfer-Encoding"] = "chunked"
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    answer = conn.getresponse()
+                    data = answer.read()
+                finally:
+                    conn.close()
+                self.send_response(answer.status, answer.reason)
+                for k, v in answer.getheaders():
+                    if k.lower() not in proxy.HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def raw_chunks(self) -> bytes:
+                """A chunked body as it came, up to and with its trailers' blank line."""
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        break
+                    raw += self.rfile.read(size + 2)
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    if line in (b"\r\n", b"\n", b""):
+                        return raw
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def test_a_store_that_ignores_conditional_headers_is_found_out(s3_server, monkeypatch, tmp_path):
+    """The probe through a proxy that strips If-None-Match / If-Match says "ignored" (and write_if's
+    refusals indeed land there); straight to the test server, "honoured"; no probe object is left
+    behind; a local folder needs no probe."""
+    make_bucket(s3_server, "probed")
+    proxy = HeaderStrippingProxy(s3_server)
+    try:
+        assert storage.conditional_writes_honoured("s3://probed/out/_watches/a") is True
+        monkeypatch.setenv(storage.ENDPOINT_ENV, proxy.url)
+        storage.write_bytes("s3://probed/out/lease.json", b"held")
+        assert storage.write_if("s3://probed/out/lease.json", b"taken", None)  # the lease's bug, through it
+        assert storage.conditional_writes_honoured("s3://probed/out/_watches/b") is False
+        assert storage.conditional_writes_honoured("s3://probed/out/_watches/b") is False  # cached
+        proxy.strip = False  # the same proxy forwarding the headers: honoured
+        assert storage.conditional_writes_honoured("s3://probed/out/_watches/c") is True
+    finally:
+        proxy.close()
+    monkeypatch.setenv(storage.ENDPOINT_ENV, s3_server)
+    assert storage.list_files("s3://probed") == ["s3://probed/out/lease.json"]  # every probe deleted
+    assert storage.conditional_writes_honoured(str(tmp_path)) is True and os.listdir(tmp_path) == []

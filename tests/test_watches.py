@@ -231,8 +231,52 @@ def test_explicit_inputs_are_read_alone_and_named_as_the_whole_prefix_names_them
     assert "cannot list it" in chosen["refused"][0][1]
 
 
+def test_a_watch_on_a_store_that_ignores_conditional_writes_is_not_started(s3_server, tmp_path, monkeypatch):
+    """Through a real proxy that drops If-None-Match / If-Match (an S3-compatible store that accepts the
+    headers and ignores them), start_watch refuses in one line naming the endpoint and the fix, and
+    leaves nothing behind: no registration, no probe object, no state."""
+    from lits.core import storage
+    from lits.core.errors import UserError
+    from lits.serve import watches
+    from lits.serve.job_spec import JobSpec
+    from test_storage import HeaderStrippingProxy
+
+    make_bucket(s3_server, "ignoring")
+    spec = watch_state.WatchSpec(input="s3://ignoring/in", output="s3://ignoring/out", poll_s=1.0)
+    job = JobSpec(input="-", output="-", app_name="lits", jobs_state=str(tmp_path / "jobs"))
+    proxy = HeaderStrippingProxy(s3_server)
+    monkeypatch.setenv(storage.ENDPOINT_ENV, proxy.url)
+    try:
+        with pytest.raises(UserError) as refused:
+            watches.start_watch(spec, job)
+    finally:
+        proxy.close()
+    line = str(refused.value)
+    assert f"watch {spec.watch_id} not started: the S3 store at {proxy.url} ignores conditional writes" in line
+    assert "s3://ignoring/out/_watches/" in line and "AWS S3" in line and "\n" not in line, line
+    assert not (tmp_path / "jobs").exists()
+    monkeypatch.setenv(storage.ENDPOINT_ENV, s3_server)
+    assert s3fs_for(s3_server).find("ignoring") == []
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, s3_server):
+def lease_proxy(s3_server):
+    """The app's S3 endpoint: a HeaderStrippingProxy in front of the module's S3 server, forwarding every
+    header until a test sets its `strip` (the app's processes reach the store only through it)."""
+    from lits.core import storage
+    from test_storage import HeaderStrippingProxy
+
+    proxy = HeaderStrippingProxy(s3_server, strip=False)
+    storage.use_endpoint(proxy.url)
+    try:
+        yield proxy
+    finally:
+        storage.use_endpoint(s3_server)
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3_server, lease_proxy):
     from ray import serve
 
     from lits.core.config import ServeConfig
@@ -248,7 +292,8 @@ def server(tmp_path_factory, s3_server):
     with local_ray(3):
         try:
             serving.deploy(cfg)
-            yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "ct": root / "ct", "cfg": cfg}
+            yield {"url": f"http://127.0.0.1:{port}", "endpoint": s3_server, "ct": root / "ct", "cfg": cfg,
+                   "proxy": lease_proxy}
         finally:
             serve.shutdown()
 
@@ -368,3 +413,27 @@ def test_two_servers_on_one_watch_do_no_work_twice(server):
     assert segmented(fs, "out2") == {f"volume-{i}": 1 for i in range(3)}
     ray.get(other.stop.remote())
     assert call(server, "DELETE", f"/v1/watches/{watch_id}")[0] == 200
+
+
+@pytest.mark.slow
+def test_post_watches_on_a_store_that_ignores_conditional_writes_answers_one_line(server):
+    """The app's store stops honouring conditional writes (its proxy drops the headers): POST /v1/watches
+    answers 503 with the one line and starts nothing; with the headers passed on again, it starts."""
+    fs = s3fs_for(server["endpoint"])
+    body = {"input": "s3://watched/in3", "output": "s3://watched/out3", "poll_s": 0.5}
+    server["proxy"].strip = True
+    try:
+        status, refused, _ = call(server, "POST", "/v1/watches", body)
+    finally:
+        server["proxy"].strip = False
+    assert status == 503, refused
+    line = refused["detail"]
+    assert f"the S3 store at {server['proxy'].url} ignores conditional writes" in line and "\n" not in line, line
+    assert "s3://watched/out3/_watches/" in line and "bulk jobs" in line, line
+    fs.invalidate_cache()
+    assert not fs.exists("watched/out3") and all(w["output"] != "s3://watched/out3"
+                                                 for w in call(server, "GET", "/v1/watches")[1])
+    status, created, _ = call(server, "POST", "/v1/watches", body)
+    assert status == 202, created
+    assert wait_watch(server, created["watch_id"], lambda w: w["state"] == "watching")["error"] is None
+    assert call(server, "DELETE", f"/v1/watches/{created['watch_id']}")[0] == 200

@@ -1,4 +1,5 @@
-"""URIs on local disk, file:// and s3:// through fsspec: list, read, atomic write, move, delete.
+"""URIs on local disk, file:// and s3:// through fsspec: list, read, atomic write, conditional write
+(and a probe of whether the store honours it), move, delete.
 
 Every write is atomic: locally a temporary sibling is renamed into place; on S3 a single PUT
 (an object only appears once its upload completed). Callers never see a half-written object
@@ -294,7 +295,8 @@ def _condition_failed(exc: BaseException) -> bool:
 def write_if(uri: str, data: bytes, version: Optional[str]) -> bool:
     """Write `data` to `uri` only if it is still at `version` (from `read_versioned`; None: only if
     absent). Returns False, writing nothing, when another writer got there first. One conditional
-    PUT on S3 (If-None-Match: * / If-Match: ETag, which AWS S3, MinIO and the test server honour);
+    PUT on S3 (If-None-Match: * / If-Match: ETag, which AWS S3, MinIO and the test server honour, and
+    some S3-compatible stores ignore: `conditional_writes_honoured`);
     locally a compare-and-rename under an exclusive lock on a sibling lock file."""
     uri = normalise(uri)
     fs, path = filesystem(uri)
@@ -323,6 +325,32 @@ def write_if(uri: str, data: bytes, version: Optional[str]) -> bool:
                 return False
             write_bytes(uri, data)
             return True
+
+
+_HONOURED: Dict[Tuple[Optional[str], str], bool] = {}  # (endpoint, folder) -> the probe's answer, per process
+WRONG_ETAG = '"00000000000000000000000000000000"'  # not the ETag (MD5) of any probe body
+
+
+def conditional_writes_honoured(folder_uri: str) -> bool:
+    """Whether the store refuses a conditional PUT whose condition fails (what `write_if` relies on):
+    a uniquely named hidden probe object is created under `folder_uri` with If-None-Match: *, then
+    written again with If-None-Match: * and with If-Match of a wrong ETag; both must be refused. The
+    probe is deleted afterwards. Some S3-compatible stores (older MinIO, some Ceph RGW) accept the
+    headers and ignore them. Always True locally (a compare under a file lock); asked once per
+    endpoint and folder per process."""
+    folder = normalise(folder_uri)
+    if not is_s3(folder):
+        return True
+    key = (endpoint(), folder)
+    if key not in _HONOURED:
+        probe = join(folder, f".conditional-write-probe-{uuid.uuid4().hex}")
+        try:
+            if not write_if(probe, b"1", None):  # a fresh unique name: nothing can be there
+                raise UserError(f"cannot write {probe}: the store refused to create a new object")
+            _HONOURED[key] = not write_if(probe, b"2", None) and not write_if(probe, b"3", WRONG_ETAG)
+        finally:
+            delete(probe)
+    return _HONOURED[key]
 
 
 def delete(uri: str) -> None:

@@ -1,6 +1,7 @@
 """The watches' HTTP API (`lits.serve.watches`), included under /v1 with the token dependency:
 
-    POST   /v1/watches        {input, output, poll_s, overwrite, max_jobs} -> 202 {watch_id, status}
+    POST   /v1/watches        {input, output, poll_s, overwrite, max_jobs} -> 202 {watch_id, status};
+                              503 (one line) when the output's store ignores conditional writes
     GET    /v1/watches        every watch registered with this server's job records
     GET    /v1/watches/{id}   what it saw: counts per state, pending keys, failures and why, lag p50/p95;
                               ?entries=N also its first N keys (key, state, reason, job, lag): the page's table

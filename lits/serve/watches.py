@@ -6,7 +6,9 @@ started it) whose thread, every `poll_s`:
   1. holds the watch's lease (`OUTPUT/_watches/<id>/lease.json`: owner and expiry, taken when absent,
      expired or its own by a conditional write against the version it read: If-None-Match / If-Match
      on S3, a compare under a file lock locally, `storage.write_if`; of two servers on one watch
-     exactly one holds it, the other only watches it), so a second server does no work twice;
+     exactly one holds it, the other only watches it), so a second server does no work twice; a watch
+     is started only where a probe of its state folder finds the store honours those conditions
+     (`check_lease_store`: some S3-compatible stores accept the headers and ignore them);
   2. lists the input once (fsspec `find` with details: ListObjectsV2 pages on S3, size and ETag per
      key, no request per object) and moves each key on (`watch_state.advance`: ready when unchanged
      across two polls);
@@ -41,6 +43,7 @@ from typing import Dict, List, Optional
 import ray
 
 from lits.core import naming, storage
+from lits.core.errors import UserError
 from lits.serve import jobs
 from lits.serve.job_progress import FINAL_STATES, read_volume_records
 from lits.serve.job_spec import JOBS_NAMESPACE, JobSpec, new_job_id, refused_input
@@ -325,9 +328,24 @@ def _actor(watch_id: str):
 _HELD: Dict[str, object] = {}  # the runners this process started (not detached: see lits.serve.jobs)
 
 
+def check_lease_store(spec: WatchSpec) -> None:
+    """UserError (one line) unless the store of the watch's state honours conditional writes, which its
+    lease needs (`storage.conditional_writes_honoured`, probed in the watch's own state folder)."""
+    folder = state_folder(spec.output, spec.watch_id)
+    if not storage.conditional_writes_honoured(folder):
+        where = storage.endpoint() or "AWS S3"
+        raise UserError(
+            f"watch {spec.watch_id} not started: the S3 store at {where} ignores conditional writes (a PUT under "
+            f"{folder} with If-None-Match: * or a wrong If-Match landed), so two servers could both hold the "
+            "watch's lease and segment its objects twice; use a store that honours them (AWS S3, MinIO from "
+            "2024-08 on) or segment this prefix with bulk jobs (POST /v1/jobs)")
+
+
 def start_watch(spec: WatchSpec, job_template: JobSpec, register: bool = True) -> str:
     """Register the watch beside the job records (unless `register` is False: it is already) and start
-    its runner in this cluster, unless one runs already."""
+    its runner in this cluster, unless one runs already. UserError, nothing registered or started,
+    when the store of its state ignores conditional writes (`check_lease_store`)."""
+    check_lease_store(spec)
     if register:
         storage.write_bytes(registry_uri(job_template.jobs_state, spec.watch_id),
                             json.dumps({"watch": spec.to_dict(), "deleted": False}).encode())
@@ -355,7 +373,10 @@ def resume(job_template: JobSpec) -> List[str]:
     started = []
     for found in registered(job_template.jobs_state):
         if not found.get("deleted"):
-            started.append(start_watch(WatchSpec(**found["watch"]), job_template, register=False))
+            try:
+                started.append(start_watch(WatchSpec(**found["watch"]), job_template, register=False))
+            except UserError as exc:  # this watch's store: logged, the others still start
+                log.warning("%s", exc)
     return started
 
 
