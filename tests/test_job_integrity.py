@@ -338,3 +338,14 @@ def test_a_key_with_dot_dot_parts_never_leaves_its_jobs_output(server, bucket, n
         + [f"{out}/_jobs/{j['job_id']}/volumes-00000.jsonl" for out, j in (("out-a", first), ("out-b", job))]
         + [f"out-b/volume-2{s}" for s in (".json", "_preview.png", "_seg.nii.gz")]
         + [f"state/{first['job_id']}.json", f"state/{job['job_id']}.json"])
+
+
+def test_names_with_a_query_or_format_characters_are_refused():
+    """s3fs reads 'victim.nii.gz?versionId=x.nii.gz' as the object 'victim.nii.gz': such a key would read
+    another object and write every output to that one name. DEL and bidi overrides spoof names."""
+    from lits.core.naming import refused_name
+
+    assert "'?'" in refused_name("p/victim.nii.gz?versionId=x.nii.gz")
+    assert "control character" in refused_name("p/a\u202egz.nii.gz")  # right-to-left override
+    assert "control character" in refused_name("p/a\x7f.nii.gz")
+    assert refused_name("p/ünïcode scan 1/volume-1.nii.gz") is None

@@ -1045,9 +1045,11 @@ def test_a_window_growth_is_kept_only_when_volumes_then_finish_faster():
         assert trial.step(4, 6, 1.0, filled=False) == 4
     assert trial.step(4, 6, 1.0, filled=True) == 4  # filled at last: one refresh to settle
     assert trial.step(4, 6, 50.0 * GROWTH_PAYS + 1) == 4
+    assert trial.step(4, 6, 1.0, filled=False) == 4  # the job's tail: not counted against the growth
     assert trial.step(4, 6, 50.0 * GROWTH_PAYS + 1) == 6  # then judged against the rates before the growth
-    trial.replicas_changed()
+    assert trial.replicas_changed() == 4  # a growth still on trial goes back when the replicas change
     assert trial.trial is None and trial.ceiling is None and trial.recent == []
+    assert trial.replicas_changed() is None
 
 
 @pytest.mark.slow

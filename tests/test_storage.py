@@ -260,9 +260,13 @@ def test_a_store_that_ignores_conditional_headers_is_found_out(s3_server, monkey
         assert storage.conditional_writes_honoured("s3://probed/out/_watches/b") is False
         assert storage.conditional_writes_honoured("s3://probed/out/_watches/b") is False  # cached
         proxy.strip = False  # the same proxy forwarding the headers: honoured
-        assert storage.conditional_writes_honoured("s3://probed/out/_watches/c") is True
+        # one answer per endpoint and bucket: another watch's folder there is not probed again
+        assert storage.conditional_writes_honoured("s3://probed/out/_watches/c") is False
+        make_bucket(s3_server, "probed-too")
+        assert storage.conditional_writes_honoured("s3://probed-too/out/_watches/c") is True
     finally:
         proxy.close()
     monkeypatch.setenv(storage.ENDPOINT_ENV, s3_server)
     assert storage.list_files("s3://probed") == ["s3://probed/out/lease.json"]  # every probe deleted
+    assert storage.list_files("s3://probed-too") == []
     assert storage.conditional_writes_honoured(str(tmp_path)) is True and os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ report, written last). Every module that names, strips or recognises these files
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Dict, Optional
 
 from lits.core import storage
@@ -45,14 +46,18 @@ def refused_name(relative: str) -> Optional[str]:
     outputs, or None when it can. An S3 key may hold anything: a '..' part ('in/../../x.nii.gz')
     would put its outputs outside the output prefix once a path is normalised (locally, behind a
     normalising gateway, after a sync to disk), and an empty or '.' part ('in//x.nii.gz') names
-    another input's outputs. Control characters are refused, as in job URIs."""
+    another input's outputs. Control and format characters (DEL, bidi overrides) are refused, as in
+    job URIs, and so is '?': s3fs reads 'a.nii.gz?versionId=x' as object 'a.nii.gz', so such a key
+    would read another object and write all its outputs to that one name."""
     parts = relative.split("/")
     bad = sorted({repr(p) for p in parts if p in ("", ".", "..")})
     if bad:
         return (f"its name {relative!r} has {' and '.join(bad)} path parts, which would name outputs outside the "
                 "job's output or another input's; rename it")
-    if any(ord(c) < 32 for c in relative):
+    if any(ord(c) < 32 or unicodedata.category(c) in ("Cc", "Cf") for c in relative):
         return f"its name {relative!r} holds a control character; rename it"
+    if "?" in relative:
+        return f"its name {relative!r} holds '?', which S3 clients read as a query (?versionId=); rename it"
     return None
 
 

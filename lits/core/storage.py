@@ -327,7 +327,7 @@ def write_if(uri: str, data: bytes, version: Optional[str]) -> bool:
             return True
 
 
-_HONOURED: Dict[Tuple[Optional[str], str], bool] = {}  # (endpoint, folder) -> the probe's answer, per process
+_HONOURED: Dict[Tuple[Optional[str], str], bool] = {}  # (endpoint, bucket) -> the probe's answer, per process
 WRONG_ETAG = '"00000000000000000000000000000000"'  # not the ETag (MD5) of any probe body
 
 
@@ -337,11 +337,12 @@ def conditional_writes_honoured(folder_uri: str) -> bool:
     written again with If-None-Match: * and with If-Match of a wrong ETag; both must be refused. The
     probe is deleted afterwards. Some S3-compatible stores (older MinIO, some Ceph RGW) accept the
     headers and ignore them. Always True locally (a compare under a file lock); asked once per
-    endpoint and folder per process."""
+    endpoint and bucket per process (a definite answer is kept; an error is raised and asked again).
+    A probe the store will not delete (a credential without DeleteObject) is logged, not raised."""
     folder = normalise(folder_uri)
     if not is_s3(folder):
         return True
-    key = (endpoint(), folder)
+    key = (endpoint(), folder[len("s3://"):].split("/", 1)[0])
     if key not in _HONOURED:
         probe = join(folder, f".conditional-write-probe-{uuid.uuid4().hex}")
         try:
@@ -349,7 +350,10 @@ def conditional_writes_honoured(folder_uri: str) -> bool:
                 raise UserError(f"cannot write {probe}: the store refused to create a new object")
             _HONOURED[key] = not write_if(probe, b"2", None) and not write_if(probe, b"3", WRONG_ETAG)
         finally:
-            delete(probe)
+            try:
+                delete(probe)
+            except Exception as exc:  # the answer stands; the probe is a hidden name no listing takes
+                log.warning("could not delete the conditional-write probe %s: %s", probe, exc)
     return _HONOURED[key]
 
 

@@ -153,6 +153,8 @@ class GrowthTrial:
             if not settled:  # filling the grown window, then one refresh while its new tasks start
                 self.trial = (before, before_rate, filled, rates)
                 return current
+            if not filled:  # the job's tail (or its CPUs gone): fewer volumes to run, not a slower window
+                return current
             rates = rates + [rate]
             if len(rates) < self.judge_refreshes:
                 self.trial = (before, before_rate, settled, rates)
@@ -172,9 +174,13 @@ class GrowthTrial:
             self.trial = (current, sum(self.recent) / len(self.recent), False, [])
         return proposed
 
-    def replicas_changed(self) -> None:
-        """Another replica count is another job shape: forget a growth that did not pay."""
+    def replicas_changed(self) -> Optional[int]:
+        """Another replica count is another job shape: forget a growth that did not pay, and rates of
+        the old shape. Returns the volumes per replica before a growth still on trial (to go back to:
+        it was never judged), else None."""
+        before = self.trial[0] if self.trial is not None else None
         self.trial, self.ceiling, self.ceiling_left, self.recent = None, None, 0, []
+        return before
 
 
 class ModelWindow:
@@ -204,7 +210,8 @@ class ModelWindow:
             running = running_replicas(self.app_name)
             now = time.time()
             if running is not None and max(1, running) != self.replicas:
-                self.growth.replicas_changed()
+                back = self.growth.replicas_changed()
+                self.per_replica = back if back is not None else self.per_replica
             if running is not None:
                 self.replicas = max(1, running)
             window = self.replicas * self.per_replica

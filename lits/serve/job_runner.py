@@ -36,7 +36,7 @@ from lits.serve.job_capacity import VOLUMES_PER_REPLICA, JobCapacity, ModelWindo
 from lits.serve.job_progress import FINAL_STATES, JobProgress, JobState, SummaryWriter
 from lits.serve.job_spec import ACTOR_PREFIX, JOBS_NAMESPACE, JobSpec
 from lits.serve.job_inputs import list_inputs
-from lits.serve.job_tasks import segment_volume_task
+from lits.serve.job_tasks import segment_volume_task, source_name
 from lits.serve.model_client import describe_model
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class JobDriver:
                     continue
                 crashed = isinstance(exc, ray.exceptions.WorkerCrashedError)
                 why = "worker crashed repeatedly" if crashed else "worker failed"
-                result = {"input": outcome.args[0], "status": "failed", "reason": f"{why}: {exc}"}
+                result = {"input": source_name(outcome.args[0]), "status": "failed", "reason": f"{why}: {exc}"}
             self.progress.record(result)
 
 

@@ -224,6 +224,7 @@ class WatchRunner:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
+                check_lease_store(self.spec)  # kept once answered: a dict lookup after the first poll
                 holding = take_lease(lease, self.owner, self.lease_s)
                 if holding and not self.leased:
                     self._reload()
@@ -305,8 +306,12 @@ class WatchRunner:
         when they cannot be read, the job's own outcome for every key."""
         root = storage.normalise(self.spec.input)
         uris = {key: storage.join(root, key.rstrip("/")) if key != "/" else root for key in keys}
-        missing = status.get("error") or (f"nothing segmented in it: no NIfTI volume or DICOM CT series there "
-                                          f"(job {job_id} {status['state']})")
+        if status.get("error"):
+            missing = status["error"]
+        elif status["state"] == "succeeded":
+            missing = f"nothing segmented in it: no NIfTI volume or DICOM CT series there (job {job_id})"
+        else:  # cancelled or stopped before this input's turn
+            missing = f"job {job_id} {status['state']} before this input was segmented"
         try:
             summary = json.loads(storage.read_bytes(status["summary"]))
             return watch_state.outcomes(uris, read_volume_records(summary), missing)
@@ -328,24 +333,31 @@ def _actor(watch_id: str):
 _HELD: Dict[str, object] = {}  # the runners this process started (not detached: see lits.serve.jobs)
 
 
+class LeaseStoreRefused(UserError):
+    """The store of a watch's state ignores conditional writes: a definite answer, not an outage."""
+
+
 def check_lease_store(spec: WatchSpec) -> None:
-    """UserError (one line) unless the store of the watch's state honours conditional writes, which its
-    lease needs (`storage.conditional_writes_honoured`, probed in the watch's own state folder)."""
+    """LeaseStoreRefused (one line) unless the store of the watch's state honours conditional writes,
+    which its lease needs (`storage.conditional_writes_honoured`, probed in the watch's own state
+    folder); the store's own error (UserError and others) when it cannot be asked now."""
     folder = state_folder(spec.output, spec.watch_id)
     if not storage.conditional_writes_honoured(folder):
         where = storage.endpoint() or "AWS S3"
-        raise UserError(
+        raise LeaseStoreRefused(
             f"watch {spec.watch_id} not started: the S3 store at {where} ignores conditional writes (a PUT under "
             f"{folder} with If-None-Match: * or a wrong If-Match landed), so two servers could both hold the "
             "watch's lease and segment its objects twice; use a store that honours them (AWS S3, MinIO from "
             "2024-08 on) or segment this prefix with bulk jobs (POST /v1/jobs)")
 
 
-def start_watch(spec: WatchSpec, job_template: JobSpec, register: bool = True) -> str:
+def start_watch(spec: WatchSpec, job_template: JobSpec, register: bool = True, check: bool = True) -> str:
     """Register the watch beside the job records (unless `register` is False: it is already) and start
-    its runner in this cluster, unless one runs already. UserError, nothing registered or started,
-    when the store of its state ignores conditional writes (`check_lease_store`)."""
-    check_lease_store(spec)
+    its runner in this cluster, unless one runs already. With `check`, LeaseStoreRefused, nothing
+    registered or started, when the store of its state ignores conditional writes (`check_lease_store`);
+    the runner asks again before each lease in any case."""
+    if check:
+        check_lease_store(spec)
     if register:
         storage.write_bytes(registry_uri(job_template.jobs_state, spec.watch_id),
                             json.dumps({"watch": spec.to_dict(), "deleted": False}).encode())
@@ -373,10 +385,14 @@ def resume(job_template: JobSpec) -> List[str]:
     started = []
     for found in registered(job_template.jobs_state):
         if not found.get("deleted"):
+            spec = WatchSpec(**found["watch"])
             try:
-                started.append(start_watch(WatchSpec(**found["watch"]), job_template, register=False))
-            except UserError as exc:  # this watch's store: logged, the others still start
+                started.append(start_watch(spec, job_template, register=False))
+            except LeaseStoreRefused as exc:  # this watch's store, definitely: logged, the others still start
                 log.warning("%s", exc)
+            except Exception as exc:  # the store cannot be asked now: its runner asks before each lease
+                log.warning("watch %s: its store could not be probed (%s); started, probing again", spec.watch_id, exc)
+                started.append(start_watch(spec, job_template, register=False, check=False))
     return started
 
 

@@ -90,13 +90,14 @@ class IntensityConfig:
     blur_sigma: tuple = (0.5, 1.0)  # pixels, separable Gaussian
 
 
-def _gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Each sample blurred by its own sigma (pixels): one separable 2-D Gaussian per sample, as grouped
-    convolutions over the batch (N*C groups), edges repeated."""
+def _gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Each sample blurred by its own sigma (pixels, at most `max_sigma`): one separable 2-D Gaussian per
+    sample, as grouped convolutions over the batch (N*C groups), edges repeated. The kernel's radius
+    comes from `max_sigma` on the host, so a GPU never waits for the drawn sigmas."""
     n, c, h, w = image.shape
-    radius = int(math.ceil(3 * float(sigma.max()))) if n else 1
+    radius = max(1, int(math.ceil(3 * max_sigma)))
     x = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (x[None] / sigma[:, None].to(image.dtype)) ** 2)
+    kernel = torch.exp(-0.5 * (x[None] / sigma[:, None].to(image.dtype).clamp_min(1e-3)) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, K)
     flat = image.reshape(1, n * c, h, w)
     flat = F.pad(flat, (radius, radius, 0, 0), mode="replicate")
@@ -135,6 +136,6 @@ def random_intensity(image: torch.Tensor, generator: torch.Generator, cfg: Inten
     blurred = chosen()
     blur_sigma = draw(*cfg.blur_sigma).flatten()
     if device.type != "cpu" or bool(blurred.any()):  # a GPU blurs every sample and picks: no host sync
-        x = torch.where(blurred, _gaussian_blur(x.contiguous(), blur_sigma), x)
+        x = torch.where(blurred, _gaussian_blur(x.contiguous(), blur_sigma, cfg.blur_sigma[1]), x)
     x = x.clamp_(0.0, 1.0).to(image.dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
