@@ -284,9 +284,11 @@ def server(tmp_path_factory, s3_server, lease_proxy):
 
     root = tmp_path_factory.mktemp("watch")
     synthesize(root / "ct", volumes=4, size=48, slices=16, seed=9)
-    make_bucket(s3_server, "watched")
+    for bucket in ("watched", "watched-ignoring", "watched-honouring"):
+        make_bucket(s3_server, bucket)
     port = free_port()
-    cfg = ServeConfig(model=tiny_model(root / "model"), port=port, allow_prefixes=("s3://watched",),
+    cfg = ServeConfig(model=tiny_model(root / "model"), port=port,
+                      allow_prefixes=("s3://watched", "s3://watched-ignoring", "s3://watched-honouring"),
                       batch_wait_s=0.05, chunk=8, max_batch_size=16, token_sha256=serving.token_sha256(TOKEN),
                       volume_cpus=2, jobs_state=str(root / "jobs"))
     with local_ray(3):
@@ -417,10 +419,11 @@ def test_two_servers_on_one_watch_do_no_work_twice(server):
 
 @pytest.mark.slow
 def test_post_watches_on_a_store_that_ignores_conditional_writes_answers_one_line(server):
-    """The app's store stops honouring conditional writes (its proxy drops the headers): POST /v1/watches
-    answers 503 with the one line and starts nothing; with the headers passed on again, it starts."""
+    """A bucket behind a proxy that drops the conditional headers: POST /v1/watches answers 503 with the
+    one line and starts nothing; a bucket probed with the headers passed on starts. (The probe's answer
+    is kept per endpoint and bucket, so each case has a bucket no earlier test probed.)"""
     fs = s3fs_for(server["endpoint"])
-    body = {"input": "s3://watched/in3", "output": "s3://watched/out3", "poll_s": 0.5}
+    body = {"input": "s3://watched-ignoring/in3", "output": "s3://watched-ignoring/out3", "poll_s": 0.5}
     server["proxy"].strip = True
     try:
         status, refused, _ = call(server, "POST", "/v1/watches", body)
@@ -429,10 +432,11 @@ def test_post_watches_on_a_store_that_ignores_conditional_writes_answers_one_lin
     assert status == 503, refused
     line = refused["detail"]
     assert f"the S3 store at {server['proxy'].url} ignores conditional writes" in line and "\n" not in line, line
-    assert "s3://watched/out3/_watches/" in line and "bulk jobs" in line, line
+    assert "s3://watched-ignoring/out3/_watches/" in line and "bulk jobs" in line, line
     fs.invalidate_cache()
-    assert not fs.exists("watched/out3") and all(w["output"] != "s3://watched/out3"
-                                                 for w in call(server, "GET", "/v1/watches")[1])
+    assert not fs.exists("watched-ignoring/out3") and all(w["output"] != "s3://watched-ignoring/out3"
+                                                          for w in call(server, "GET", "/v1/watches")[1])
+    body = {"input": "s3://watched-honouring/in3", "output": "s3://watched-honouring/out3", "poll_s": 0.5}
     status, created, _ = call(server, "POST", "/v1/watches", body)
     assert status == 202, created
     assert wait_watch(server, created["watch_id"], lambda w: w["state"] == "watching")["error"] is None

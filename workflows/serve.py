@@ -116,6 +116,11 @@ def main(argv=None) -> int:
                     raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}); choose another --port") from exc
         start_ray(args.address)
         serving.deploy(cfg)
+        # SIGTERM stops the app from here on (systemd, a test), before the line that says it is up: one
+        # arriving while watches resume is kept for the loop below. (Set before ray.init, Ray's own
+        # handler would replace it; that one exits at once with 143.)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         url = f"http://{cfg.host}:{cfg.port}"
         print(f"serving model {spec.model_id} ({cfg.model}) at {url}  (API docs: {url}/docs)", flush=True)
         if not cfg.token_sha256:
@@ -123,8 +128,6 @@ def main(argv=None) -> int:
         resume_watches(cfg)
         if args.detach:
             return 0
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(3600):
                 pass
