@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         serving.deploy(cfg)
         # SIGTERM stops the app from here on (systemd, a test), before the line that says it is up: one
         # arriving while watches resume is kept for the loop below. (Set before ray.init, Ray's own
-        # handler would replace it; that one exits at once with 143.)
+        # handler would replace it; that one exits at once with code 15.)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         url = f"http://{cfg.host}:{cfg.port}"
