@@ -41,10 +41,9 @@ from lits.train.sampling import PatchBatches  # noqa: E402
 from lits.train.train_steps import (EpochContext, EpochRandom, TrainState, schedule_step, train_one_epoch,  # noqa: E402
                                     validate_with_best_statistics)
 from lits.train.train_data import patch_size  # noqa: E402
+from accuracy import REAL_LIVER, REAL_SERIES  # noqa: E402  (this folder: the real series accuracy.py scores)
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
-REAL_SERIES = os.path.join(ROOT, "tests", "data", "dicom-ct-series")
-REAL_LIVER = os.path.join(ROOT, "tests", "data", "dicom-ct-series-liver.nii.gz")
 
 def load_split(prepared: str, split: str):
     import json
