@@ -74,13 +74,16 @@ def expected_reasons(root) -> dict:
 
 
 _PROBE = r"""
-import json, resource, sys
+import json, sys
 from lits.prepare import pipeline
 from lits.core import volumes
 from lits.core.config import PrepareConfig
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak. getrusage's ru_maxrss survives execve on Linux, so it would
+    # report the forking pytest process's size (about 1 GB late in the full suite).
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 root, out = sys.argv[1], sys.argv[2]
 result = {"read": {}, "parse": {}}
