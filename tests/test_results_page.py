@@ -283,7 +283,20 @@ def test_the_watch_page_shows_what_its_status_says(browser, server, watch):
         assert int(page.inner_text('#summary tr[data-field="polls"] td')) >= watch["polls"]
         keys = page.eval_on_selector_all("#entries tbody tr", "rows => rows.map(r => r.dataset.key)")
         inputs = sorted(os.path.basename(r["input"]) for r in server["records"].values())
-        assert keys == [e["key"] for e in watch["entries"]] == inputs and len(keys) == 4, keys
+        status, recent, _ = call(server, "GET", f"/v1/watches/{watch_id}?entries=500&order=recent")
+        assert status == 200 and [e["key"] for e in watch["entries"]] == inputs and len(inputs) == 4, recent
+        assert keys == [e["key"] for e in recent["entries"]], (keys, recent["entries"])  # the latest to move first
+        changed = [e["changed_at"] for e in recent["entries"]]
+        assert changed == sorted(changed, reverse=True) and all(changed), changed
+        # The keys' table sorts by a column's header, as the job's does: by key, then by lag, longest first.
+        page.click('#entries th[data-key="key"]')
+        assert page.eval_on_selector_all("#entries tbody tr", "rows => rows.map(r => r.dataset.key)") == inputs
+        page.click('#entries th[data-key="lag_s"]')
+        page.click('#entries th[data-key="lag_s"]')
+        assert page.get_attribute('#entries th[data-key="lag_s"]', "aria-sort") == "descending"
+        by_lag = page.eval_on_selector_all("#entries tbody tr", "rows => rows.map(r => r.dataset.key)")
+        lags = {e["key"]: e["lag_s"] for e in watch["entries"]}
+        assert [lags[k] for k in by_lag] == sorted(lags.values(), reverse=True), (by_lag, lags)
         for entry in watch["entries"]:
             row = f'#entries tbody tr[data-key="{entry["key"]}"]'
             assert page.inner_text(f'{row} td[data-field="state"]') == entry["state"]

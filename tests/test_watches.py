@@ -36,7 +36,31 @@ def test_an_object_is_ready_after_two_unchanged_polls_and_segmented_once():
                                                         "job_id": "0123456789ac"}]
     assert "entries" not in watch_state.summary(entries)
     assert watch_state.summary(entries, rows=5)["entries"] == [{"key": "a.nii.gz", "state": "failed", "lag_s": 2.0,
-                                                                "reason": "not a NIfTI file", "job_id": "0123456789ac"}]
+                                                                "reason": "not a NIfTI file", "job_id": "0123456789ac",
+                                                                "changed_at": 10.0}]
+
+
+def test_a_status_lists_the_first_keys_or_the_latest_to_move():
+    """?entries=N&order=key|recent: of 1,000 keys, the first N by key, or the N that moved last (done,
+    failed, submitted or first seen, newest first); counts, failures and pending keys over all of them."""
+    entries = {}
+    for i in range(1000):
+        key = f"v{i:04d}.nii"
+        entries[key] = {"identity": {}, "state": "pending", "polls": 1, "first_seen": float(i)}
+        if i % 3 == 0:
+            watch_state.submitted(entries, [key], "0123456789ab", 2000.0 - i)
+        if i % 6 == 0:
+            watch_state.finished(entries, key, i % 12 == 0, "bad", 5000.0 - i)
+    first = watch_state.summary(entries, rows=3)
+    assert [e["key"] for e in first["entries"]] == ["v0000.nii", "v0001.nii", "v0002.nii"]
+    recent = watch_state.summary(entries, rows=4, order="recent")["entries"]
+    assert [(e["key"], e["changed_at"]) for e in recent] == [("v0000.nii", 5000.0), ("v0006.nii", 4994.0),
+                                                             ("v0012.nii", 4988.0), ("v0018.nii", 4982.0)]
+    assert first["counts"] == {"pending": 666, "submitted": 167, "done": 84, "failed": 83}
+    assert [f["key"] for f in first["failed"][:2]] == ["v0006.nii", "v0018.nii"] and len(first["failed"]) == 83
+    assert first["pending"][:2] == ["v0001.nii", "v0002.nii"] and len(first["pending"]) == 100
+    with pytest.raises(ValueError, match="order"):
+        watch_state.summary(entries, rows=1, order="newest")
 
 
 def test_an_object_replaced_while_its_job_runs_is_segmented_again_after():

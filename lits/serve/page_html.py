@@ -52,7 +52,8 @@ PAGE_HEAD = """<!doctype html>
 
 # The pages' shared script: strict mode, the refresh period, $ (an element by id), api (a JSON answer of
 # this server, read with the session cookie; a 401 reloads into the login), el (an element whose text is
-# set as text, never parsed as HTML) and fmt (a number to `digits` places, '–' for none).
+# set as text, never parsed as HTML), fmt (a number to `digits` places, '–' for none) and sortable (a
+# table whose <th data-key data-type> headers sort its rows, blanks last, on click).
 COMMON_JS = """"use strict";
 const REFRESH_MS = %d;
 const $ = (id) => document.getElementById(id);
@@ -73,6 +74,28 @@ function el(tag, text, attrs) {
 }
 
 function fmt(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits); }
+
+function sortable(table, row) {
+  let rows = [], key = null, dir = 1;
+  const blank = (v) => v === null || v === undefined;
+  function render() {
+    const sorted = rows.slice();
+    if (key) {
+      const numeric = table.querySelector('th[data-key="' + key + '"]').dataset.type === "num";
+      sorted.sort((a, b) => blank(a[key]) ? (blank(b[key]) ? 0 : 1) : blank(b[key]) ? -1 :
+        dir * (numeric ? a[key] - b[key] : String(a[key]).localeCompare(String(b[key]))));
+    }
+    table.tBodies[0].replaceChildren(...sorted.map(row));
+  }
+  for (const th of table.querySelectorAll("th[data-key]")) th.addEventListener("click", () => {
+    dir = key === th.dataset.key ? -dir : 1;
+    key = th.dataset.key;
+    for (const other of table.querySelectorAll("th[data-key]")) other.removeAttribute("aria-sort");
+    th.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
+    render();
+  });
+  return (newRows) => { rows = newRows; render(); };
+}
 """
 
 
@@ -107,7 +130,6 @@ JOB_PAGE = Template(PAGE_HEAD + """<h1>Job <code id="job-id">$job_id</code> <spa
 <script nonce="$nonce">
 $common
 const JOB = "$job_id", FINAL = ["succeeded", "failed", "cancelled"];
-let rows = [], sortKey = null, sortDir = 1;
 
 function output(kind, name) {
   return "/v1/jobs/" + JOB + "/outputs/" + kind + "?name=" + encodeURIComponent(name);
@@ -195,27 +217,7 @@ function row(v) {
   return tr;
 }
 
-function render() {
-  const sorted = rows.slice();
-  if (sortKey) {
-    const numeric = document.querySelector('th[data-key="' + sortKey + '"]').dataset.type === "num";
-    sorted.sort((a, b) => {
-      const x = a[sortKey], y = b[sortKey];
-      if (x === null || x === undefined) return (y === null || y === undefined) ? 0 : 1;  // blanks last
-      if (y === null || y === undefined) return -1;
-      return sortDir * (numeric ? x - y : String(x).localeCompare(String(y)));
-    });
-  }
-  $$("volumes").tBodies[0].replaceChildren(...sorted.map(row));
-}
-
-function sortBy(th) {
-  sortDir = sortKey === th.dataset.key ? -sortDir : 1;
-  sortKey = th.dataset.key;
-  for (const other of document.querySelectorAll("th[data-key]")) other.removeAttribute("aria-sort");
-  th.setAttribute("aria-sort", sortDir > 0 ? "ascending" : "descending");
-  render();
-}
+const showVolumes = sortable($$("volumes"), row);
 
 async function refresh() {
   try {
@@ -223,10 +225,10 @@ async function refresh() {
     showProgress(job);
     if (!FINAL.includes(job.state)) { setTimeout(refresh, REFRESH_MS); return; }
     const found = await api("/v1/jobs/" + JOB + "/volumes");
-    rows = found.volumes.map(withBurden);
+    const rows = found.volumes.map(withBurden);
     showTotals(job, rows);
     showHistogram(rows);
-    render();
+    showVolumes(rows);
     $$("results").hidden = false;
     document.body.dataset.loaded = "true";
   } catch (e) {
@@ -235,23 +237,29 @@ async function refresh() {
   }
 }
 
-for (const th of document.querySelectorAll("th[data-key]")) th.addEventListener("click", () => sortBy(th));
 refresh();
 </script></body></html>
 """)
 
 WATCH_PAGE = Template(PAGE_HEAD + """<h1>Watch <code id="watch-id">$watch_id</code> <span id="state" class="muted">loading…</span></h1>
-<p class="muted"><span id="paths"></span> · <a href="/v1/watches/$watch_id?entries=$rows">status (JSON)</a> ·
+<p class="muted"><span id="paths"></span> · <a href="/v1/watches/$watch_id?entries=$rows&amp;order=recent">status (JSON)</a> ·
 <a href="/logout">sign out</a></p>
 <p class="error" id="error"></p>
 <table id="summary"><tbody></tbody></table>
 <h2>Objects</h2>
 <p class="muted" id="entries-note"></p>
-<table id="entries"><thead><tr><th>key</th><th>state</th><th>lag s</th><th>failure</th><th>job</th></tr></thead>
-<tbody></tbody></table>
+<table id="entries"><thead><tr>
+<th data-key="key" data-type="text">key</th>
+<th data-key="state" data-type="text">state</th>
+<th data-key="changed_at" data-type="num">changed</th>
+<th data-key="lag_s" data-type="num">lag s</th>
+<th data-key="reason" data-type="text">failure</th>
+<th data-key="job_id" data-type="text">job</th>
+</tr></thead><tbody></tbody></table>
 <script nonce="$nonce">
 $common
 const WATCH = "$watch_id", ROWS = $rows, ENDED = ["stopped", "deleted"];
+const showEntries = sortable($$("entries"), entryRow);
 
 function fields(w) {
   const c = w.counts, seen = c.pending + c.submitted + c.done + c.failed;
@@ -266,7 +274,9 @@ function entryRow(e) {
   const tr = el("tr", null, {"data-key": e.key, class: e.state});
   const job = el("td", null, {"data-field": "job"});
   if (e.job_id) job.append(el("a", e.job_id, {href: "/jobs/" + e.job_id, class: "job"}));
+  const changed = e.changed_at ? new Date(e.changed_at * 1000).toISOString().slice(0, 19).replace("T", " ") : "–";
   tr.append(el("td", e.key, {"data-field": "key"}), el("td", e.state, {"data-field": "state"}),
+            el("td", changed, {"data-field": "changed_at"}),
             el("td", fmt(e.lag_s, 1), {class: "num", "data-field": "lag_s", "data-value": e.lag_s === null ? "" : e.lag_s}),
             el("td", e.reason || "", {"data-field": "reason"}), job);
   return tr;
@@ -281,14 +291,15 @@ function show(w) {
     return tr;
   }));
   const rows = w.entries || [];
-  $$("entries").tBodies[0].replaceChildren(...rows.map(entryRow));
+  showEntries(rows);
   const seen = fields(w).find(([k]) => k === "seen")[1];
-  $$("entries-note").textContent = rows.length < seen ? "the first " + rows.length + " of " + seen + " keys" : seen + " keys";
+  $$("entries-note").textContent = rows.length < seen ? "the latest " + rows.length + " of " + seen +
+    " keys to move (done, failed, submitted or seen)" : seen + " keys";
 }
 
 async function refresh() {
   try {
-    const w = await api("/v1/watches/" + WATCH + "?entries=" + ROWS);
+    const w = await api("/v1/watches/" + WATCH + "?entries=" + ROWS + "&order=recent");
     show(w);
     $$("error").textContent = "";
     document.body.dataset.loaded = "true";

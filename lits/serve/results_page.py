@@ -5,8 +5,9 @@
                                links to each mask and report (`lits.serve.page_html`: the page's script
                                reads /v1/jobs/{id} and /v1/jobs/{id}/volumes, the JSON API stays the source)
     GET  /watches/{id}         a watch's page, refreshing while it runs: its state, polls, listing, error,
-                               counts, lag and a table of its first WATCH_ROWS keys (state, failure, a link
-                               to its job's page), from /v1/watches/{id}?entries=WATCH_ROWS
+                               counts, lag and a sortable table of the WATCH_ROWS keys that moved last
+                               (state, when, lag, failure, a link to its job's page), from
+                               /v1/watches/{id}?entries=WATCH_ROWS&order=recent
     GET  /jobs/{id}?token=T    (and /watches/{id}?token=T) signs the browser in (`lits.serve.page_auth`) and
                                redirects to the page without it, so the token leaves the address bar at once
     GET  /login, POST /login   the login form (token and the page to go back to, in the body)

@@ -14,7 +14,7 @@ that have no runner in the cluster: a restarted server takes its watches up agai
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import asyncio
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,7 +26,7 @@ from lits.serve.job_spec import JobSpec
 from lits.serve.watch_state import WatchSpec
 
 router = APIRouter()
-MAX_ROWS = 5000  # entries one status may list (?entries=N): the page shows the first ones by key
+MAX_ROWS = 5000  # entries one status may list (?entries=N): the page shows the latest to move
 _resumed: Dict[int, bool] = {}  # replica (id of its Api object) -> its watches resumed
 
 
@@ -96,10 +96,13 @@ async def list_watches() -> List[Dict]:
 
 
 @router.get("/watches/{watch_id}")
-async def get_watch(watch_id: str, entries: int = Query(0, ge=0, le=MAX_ROWS,
-                                                       description="also list this many of its keys (by key)")) -> Dict:
+async def get_watch(watch_id: str, entries: int = Query(0, ge=0, le=MAX_ROWS, description="also list this many of its keys"),
+                    order: Literal["key", "recent"] = Query("key", description="the keys listed: the first by key, "
+                                                            "or the latest to move (done, failed, submitted, seen)")
+                    ) -> Dict:
     replica = await _replica_resumed()
-    found: Optional[Dict] = await replica.light(watches.get_watch, _checked_id(watch_id), replica.jobs_state, entries)
+    found: Optional[Dict] = await replica.light(watches.get_watch, _checked_id(watch_id), replica.jobs_state, entries,
+                                                order)
     if found is None:
         raise HTTPException(404, f"no watch {watch_id!r}")
     return found

@@ -199,14 +199,15 @@ class WatchRunner:
             self._thread.join(timeout=max(30.0, 3 * self.spec.poll_s))
         return self.status()
 
-    def status(self, rows: int = 0) -> Dict:
-        """What GET /v1/watches/{id} answers; with `rows` > 0 the first `rows` entries too."""
+    def status(self, rows: int = 0, order: str = "key") -> Dict:
+        """What GET /v1/watches/{id} answers; with `rows` > 0 `rows` entries too, in `order`
+        (`watch_state.summary`)."""
         with self._lock:
             return {"watch_id": self.spec.watch_id, "state": "watching" if self.leased else "standby",
                     "input": self.spec.input, "output": self.spec.output, "poll_s": self.spec.poll_s,
                     "polls": self.polls, "takeovers": self.takeovers, "jobs_submitted": self.submits,
                     "listing": dict(self.listing), "error": self.error,
-                    **watch_state.summary(self.entries, rows=rows)}
+                    **watch_state.summary(self.entries, rows=rows, order=order)}
 
     def _reload(self) -> None:
         """Take the watch up as its last holder left it (its state in the output): what it submitted is
@@ -396,13 +397,13 @@ def resume(job_template: JobSpec) -> List[str]:
     return started
 
 
-def get_watch(watch_id: str, jobs_state: str, rows: int = 0) -> Optional[Dict]:
-    """The watch's status (with its first `rows` entries by key): from its runner in this cluster, else
-    from its state in the output."""
+def get_watch(watch_id: str, jobs_state: str, rows: int = 0, order: str = "key") -> Optional[Dict]:
+    """The watch's status (with `rows` of its entries in `order`, `watch_state.summary`): from its runner
+    in this cluster, else from its state in the output."""
     actor = _actor(watch_id)
     if actor is not None:
         try:
-            return ray.get(actor.status.remote(rows), timeout=5)
+            return ray.get(actor.status.remote(rows, order), timeout=5)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass
     found = _read_json(registry_uri(jobs_state, watch_id))
@@ -411,7 +412,8 @@ def get_watch(watch_id: str, jobs_state: str, rows: int = 0) -> Optional[Dict]:
     spec = WatchSpec(**found["watch"])
     saved = _read_json(storage.join(state_folder(spec.output, watch_id), "state.json")) or {}
     return {"watch_id": watch_id, "state": "deleted" if found.get("deleted") else "stopped", "input": spec.input,
-            "output": spec.output, "poll_s": spec.poll_s, **watch_state.summary(saved.get("entries", {}), rows=rows)}
+            "output": spec.output, "poll_s": spec.poll_s,
+            **watch_state.summary(saved.get("entries", {}), rows=rows, order=order)}
 
 
 def delete_watch(watch_id: str, jobs_state: str) -> Optional[Dict]:
