@@ -215,6 +215,41 @@ def test_a_jobs_volume_results_settle_each_of_its_keys_alone():
                                 "x") == {"/": (False, "tilt")}
 
 
+def test_a_running_jobs_results_settle_its_object_keys_before_it_ends(tmp_path):
+    """While a job runs, the watch reads its volume results past a cursor (`results_since`, also across
+    a records shard written meanwhile) and settles each object key whose volume is recorded; a folder
+    key (a series, maybe several volumes) waits for the job's end."""
+    from lits.serve import job_progress
+    from lits.serve.job_progress import JobProgress, SummaryWriter
+    from lits.serve.job_spec import JobSpec
+
+    progress = JobProgress(JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), app_name="lits"))
+    writer = SummaryWriter(progress, every_s=0)
+    progress.start()
+    assert progress.results_since(0) == {"next": 0, "results": [], "complete": True}
+    for i in range(3):
+        progress.record({"input": f"s3://b/in/v{i}.nii", "name": f"v{i}", "status": "done"})
+    got = progress.results_since(1)
+    assert got["next"] == 3 and [r["name"] for r in got["results"]] == ["v1", "v2"] and got["complete"]
+    for i in range(3, job_progress.RECORDS_PER_SHARD + 2):  # a shard is written: its results leave memory
+        progress.record({"input": f"s3://b/in/v{i}.nii", "name": f"v{i}", "status": "done"})
+    writer.save_progress()
+    got = progress.results_since(3)
+    assert got["next"] == job_progress.RECORDS_PER_SHARD + 2 and not got["complete"]
+    assert [r["name"] for r in got["results"]] == [f"v{job_progress.RECORDS_PER_SHARD}", f"v{job_progress.RECORDS_PER_SHARD + 1}"]
+    assert progress.results_since(job_progress.RECORDS_PER_SHARD + 1)["results"][0]["name"] == \
+        f"v{job_progress.RECORDS_PER_SHARD + 1}"
+
+    uris = {"a.nii": "s3://b/in/a.nii", "b.nii": "s3://b/in/b.nii", "c.nii": "s3://b/in/c.nii",
+            "p1/ct/": "s3://b/in/p1/ct"}
+    so_far = [{"input": "s3://b/in/a.nii", "status": "done"}, {"input": "s3://b/in/p1/ct", "status": "done"},
+              {"input": "s3://b/in/c.nii", "status": "failed", "reason": "bad header"}]
+    assert watch_state.settled_early(uris, so_far) == {"a.nii": (True, None), "c.nii": (False, "bad header")}
+    # a lone object key owns only the record of its own URI (another's failure is not its own)
+    assert watch_state.settled_early({"b.nii": "s3://b/in/b.nii"}, so_far) == {}
+    assert watch_state.settled_early({"/": "s3://b/in"}, so_far) == {}
+
+
 def test_a_job_takes_explicit_inputs_only_below_its_input_and_outside_its_output():
     from lits.serve.job_spec import JobSpec
 
@@ -406,6 +441,27 @@ def test_a_watch_segments_what_lands_once_survives_a_restart_and_reports_failure
     assert segmented(fs, "out") == {"a/volume-0": 1, "volume-1": 2, "volume-3": 1, "p1/ct": 1}  # nothing twice
     status, deleted, _ = call(server, "DELETE", f"/v1/watches/{watch_id}")
     assert status == 200 and deleted["state"] == "deleted", deleted
+
+
+@pytest.mark.slow
+def test_keys_of_one_job_settle_as_their_volumes_finish_not_at_its_end(server):
+    """Six objects ready in one round: one job takes them, and its volumes finish in waves (two volume
+    CPUs); each key is done at the first poll after its own volume, so their times spread over the job,
+    where settling at the job's end would give all six one poll's time."""
+    fs = s3fs_for(server["endpoint"])
+    for i in range(6):
+        put(fs, server, f"volume-{i % 4}.nii.gz", f"waves/v{i}.nii.gz")
+    status, created, _ = call(server, "POST", "/v1/watches", {"input": "s3://watched/waves",
+                                                               "output": "s3://watched/waves-out", "poll_s": 0.2})
+    assert status == 202, created
+    watch_id = created["watch_id"]
+    found = wait_watch(server, watch_id, lambda w: w["counts"]["done"] == 6, timeout=180)
+    assert found["jobs_submitted"] == 1, found
+    status, listed, _ = call(server, "GET", f"/v1/watches/{watch_id}?entries=10")
+    settled = sorted(e["changed_at"] for e in listed["entries"])
+    times = json.loads(fs.cat(job_summaries(fs, "waves-out")[0]))["times"]
+    assert settled[-1] - settled[0] >= 0.4, (settled, times)  # more than two polls apart
+    assert call(server, "DELETE", f"/v1/watches/{watch_id}")[0] == 200
 
 
 @pytest.mark.slow

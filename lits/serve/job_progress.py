@@ -69,6 +69,7 @@ class JobProgress:
         self.left_out: List[Dict] = []  # the first LEFT_OUT_LISTED DICOM files and series left out, and why
         self.pending: List[Dict] = []  # results not yet in a written shard
         self.shards_written = 0
+        self.in_shards = 0  # results written to shards (they left memory)
         self.nodes: set = set()
         self.slices = 0
         self.chunks_resent = 0
@@ -139,6 +140,17 @@ class JobProgress:
         with self._lock:
             self.pending = self.pending[results:]
             self.shards_written += 1
+            self.in_shards += results
+
+    def results_since(self, seen: int) -> Dict:
+        """The volume results recorded after the first `seen` that are still in memory: {'next': the
+        count recorded so far (the next call's `seen`), 'results', 'complete': False when some after
+        `seen` already left memory for a shard (the shards have them)}. A watch settles its keys
+        with it while their job runs."""
+        with self._lock:
+            start = max(0, seen - self.in_shards)
+            return {"next": self.in_shards + len(self.pending), "results": self.pending[start:],
+                    "complete": seen >= self.in_shards}
 
     def status(self) -> Dict:
         """What GET /v1/jobs/{id} answers, and what the job's record holds."""

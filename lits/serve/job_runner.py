@@ -164,6 +164,9 @@ class JobRunner:
     def status(self) -> Dict:
         return self.progress.status()
 
+    def results_since(self, seen: int) -> Dict:
+        return self.progress.results_since(seen)
+
     def _run(self) -> None:
         JobDriver(self.job, self.progress, self.cancel_requested).run()
         self._exit()

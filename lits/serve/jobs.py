@@ -128,6 +128,18 @@ def get_job(job_id: str, jobs_state: Optional[str] = None) -> Optional[Dict]:
     return _from_record(record)
 
 
+def volume_results(job_id: str, seen: int) -> Optional[Dict]:
+    """A running job's volume results after its first `seen` (`JobProgress.results_since`), from its
+    actor; None when the actor is gone or too busy to answer within STATUS_ACTOR_WAIT_S."""
+    actor = _actor(job_id)
+    if actor is None:
+        return None
+    try:
+        return ray.get(actor.results_since.remote(seen), timeout=STATUS_ACTOR_WAIT_S)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return None
+
+
 def cancel_job(job_id: str, jobs_state: Optional[str] = None) -> Optional[Dict]:
     actor = _actor(job_id)
     if actor is not None:

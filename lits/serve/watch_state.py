@@ -188,7 +188,8 @@ def outcomes(uris: Dict[str, str], records: Iterable[Dict], missing: str) -> Dic
     '/', whose series' inputs lie in it); a job of one key owns every record. A key is done when
     each of its volumes is done or skipped, failed with the first failed one's reason otherwise,
     and failed with `missing` when no volume of it was recorded (none found there, or the job
-    stopped first). So a key whose volume succeeded is done whatever another key of the job did."""
+    stopped first). So a key whose volume succeeded is done whatever another key of the job did.
+    An object key owns the record of its own URI; a lone folder key every record."""
     found: Dict[str, Tuple[bool, Optional[str]]] = {}
     for record in records:
         key = _key_of(str(record.get("input", "")), uris)
@@ -200,8 +201,17 @@ def outcomes(uris: Dict[str, str], records: Iterable[Dict], missing: str) -> Dic
     return {key: found.get(key, (False, missing)) for key in uris}
 
 
+def settled_early(uris: Dict[str, str], records: Iterable[Dict]) -> Dict[str, Tuple[bool, Optional[str]]]:
+    """key -> (ok, failure reason) of the keys a running job already finished, from the volume results
+    recorded so far: an object key is one volume, so its result settles it; a folder key ('/'-ended:
+    a series folder, maybe several volumes) waits for its job's end (`outcomes`)."""
+    objects = {key: uri for key, uri in uris.items() if not key.endswith("/")}
+    found = outcomes(objects, records, missing="") if objects else {}
+    return {key: outcome for key, outcome in found.items() if outcome[1] != ""}
+
+
 def _key_of(uri: str, uris: Dict[str, str]) -> Optional[str]:
-    if len(uris) == 1:
+    if len(uris) == 1 and next(iter(uris)).endswith("/"):  # a lone folder key: its series may be named short
         return next(iter(uris))
     for key, base in uris.items():
         base = base.rstrip("/")

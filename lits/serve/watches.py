@@ -20,8 +20,10 @@ started it) whose thread, every `poll_s`:
      describe and one summary: what a job costs to start, rather than what a volume does, was most
      of a watch's lag with a job per object. The jobs' identity-based skip stays a second guard: a
      volume already segmented for this input and model is skipped, whoever submits it;
-  4. follows its jobs to their end and settles each key from the job's volume results
-     (`watch_state.outcomes`: done, or failed with its own volume's reason) and writes the watch's state
+  4. follows its jobs and settles each key from the job's volume results: an object key as soon as
+     its volume's result is recorded (`jobs.volume_results` while the job runs,
+     `watch_state.settled_early`), a folder key at the job's end (`watch_state.outcomes`: done, or
+     failed with its own volume's reason), and writes the watch's state
      (`OUTPUT/_watches/<id>/state.json`) when anything changed.
 
 The state lives in the output bucket, so a restarted server (or another one) takes the watch up where
@@ -179,6 +181,7 @@ class WatchRunner:
         self.lease_s = max(LEASE_MIN_S, LEASE_POLLS * spec.poll_s)
         self.entries: Dict[str, Dict] = {}
         self.jobs: Dict[str, List[str]] = {}
+        self.cursors: Dict[str, int] = {}  # job -> its volume results already read while it ran
         self.leased = False
         self.takeovers = 0  # times this runner took the lease up (from none, another server, or after an error)
         self.submits = 0
@@ -215,9 +218,10 @@ class WatchRunner:
         saved = _read_json(storage.join(self.folder, "state.json")) or {}
         with self._lock:
             self.entries = saved.get("entries", {})
+            running = {e["job_id"] for e in self.entries.values() if e["state"] == "submitted"}
             self.jobs = {}
-            for key, entry in self.entries.items():
-                if entry["state"] == "submitted":
+            for key, entry in self.entries.items():  # each job with all its keys, settled ones too
+                if entry.get("job_id") in running:
                     self.jobs.setdefault(entry["job_id"], []).append(key)
 
     def _run(self) -> None:
@@ -287,6 +291,10 @@ class WatchRunner:
         for job_id, keys in list(self.jobs.items()):
             status = jobs.get_job(job_id, self.template.jobs_state)
             if status is not None and status["state"] not in FINAL_STATES:
+                got = jobs.volume_results(job_id, self.cursors.get(job_id, 0))  # keys its volumes finished
+                if got is not None:
+                    self.cursors[job_id] = got["next"]
+                    self._settle(job_id, watch_state.settled_early(self._uris(keys), got["results"]))
                 continue
             if status is None or status.get("error") == jobs.LOST:  # stopped with its server: submit it again
                 with self._lock:
@@ -295,18 +303,27 @@ class WatchRunner:
                             watch_state.retry(self.entries, key)
                     del self.jobs[job_id]
                 continue
-            settled = self._outcomes(job_id, status, keys)
+            self._settle(job_id, self._outcomes(job_id, status, keys))
             with self._lock:
-                for key, (ok, reason) in settled.items():
-                    if key in self.entries:
-                        watch_state.finished(self.entries, key, ok, reason, time.time())
                 del self.jobs[job_id]
+                self.cursors.pop(job_id, None)
+
+    def _settle(self, job_id: str, settled: Dict) -> None:
+        """Each key of `settled` (key -> (ok, reason)) still submitted to `job_id` is done or failed."""
+        with self._lock:
+            for key, (ok, reason) in settled.items():
+                entry = self.entries.get(key)
+                if entry is not None and entry["state"] == "submitted" and entry.get("job_id") == job_id:
+                    watch_state.finished(self.entries, key, ok, reason, time.time())
+
+    def _uris(self, keys: List[str]) -> Dict[str, str]:
+        root = storage.normalise(self.spec.input)
+        return {key: storage.join(root, key.rstrip("/")) if key != "/" else root for key in keys}
 
     def _outcomes(self, job_id: str, status: Dict, keys: List[str]) -> Dict:
         """key -> (ok, reason) of a finished job, from its volume results (`watch_state.outcomes`);
         when they cannot be read, the job's own outcome for every key."""
-        root = storage.normalise(self.spec.input)
-        uris = {key: storage.join(root, key.rstrip("/")) if key != "/" else root for key in keys}
+        uris = self._uris(keys)
         if status.get("error"):
             missing = status["error"]
         elif status["state"] == "succeeded":
