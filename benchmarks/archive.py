@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """An archive-scale rehearsal of a bulk job on this machine (issue 20, item 6).
 
-    python benchmarks/archive.py [--volumes 1000] [--fast-volumes 200] [--ray-cpus 18]
+    python benchmarks/archive.py [--volumes 1000] [--fast-volumes 200] [--ray-cpus 18] [--fast-only]
 
 Many tiny volumes (size x size x slices phantoms, lits.core.synthetic) in the embedded S3 server
 (moto on 127.0.0.1, as the tests run it); Ray started with --ray-cpus logical CPUs, so a job's
@@ -12,8 +12,10 @@ product (`serving.deploy` + `jobs.submit_job`):
   volume's CPU work. Volumes done and failed, chunks resent, and the model's busy fraction:
   volumes x model seconds per volume / replicas / the job's wall time (the model's seconds per
   volume measured in this process first, one thread as the replica has, in full batches);
-- fast: a width-4 U-Net at 32: the job machinery's cost per volume (wall / volumes) beyond the
-  model's own seconds per volume.
+- fast: a width-4 U-Net at 32, run twice on the same Ray (the second on warm workers): the wall per
+  volume beyond the model's own seconds per volume, and where the CPU goes, by process (`CpuLedger`:
+  volume tasks, the replica, the job's actor, Ray's own, this process's S3 server); the machinery's
+  CPU per volume is all of it but the volume tasks' and this process's, less the model's seconds.
 
 During the slow job: job status latency (p50, p95; jobs.get_job every 0.5 s), the job actor's
 peak RSS (VmHWM of the `ray::JobRunner` process), and the bytes the job wrote under its jobs
@@ -113,6 +115,72 @@ def job_actor_hwm_mb() -> float:
     return peak
 
 
+def _process_group(pid: int) -> str:
+    """What a process of this benchmark's Ray is, from its title: 'ray::JobRunner', 'ray::ServeReplica',
+    'ray::segment_volume_task', 'raylet', ... ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read(2000).decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    if args[0].startswith("ray::"):
+        return "ray::" + args[0][5:].replace(":", ".").split(".")[0].split(" ")[0]
+    scripts = [os.path.basename(a) for a in args[1:] if a.endswith(".py")]
+    return "ray worker (starting)" if "default_worker.py" in scripts else (scripts or [os.path.basename(args[0])])[0]
+
+
+def process_tree(pid: int) -> list:
+    """`pid` and all its descendants (this process's Ray: GCS, raylet, workers, Serve), from each
+    thread's /proc/PID/task/TID/children."""
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        for listing in glob.glob(f"/proc/{tree[-1]}/task/*/children"):
+            try:
+                with open(listing) as f:
+                    todo.extend(int(child) for child in f.read().split())
+            except (OSError, ValueError):
+                continue
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class CpuLedger:
+    """CPU seconds by kind of process over a job: each process's seconds at the start and at its last
+    sample, attributed to the busiest title it showed (a Ray worker is 'ray::IDLE' between tasks).
+    This process itself is 'benchmark (S3 server, status polls)': moto serves in its threads."""
+
+    def __init__(self):
+        self.start = {pid: cpu_seconds(pid) for pid in process_tree(os.getpid())}
+        self.last, self.titles = dict(self.start), {}
+
+    def sample(self) -> None:
+        for pid in process_tree(os.getpid()):
+            self.last[pid] = cpu_seconds(pid)
+            title = _process_group(pid)
+            if title and title != "ray::IDLE":
+                self.titles.setdefault(pid, set()).add(title)
+            self.titles.setdefault(pid, set())
+
+    def by_group(self) -> dict:
+        self.sample()
+        groups = {}
+        for pid, seconds in self.last.items():
+            titles = sorted(self.titles.get(pid) or {"ray::IDLE"})
+            group = BENCHMARK if pid == os.getpid() else "+".join(titles)
+            groups[group] = groups.get(group, 0.0) + seconds - self.start.get(pid, 0.0)
+        return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def cpu_side_s(fs, output: str, sample: int = 100) -> float:
     """Median seconds of a volume task's own work (its report's total less its waits on the model)
     over `sample` volume reports under `output`."""
@@ -132,17 +200,18 @@ def run_job(app: str, uri: str, output: str, cfg, concurrency: int, cpus_per_vol
     job_id = jobs.submit_job(JobSpec(input=uri, output=output, app_name=app, chunk=cfg.chunk, wait_s=cfg.model_wait_s,
                                      concurrency=concurrency, cpus_per_volume=cpus_per_volume,
                                      jobs_state=cfg.jobs_state))
-    latencies, rss = [], 0.0
+    latencies, rss, ledger = [], 0.0, CpuLedger()
     job = jobs.get_job(job_id, cfg.jobs_state)
     while job["state"] in ("queued", "running"):
         time.sleep(0.5)
         rss = max(rss, job_actor_hwm_mb())
+        ledger.sample()
         started = time.perf_counter()
         job = jobs.get_job(job_id, cfg.jobs_state)
         latencies.append(time.perf_counter() - started)
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")  # noqa: E731
-    return {"job": job, "p50": pick(0.5), "p95": pick(0.95), "rss_mb": rss}
+    return {"job": job, "p50": pick(0.5), "p95": pick(0.95), "rss_mb": rss, "cpu": ledger.by_group()}
 
 
 def main(argv=None) -> int:
@@ -156,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--ray-cpus", type=int, default=18)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--volumes-per-replica", type=int, default=3)
+    p.add_argument("--fast-only", action="store_true", help="only the fast job (the machinery's cost and its CPU "
+                   "by process); --volumes then only sizes the archive")
     args = p.parse_args(argv)
 
     import ray
@@ -200,15 +271,21 @@ def main(argv=None) -> int:
     os.environ.update(hidden)
     runs = {}
     try:
-        for name, model, uri in (("fast", fast, "s3://archive/fast"), ("slow", slow, "s3://archive/ct")):
+        # The fast job twice on the same Ray: the first starts the volume workers (each imports torch,
+        # OpenCV, s3fs), the second finds them warm, as a long job's volumes after its first do.
+        todo = (("fast", fast, "s3://archive/fast"), ("fast, warm", fast, "s3://archive/fast"),
+                ("slow", slow, "s3://archive/ct"))
+        for name, model, uri in todo[:2] if args.fast_only else todo:
             cfg = ServeConfig(model=model, **common)
-            serving.deploy(cfg, http=False, app_name=f"archive-{name}")
+            app = "archive-" + name.split(",")[0]
+            serving.deploy(cfg, http=False, app_name=app)
             before = dict(written)
-            runs[name] = run_job(f"archive-{name}", uri, f"s3://archive/seg-{name}", cfg, args.concurrency, 1.0)
+            output = "s3://archive/seg-" + name.replace(", ", "-")
+            runs[name] = run_job(app, uri, output, cfg, args.concurrency, 1.0)
             runs[name]["state_bytes"] = written["bytes"] - before["bytes"]
             runs[name]["state_writes"] = written["writes"] - before["writes"]
-            runs[name]["cpu_side_s"] = cpu_side_s(fs, f"archive/seg-{name}")
-            serving.undeploy(f"archive-{name}")
+            runs[name]["cpu_side_s"] = cpu_side_s(fs, output[len("s3://"):])
+            serving.undeploy(app)
             print(name, {k: v for k, v in runs[name]["job"].items() if k not in ("failed",)}, flush=True)
     finally:
         serve.shutdown()
@@ -217,7 +294,41 @@ def main(argv=None) -> int:
     return 0
 
 
+BENCHMARK = "benchmark (S3 server, status polls)"
+
+
+def machinery_ms(cpu: dict, done: int, model_s: float) -> float:
+    """The job machinery's CPU milliseconds per volume: every process but this benchmark's (its S3
+    server stands in for a store elsewhere) and the volume tasks' (the volume's own reading, decoding,
+    encoding and writing), less the model's own seconds (`model_s` a volume, in the replica)."""
+    rest = sum(v for g, v in cpu.items() if g != BENCHMARK and "segment_volume_task" not in g)
+    return (rest - model_s * done) * 1000 / max(1, done)
+
+
+def print_cpu_table(runs: dict, model_s: dict) -> None:
+    """CPU milliseconds per volume done, by kind of process, for each job."""
+    names = list(runs)
+    done = {n: max(1, runs[n]["job"]["counts"]["done"]) for n in names}
+    groups = list(dict.fromkeys(g for n in names for g in runs[n]["cpu"]))
+    print("\n| CPU per volume done, by process | " + " | ".join(f"{n} job" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for g in groups:
+        print(f"| {g} | " + " | ".join(f"{runs[n]['cpu'].get(g, 0.0) * 1000 / done[n]:.1f} ms" for n in names) + " |")
+    print("| **all** | " + " | ".join(f"{sum(runs[n]['cpu'].values()) * 1000 / done[n]:.1f} ms" for n in names) + " |")
+    print("| **the machinery** (all but the volume tasks and this process, less the model's own seconds) | " +
+          " | ".join(f"{machinery_ms(runs[n]['cpu'], done[n], model_s[n.split(',')[0]]):.1f} ms" for n in names) + " |")
+
+
 def print_table(args, runs: dict, model_s: dict) -> None:
+    print_cpu_table(runs, model_s)
+    for name in ("fast", "fast, warm"):
+        fj = runs[name]["job"]
+        per_volume = fj["elapsed_s"] / max(1, fj["counts"]["done"])
+        print(f"{name} job: {fj['counts']['done']} done, {fj['counts']['failed']} failed, {per_volume * 1000:.0f} ms wall "
+              f"per volume, {(per_volume - model_s['fast']) * 1000:.0f} ms beyond the model "
+              f"({model_s['fast'] * 1000:.0f} ms per volume); a volume task's own work {runs[name]['cpu_side_s'] * 1000:.0f} ms")
+    if "slow" not in runs:
+        return
     slow, fast = runs["slow"], runs["fast"]
     sj, fj = slow["job"], fast["job"]
     busy = sj["counts"]["done"] * model_s["slow"] / max(sj["elapsed_s"], 1e-9)
