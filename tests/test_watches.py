@@ -2,6 +2,7 @@
 then the real app on a real Ray against a real S3-protocol server (slow, one app for the module)."""
 
 import json
+import logging
 import time
 
 import pytest
@@ -91,7 +92,7 @@ def test_of_servers_taking_an_expired_lease_at_once_exactly_one_holds_it(tmp_pat
     only the holder's."""
     import threading
 
-    from lits.serve.watches import read_lease, renew_lease, take_lease
+    from lits.serve.watch_lease import read_lease, renew_lease, take_lease
 
     uri = str(tmp_path / "lease.json")
     for round_ in range(6):
@@ -250,6 +251,37 @@ def test_a_running_jobs_results_settle_its_object_keys_before_it_ends(tmp_path):
     assert watch_state.settled_early({"/": "s3://b/in"}, so_far) == {}
 
 
+def test_a_restarted_runner_follows_each_job_with_every_key_it_was_given(tmp_path):
+    """Job J took a.nii and the series folder p1/ct/; a.nii settled early and was then replaced (a fresh
+    entry, no job). A runner reloading the state follows J with both keys, so at J's end the folder is
+    not the job's lone key and a.nii's failure stays a.nii's; a state written before the lists were
+    kept is rebuilt from the entries' jobs."""
+    from lits.core import storage
+    from lits.serve import watches
+    from lits.serve.job_spec import JobSpec
+
+    spec = watch_state.WatchSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), poll_s=1.0)
+    runner = watches.WatchRunner(spec, JobSpec(input="-", output="-", app_name="lits"), owner="me")
+    entries = {"a.nii": {"identity": {"size": 2}, "state": "pending", "polls": 1, "first_seen": 5.0},
+               "p1/ct/": {"identity": {"size": 9}, "state": "submitted", "polls": 2, "first_seen": 1.0,
+                          "job_id": "0123456789ab", "submitted_at": 2.0},
+               "old.nii": {"identity": {"size": 1}, "state": "done", "polls": 2, "first_seen": 0.0,
+                           "job_id": "00000000000a", "done_at": 1.0, "lag_s": 1.0}}
+    state = {"watch": spec.to_dict(), "owner": "me", "entries": entries,
+             "jobs": {"0123456789ab": ["a.nii", "p1/ct/"], "00000000000a": ["old.nii"]}}
+    storage.write_bytes(storage.join(runner.folder, "state.json"), json.dumps(state).encode())
+    runner.cursors = {"0123456789ab": 7}
+    runner._reload()
+    assert runner.jobs == {"0123456789ab": ["a.nii", "p1/ct/"]} and runner.cursors == {}
+    records = [{"input": str(tmp_path / "in" / "a.nii"), "status": "failed", "reason": "bad header"},
+               {"input": str(tmp_path / "in" / "p1" / "ct"), "status": "done"}]
+    assert watch_state.outcomes(runner._uris(runner.jobs["0123456789ab"]), records, "none")["p1/ct/"] == (True, None)
+    del state["jobs"]
+    storage.write_bytes(storage.join(runner.folder, "state.json"), json.dumps(state).encode())
+    runner._reload()
+    assert runner.jobs == {"0123456789ab": ["p1/ct/"]}
+
+
 def test_a_job_takes_explicit_inputs_only_below_its_input_and_outside_its_output():
     from lits.serve.job_spec import JobSpec
 
@@ -290,13 +322,13 @@ def test_explicit_inputs_are_read_alone_and_named_as_the_whole_prefix_names_them
     assert "cannot list it" in chosen["refused"][0][1]
 
 
-def test_a_watch_on_a_store_that_ignores_conditional_writes_is_not_started(s3_server, tmp_path, monkeypatch):
+def test_a_watch_on_a_store_that_ignores_conditional_writes_is_not_started(s3_server, tmp_path, monkeypatch, caplog):
     """Through a real proxy that drops If-None-Match / If-Match (an S3-compatible store that accepts the
     headers and ignores them), start_watch refuses in one line naming the endpoint and the fix, and
     leaves nothing behind: no registration, no probe object, no state."""
     from lits.core import storage
     from lits.core.errors import UserError
-    from lits.serve import watches
+    from lits.serve import watch_lease, watches
     from lits.serve.job_spec import JobSpec
     from test_storage import HeaderStrippingProxy
 
@@ -308,11 +340,20 @@ def test_a_watch_on_a_store_that_ignores_conditional_writes_is_not_started(s3_se
     try:
         with pytest.raises(UserError) as refused:
             watches.start_watch(spec, job)
+        # a server told it runs alone (serve.py --single-server-watches) accepts the store, with one warning
+        with caplog.at_level(logging.WARNING, logger="lits.serve.watch_lease"):
+            for _ in range(2):
+                watch_lease.check_lease_store(watches.state_folder(spec.output, spec.watch_id), spec.watch_id, alone=True)
+        with pytest.raises(watch_lease.LeaseStoreRefused):  # and only that server
+            watch_lease.check_lease_store(watches.state_folder(spec.output, spec.watch_id), spec.watch_id)
     finally:
         proxy.close()
     line = str(refused.value)
     assert f"watch {spec.watch_id} not started: the S3 store at {proxy.url} ignores conditional writes" in line
-    assert "s3://ignoring/out/_watches/" in line and "AWS S3" in line and "\n" not in line, line
+    assert "s3://ignoring/out/_watches/" in line and "AWS S3" in line and "--single-server-watches" in line, line
+    assert "\n" not in line
+    warned = [r.getMessage() for r in caplog.records if "ignores conditional writes" in r.getMessage()]
+    assert len(warned) == 1 and "runs alone (--single-server-watches)" in warned[0], warned
     assert not (tmp_path / "jobs").exists()
     monkeypatch.setenv(storage.ENDPOINT_ENV, s3_server)
     assert s3fs_for(s3_server).find("ignoring") == []
@@ -516,6 +557,27 @@ def test_post_watches_on_a_store_that_ignores_conditional_writes_answers_one_lin
     fs.invalidate_cache()
     assert not fs.exists("watched-ignoring/out3") and all(w["output"] != "s3://watched-ignoring/out3"
                                                           for w in call(server, "GET", "/v1/watches")[1])
+    # A server told it runs alone (serve.py --single-server-watches) watches on that store and segments.
+    import dataclasses
+
+    from lits.serve import serving
+
+    serving.undeploy(serving.APP_NAME)
+    serving.deploy(dataclasses.replace(server["cfg"], single_server_watches=True))
+    server["proxy"].strip = True
+    try:
+        fs.put_file(str(server["ct"] / "volume-0.nii.gz"), "watched-ignoring/in3/v0.nii.gz")
+        status, alone, _ = call(server, "POST", "/v1/watches", body)
+        assert status == 202, alone
+        found = wait_watch(server, alone["watch_id"], lambda w: w["counts"]["done"] == 1, timeout=180)
+        assert found["state"] == "watching" and found["error"] is None, found
+        assert call(server, "DELETE", f"/v1/watches/{alone['watch_id']}")[0] == 200
+    finally:
+        server["proxy"].strip = False
+        serving.undeploy(serving.APP_NAME)
+        serving.deploy(server["cfg"])
+    fs.invalidate_cache()
+    assert fs.exists("watched-ignoring/out3/v0_seg.nii.gz")
     body = {"input": "s3://watched-honouring/in3", "output": "s3://watched-honouring/out3", "poll_s": 0.5}
     status, created, _ = call(server, "POST", "/v1/watches", body)
     assert status == 202, created

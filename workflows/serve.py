@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "more wait their turn (default: %(default)s)")
     p.add_argument("--max-jobs", type=int, default=d.max_jobs, help="bulk jobs running at once; more wait queued "
                    "(default: %(default)s)")
+    p.add_argument("--single-server-watches", action="store_true", help="this server is the only one that will run "
+                   "watches on its buckets: watch on a store that ignores conditional writes (older MinIO, some Ceph), "
+                   "which a watch's lease between servers needs; refused with one line otherwise")
     p.add_argument("--insecure", action="store_true", help=f"allow a host other than loopback without {TOKEN_ENV}")
     p.add_argument("--detach", action="store_true", help="with --address: deploy, then exit and leave the app running")
     add_cluster_args(p)
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
             volume_cpus=args.volume_cpus,
             jobs_state=storage.normalise(args.jobs_state) if args.jobs_state else None, max_uploads=args.max_uploads,
             max_jobs=args.max_jobs, volumes_per_replica=args.volumes_per_replica, body_grace_s=args.body_grace_s, min_body_kbps=args.min_body_kbps,
+            single_server_watches=args.single_server_watches,
         )
         if not cfg.token_sha256 and http_guard.exposed(cfg.host) and not args.insecure:
             raise UserError(f"--host {cfg.host} lets other machines in and no {TOKEN_ENV} is set: set it, or pass "

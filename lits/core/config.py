@@ -307,6 +307,8 @@ class ServeConfig:
         max_jobs: bulk jobs running at once; more wait queued (state 'queued') and start as others end.
         body_grace_s, min_body_kbps: a request body must keep arriving at min_body_kbps KB/s after
             body_grace_s seconds, else 408 (a stalled client holds no upload slot).
+        single_server_watches: this server is the only one that runs watches on its buckets, so a store
+            that ignores conditional writes (a watch's lease needs them) is accepted, with a warning.
     """
 
     model: str
@@ -333,6 +335,7 @@ class ServeConfig:
     volumes_per_replica: int = 3
     body_grace_s: float = 10.0
     min_body_kbps: float = 64.0
+    single_server_watches: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas < 1:

@@ -54,7 +54,7 @@ async def _replica_resumed():
     replica = serve.get_replica_context().servable_object
     if not _resumed.get(id(replica)):
         try:
-            await replica.light(watches.resume, job_template(replica))
+            await replica.light(watches.resume, job_template(replica), replica.cfg.single_server_watches)
         except UserError as exc:
             raise HTTPException(503, str(exc)) from exc
         _resumed[id(replica)] = True
@@ -81,7 +81,8 @@ async def create_watch(body: WatchRequest) -> Dict:
         raise HTTPException(exc.status, str(exc)) from exc
     spec = WatchSpec(input=inp, output=out, poll_s=body.poll_s, overwrite=body.overwrite, max_jobs=body.max_jobs)
     try:
-        watch_id = await asyncio.to_thread(watches.start_watch, spec, template)
+        watch_id = await asyncio.to_thread(watches.start_watch, spec, template, True, True,
+                                           replica.cfg.single_server_watches)
     except UserError as exc:
         raise HTTPException(503, str(exc)) from exc
     return {"watch_id": watch_id, "status": f"/v1/watches/{watch_id}"}

@@ -6,7 +6,8 @@ gives it (size and ETag on S3, size and mtime elsewhere) and where it is:
 
     pending    seen, not yet unchanged across two polls in a row (still being written, maybe)
     submitted  ready: a bulk job segments it (`job_id`)
-    done       its mask and report are written (`lag_s`: from first seen to the job's end)
+    done       its mask and report are written (`lag_s`: from first seen to its volume's result for an
+               object, to its job's end for a folder)
     failed     its job failed it (`reason`)
 
 A new key is segmented once; a key whose identity changes (replaced) is pending again and segmented
@@ -105,8 +106,8 @@ def submitted(entries: Dict[str, Dict], keys: Sequence[str], job_id: str, now: f
 
 
 def finished(entries: Dict[str, Dict], key: str, ok: bool, reason: Optional[str], now: float) -> None:
-    """The job of `key` ended: done (with its lag) or failed (with the reason). A key replaced while its job
-    ran is pending again."""
+    """`key`'s volume (or, for a folder, its job) ended: done (with its lag) or failed (with the reason). A
+    key replaced while its job ran is pending again."""
     entry = entries[key]
     if entry.pop("replaced", False):
         entries[key] = {"identity": {}, "state": "pending", "polls": 0, "first_seen": now,
@@ -123,6 +124,7 @@ def retry(entries: Dict[str, Dict], key: str) -> None:
     entry = entries[key]
     entry.update(state="pending", polls=READY_POLLS - 1, retries=entry.get("retries", 0) + 1)
     entry.pop("job_id", None)
+    entry.pop("submitted_at", None)  # it moved back to pending: `order=recent` sorts it by when it was seen
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:

@@ -8,7 +8,8 @@ started it) whose thread, every `poll_s`:
      on S3, a compare under a file lock locally, `storage.write_if`; of two servers on one watch
      exactly one holds it, the other only watches it), so a second server does no work twice; a watch
      is started only where a probe of its state folder finds the store honours those conditions
-     (`check_lease_store`: some S3-compatible stores accept the headers and ignore them);
+     (`watch_lease`: some S3-compatible stores accept the headers and ignore them), or where the
+     server was told it runs alone;
   2. lists the input once (fsspec `find` with details: ListObjectsV2 pages on S3, size and ETag per
      key, no request per object) and moves each key on (`watch_state.advance`: ready when unchanged
      across two polls);
@@ -45,11 +46,11 @@ from typing import Dict, List, Optional
 import ray
 
 from lits.core import naming, storage
-from lits.core.errors import UserError
 from lits.serve import jobs
 from lits.serve.job_progress import FINAL_STATES, read_volume_records
 from lits.serve.job_spec import JOBS_NAMESPACE, JobSpec, new_job_id, refused_input
 from lits.serve import watch_state
+from lits.serve.watch_lease import LeaseStoreRefused, check_lease_store, renew_lease, take_lease
 from lits.serve.watch_state import WatchSpec
 
 log = logging.getLogger(__name__)
@@ -74,38 +75,6 @@ def _read_json(uri: str) -> Optional[Dict]:
         return json.loads(storage.read_bytes(uri))
     except Exception:  # absent or unreadable: the caller decides what that means
         return None
-
-
-def _versioned_lease(uri: str):
-    """(the lease at `uri` or None, its version for `storage.write_if`); raises when it cannot be read
-    (a server that cannot tell whether another holds the watch must not take it)."""
-    data, version = storage.read_versioned(uri)
-    return (json.loads(data) if data is not None else None), version
-
-
-def read_lease(uri: str) -> Optional[Dict]:
-    """The lease at `uri`, None when there is none (`_versioned_lease`)."""
-    return _versioned_lease(uri)[0]
-
-
-def renew_lease(uri: str, owner: str, ttl_s: float) -> bool:
-    """Extend `owner`'s lease by `ttl_s` from now, conditionally on the version read; False when it is
-    another's now (taken after it expired), or was taken between the read and the write."""
-    current, version = _versioned_lease(uri)
-    if not current or current.get("owner") != owner:
-        return False
-    return storage.write_if(uri, json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode(), version)
-
-
-def take_lease(uri: str, owner: str, ttl_s: float) -> bool:
-    """Whether `owner` holds the lease at `uri` for the next `ttl_s` seconds: taken when absent, expired
-    or already its own, by a conditional write against the version read (module docstring, step 1),
-    so of two servers taking it at once exactly one succeeds."""
-    current, version = _versioned_lease(uri)
-    now = time.time()
-    if current and current.get("owner") != owner and current.get("expires", 0) > now:
-        return False
-    return storage.write_if(uri, json.dumps({"owner": owner, "expires": now + ttl_s}).encode(), version)
 
 
 DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
@@ -170,9 +139,10 @@ def list_prefix(input_uri: str, output_uri: str) -> Dict[str, Dict]:
 class WatchRunner:
     """One watch's actor: its polling thread (module docstring) and what GET /v1/watches/{id} reads."""
 
-    def __init__(self, spec: WatchSpec, job_template: JobSpec, owner: Optional[str] = None):
+    def __init__(self, spec: WatchSpec, job_template: JobSpec, owner: Optional[str] = None, alone: bool = False):
         self.spec = spec
         self.template = job_template
+        self.alone = alone  # the server runs without another on these buckets (`watch_lease.check_lease_store`)
         # One runner per watch per cluster (a named actor): the runner a restarted app starts in the same
         # cluster is the same owner and takes the lease up at once, without waiting for it to expire.
         self.owner = owner or hashlib.sha256(f"{ray.get_runtime_context().gcs_address}/{spec.watch_id}".encode()
@@ -219,17 +189,21 @@ class WatchRunner:
         with self._lock:
             self.entries = saved.get("entries", {})
             running = {e["job_id"] for e in self.entries.values() if e["state"] == "submitted"}
-            self.jobs = {}
-            for key, entry in self.entries.items():  # each job with all its keys, settled ones too
-                if entry.get("job_id") in running:
+            # Each job with all the keys it was given, settled ones too (a key's result is told apart from
+            # another's by the job's whole list: `watch_state.outcomes`); rebuilt from the entries for a
+            # state written before the lists were kept.
+            self.jobs = {job_id: list(keys) for job_id, keys in saved.get("jobs", {}).items() if job_id in running}
+            for key, entry in self.entries.items():
+                if entry.get("job_id") in running - set(saved.get("jobs", {})):
                     self.jobs.setdefault(entry["job_id"], []).append(key)
+            self.cursors = {}
 
     def _run(self) -> None:
         lease = storage.join(self.folder, "lease.json")
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                check_lease_store(self.spec)  # kept once answered: a dict lookup after the first poll
+                check_lease_store(self.folder, self.spec.watch_id, self.alone)  # a dict lookup once answered
                 holding = take_lease(lease, self.owner, self.lease_s)
                 if holding and not self.leased:
                     self._reload()
@@ -261,7 +235,8 @@ class WatchRunner:
             # The lease renewed before each job and the state written after it: a server that takes the
             # watch over (this one stalled past its lease) reads every job submitted so far.
             if not renew_lease(lease, self.owner, self.lease_s):
-                break  # taken over: the new holder submits the rest
+                self.leased = False  # taken over: the new holder submits the rest, and its state is the one
+                return
             self._submit(keys)
             self._save()
         with self._lock:
@@ -271,7 +246,8 @@ class WatchRunner:
 
     def _save(self) -> None:
         with self._lock:
-            state = json.dumps({"watch": self.spec.to_dict(), "owner": self.owner, "entries": self.entries})
+            state = json.dumps({"watch": self.spec.to_dict(), "owner": self.owner, "entries": self.entries,
+                                "jobs": self.jobs})
         storage.write_bytes(storage.join(self.folder, "state.json"), state.encode())
 
     def _submit(self, keys: List[str]) -> None:
@@ -302,6 +278,7 @@ class WatchRunner:
                         if key in self.entries and self.entries[key]["state"] == "submitted":
                             watch_state.retry(self.entries, key)
                     del self.jobs[job_id]
+                    self.cursors.pop(job_id, None)
                 continue
             self._settle(job_id, self._outcomes(job_id, status, keys))
             with self._lock:
@@ -351,38 +328,22 @@ def _actor(watch_id: str):
 _HELD: Dict[str, object] = {}  # the runners this process started (not detached: see lits.serve.jobs)
 
 
-class LeaseStoreRefused(UserError):
-    """The store of a watch's state ignores conditional writes: a definite answer, not an outage."""
-
-
-def check_lease_store(spec: WatchSpec) -> None:
-    """LeaseStoreRefused (one line) unless the store of the watch's state honours conditional writes,
-    which its lease needs (`storage.conditional_writes_honoured`, probed in the watch's own state
-    folder); the store's own error (UserError and others) when it cannot be asked now."""
-    folder = state_folder(spec.output, spec.watch_id)
-    if not storage.conditional_writes_honoured(folder):
-        where = storage.endpoint() or "AWS S3"
-        raise LeaseStoreRefused(
-            f"watch {spec.watch_id} not started: the S3 store at {where} ignores conditional writes (a PUT under "
-            f"{folder} with If-None-Match: * or a wrong If-Match landed), so two servers could both hold the "
-            "watch's lease and segment its objects twice; use a store that honours them (AWS S3, MinIO from "
-            "2024-08 on) or segment this prefix with bulk jobs (POST /v1/jobs)")
-
-
-def start_watch(spec: WatchSpec, job_template: JobSpec, register: bool = True, check: bool = True) -> str:
+def start_watch(spec: WatchSpec, job_template: JobSpec, register: bool = True, check: bool = True,
+                alone: bool = False) -> str:
     """Register the watch beside the job records (unless `register` is False: it is already) and start
     its runner in this cluster, unless one runs already. With `check`, LeaseStoreRefused, nothing
     registered or started, when the store of its state ignores conditional writes (`check_lease_store`);
-    the runner asks again before each lease in any case."""
+    the runner asks again before each lease in any case. `alone`: such a store is accepted (the server
+    runs without another on these buckets: `watch_lease.check_lease_store`)."""
     if check:
-        check_lease_store(spec)
+        check_lease_store(state_folder(spec.output, spec.watch_id), spec.watch_id, alone)
     if register:
         storage.write_bytes(registry_uri(job_template.jobs_state, spec.watch_id),
                             json.dumps({"watch": spec.to_dict(), "deleted": False}).encode())
     if _actor(spec.watch_id) is None:
         runner = ray.remote(WatchRunner).options(name=ACTOR_PREFIX + spec.watch_id, namespace=JOBS_NAMESPACE,
                                                  num_cpus=0, max_concurrency=4, max_restarts=0
-                                                 ).remote(spec, job_template)
+                                                 ).remote(spec, job_template, alone=alone)
         ray.get(runner.start.remote())
         _HELD[spec.watch_id] = runner
     return spec.watch_id
@@ -397,7 +358,7 @@ def registered(jobs_state: str) -> List[Dict]:
     return [w for w in found if w and "watch" in w]
 
 
-def resume(job_template: JobSpec) -> List[str]:
+def resume(job_template: JobSpec, alone: bool = False) -> List[str]:
     """Start the runner of every registered, not deleted watch that has none in this cluster (a server's
     start); their state is read back from each output."""
     started = []
@@ -405,12 +366,12 @@ def resume(job_template: JobSpec) -> List[str]:
         if not found.get("deleted"):
             spec = WatchSpec(**found["watch"])
             try:
-                started.append(start_watch(spec, job_template, register=False))
+                started.append(start_watch(spec, job_template, register=False, alone=alone))
             except LeaseStoreRefused as exc:  # this watch's store, definitely: logged, the others still start
                 log.warning("%s", exc)
             except Exception as exc:  # the store cannot be asked now: its runner asks before each lease
                 log.warning("watch %s: its store could not be probed (%s); started, probing again", spec.watch_id, exc)
-                started.append(start_watch(spec, job_template, register=False, check=False))
+                started.append(start_watch(spec, job_template, register=False, check=False, alone=alone))
     return started
 
 
