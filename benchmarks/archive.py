@@ -99,20 +99,24 @@ def model_s_per_volume(model: str, batch: int, slices: int, size: int, repeats: 
 
 
 def job_actor_hwm_mb() -> float:
-    """The largest VmHWM (peak RSS) of a live ray::JobRunner process, MB (0 if none)."""
+    """The largest VmHWM (peak RSS) of a live ray::JobRunner process of this benchmark's Ray, MB (0 if
+    none; another run's job actors on a shared machine are not this one's)."""
     peak = 0.0
-    for path in glob.glob("/proc/[0-9]*/cmdline"):
+    for pid in process_tree(os.getpid()):
         try:
-            with open(path, "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"JobRunner" not in f.read(200):
                     continue
-            with open(path.replace("cmdline", "status")) as f:
+            with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
                         peak = max(peak, int(line.split()[1]) / 1024)
         except OSError:
             continue
     return peak
+
+
+BENCHMARK = "benchmark (S3 server, status polls)"  # this process's group in the CPU table
 
 
 def _process_group(pid: int) -> str:
@@ -166,10 +170,9 @@ class CpuLedger:
     def sample(self) -> None:
         for pid in process_tree(os.getpid()):
             self.last[pid] = cpu_seconds(pid)
-            title = _process_group(pid)
+            title, titles = _process_group(pid), self.titles.setdefault(pid, set())
             if title and title != "ray::IDLE":
-                self.titles.setdefault(pid, set()).add(title)
-            self.titles.setdefault(pid, set())
+                titles.add(title)
 
     def by_group(self) -> dict:
         self.sample()
@@ -292,9 +295,6 @@ def main(argv=None) -> int:
         ray.shutdown()
     print_table(args, runs, model_s)
     return 0
-
-
-BENCHMARK = "benchmark (S3 server, status polls)"
 
 
 def machinery_ms(cpu: dict, done: int, model_s: float) -> float:

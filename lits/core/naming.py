@@ -54,7 +54,7 @@ def refused_name(relative: str) -> Optional[str]:
     if bad:
         return (f"its name {relative!r} has {' and '.join(bad)} path parts, which would name outputs outside the "
                 "job's output or another input's; rename it")
-    if any(ord(c) < 32 or unicodedata.category(c) in ("Cc", "Cf") for c in relative):
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in relative):  # Cc: C0, DEL, C1; Cf: bidi and the like
         return f"its name {relative!r} holds a control character; rename it"
     if "?" in relative:
         return f"its name {relative!r} holds '?', which S3 clients read as a query (?versionId=); rename it"

@@ -47,8 +47,8 @@ def renew_lease(uri: str, owner: str, ttl_s: float) -> bool:
 
 def take_lease(uri: str, owner: str, ttl_s: float) -> bool:
     """Whether `owner` holds the lease at `uri` for the next `ttl_s` seconds: taken when absent, expired
-    or already its own, by a conditional write against the version read (module docstring, step 1),
-    so of two servers taking it at once exactly one succeeds."""
+    or already its own, by a conditional write against the version read (module docstring), so of
+    two servers taking it at once exactly one succeeds."""
     current, version = _versioned_lease(uri)
     now = time.time()
     if current and current.get("owner") != owner and current.get("expires", 0) > now:

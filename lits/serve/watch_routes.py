@@ -4,7 +4,8 @@
                               503 (one line) when the output's store ignores conditional writes
     GET    /v1/watches        every watch registered with this server's job records
     GET    /v1/watches/{id}   what it saw: counts per state, pending keys, failures and why, lag p50/p95;
-                              ?entries=N also its first N keys (key, state, reason, job, lag): the page's table
+                              ?entries=N also N of its keys (key, state, reason, job, lag, when it moved): the
+                              first by key, or with &order=recent the latest to move (the page's table)
     DELETE /v1/watches/{id}   stop it (outputs, state and running jobs stay)
 
 The first of these calls in an ingress replica (and serve.py at start) resumes the registered watches

@@ -187,7 +187,7 @@ def job_batches(ready: Sequence[str], running_jobs: int, max_jobs: int, per_job:
 def outcomes(uris: Dict[str, str], records: Iterable[Dict], missing: str) -> Dict[str, Tuple[bool, Optional[str]]]:
     """key -> (ok, failure reason) of one job's keys from its volume results (`records`: 'input',
     'status', 'reason'). `uris`: each key's input URI (an object's, or a folder's for a key ending in
-    '/', whose series' inputs lie in it); a job of one key owns every record. A key is done when
+    '/', whose series' inputs lie in it). A key is done when
     each of its volumes is done or skipped, failed with the first failed one's reason otherwise,
     and failed with `missing` when no volume of it was recorded (none found there, or the job
     stopped first). So a key whose volume succeeded is done whatever another key of the job did.

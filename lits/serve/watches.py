@@ -192,9 +192,11 @@ class WatchRunner:
             # Each job with all the keys it was given, settled ones too (a key's result is told apart from
             # another's by the job's whole list: `watch_state.outcomes`); rebuilt from the entries for a
             # state written before the lists were kept.
-            self.jobs = {job_id: list(keys) for job_id, keys in saved.get("jobs", {}).items() if job_id in running}
+            kept = saved.get("jobs", {})
+            self.jobs = {job_id: list(keys) for job_id, keys in kept.items() if job_id in running}
+            rebuilt = running - kept.keys()
             for key, entry in self.entries.items():
-                if entry.get("job_id") in running - set(saved.get("jobs", {})):
+                if entry.get("job_id") in rebuilt:
                     self.jobs.setdefault(entry["job_id"], []).append(key)
             self.cursors = {}
 
