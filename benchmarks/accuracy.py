@@ -19,6 +19,8 @@ real CT series in tests/data (TotalSegmentator's liver as the other opinion).
     python benchmarks/accuracy.py [--output bench-output/accuracy] [--train-args "--no-augment"]
     python benchmarks/accuracy.py --anatomy abdomen   # train on the domain-randomised phantoms
     python benchmarks/accuracy.py --from train      # reuse the synthesized and prepared data
+    python benchmarks/accuracy.py --anatomy abdomen --cascade   # + a liver-box second stage (prepare --roi,
+                                                                #   train --first-stage RUN/model)
 """
 
 from __future__ import annotations
@@ -82,10 +84,13 @@ def main(argv=None) -> int:
     p.add_argument("--anatomy", default="simple", choices=("simple", "abdomen", "mixed"),
                    help="the training generator's anatomy (synthesize.py --anatomy; mixed: half of each; "
                    "default: %(default)s)")
+    p.add_argument("--cascade", action="store_true",
+                   help="also train a liver-box second stage (prepare --roi, train --first-stage RUN/model, the same "
+                   "flags) and segment with the cascade")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     d = {k: os.path.join(out, k) for k in ("volumes", "unseen", "heldout", "real", "prepared", "run", "seg",
-                                          "seg-heldout", "seg-real")}
+                                          "seg-heldout", "seg-real", "prepared-roi", "run-roi")}
     seconds = {}
     todo = STEPS[STEPS.index(args.start):]
     if "synthesize" in todo:
@@ -106,16 +111,25 @@ def main(argv=None) -> int:
     if "prepare" in todo:
         shutil.rmtree(d["prepared"], ignore_errors=True)
         seconds["prepare"] = run("prepare", "--input", d["volumes"], "--output", d["prepared"], "--image-size", "128")
+        if args.cascade:
+            shutil.rmtree(d["prepared-roi"], ignore_errors=True)
+            seconds["prepare"] += run("prepare", "--input", d["volumes"], "--output", d["prepared-roi"], "--image-size",
+                                      "128", "--roi")
     if "train" in todo:
         shutil.rmtree(d["run"], ignore_errors=True)
         seconds["train"] = run("train", "--data", d["prepared"], "--output", d["run"], *TRAIN_FLAGS,
                                *shlex.split(args.train_args))
+        if args.cascade:
+            shutil.rmtree(d["run-roi"], ignore_errors=True)
+            seconds["train"] += run("train", "--data", d["prepared-roi"], "--output", d["run-roi"], *TRAIN_FLAGS,
+                                    *shlex.split(args.train_args), "--first-stage", os.path.join(d["run"], "model"))
+    model = os.path.join(d["run-roi"] if args.cascade else d["run"], "model")
     scan_sets = (("seg", "unseen"), ("seg-heldout", "heldout"), ("seg-real", "real"))
     if "segment" in todo:
         seconds["segment"] = 0.0
         for seg, scans in scan_sets:
             shutil.rmtree(d[seg], ignore_errors=True)
-            seconds["segment"] += run("segment", "--model", os.path.join(d["run"], "model"), "--input", d[scans],
+            seconds["segment"] += run("segment", "--model", model, "--input", d[scans],
                                       "--output", d[seg])
     if "evaluate" in todo:
         seconds["evaluate"] = run("evaluate", "--pred", d["seg"], "--ref", d["unseen"], "--local")
@@ -126,10 +140,11 @@ def main(argv=None) -> int:
     from lits.evaluate.agreement import liver_agreement
 
     real = liver_agreement(os.path.join(d["seg-real"], "real-ct-dicom_seg.nii.gz"), REAL_LIVER)
-    own_path = os.path.join(d["run"], "test_evaluation", "summary.json")
+    own_path = os.path.join(os.path.dirname(model), "test_evaluation", "summary.json")
     own = scores(json.load(open(own_path))) if os.path.exists(own_path) else None
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
-          f"anatomy: {args.anatomy}; train flags: {' '.join(TRAIN_FLAGS)} {args.train_args}".rstrip())
+          f"anatomy: {args.anatomy}; train flags: {' '.join(TRAIN_FLAGS)} {args.train_args}".rstrip()
+          + ("; cascade: whole-slice first stage + liver-box second stage" if args.cascade else ""))
     print("\n| step | minutes |\n|---|---|")
     for k, v in seconds.items():
         print(f"| {k} | {v / 60:.1f} |")

@@ -41,6 +41,7 @@ from lits.train.sampling import PatchBatches  # noqa: E402
 from lits.train.train_steps import (EpochContext, EpochRandom, TrainState, schedule_step, train_one_epoch,  # noqa: E402
                                     validate_with_best_statistics)
 from lits.train.train_data import patch_size  # noqa: E402
+from lits.core.roi import ROI_MARGIN  # noqa: E402
 from accuracy import REAL_LIVER, REAL_SERIES  # noqa: E402  (this folder: the real series accuracy.py scores)
 
 BASE = dict(epochs=30, batch_size=16, base_width=16, depth=4, lr=1e-3)
@@ -102,14 +103,25 @@ def train_variant(cfg: TrainConfig, train, val, threads: int):
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return best, time.perf_counter() - started, steps
 
-def _predictor(weights, cfg: TrainConfig, prepare_cfg, infer: dict):
+def _one_predictor(weights, cfg: TrainConfig, prepare_cfg, infer: dict, first_stage=None):
     buf = io.BytesIO()
     torch.save(weights, buf)
     spec = inference.ModelSpec(uri="memory", model_id="x", task=cfg.task, out_channels=cfg.classes,
                                base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm, image_size=prepare_cfg["image_size"],
-                               context=prepare_cfg.get("context", 0))
-    predictor = inference.Predictor(spec, buf.getvalue(), device="cpu", tta=bool(infer.get("tta", 0)))
-    return spec, lambda x: inference.Done(predictor(x))
+                               context=prepare_cfg.get("context", 0),
+                               roi_margin=ROI_MARGIN if first_stage is not None else 0.0, first_stage=first_stage)
+    return inference.Predictor(spec, buf.getvalue(), device="cpu", tta=bool(infer.get("tta", 0)))
+
+
+def _predictor(weights, cfg: TrainConfig, prepare_cfg, infer: dict):
+    """(spec, submit) of a trained model, or of a cascade when `weights` is (first stage's, second's):
+    both stages trained with `cfg`, the second on prepare --roi crops of `prepare_cfg`'s size."""
+    if isinstance(weights, tuple):
+        first = _one_predictor(weights[0], cfg, prepare_cfg, infer)
+        second = _one_predictor(weights[1], cfg, prepare_cfg, infer, first_stage=first.spec)
+        return second.spec, inference.LocalModel(second, first)
+    predictor = _one_predictor(weights, cfg, prepare_cfg, infer)
+    return predictor.spec, inference.LocalModel(predictor)
 
 
 def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dict):
@@ -202,6 +214,9 @@ def main(argv=None) -> int:
                    "model's liver) and the tumour volume the model invents")
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="score train.py's exported model DIR")
+    p.add_argument("--roi-prepared", help="prepare --roi crops of the same volumes: each variant also trains a "
+                   "second stage on them and scores the cascade (its row named '... + liver box')")
+    p.add_argument("--save", help="a folder to keep each variant's weights in; weights found there are reused")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.model:
@@ -216,17 +231,39 @@ def main(argv=None) -> int:
     val = load_split(args.prepared, "val")
     print(f"{len(train[0])} train slices, {len(val[0])} val slices; unseen: {args.unseen}", flush=True)
     print(header("variant", args.unseen, args.real), flush=True)
+    roi = (load_split(args.roi_prepared, "train"), load_split(args.roi_prepared, "val")) if args.roi_prepared else None
     trained = {}  # variants differing only in inference flags share one training
     for text in args.variant:
         name, overrides, infer = parse_variant(text)
         cfg = TrainConfig(data="-", output="-", **{**BASE, **overrides})
         key = repr(sorted(overrides.items()))
         if key not in trained:
-            trained[key] = train_variant(cfg, train, val, args.threads)
+            trained[key] = kept_training(args.save, key, cfg, train, val, args.threads)
         weights, seconds, steps = trained[key]
         print(f"| {name} | {seconds / 60:.1f} | {steps} | {score_all(weights, cfg, train[3], args.unseen, infer, args.real)} |",
               flush=True)
+        if roi is not None:
+            if key + "roi" not in trained:
+                trained[key + "roi"] = kept_training(args.save, key + " roi", cfg, roi[0], roi[1], args.threads)
+            second, seconds2, steps2 = trained[key + "roi"]
+            cells = score_all((weights, second), cfg, train[3], args.unseen, infer, args.real)
+            print(f"| {name} + liver box | {(seconds + seconds2) / 60:.1f} | {steps + steps2} | {cells} |", flush=True)
     return 0
+
+
+def kept_training(folder, key: str, cfg: TrainConfig, train, val, threads: int):
+    """`train_variant`'s (weights, seconds, steps), kept in `folder` under a name made of `key`."""
+    import hashlib
+
+    path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt") if folder else None
+    if path and os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    result = train_variant(cfg, train, val, threads)
+    if path:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(result, path + ".part")
+        os.replace(path + ".part", path)
+    return result
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -221,6 +221,40 @@ def test_a_new_model_recomputes_every_volume(server, tmp_path):
         assert json.loads(fs.cat_file(f"archive/remodel/volume-{i}.json"))["model_id"] == second["model_id"]
 
 
+@pytest.mark.slow
+def test_a_cascade_model_serves_both_stages_from_one_replica(server, tmp_path):
+    """A cascade (a first stage that finds the liver, a second that segments its box) deployed like
+    any model: a job's masks are, voxel for voxel, what the two stages give in one process, and its
+    reports name the cascade's model id (both stages' weights)."""
+    from lits.core import volumes
+    from lits.serve import jobs, serving
+    from lits.serve.job_spec import JobSpec
+    from lits.core.config import ServeConfig
+    from test_cascade import cascade_model
+
+    model = cascade_model(tmp_path / "cascade")
+    cfg = ServeConfig(model=model, chunk=8, max_batch_size=16, batch_wait_s=0.05)
+    serving.deploy(cfg, http=False, app_name="lits-cascade")
+    try:
+        job_id = jobs.submit_job(JobSpec(input="s3://archive/ct", output="s3://archive/cascade",
+                                         app_name="lits-cascade", chunk=cfg.chunk))
+        job = wait_local_job(job_id)
+    finally:
+        serving.undeploy("lits-cascade")
+    assert job["counts"]["done"] == 4, job
+    spec, _ = inference.load_spec(model)
+    assert job["model_id"] == spec.model_id
+    local = inference.LocalModel(*inference.load_predictors(model, device="cpu"))
+    fs = s3fs_for(server["endpoint"])
+    for i in range(4):
+        hu, geometry = volumes.read_nifti(str(server["root"] / "ct" / f"volume-{i}.nii.gz"))
+        expected, _ = inference.segment_array(hu, geometry, spec, local, chunk=8)
+        got = nib.Nifti1Image.from_bytes(gzip.decompress(fs.cat_file(f"archive/cascade/volume-{i}_seg.nii.gz")))
+        assert np.array_equal(np.asarray(got.dataobj), expected), i
+        assert json.loads(fs.cat_file(f"archive/cascade/volume-{i}.json"))["model_id"] == spec.model_id
+    assert len(np.unique(expected)) >= 2  # the second stage answered its input, not a constant
+
+
 def test_a_stopped_volume_leaves_nothing_under_its_final_names(nifti_dir, tmp_path, monkeypatch):
     """A job's volume stopped between its mask and its report (the KeyboardInterrupt a cancel raises
     arrives while the preview is written): the mask it wrote is removed again, and so is a stale

@@ -213,6 +213,32 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_t
     assert rows[:kept] == first[:kept]
 
 
+def test_a_cascade_trains_its_second_stage_on_liver_boxes(ray_train_cluster, prepared, tmp_path):
+    """prepare --roi + train --first-stage: the exported model is one folder holding both stages,
+    and the test split's whole volumes are segmented through both."""
+    from lits.model import inference
+    from tests.test_cascade import liver_everywhere_model
+
+    boxes = str(tmp_path / "boxes")
+    pipeline.prepare(PrepareConfig(input=os.path.join(os.path.dirname(prepared), "vol"), output=boxes, image_size=32,
+                                   keep_liver=0.5, keep_empty=0.2, val_fraction=0.2, test_fraction=0.2, roi=True),
+                     pipeline.run_local)
+    first = liver_everywhere_model(tmp_path / "first", 16)
+    out = str(tmp_path / "cascade")
+    with pytest.raises(UserError, match="--first-stage RUN/model"):
+        train_data.check_data(TrainConfig(data=boxes, output=out, **TINY))
+    with pytest.raises(UserError, match="again with --roi"):
+        train_data.check_data(TrainConfig(data=prepared, output=out, first_stage=first, **TINY))
+    config = training.train(TrainConfig(data=boxes, output=out, epochs=1, name="c1", first_stage=first, **TINY))
+    model = os.path.join(out, "model")
+    for name in ("config.json", "weights.pt"):  # the first stage travels inside the model
+        assert open(os.path.join(model, "first_stage", name), "rb").read() == open(os.path.join(first, name), "rb").read()
+    spec, _ = inference.load_spec(model)
+    assert spec.roi_margin > 0 and spec.first_stage.image_size == 16 and spec.image_size == 32
+    assert config["first_stage"] == "first_stage" and config["preprocessing"]["roi"]["margin"] == spec.roi_margin
+    assert config["test_evaluation"]["cases_evaluated"] >= 1  # whole test volumes through both stages
+
+
 def test_bad_data_fails_before_workers_start(ray_train_cluster, prepared, tmp_path):
     with pytest.raises(UserError, match="no manifest.json under"):
         train_data.check_data(TrainConfig(data=str(tmp_path), output=str(tmp_path / "o")))

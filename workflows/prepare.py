@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-liver", type=float, default=d.keep_liver, help="fraction of liver-only slices kept (default: %(default)s)")
     p.add_argument("--keep-empty", type=float, default=d.keep_empty, help="fraction of slices without liver kept (default: %(default)s)")
     p.add_argument("--context", type=int, default=d.context, choices=(0, 1), help="1: 2.5-D images of slices z-1, z, z+1 (default: %(default)s)")
+    p.add_argument("--roi", action="store_true", help="crop each slice to a box around its volume's liver: training "
+                   "data for a cascade's second stage (train.py --first-stage; docs/train.md#a-cascade-a-liver-box-second-stage)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of volumes for validation (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="fraction of volumes for test (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the slice filter (default: %(default)s)")
@@ -42,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         PrepareConfig, input=args.input, output=args.output, format=args.format, image_size=args.image_size,
         keep_liver=args.keep_liver, keep_empty=args.keep_empty, context=args.context,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-        strict=args.strict, max_voxels=args.max_voxels,
+        strict=args.strict, max_voxels=args.max_voxels, roi=args.roi,
     )
 
 

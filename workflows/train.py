@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="log parameters, per-epoch metrics, curves.png and the model to MLflow at URI (sqlite:///..., "
                    "http://...); without URI a sqlite store in --output (OUTPUT/mlflow.db, artifacts in "
                    "OUTPUT/mlartifacts; a local --output only). Needs the extra lits[mlflow]")
+    p.add_argument("--first-stage", metavar="MODEL", help="train a cascade's second stage: --data holds prepare --roi "
+                   "crops and MODEL (a whole-slice model, train.py's OUT/model) finds the liver; the exported model "
+                   "holds both (docs/train.md#a-cascade-a-liver-box-second-stage)")
     add_cluster_args(p)
     return p.parse_args(argv)
 
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
             materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, norm=args.norm,
             precise_bn=args.precise_bn, scale_aug=args.scale_aug, intensity_aug=args.intensity_aug,
+            first_stage=args.first_stage,
         )
         from lits.core import storage
         from lits.train import train_data, training

@@ -33,6 +33,8 @@ class PrepareConfig:
         keep_liver: fraction of liver-only slices kept (seeded); tumour slices are always kept.
         keep_empty: fraction of slices without liver kept (seeded).
         context: 0 for the three-window image; 1 for 2.5-D (liver window of z-1, z, z+1).
+        roi: crop every slice to a square box around the volume's reference liver before resizing
+            (lits.core.roi.training_box): training data for a cascade's second stage (NIfTI pairs only).
         val_fraction, test_fraction: fractions of *volumes* in the val and test splits.
         seed: seeds the split and the slice filter.
         strict: exit non-zero when any input failed.
@@ -52,6 +54,7 @@ class PrepareConfig:
     seed: int = 0
     strict: bool = False
     max_voxels: int = 2 ** 30
+    roi: bool = False
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -73,6 +76,8 @@ class PrepareConfig:
             )
         if self.context not in (0, 1):
             raise ValueError(f"context must be 0 (three windows) or 1 (2.5-D: z-1, z, z+1), got {self.context}")
+        if self.roi and self.format == "images":
+            raise ValueError("roi crops need the volumes' HU: use it with NIfTI pairs (format 'nifti' or 'auto')")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_voxels < 8:
@@ -189,6 +194,9 @@ class TrainConfig:
         materialize_gb: the largest decoded train + val size 'auto' materialises (it lives in the
             object stores of the cluster; Ray gives each node ~30% of its memory).
         prefetch_batches: batches each worker's ingest decodes ahead of the training step.
+        first_stage: URI of an exported whole-slice model (train.py's OUT/model): `data` is then
+            prepare --roi crops, and the exported model is a cascade holding a copy of it
+            (OUT/model/first_stage): it finds the liver, this model segments the liver's box.
     """
 
     data: str
@@ -222,6 +230,7 @@ class TrainConfig:
     ingest: str = "auto"
     materialize_gb: float = 4.0
     prefetch_batches: int = 2
+    first_stage: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.cpus_per_worker < 1:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -29,149 +28,17 @@ import numpy as np
 from lits.core import postprocess as post
 # storage, volumes, reports, naming and streaming (fsspec, nibabel, scipy) are imported where a volume
 # or a file is handled: the Predictor alone needs torch, numpy and opencv (benchmarks/gpu_all.py)
-from lits.core.config import NORMS
 from lits.core.errors import UserError
-from lits.core.schema import CLASS_NAMES, TUMOUR, WINDOW_CUSTOM, WINDOW_LIVER
+from lits.core.roi import FIRST_STAGE
+from lits.core.schema import TUMOUR
+# The model folder's format (config.json, weights.pt) lives in model_folder; callers reach it as inference.X too.
+from lits.model.model_folder import (CONFIG_NAME, DEFAULT_INFERENCE, MODEL_FORMAT, WEIGHTS_NAME,  # noqa: F401
+                                     ModelSpec, load_spec, model_config, model_id_of, save_model)
 
 if TYPE_CHECKING:  # imported where used: the Predictor imports without nibabel or fsspec
     from lits.core import volumes
 
 log = logging.getLogger(__name__)
-
-MODEL_FORMAT = 1
-# What inference does by default with a newly exported model (config.json's "inference"), measured
-# by benchmarks/levers.py on 8 unseen scans: mirroring +0.018 tumour Dice per case (+0.034 for a model
-# trained with forced tumour patches) for 3 forward passes; dropping tumour components under 0.1 mL
-# removed 1 of 16 predicted lesions (12 of 46 for that model), Dice unchanged.
-DEFAULT_INFERENCE = {"mirror": True, "min_tumour_ml": 0.1}
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "weights.pt"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a predictor and its callers need to know of an exported model (from config.json).
-
-    Attributes:
-        uri: the model folder.
-        model_id: first 16 hex digits of the sha256 of weights.pt: outputs made by other weights
-            are recomputed by a bulk job, outputs of these weights are skipped.
-        task: 'liver-tumour' (softmax over 3 classes) or 'tumour' (sigmoid, tumour probability).
-        out_channels, base_width, depth: the U-Net.
-        image_size: the square slice size the model was trained at (prepare's --image-size).
-        context: prepare's --context (0: three windows of one slice; 1: 2.5-D).
-        mirror: test-time mirroring (config.json's inference.mirror; off for models exported
-            before it existed).
-        min_tumour_ml: tumour components smaller than this become liver (inference.min_tumour_ml).
-        norm: the U-Net's normalisation (architecture.norm; 'batch' for models exported before it).
-    """
-
-    uri: str
-    model_id: str
-    task: str
-    out_channels: int
-    base_width: int
-    depth: int
-    image_size: int
-    context: int
-    mirror: bool = False
-    min_tumour_ml: float = 0.0
-    norm: str = "batch"
-
-    @property
-    def probability_channels(self) -> int:
-        return 3 if self.task == "liver-tumour" else 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        """From `to_dict`'s output, or any dict holding those keys (e.g. a replica's describe())."""
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-def model_id_of(weights: bytes) -> str:
-    return hashlib.sha256(weights).hexdigest()[:16]
-
-
-def model_config(architecture: Dict, task: str, image_size: int, context: int, extra: Optional[Dict] = None) -> Dict:
-    """config.json of an exported model: what inference reads, plus `extra` (training facts).
-
-    Args:
-        architecture: {'name': 'UNet', 'in_channels': 3, 'out_channels', 'base_width', 'depth', 'norm'}.
-        task: 'liver-tumour' or 'tumour'.
-        image_size, context: the preprocessing the model was trained on (prepare's flags).
-    """
-    config = {
-        "format_version": MODEL_FORMAT,
-        "architecture": dict(architecture),
-        "task": task,
-        "class_names": list(CLASS_NAMES) if task == "liver-tumour" else ["background", "tumour"],
-        "output": "softmax over 3 classes" if task == "liver-tumour" else "sigmoid, tumour probability",
-        "input": {"height": image_size, "width": image_size, "channels": 3,
-                  "layout": "NCHW float32 = uint8 image (H, W, C) / 255"},
-        "preprocessing": {
-            "canonical_layout": "(Z, H, W): rows anterior->posterior, columns patient right->left",
-            "image_size": image_size,
-            "context": context,
-            "windows": [list(WINDOW_LIVER), list(WINDOW_CUSTOM)],
-            "third_channel": "fastai freqhist over the volume, 100 bins" if not context else None,
-            "resize": {"image": "INTER_AREA", "mask": "INTER_NEAREST"},
-        },
-        "inference": dict(DEFAULT_INFERENCE),
-        "weights": WEIGHTS_NAME,
-    }
-    config.update(extra or {})
-    return config
-
-
-def save_model(uri: str, state_dict: Dict, config: Dict) -> None:
-    """Write URI/weights.pt (a plain state_dict), then URI/config.json (written last: the marker)."""
-    from lits.core import storage
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), buf.getvalue())
-    storage.write_bytes(storage.join(uri, CONFIG_NAME), json.dumps(config, indent=1).encode())
-
-
-def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
-    """Read and check an exported model folder; return its spec and the raw weights.
-
-    Raises:
-        UserError: missing folder or files, or a config.json this version cannot use.
-    """
-    from lits.core import storage
-
-    uri = storage.normalise(uri)
-    config_uri = storage.join(uri, CONFIG_NAME)
-    if not storage.exists(config_uri):
-        raise UserError(f"{uri} is not an exported model: {CONFIG_NAME} is missing; pass the model/ folder "
-                        "that train.py wrote (OUTPUT/model)")
-    try:
-        config = json.loads(storage.read_bytes(config_uri))
-        arch = config["architecture"]
-        pre = config["preprocessing"]
-        task = config["task"]
-        if arch.get("name") != "UNet" or arch.get("in_channels") != 3 or task not in ("liver-tumour", "tumour"):
-            raise ValueError(f"architecture {arch.get('name')!r} / task {task!r}")
-        if arch.get("norm", "batch") not in NORMS:
-            raise ValueError(f"norm {arch.get('norm')!r}")
-        weights_uri = storage.join(uri, config.get("weights", WEIGHTS_NAME))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{config_uri}: not a model config this version understands ({exc}); re-export the model") from exc
-    weights = storage.read_bytes(weights_uri)
-    spec = ModelSpec(uri=uri, model_id=model_id_of(weights), task=task, out_channels=int(arch["out_channels"]),
-                     base_width=int(arch["base_width"]), depth=int(arch["depth"]),
-                     image_size=int(pre["image_size"]), context=int(pre.get("context") or 0),
-                     mirror=bool(config.get("inference", {}).get("mirror", False)),
-                     min_tumour_ml=float(config.get("inference", {}).get("min_tumour_ml", 0.0)),
-                     norm=str(arch.get("norm", "batch")))
-    return spec, weights
-
 
 class Predictor:
     """A loaded model: uint8 slice images in; uint8 class probabilities, or labels at any slice
@@ -304,19 +171,60 @@ class Done:
 
 class LocalModel:
     """A `Submit` for an in-process Predictor that answers labels at the slice size, as a Serve
-    replica does (`answers_labels`: called as submit(images, (H, W)))."""
+    replica does (`answers_labels`: called as submit(images, (H, W)), or with stage=FIRST_STAGE for
+    a cascade's first stage, `first_stage`)."""
 
     answers_labels = True
 
-    def __init__(self, predictor: Predictor):
+    def __init__(self, predictor: Predictor, first_stage: Optional[Predictor] = None):
         self.predictor = predictor
+        self.first_stage = first_stage
 
-    def __call__(self, images: np.ndarray, shape: Tuple[int, int]) -> Done:
-        return Done(self.predictor.labels([images], [shape])[0])
+    def __call__(self, images: np.ndarray, shape: Tuple[int, int], stage: str = "") -> Done:
+        return Done(stage_predictor(self.predictor, self.first_stage, stage).labels([images], [shape])[0])
+
+
+def stage_predictor(predictor: Predictor, first_stage: Optional[Predictor], stage: str) -> Predictor:
+    """Which of a loaded model's predictors answers `stage` ('' the model, FIRST_STAGE its first stage)."""
+    if stage == FIRST_STAGE:
+        if first_stage is None:
+            raise ValueError(f"{predictor.spec.uri} is not a cascade: it has no first stage")
+        return first_stage
+    if stage:
+        raise ValueError(f"unknown stage {stage!r}")
+    return predictor
+
+
+def labels_by_stage(predictor: Predictor, first_stage: Optional[Predictor], chunks: List[np.ndarray],
+                    shapes: List[Tuple[int, int]], stages: List[str]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """`Predictor.labels` of a batch whose chunks go to different stages: one forward pass per stage
+    present, the answers in the chunks' order."""
+    groups: Dict[str, List[int]] = {}
+    for i, stage in enumerate(stages):
+        groups.setdefault(stage or "", []).append(i)
+    answers: List = [None] * len(chunks)
+    for stage, indices in groups.items():
+        stage_answers = stage_predictor(predictor, first_stage, stage).labels([chunks[i] for i in indices],
+                                                                              [shapes[i] for i in indices])
+        for i, answer in zip(indices, stage_answers):
+            answers[i] = answer
+    return answers
+
+
+def load_predictors(uri: str, **kwargs) -> Tuple[Predictor, Optional[Predictor]]:
+    """The exported model at `uri` loaded (`Predictor(**kwargs)`), and its first stage's when it is
+    a cascade, else None."""
+    spec, weights = load_spec(uri)
+    first = None
+    if spec.first_stage is not None:
+        _, first_weights = load_spec(spec.first_stage.uri)
+        first = Predictor(spec.first_stage, first_weights, **kwargs)
+    return Predictor(spec, weights, **kwargs), first
 
 
 # submit(images) -> a future of probabilities (n, S, S, K), or, with `answers_labels`,
-# submit(images, (H, W)) -> a future of (labels (n, H, W), coarse (n, S, S) or None).
+# submit(images, (H, W)) -> a future of (labels (n, H, W), coarse (n, S, S) or None); either takes
+# stage=FIRST_STAGE for a cascade's first stage.
 Submit = Callable[..., object]
 
 

@@ -15,7 +15,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from lits.core import ct, volumes
+from lits.core import ct, roi, volumes
+from lits.core.roi import FIRST_STAGE
 from lits.core import postprocess as post
 
 PREPROCESS_BLOCK = 4  # slices per array operation in `preprocess` (16 MB of float32 at 512^2: cache-sized)
@@ -59,20 +60,65 @@ def segment_volume(hu_file: np.ndarray, geometry: volumes.Geometry, spec, submit
 
     The labels are written into one buffer in NIfTI's file order (Fortran) through its canonical
     view, and post-processed there: no volume-sized copy, and the mask encodes without transposing.
+
+    A cascade (`spec.first_stage`) streams the volume through its first stage (`submit` called with
+    stage=FIRST_STAGE), post-processes that, crops every slice to the square box around the kept
+    liver (lits.core.roi, spec.roi_margin) and streams the crops through the second stage, whose
+    labels, post-processed, are the answer; nothing outside the box is labelled.
     """
     t0 = time.perf_counter()
     timings = dict.fromkeys(STAGES, 0.0)
     hu = geometry.to_canonical(hu_file)
-    n, h, w = hu.shape
-    breaks = ct.freqhist_breaks(hu) if spec.context == 0 else np.zeros(1, np.float32)
+    first = spec.first_stage
+    needs_histogram = spec.context == 0 or (first is not None and first.context == 0)
+    breaks = ct.freqhist_breaks(hu) if needs_histogram else np.zeros(1, np.float32)
     timings["histogram_s"] = time.perf_counter() - t0
     labels_file = np.zeros(geometry.shape, np.uint8, order="F")
     labels = geometry.to_canonical(labels_file)
+    threads = max(1, threads)
+    if first is None:
+        box = _segment(hu, breaks, spec, submit, chunk, postprocess, threads, labels, timings)
+    else:
+        box = _segment(hu, breaks, first, StageSubmit(submit, FIRST_STAGE), chunk, True, threads, labels, timings)
+        extent = roi.liver_extent(labels[box] > 0) if box else roi.liver_extent(labels > 0)
+        if extent is not None:
+            region = roi.square_box(roi.offset_box(extent, box) if box else extent, labels.shape, spec.roi_margin)
+            labels[box if box else (slice(None),) * 3] = 0
+            inner = _segment(hu[region], breaks, spec, submit, chunk, postprocess, threads, labels[region], timings)
+            box = roi.offset_box(inner, region) if inner else region
+    t = time.perf_counter()
+    min_tumour_ml = spec.min_tumour_ml if min_tumour_ml is None else min_tumour_ml
+    if postprocess and min_tumour_ml:
+        inner = labels[box] if box else labels
+        post.drop_small_tumours(inner, voxel_ml(geometry), min_tumour_ml, out=inner)
+    timings["postprocess_s"] += time.perf_counter() - t
+    timings["segment_s"] = time.perf_counter() - t0
+    return labels_file, labels, box, {k: round(v, 3) for k, v in timings.items()}
+
+
+class StageSubmit:
+    """`submit` bound to one stage of a cascade (called with stage=`stage`)."""
+
+    def __init__(self, submit, stage: str):
+        self.submit = submit
+        self.stage = stage
+        self.answers_labels = getattr(submit, "answers_labels", False)
+
+    def __call__(self, images: np.ndarray, *shape):
+        return self.submit(images, *shape, stage=self.stage)
+
+
+def _segment(hu: np.ndarray, breaks: np.ndarray, spec, submit, chunk: int, postprocess: bool, threads: int,
+             labels: np.ndarray, timings: Dict[str, float]):
+    """One model's labels of canonical `hu` (a volume or its liver box) written into `labels` (of
+    hu's shape, a view allowed) and post-processed there; returns the box holding every labelled
+    voxel (the kept liver's box; empty when none is kept), or None for all of `labels`."""
+    n, h, w = hu.shape
     liver_tumour = spec.task == "liver-tumour"
     # Components are found at the model's resolution (4-16x fewer voxels than 512^2 slices).
     guided = postprocess and liver_tumour and (h, w) != (spec.image_size,) * 2
     coarse = np.empty((n, spec.image_size, spec.image_size), np.uint8) if guided else None
-    _stream(hu, breaks, spec, submit, chunk, max(1, threads), labels, coarse, timings)
+    _stream(hu, breaks, spec, submit, chunk, threads, labels, coarse, timings)
     t = time.perf_counter()
     box = None
     if guided:
@@ -81,13 +127,8 @@ def segment_volume(hu_file: np.ndarray, geometry: volumes.Geometry, spec, submit
         box = post.full_box(kept[0], coarse.shape, labels.shape) if kept else (slice(0, 0),) * 3
     elif postprocess and liver_tumour:
         labels[...] = post.postprocess(labels)
-    min_tumour_ml = spec.min_tumour_ml if min_tumour_ml is None else min_tumour_ml
-    if postprocess and min_tumour_ml:
-        inner = labels[box] if box else labels
-        post.drop_small_tumours(inner, voxel_ml(geometry), min_tumour_ml, out=inner)
-    timings["postprocess_s"] = time.perf_counter() - t
-    timings["segment_s"] = time.perf_counter() - t0
-    return labels_file, labels, box, {k: round(v, 3) for k, v in timings.items()}
+    timings["postprocess_s"] += time.perf_counter() - t
+    return box
 
 
 def _stream(hu: np.ndarray, breaks: np.ndarray, spec, submit, chunk: int, threads: int,

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from lits.core import ct, masks, storage, volumes
+from lits.core import ct, masks, roi, storage, volumes
 from lits.core.config import PrepareConfig
 from lits.core.errors import BadInputError
 from lits.core.schema import CATEGORY_NAMES
@@ -210,21 +210,30 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopw
     hu = geometry.to_canonical(hu_file)
     labels = geometry.to_canonical(labels_file)
     categories = masks.categorise(labels)
-    keep = masks.select_slices(categories, cfg.keep_liver, cfg.keep_empty, slice_rng(cfg.seed, task.volume_id))
+    rng = slice_rng(cfg.seed, task.volume_id)
+    keep = masks.select_slices(categories, cfg.keep_liver, cfg.keep_empty, rng)
+    box = roi.training_box(labels, rng) if cfg.roi else None
+    if cfg.roi:  # a cascade's second stage sees the slices of the liver's box, cropped to it
+        within = np.zeros_like(keep)
+        if box is not None:
+            within[box[0]] = True
+        keep &= within
+        hu, labels = (hu[:, box[1], box[2]], labels[:, box[1], box[2]]) if box is not None else (hu, labels)
     kept_z = np.nonzero(keep)[0]
     spacing = np.asarray(geometry.canonical_spacing, np.float32)
     size = cfg.image_size
     table = _empty_table(task.volume_id, size, spacing)
     clock.lap("select")
     if kept_z.size:
-        # The histogram ignores voxel order: the file-order array is one contiguous block.
+        # The histogram ignores voxel order: the file-order array is one contiguous block. A crop's
+        # third channel is equalised over the whole volume too, as inference does.
         breaks = ct.freqhist_breaks(hu_file) if cfg.context == 0 else np.zeros(1, np.float32)
         clock.lap("histogram")
         images = ct.model_inputs(hu, kept_z, breaks, cfg.context, size)
         clock.lap("images")
         mask_out = np.empty((kept_z.size, size, size), np.uint8)
         for i, z in enumerate(kept_z):
-            mask_out[i] = ct.resize_mask(labels[z], size)
+            mask_out[i] = ct.resize_mask(np.ascontiguousarray(labels[z]), size)
         table = SliceTable(
             volume_id=task.volume_id,
             slice_index=geometry.file_slice_index(kept_z).astype(np.int32),
@@ -249,6 +258,8 @@ def slice_nifti_pair(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopw
         "kept": _counts(categories[kept_z]),
         "seconds": clock.seconds(),
     }
+    if cfg.roi:
+        entry["roi"] = roi.as_list(box) if box is not None else None
     return VolumeResult(table=table, entry=entry)
 
 
@@ -370,5 +381,8 @@ def slice_volume(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopwatch
     if task.format == "nifti":
         return slice_nifti_pair(task, cfg, clock)
     if task.format == "images":
+        if cfg.roi:
+            raise BadInputError(f"{task.volume_id}: a converted image series has no HU to crop a liver box from; "
+                                "prepare --roi needs volume-N/segmentation-N NIfTI pairs")
         return slice_image_series(task, cfg, clock)
     raise ValueError(f"unknown task format {task.format!r}")

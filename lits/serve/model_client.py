@@ -100,20 +100,21 @@ class _Pending:
     (`SegmentModel.predict`)."""
 
     def __init__(self, handle, images: np.ndarray, shape: Tuple[int, int], resent: Optional[List[int]] = None,
-                 wait_s: float = MODEL_WAIT_S):
+                 wait_s: float = MODEL_WAIT_S, stage: str = ""):
         self.handle = handle
         self.images = images
         self.shape = tuple(int(s) for s in shape)
+        self.stage = stage
         self.resent = resent if resent is not None else []
         self.wait_s = wait_s
-        self.response = handle.predict.remote(images, self.shape)
+        self.response = handle.predict.remote(images, self.shape, stage)
 
     def result(self):
         """The answer; each try waits at most `wait_s` (`call_model`), so no timeout is taken here."""
         first = [self.response]
 
         def send():
-            return first.pop() if first else self.handle.predict.remote(self.images, self.shape)
+            return first.pop() if first else self.handle.predict.remote(self.images, self.shape, self.stage)
 
         return call_model(send, f"{len(self.images)} slices", self.wait_s, self.resent, len(self.images),
                           busy=lambda: model_progress(self.handle, self.wait_s))
@@ -131,10 +132,11 @@ class ModelSubmit:
         self.wait_s = wait_s
         self.handle = None
 
-    def __call__(self, images: np.ndarray, shape: Tuple[int, int]) -> _Pending:
+    def __call__(self, images: np.ndarray, shape: Tuple[int, int], stage: str = "") -> _Pending:
+        """Send a chunk: to the model, or with stage=FIRST_STAGE to a cascade's first stage."""
         if self.handle is None:
             self.handle = model_handle(self.app_name)
-        return _Pending(self.handle, images, shape, self.resent, self.wait_s)
+        return _Pending(self.handle, images, shape, self.resent, self.wait_s, stage)
 
 
 # Volume and upload tasks are batch work: at this niceness the OS gives the CPU first to what must

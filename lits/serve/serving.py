@@ -88,15 +88,14 @@ class SegmentModel:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         cv2.setNumThreads(max(1, int(threads)))
-        spec, weights = inference.load_spec(model_uri)
-        self.predictor = inference.Predictor(spec, weights, max_batch=max_batch_size)
+        self.predictor, self.first_stage = inference.load_predictors(model_uri, max_batch=max_batch_size)
         self.max_batch_size = max_batch_size
         self.volumes_per_replica = volumes_per_replica
         self.batch_started = self.batch_ended = time.monotonic()  # a new replica counts as progress
         self.busy_s = 0.0  # seconds spent in forward passes since the replica started (ModelWindow reads it)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_s)
-        log.info("model %s (%s) loaded on %s", spec.model_id, spec.uri, self.predictor.device)
+        log.info("model %s (%s) loaded on %s", self.predictor.spec.model_id, model_uri, self.predictor.device)
 
     def describe(self) -> Dict:
         return {**self.predictor.spec.to_dict(), "device": str(self.predictor.device),
@@ -112,13 +111,15 @@ class SegmentModel:
                 "busy_s": self.busy_s + running, "now": now, "pid": os.getpid()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_slices)
-    async def predict(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]]) -> List[Tuple]:
-        """uint8 (n_i, S, S, 3) chunks and their volumes' (H, W) -> per chunk (uint8 (n_i, H, W)
-        labels, uint8 (n_i, S, S) model-size labels or None), one forward pass for the batch."""
+    async def predict(self, chunks: List[np.ndarray], shapes: List[Tuple[int, int]], stages: List[str]) -> List[Tuple]:
+        """uint8 (n_i, S, S, 3) chunks, their volumes' (H, W) and stages ('' the model, FIRST_STAGE a
+        cascade's first) -> per chunk (uint8 (n_i, H, W) labels, uint8 (n_i, S, S) model-size labels
+        or None), one forward pass per stage present in the batch."""
         # The forward pass runs off the event loop: health checks, describe() and progress() stay answered.
         self.batch_started = time.monotonic()
         try:
-            return await asyncio.to_thread(self.predictor.labels, chunks, [tuple(s) for s in shapes])
+            return await asyncio.to_thread(inference.labels_by_stage, self.predictor, self.first_stage, chunks,
+                                           [tuple(s) for s in shapes], stages)
         finally:
             self.batch_ended = time.monotonic()
             self.busy_s += self.batch_ended - self.batch_started

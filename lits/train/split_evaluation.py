@@ -76,11 +76,10 @@ def _segment_test_volume(volume_id: str, volume_uri: str, model_uri: str, out: s
     from lits.core import naming
     from lits.core.errors import BadInputError
 
-    spec, weights = inference.load_spec(model_uri)
-    predictor = inference.Predictor(spec, weights)
+    predictor, first_stage = inference.load_predictors(model_uri)
     outputs = naming.output_uris(out, volume_id)
     try:
-        inference.segment_uri(volume_uri, outputs, spec, lambda images: inference.Done(predictor(images)))
+        inference.segment_uri(volume_uri, outputs, predictor.spec, inference.LocalModel(predictor, first_stage))
     except BadInputError as exc:
         log.warning("test volume %s: %s", volume_id, exc)
         return None

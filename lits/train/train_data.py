@@ -98,6 +98,7 @@ def check_data(cfg: TrainConfig) -> DataInfo:
     crop = patch_size(cfg, image_shape[0])
     if crop > image_shape[0] or crop % factor:
         raise UserError(f"--crop {crop} must be at most the image size {image_shape[0]} and divisible by 2^(depth-1) = {factor}")
+    check_stages(cfg, manifest.get("config", {}))
     val_ids = sorted({v["volume_id"] for v in manifest["volumes"] if v["split"] == "val"})
     # The test split's original volumes (NIfTI input only: image datasets have no geometry).
     test_volumes = [(v["volume_id"], v["inputs"]["volume"], v["inputs"]["segmentation"]) for v in manifest["volumes"]
@@ -114,6 +115,24 @@ def check_data(cfg: TrainConfig) -> DataInfo:
         test_uris=tuple(storage.join(data, s) for s in splits.get("test", {}).get("shards", [])),
         test_volumes=tuple(test_volumes),
     )
+
+
+def check_stages(cfg: TrainConfig, prepare_config: Dict) -> None:
+    """UserError unless liver-box data (prepare --roi) and --first-stage come together, with a first
+    stage that is a whole-slice liver-tumour model."""
+    from lits.model import inference
+
+    roi = bool(prepare_config.get("roi"))
+    if roi and not cfg.first_stage:
+        raise UserError(f"{cfg.data} holds liver-box crops (prepare --roi): they train a cascade's second stage; "
+                        "pass --first-stage RUN/model, the whole-slice model that finds the liver")
+    if cfg.first_stage and not roi:
+        raise UserError(f"--first-stage needs liver-box crops: prepare {cfg.data}'s volumes again with --roi")
+    if cfg.first_stage:
+        spec, _ = inference.load_spec(cfg.first_stage)
+        if spec.first_stage is not None or spec.task != "liver-tumour":
+            raise UserError(f"--first-stage {cfg.first_stage}: a first stage must be a whole-slice liver-tumour model "
+                            "(train.py on data prepared without --roi)")
 
 
 def patch_size(cfg: TrainConfig, side: int) -> int:

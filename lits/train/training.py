@@ -241,10 +241,12 @@ def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
     prepare = info.prepare_config
     architecture = {"name": "UNet", "in_channels": 3, "out_channels": cfg.classes,
                     "base_width": cfg.base_width, "depth": cfg.depth, "norm": cfg.norm}
+    model_uri = storage.join(storage.normalise(cfg.output), "model")
     config = inference.model_config(
         architecture, cfg.task, image_size=prepare.get("image_size", info.image_shape[0]),
-        context=prepare.get("context", 0),
+        context=prepare.get("context", 0), roi=bool(prepare.get("roi")),
         extra={
+            **({"first_stage": copy_first_stage(cfg.first_stage, model_uri)} if cfg.first_stage else {}),
             "package_version": lits.__version__,
             "training": {"data": storage.normalise(cfg.data), "manifest_sha256": info.manifest_sha256,
                          "config": cfg.to_dict(), "epochs_run": len(history), "best_epoch": state["best_epoch"]},
@@ -254,8 +256,23 @@ def export_model(cfg: TrainConfig, info: DataInfo, checkpoint) -> Dict:
     out = storage.normalise(cfg.output)
     if test_metrics:
         storage.write_bytes(storage.join(out, "test_metrics.json"), json.dumps(test_metrics, indent=1).encode())
-    inference.save_model(storage.join(out, "model"), weights, config)
+    inference.save_model(model_uri, weights, config)
     return config
+
+
+FIRST_STAGE_FOLDER = "first_stage"
+
+
+def copy_first_stage(first_stage: str, model_uri: str) -> str:
+    """Copy the first stage's model (weights, then config.json) into MODEL/first_stage: a cascade is
+    one folder that serves and moves as one. Returns the folder's name, relative to the model."""
+    from lits.model.inference import CONFIG_NAME, WEIGHTS_NAME
+
+    source = storage.normalise(first_stage)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        data = storage.read_bytes(storage.join(source, name))
+        storage.write_bytes(storage.join(model_uri, FIRST_STAGE_FOLDER, name), data)
+    return FIRST_STAGE_FOLDER
 
 
 def build_trainer(cfg: TrainConfig, info: DataInfo, callbacks: Sequence = ()):
