@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lits.core import roi, volumes
+from lits.core import ct, roi, volumes
 from lits.core.config import PrepareConfig
 from lits.core.errors import BadInputError, UserError
 from lits.model import inference
@@ -28,6 +28,11 @@ def test_square_box_is_centred_grown_and_kept_inside_the_slice():
         slice(15, 75), slice(0, 60))
     tiny = roi.square_box((slice(0, 1), slice(50, 51), slice(50, 51)), (1, 100, 100), margin=0.0)
     assert tiny[1].stop - tiny[1].start == roi.MIN_SIDE and tiny[1].start <= 50 < tiny[1].stop
+    # the shift moves rows and columns each by its own share of the side
+    assert roi.square_box((slice(0, 1), slice(40, 60), slice(40, 60)), (1, 100, 100), 0.0, shift=(0.25, -0.25)) == (
+        slice(0, 1), slice(45, 65), slice(35, 55))
+    assert roi.offset_box((slice(1, 3), slice(2, 5), slice(0, 4)), (slice(10, 20), slice(5, 50), slice(7, 30))) == (
+        slice(11, 13), slice(7, 10), slice(7, 11))
 
 
 def test_liver_extent_and_training_box():
@@ -42,6 +47,11 @@ def test_liver_extent_and_training_box():
     sides = {b[1].stop - b[1].start for b in boxes}
     assert min(sides) >= 20 * (1 + 2 * roi.TRAIN_MARGINS[0]) - 1 and max(sides) <= 20 * (1 + 2 * roi.TRAIN_MARGINS[1]) + 1
     assert len(sides) > 3  # the margin is drawn
+    big = np.zeros((4, 256, 256), np.uint8)
+    big[1:3, 60:160, 80:180] = 1
+    centres = [roi.training_box(big, np.random.default_rng(seed)) for seed in range(20)]
+    rows = {b[1].start + b[1].stop for b in centres}
+    assert len(rows) > 2 and any(b[1].start + b[1].stop - 220 != b[2].start + b[2].stop - 260 for b in centres)
     for b in boxes:  # every box holds the whole liver
         assert b[1].start <= 10 and b[1].stop >= 30 and b[2].start <= 20 and b[2].stop >= 36
         assert b[0] == slice(1, 9)
@@ -61,8 +71,13 @@ def test_prepare_roi_crops_slices_to_the_liver_box(nifti_dir):
     assert labels.sum() == labels[z0:z1, y0:y1, x0:x1].sum()
     table = cropped.table
     canonical_z = [geometry.file_slice_index(np.arange(labels.shape[0])).tolist().index(i) for i in table.slice_index]
+    assert set(canonical_z) <= set(range(z0, z1))
+    hu_file, _ = volumes.read_nifti(task.volume_uri)
+    hu = geometry.to_canonical(hu_file)
+    breaks = ct.freqhist_breaks(hu_file)  # the crop's third channel is equalised over the whole volume
     for i, z in enumerate(canonical_z):
-        assert np.array_equal(table.mask[i], slicing.ct.resize_mask(np.ascontiguousarray(labels[z, y0:y1, x0:x1]), 32))
+        assert np.array_equal(table.mask[i], ct.resize_mask(np.ascontiguousarray(labels[z, y0:y1, x0:x1]), 32))
+        assert np.array_equal(table.image[i], ct.model_inputs(hu[:, y0:y1, x0:x1], [z], breaks, 0, 32)[0])
     # the crop shows the liver larger than the whole slice does
     assert (table.mask > 0).mean() > 2 * (whole.table.mask > 0).mean()
     with pytest.raises(ValueError, match="NIfTI"):
@@ -81,9 +96,9 @@ class Stages:
         return (self.first if stage == roi.FIRST_STAGE else self.second)(images)
 
 
-def cascade_spec(first_size, second_size):
+def cascade_spec(first_size, second_size, margin=roi.ROI_MARGIN):
     return inference.ModelSpec(uri="oracle-2", model_id="1" * 16, task="liver-tumour", out_channels=3, base_width=4,
-                               depth=3, image_size=second_size, context=0, roi_margin=roi.ROI_MARGIN,
+                               depth=3, image_size=second_size, context=0, roi_margin=margin,
                                first_stage=spec_for(first_size))
 
 
@@ -112,6 +127,48 @@ def test_cascade_segments_the_liver_box_at_its_own_resolution(nifti_dir):
     assert dice(single, ref, 2) < 0.5 and dice(labels, ref, 2) > 0.8 and dice(labels, ref, 1) > 0.97
     assert dice(labels, ref, 2) > dice(single, ref, 2) + 0.3
     assert timings["segment_s"] > 0 and labels.dtype == np.uint8 and labels.shape == hu.shape
+
+
+def test_the_second_stage_box_follows_the_models_margin_and_holds_every_label(nifti_dir, monkeypatch):
+    """The box a volume's second stage sees is the model's margin around the first stage's liver, and
+    the box returned (what reports and post-processing use) holds every labelled voxel."""
+    from lits.model import streaming
+
+    hu, geometry = volumes.read_nifti(os.path.join(nifti_dir, "volume-3.nii.gz"))
+    seg, _ = volumes.read_nifti(os.path.join(nifti_dir, "segmentation-3.nii.gz"))
+    coded = coded_hu(hu, volumes.as_labels(seg, "ref"))
+    square_box, boxes = roi.square_box, []
+
+    def spy(extent, shape, margin=roi.ROI_MARGIN, *args, **kwargs):
+        boxes.append((margin, square_box(extent, shape, margin, *args, **kwargs)))
+        return boxes[-1][1]
+
+    monkeypatch.setattr(roi, "square_box", spy)
+    for margin in (0.05, 0.5):
+        _, labels, box, _ = streaming.segment_volume(coded, geometry, cascade_spec(16, 48, margin), Stages(), 5, True,
+                                                     None, 1)
+        assert labels[box].sum() == labels.sum() > 0
+    assert [m for m, _ in boxes] == [0.05, 0.5]
+    (_, narrow), (_, wide) = boxes
+    assert wide[1].stop - wide[1].start > narrow[1].stop - narrow[1].start
+
+
+def test_a_non_square_slice_keeps_nothing_of_the_first_stage_outside_the_box():
+    """A liver taller than the slice is wide: the square box is capped by the width and cannot hold all
+    of the first stage's liver; what lies outside it is not left labelled."""
+    from lits.core.volumes import Geometry
+
+    ref = np.zeros((48, 96, 6), np.uint8)  # file order (x, y, z): canonical slices of 96 rows x 48 columns
+    ref[8:40, 4:92, 1:5] = 1
+    ref[20:30, 40:50, 2:4] = 2
+    hu = coded_hu(np.full(ref.shape, -1000, np.int16), ref)
+    geometry = Geometry.from_affine(np.eye(4), ref.shape)
+    labels, _ = inference.segment_array(hu, geometry, cascade_spec(16, 32), Stages(), chunk=4)
+    canonical = geometry.to_canonical(labels)
+    box = roi.square_box(roi.liver_extent(geometry.to_canonical(ref) > 0), canonical.shape)
+    outside = canonical.copy()
+    outside[box] = 0
+    assert canonical.any() and not outside.any()
 
 
 def test_cascade_without_liver_never_runs_its_second_stage(nifti_dir):
@@ -149,6 +206,15 @@ def test_a_cascade_model_folder_loads_both_stages(tmp_path):
     assert labels.shape == (2, 40, 40) and coarse.shape == (2, 16, 16)
     with pytest.raises(ValueError, match="not a cascade"):
         inference.LocalModel(second)(images, (40, 40), stage=roi.FIRST_STAGE)
+    with pytest.raises(ValueError, match="unknown stage"):
+        inference.stage_predictor(second, first, "third")
+    # a first stage that is itself a liver-box model is refused
+    nested = tmp_path / "nested"
+    export(nested / "first_stage", 16, roi_model=True, first_stage="first_stage")
+    export(nested / "first_stage" / "first_stage", 16)
+    export(nested, 32, roi_model=True, first_stage="first_stage")
+    with pytest.raises(UserError, match="whole-slice liver-tumour"):
+        inference.load_spec(str(nested))
     # other first-stage weights are another model: a job recomputes its outputs
     export(model / "first_stage", 16, seed=1)
     assert inference.load_spec(str(model))[0].model_id != spec.model_id
@@ -201,3 +267,13 @@ def test_a_batch_of_both_stages_gets_each_chunk_answered_by_its_own_stage(tmp_pa
         assert labels.shape == (len(chunk),) + shape and np.array_equal(labels, own[0]) and np.array_equal(coarse, own[1])
     assert (answers[0][0] == 1).all()  # the first stage calls everything liver; the second does not
     assert len(np.unique(answers[1][0])) > 1
+
+
+def test_a_cascade_runs_end_to_end_with_real_predictors(tmp_path, nifti_dir):
+    """Loaded from its folder, answered in labels (as a Serve replica answers): both stages run."""
+    model = cascade_model(tmp_path / "m", first_size=16, second_size=32)
+    spec, _ = inference.load_spec(model)
+    hu, geometry = volumes.read_nifti(os.path.join(nifti_dir, "volume-2.nii.gz"))
+    labels, _ = inference.segment_array(hu, geometry, spec, inference.LocalModel(*inference.load_predictors(model)),
+                                        chunk=4)
+    assert labels.shape == hu.shape and labels.dtype == np.uint8 and len(np.unique(labels)) >= 2
