@@ -68,6 +68,7 @@ def scores(summary: dict) -> dict:
     agg = summary["aggregate"]
     les = agg["lesions"]
     return {"liver": agg["liver"]["dice_per_case"], "tumour": agg["tumour"]["dice_per_case"],
+            "tumour_present": agg["tumour"]["dice_per_case_present"],
             "tumour_global": agg["tumour"]["dice_global"],
             "lesions": f"{les['detected']}/{les['reference']} found, "
                        f"precision {les['precision'] if les['precision'] is not None else float('nan'):.2f}",
@@ -149,11 +150,14 @@ def main(argv=None) -> int:
     for k, v in seconds.items():
         print(f"| {k} | {v / 60:.1f} |")
     print(f"| total | {sum(seconds.values()) / 60:.1f} |")
-    print("\n| scans | cases | liver Dice/case | tumour Dice/case | tumour Dice global | lesions |\n|---|---|---|---|---|---|")
+    print("\n| scans | cases | liver Dice/case | tumour Dice/case (cases with tumour) | tumour Dice global | lesions |"
+          "\n|---|---|---|---|---|---|")
     for name, s in (("own test split", own), ("unseen scans, training generator", unseen),
                     ("unseen scans, independent generator", heldout)):
         if s:
-            print(f"| {name} | {s['cases']} | {s['liver']:.3f} | {s['tumour']:.3f} | {s['tumour_global']:.3f} | {s['lesions']} |")
+            present = f"{s['tumour_present']:.3f}" if s["tumour_present"] is not None else "-"
+            print(f"| {name} | {s['cases']} | {s['liver']:.3f} | {s['tumour']:.3f} ({present}) | {s['tumour_global']:.3f} "
+                  f"| {s['lesions']} |")
     print("\n| real CT series (tests/data) | liver agreement (Dice) with TotalSegmentator | liver mL ours / theirs "
           "| tumour invented (mL, lesions) |\n|---|---|---|---|")
     print(f"| TotalSegmentator example_ct_dicom | {real['liver_dice']:.3f} | {real['pred_liver_ml']:.0f} / "

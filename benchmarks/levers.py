@@ -125,7 +125,10 @@ def _predictor(weights, cfg: TrainConfig, prepare_cfg, infer: dict):
 
 
 def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dict):
-    """(liver Dice, tumour Dice per case, lesions found, present, predicted) over `unseen`'s volumes."""
+    """(liver Dice, tumour Dice per case, tumour Dice per case with tumour, lesions found, present,
+    predicted) over `unseen`'s volumes. A case without tumour scores tumour Dice 1 when none is
+    predicted (lits.core.metrics), so the per-case mean rises as a model predicts less tumour
+    anywhere; the mean over the cases with tumour does not."""
     spec, submit = _predictor(weights, cfg, prepare_cfg, infer)
     rows = []
     for name in sorted(f for f in os.listdir(unseen) if f.startswith("volume-")):
@@ -135,9 +138,12 @@ def score_unseen(weights, cfg: TrainConfig, prepare_cfg, unseen: str, infer: dic
         counts = metrics.overlap_counts(labels[None], np.asarray(ref)[None], (1, 2))
         dice, _ = metrics.dice_iou(counts)
         found = metrics.lesion_detection(labels == 2, np.asarray(ref) == 2)
-        rows.append((dice[0, 0], dice[0, 1], found["ref_detected"], found["ref_lesions"], found["pred_lesions"]))
+        rows.append((dice[0, 0], dice[0, 1], found["ref_detected"], found["ref_lesions"], found["pred_lesions"],
+                     (np.asarray(ref) == 2).any()))
     rows = np.array(rows, float)
-    return rows[:, 0].mean(), rows[:, 1].mean(), int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum())
+    with_tumour = rows[rows[:, 5] > 0, 1]
+    return (rows[:, 0].mean(), rows[:, 1].mean(), with_tumour.mean() if len(with_tumour) else float("nan"),
+            int(rows[:, 2].sum()), int(rows[:, 3].sum()), int(rows[:, 4].sum()))
 
 
 def score_real(weights, cfg: TrainConfig, prepare_cfg, infer: dict, series_dir: str = REAL_SERIES,
@@ -165,8 +171,8 @@ def score_all(weights, cfg: TrainConfig, prepare_cfg, sets, infer: dict, real: b
     real series' liver agreement and invented tumour."""
     cells = []
     for unseen in sets:
-        liver, tumour, found, present, predicted = score_unseen(weights, cfg, prepare_cfg, unseen, infer)
-        cells.append(f"{liver:.3f} / {tumour:.3f} | {found}/{present} ({predicted})")
+        liver, tumour, tumour_present, found, present, predicted = score_unseen(weights, cfg, prepare_cfg, unseen, infer)
+        cells.append(f"{liver:.3f} / {tumour:.3f} ({tumour_present:.3f}) | {found}/{present} ({predicted})")
     if real:
         dice, tumour_ml = score_real(weights, cfg, prepare_cfg, infer)
         cells.append(f"{dice:.3f} / {tumour_ml:.1f} mL")
@@ -175,7 +181,7 @@ def score_all(weights, cfg: TrainConfig, prepare_cfg, sets, infer: dict, real: b
 
 def header(first: str, sets, real: bool) -> str:
     names = [os.path.basename(os.path.normpath(u)) for u in sets]
-    cols = [first, "train min", "steps"] + [c for n in names for c in (f"{n}: liver / tumour Dice per case",
+    cols = [first, "train min", "steps"] + [c for n in names for c in (f"{n}: liver / tumour Dice per case (cases with tumour)",
                                                                         f"{n}: lesions found (predicted)")]
     cols += ["real series: liver agreement / invented tumour"] if real else []
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)

@@ -51,6 +51,24 @@ def folders(nifti_dir, tmp_path):
     return {"ref": ref, "pred": pred, "images": nifti_dir, "worse": worse}
 
 
+def test_tumour_dice_over_the_cases_that_hold_tumour(folders, tmp_path):
+    """A case without tumour that predicts none scores tumour Dice 1 (the LiTS rule), lifting the per-case
+    mean; the mean over the cases that hold tumour leaves it out."""
+    ref, pred = tmp_path / "healthy-ref", tmp_path / "healthy-pred"
+    ref.mkdir()
+    pred.mkdir()
+    labels, geometry = _labels(folders["ref"] / "segmentation-0.nii.gz")
+    healthy = np.where(labels == 2, 1, labels).astype(np.uint8)
+    for folder, name in ((ref, "segmentation-0.nii.gz"), (pred, "volume-0_seg.nii.gz")):
+        volumes.write_nifti(str(folder / name), healthy, geometry.affine_array)
+    shutil.copy(folders["ref"] / "segmentation-1.nii.gz", ref / "segmentation-1.nii.gz")
+    shutil.copy(folders["pred"] / "volume-1_seg.nii.gz", pred / "volume-1_seg.nii.gz")  # its tumour removed
+    summary = evaluation.evaluate(EvaluateConfig(pred=str(pred), ref=str(ref), output=str(tmp_path / "eval"), local=True))
+    tumour = summary["aggregate"]["tumour"]
+    assert tumour["dice_per_case"] == pytest.approx(0.5) and tumour["dice_per_case_present"] == 0.0
+    assert "cases that hold tumour is 0.0000" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_pairing_lists_unmatched_files(folders):
     found = evaluation.pair_files(str(folders["pred"]), str(folders["ref"]), str(folders["images"]))
     assert [p[0] for p in found["pairs"]] == ["0", "1", "2"]
