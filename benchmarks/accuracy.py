@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--anatomy", default="simple", choices=("simple", "abdomen", "mixed"),
                    help="the training generator's anatomy (synthesize.py --anatomy; mixed: half of each; "
                    "default: %(default)s)")
+    p.add_argument("--train-scans", type=int, default=12,
+                   help="training phantoms (default: %(default)s, the contract's; more scans for fewer epochs is a "
+                   "lever: --train-scans 48 --train-args '--epochs 8')")
     p.add_argument("--cascade", action="store_true",
                    help="also train a liver-box second stage (prepare --roi, train --first-stage RUN/model, the same "
                    "flags) and segment with the cascade")
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
         parts = [(a, 1) for a in ("simple", "abdomen")] if args.anatomy == "mixed" else [(args.anatomy, 0)]
         seconds["synthesize"] = 0.0
         for i, (anatomy, split) in enumerate(parts):
-            train_n, unseen_n = (6, args.unseen // 2) if split else (12, args.unseen)
+            train_n, unseen_n = (args.train_scans // 2, args.unseen // 2) if split else (args.train_scans, args.unseen)
             seconds["synthesize"] += run("synthesize", "--output", d["volumes"], "--volumes", str(train_n), "--size", "256",
                                          "--slices", "64", "--anatomy", anatomy, "--first-id", str(i * train_n),
                                          "--seed", str(i))
