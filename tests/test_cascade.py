@@ -9,7 +9,7 @@ import torch
 
 from lits.core import ct, roi, volumes
 from lits.core.config import PrepareConfig
-from lits.core.errors import BadInputError, UserError
+from lits.core.errors import UserError
 from lits.model import inference
 from lits.model.unet import UNet
 from lits.prepare import slicing
@@ -80,10 +80,17 @@ def test_prepare_roi_crops_slices_to_the_liver_box(nifti_dir):
         assert np.array_equal(table.image[i], ct.model_inputs(hu[:, y0:y1, x0:x1], [z], breaks, 0, 32)[0])
     # the crop shows the liver larger than the whole slice does
     assert (table.mask > 0).mean() > 2 * (whole.table.mask > 0).mean()
-    with pytest.raises(ValueError, match="NIfTI"):
-        PrepareConfig(input="-", output="-", format="images", roi=True)
-    with pytest.raises(BadInputError, match="--roi needs"):
-        slicing.slice_volume(slicing.VolumeTask("volume-1", "images"), PrepareConfig(input="-", output="-", roi=True))
+
+
+def test_prepare_roi_refuses_a_converted_image_dataset_in_one_line(tmp_path):
+    from conftest import synthesize
+    from lits.prepare import discovery
+
+    data = synthesize(tmp_path / "images", volumes=1, size=32, slices=8, fmt="images")
+    for fmt in ("auto", "images"):  # found or asked for, the same refusal, before any volume is read
+        with pytest.raises(UserError, match="--roi crops a box around the liver .* needs volume-N/segmentation-N"):
+            discovery.discover(PrepareConfig(input=data, output=str(tmp_path / "out"), format=fmt, roi=True))
+    assert discovery.discover(PrepareConfig(input=data, output=str(tmp_path / "out")))[0]  # without --roi it prepares
 
 
 class Stages:

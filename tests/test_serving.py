@@ -193,25 +193,28 @@ def wait_local_job(job_id, timeout=180):
     raise AssertionError(f"job {job_id} did not end in {timeout} s")
 
 
+def job_on_own_app(model: str, app_name: str, output: str, input: str = "s3://archive/ct") -> dict:
+    """Deploy `model` as a second app (no HTTP), run one job of it to its end, undeploy; the job's status."""
+    from lits.core.config import ServeConfig
+    from lits.serve import jobs, serving
+    from lits.serve.job_spec import JobSpec
+
+    cfg = ServeConfig(model=model, chunk=8, max_batch_size=16, batch_wait_s=0.05)
+    serving.deploy(cfg, http=False, app_name=app_name)
+    try:
+        return wait_local_job(jobs.submit_job(JobSpec(input=input, output=output, app_name=app_name, chunk=cfg.chunk)))
+    finally:
+        serving.undeploy(app_name)
+
+
 @pytest.mark.slow
 def test_a_new_model_recomputes_every_volume(server, tmp_path):
     """Outputs of one model are no reason to skip a volume for another: README's "a new model
     recomputes everything". A second app serves other weights; its job over the same output
     segments every volume again and every report then names it."""
-    from lits.serve import jobs, serving
-    from lits.serve.job_spec import JobSpec
-    from lits.core.config import ServeConfig
-
     first = run_job(server, input="s3://archive/ct", output="s3://archive/remodel")
     assert first["counts"]["done"] == 4
-    cfg = ServeConfig(model=tiny_model(tmp_path / "model-b", seed=1), chunk=8, max_batch_size=16, batch_wait_s=0.05)
-    serving.deploy(cfg, http=False, app_name="lits-model-b")
-    try:
-        job_id = jobs.submit_job(JobSpec(input="s3://archive/ct", output="s3://archive/remodel",
-                                         app_name="lits-model-b", chunk=cfg.chunk))
-        second = wait_local_job(job_id)
-    finally:
-        serving.undeploy("lits-model-b")
+    second = job_on_own_app(tiny_model(tmp_path / "model-b", seed=1), "lits-model-b", "s3://archive/remodel")
     assert second["state"] == "succeeded", second
     assert second["model_id"] != first["model_id"]
     assert second["counts"] == {"total": 7, "done": 4, "skipped": 0, "failed": 3, "ignored": 4,
@@ -227,20 +230,10 @@ def test_a_cascade_model_serves_both_stages_from_one_replica(server, tmp_path):
     any model: a job's masks are, voxel for voxel, what the two stages give in one process, and its
     reports name the cascade's model id (both stages' weights)."""
     from lits.core import volumes
-    from lits.serve import jobs, serving
-    from lits.serve.job_spec import JobSpec
-    from lits.core.config import ServeConfig
     from test_cascade import cascade_model
 
     model = cascade_model(tmp_path / "cascade")
-    cfg = ServeConfig(model=model, chunk=8, max_batch_size=16, batch_wait_s=0.05)
-    serving.deploy(cfg, http=False, app_name="lits-cascade")
-    try:
-        job_id = jobs.submit_job(JobSpec(input="s3://archive/ct", output="s3://archive/cascade",
-                                         app_name="lits-cascade", chunk=cfg.chunk))
-        job = wait_local_job(job_id)
-    finally:
-        serving.undeploy("lits-cascade")
+    job = job_on_own_app(model, "lits-cascade", "s3://archive/cascade")
     assert job["counts"]["done"] == 4, job
     spec, _ = inference.load_spec(model)
     assert job["model_id"] == spec.model_id

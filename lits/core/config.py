@@ -76,8 +76,6 @@ class PrepareConfig:
             )
         if self.context not in (0, 1):
             raise ValueError(f"context must be 0 (three windows) or 1 (2.5-D: z-1, z, z+1), got {self.context}")
-        if self.roi and self.format == "images":
-            raise ValueError("roi crops need the volumes' HU: use it with NIfTI pairs (format 'nifti' or 'auto')")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_voxels < 8:

@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from lits.core.postprocess import bounding_box
+
 Box = Tuple[slice, slice, slice]
 
 FIRST_STAGE = "first"  # the stage a cascade's first pass is sent to a model with (lits.model.streaming)
@@ -37,14 +39,7 @@ def liver_extent(liver: np.ndarray) -> Optional[Box]:
     Args:
         liver: bool (Z, H, W).
     """
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(liver.any(axis=other))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+    return bounding_box(liver) if liver.any() else None
 
 
 def square_box(extent: Box, shape: Tuple[int, int, int], margin: float = ROI_MARGIN,

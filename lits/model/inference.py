@@ -33,7 +33,7 @@ from lits.core.roi import FIRST_STAGE
 from lits.core.schema import TUMOUR
 # The model folder's format (config.json, weights.pt) lives in model_folder; callers reach it as inference.X too.
 from lits.model.model_folder import (CONFIG_NAME, DEFAULT_INFERENCE, MODEL_FORMAT, WEIGHTS_NAME,  # noqa: F401
-                                     ModelSpec, load_spec, model_config, model_id_of, save_model)
+                                     ModelSpec, load_files, load_spec, model_config, model_id_of, save_model)
 
 if TYPE_CHECKING:  # imported where used: the Predictor imports without nibabel or fsspec
     from lits.core import volumes
@@ -214,11 +214,8 @@ def labels_by_stage(predictor: Predictor, first_stage: Optional[Predictor], chun
 def load_predictors(uri: str, **kwargs) -> Tuple[Predictor, Optional[Predictor]]:
     """The exported model at `uri` loaded (`Predictor(**kwargs)`), and its first stage's when it is
     a cascade, else None."""
-    spec, weights = load_spec(uri)
-    first = None
-    if spec.first_stage is not None:
-        _, first_weights = load_spec(spec.first_stage.uri)
-        first = Predictor(spec.first_stage, first_weights, **kwargs)
+    spec, weights, first_weights = load_files(uri)
+    first = Predictor(spec.first_stage, first_weights, **kwargs) if spec.first_stage is not None else None
     return Predictor(spec, weights, **kwargs), first
 
 

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 
 from lits.core.config import NORMS
 from lits.core.errors import UserError
+from lits.core.roi import ROI_MARGIN
 from lits.core.schema import CLASS_NAMES, WINDOW_CUSTOM, WINDOW_LIVER
 
 MODEL_FORMAT = 1
@@ -91,8 +92,6 @@ def model_config(architecture: Dict, task: str, image_size: int, context: int, e
         task: 'liver-tumour' or 'tumour'.
         image_size, context, roi: the preprocessing the model was trained on (prepare's flags).
     """
-    from lits.core.roi import ROI_MARGIN
-
     config = {
         "format_version": MODEL_FORMAT,
         "architecture": dict(architecture),
@@ -135,6 +134,12 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
     Raises:
         UserError: missing folder or files, or a config.json this version cannot use.
     """
+    spec, weights, _ = load_files(uri)
+    return spec, weights
+
+
+def load_files(uri: str) -> Tuple[ModelSpec, bytes, Optional[bytes]]:
+    """`load_spec`, plus a cascade's first-stage weights (None for a single model): each file read once."""
     from lits.core import storage
 
     uri = storage.normalise(uri)
@@ -156,12 +161,12 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
         raise UserError(f"{config_uri}: not a model config this version understands ({exc}); re-export the model") from exc
     weights = storage.read_bytes(weights_uri)
     roi_margin = float((pre.get("roi") or {}).get("margin", 0.0))
-    first_stage = None
+    first_stage, first_weights = None, None
     if roi_margin > 0:
         if not config.get("first_stage"):
             raise UserError(f"{config_uri}: a liver-box (prepare --roi) model needs the first stage that finds the liver; "
                             "export it with train.py --first-stage FIRST/model")
-        first_stage, first_weights = load_spec(storage.join(uri, config["first_stage"]))
+        first_stage, first_weights, _ = load_files(storage.join(uri, config["first_stage"]))
         if first_stage.roi_margin or first_stage.task != "liver-tumour":
             raise UserError(f"{first_stage.uri}: a cascade's first stage must be a whole-slice liver-tumour model")
         weights_id = model_id_of(weights + first_weights)
@@ -173,4 +178,4 @@ def load_spec(uri: str) -> Tuple[ModelSpec, bytes]:
                      mirror=bool(config.get("inference", {}).get("mirror", False)),
                      min_tumour_ml=float(config.get("inference", {}).get("min_tumour_ml", 0.0)),
                      norm=str(arch.get("norm", "batch")), roi_margin=roi_margin, first_stage=first_stage)
-    return spec, weights
+    return spec, weights, first_weights

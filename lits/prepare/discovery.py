@@ -169,6 +169,9 @@ def discover(cfg: PrepareConfig) -> Tuple[List[VolumeTask], List[Dict], str]:
                 "images": "images/**/volume-N_slice_M.jpg + masks/**/volume-N_slice_M_mask.jpg files"}
         wanted = what.get(fmt) or f"{what['nifti']} or {what['images']}"
         raise UserError(f"no {wanted} under {cfg.input} ({len(files)} files looked at); check --input")
+    if cfg.roi and fmt == "images":
+        raise UserError(f"{cfg.input} holds a converted images/ + masks/ dataset: --roi crops a box around the liver "
+                        "from a volume's HU, so it needs volume-N/segmentation-N NIfTI pairs")
     failed = (nifti_failed if fmt == "nifti" else image_failed) + non_ascii_ids(files, root)
     ids = sorted(pairs if fmt == "nifti" else series, key=volume_number)
     tasks = []

@@ -381,8 +381,5 @@ def slice_volume(task: VolumeTask, cfg: PrepareConfig, clock: Optional[Stopwatch
     if task.format == "nifti":
         return slice_nifti_pair(task, cfg, clock)
     if task.format == "images":
-        if cfg.roi:
-            raise BadInputError(f"{task.volume_id}: a converted image series has no HU to crop a liver box from; "
-                                "prepare --roi needs volume-N/segmentation-N NIfTI pairs")
         return slice_image_series(task, cfg, clock)
     raise ValueError(f"unknown task format {task.format!r}")
