@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--intensity-aug", type=float, default=d.intensity_aug,
                    help="probability of each intensity augmentation per sample: brightness, shift, contrast, gamma, "
                    "noise, blur (default: %(default)s: none)")
+    p.add_argument("--lesion-loss", type=float, default=d.lesion_loss,
+                   help="weight of a per-lesion Dice term (blob loss): each tumour component scored on its own, so "
+                   "small lesions weigh as much as large ones (default: %(default)s: off)")
     p.add_argument("--norm", default=d.norm, choices=("batch", "instance"),
                    help="the U-Net's normalisation (default: %(default)s)")
     p.add_argument("--precise-bn", type=int, default=d.precise_bn,
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
             checkpoint_interval_s=args.checkpoint_minutes * 60, ingest=args.ingest,
             materialize_gb=args.materialize_gb, cpus_per_worker=args.cpus_per_worker, norm=args.norm,
             precise_bn=args.precise_bn, scale_aug=args.scale_aug, intensity_aug=args.intensity_aug,
-            first_stage=args.first_stage,
+            lesion_loss=args.lesion_loss, first_stage=args.first_stage,
         )
         from lits.core import storage
         from lits.train import train_data, training

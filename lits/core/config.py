@@ -177,6 +177,9 @@ class TrainConfig:
             0.05; nnU-Net's 0.7-1.4 is about 0.3).
         intensity_aug: probability with which each of nnU-Net's intensity augmentations (brightness,
             shift, contrast, gamma, noise, blur; lits.train.augment) is applied to a sample; 0: none.
+        lesion_loss: weight of a per-lesion Dice term added to the loss (blob loss, Kofler et al.
+            2023; lits.train.losses): each tumour component of a patch scored on its own, so small
+            lesions weigh as much as large ones. 0 (default): the batch Dice and cross-entropy only.
         precise_bn: whole training slices per worker (a uniform sample of each epoch's) on which
             BatchNorm's statistics are recomputed with the epoch's final weights; validation keeps
             them or the moving average, whichever validates better (lits.train.precise_bn). 0: the
@@ -221,6 +224,7 @@ class TrainConfig:
     augment: bool = True
     scale_aug: float = 0.05
     intensity_aug: float = 0.0
+    lesion_loss: float = 0.0
     precise_bn: int = 64
     steps_per_epoch: Optional[int] = None
     cpus_per_worker: int = 1
@@ -255,6 +259,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check_fraction("tumour_fraction", self.tumour_fraction)
         _check_fraction("intensity_aug", self.intensity_aug)
+        if not 0 <= self.lesion_loss <= 10:
+            raise ValueError(f"lesion_loss must be in [0, 10], got {self.lesion_loss}")
         if not 0 <= self.scale_aug <= 0.5:
             raise ValueError(f"scale_aug must be in [0, 0.5], got {self.scale_aug}")
         if self.crop is not None and self.crop < 8:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -196,8 +197,10 @@ def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def loss_function(task: str) -> Callable:
-    return bce_dice_loss if task == "tumour" else ce_dice_loss
+def loss_function(cfg: TrainConfig) -> Callable:
+    """loss(logits, target) of cfg's task, with cfg.lesion_loss's per-lesion term."""
+    loss = bce_dice_loss if cfg.task == "tumour" else ce_dice_loss
+    return functools.partial(loss, lesion_weight=cfg.lesion_loss)
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device, bf16: Optional[bool] = None):
@@ -223,7 +226,7 @@ def train_step(model, optimizer, image: torch.Tensor, mask: torch.Tensor, cfg: T
         image, mask = random_affine(image, mask, generator, AugmentConfig(zoom=cfg.scale_aug))
         image = random_intensity(image, generator, IntensityConfig(p=cfg.intensity_aug))
     with autocast:
-        loss = loss_function(cfg.task)(model(image), target(mask, cfg.task))
+        loss = loss_function(cfg)(model(image), target(mask, cfg.task))
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -405,7 +408,7 @@ def validate(ctx: EpochContext, batches: Iterator[Dict], volume_index: Dict[str,
     slice_sums = torch.zeros((len(classes), 2), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     slices = 0
-    loss_fn = loss_function(cfg.task)
+    loss_fn = loss_function(cfg)
     model.eval()
     with torch.no_grad():
         for batch in batches:
