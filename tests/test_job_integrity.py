@@ -346,6 +346,7 @@ def test_names_with_a_query_or_format_characters_are_refused():
     from lits.core.naming import refused_name
 
     assert "'?'" in refused_name("p/victim.nii.gz?versionId=x.nii.gz")
-    assert "control character" in refused_name("p/a\u202egz.nii.gz")  # right-to-left override
-    assert "control character" in refused_name("p/a\x7f.nii.gz")
+    assert "holds U+202E RIGHT-TO-LEFT OVERRIDE, a control or format character" in refused_name("p/a\u202egz.nii.gz")
+    assert "U+007F control character" in refused_name("p/a\x7f.nii.gz")
+    assert "U+200B ZERO WIDTH SPACE" in refused_name("p/volume\u200b-1.nii.gz")
     assert refused_name("p/ünïcode scan 1/volume-1.nii.gz") is None

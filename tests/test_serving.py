@@ -627,6 +627,13 @@ def test_check_uri_rules(tmp_path):
         with pytest.raises(AccessError) as err:
             check_uri(uri, allow)
         assert err.value.status == status, uri
+    # format and C1/DEL characters too, as in input names (naming.hidden_character), each named
+    for uri, named in [("s3://b/ct\u202e/x", "U+202E RIGHT-TO-LEFT OVERRIDE"), ("s3://b/a\x7f", "U+007F"),
+                       ("s3://b/a\x85", "U+0085"), ("s3://b/x\n", "U+000A")]:
+        with pytest.raises(AccessError, match=re.escape(named)) as err:
+            check_uri(uri, [])
+        assert err.value.status == 400 and "not allowed in URIs" in str(err.value), uri
+    assert check_uri("s3://b/ünïcode scan/ct", []) == "s3://b/ünïcode scan/ct"
 
 
 @pytest.mark.slow

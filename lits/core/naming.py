@@ -41,6 +41,16 @@ def output_name(relative: str) -> str:
     return strip_nifti(relative)
 
 
+def hidden_character(text: str) -> Optional[str]:
+    """The first control or format character in `text` (C0, DEL, C1; bidi overrides, zero-width
+    characters: Unicode categories Cc and Cf), named ('U+202E RIGHT-TO-LEFT OVERRIDE'); None
+    without one. Such a character hides or reorders what a reader of the name sees."""
+    for c in text:
+        if unicodedata.category(c) in ("Cc", "Cf"):
+            return f"U+{ord(c):04X} {unicodedata.name(c, 'control character')}"
+    return None
+
+
 def refused_name(relative: str) -> Optional[str]:
     """Why an input named `relative` (its '/'-separated path below the job's input) cannot name
     outputs, or None when it can. An S3 key may hold anything: a '..' part ('in/../../x.nii.gz')
@@ -54,8 +64,9 @@ def refused_name(relative: str) -> Optional[str]:
     if bad:
         return (f"its name {relative!r} has {' and '.join(bad)} path parts, which would name outputs outside the "
                 "job's output or another input's; rename it")
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in relative):  # Cc: C0, DEL, C1; Cf: bidi and the like
-        return f"its name {relative!r} holds a control character; rename it"
+    hidden = hidden_character(relative)
+    if hidden:
+        return f"its name {relative!r} holds {hidden}, a control or format character; rename it"
     if "?" in relative:
         return f"its name {relative!r} holds '?', which S3 clients read as a query (?versionId=); rename it"
     return None

@@ -43,15 +43,19 @@ def _under(uri: str, prefixes: Sequence[str]) -> bool:
 def check_uri(uri: str, allow_prefixes: Sequence[str]) -> str:
     """The normalised URI when a job may use it; AccessError otherwise.
 
-    Rules: s3:// or a local path (file:// or absolute); no '.' or '..' segment, NUL, backslash or
-    control character; with no allow-list any s3:// URI and no local path; with one, the URI
-    must equal an allowed prefix or lie under it (compared by path segment, local paths after
+    Rules: s3:// or a local path (file:// or absolute); no '.' or '..' segment, backslash, or
+    control or format character (naming.hidden_character: C0, DEL, C1, bidi overrides, zero-width
+    characters, as input names); with no allow-list any s3:// URI and no local path; with one, the
+    URI must equal an allowed prefix or lie under it (compared by path segment, local paths after
     resolving symlinks).
     """
     if not isinstance(uri, str) or not uri.strip():
         raise AccessError(400, "empty URI")
-    if any(ord(c) < 32 for c in uri) or "\\" in uri:
-        raise AccessError(400, f"{uri!r}: control characters and backslashes are not allowed in URIs")
+    hidden = naming.hidden_character(uri)
+    if hidden:
+        raise AccessError(400, f"{uri!r} holds {hidden}: control and format characters are not allowed in URIs")
+    if "\\" in uri:
+        raise AccessError(400, f"{uri!r}: backslashes are not allowed in URIs")
     scheme = _SCHEME.match(uri)
     if scheme and scheme.group(0).lower() not in ("s3://", "file://"):
         raise AccessError(400, f"{uri!r}: unsupported scheme; use s3:// (or a local path where allowed)")
