@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU training throughput of the 31 M-parameter U-Net at 256x256 (for a lent H100/H200).
 
-Needs only torch and numpy (imports lits.model.unet and lits.train.losses, which import torch alone):
+Needs only torch, numpy and opencv (imports lits.model.unet and lits.train.losses, which import torch, numpy and cv2):
 
     python benchmarks/gpu_train.py [--batch 64] [--seconds 20]
 

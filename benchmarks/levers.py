@@ -235,7 +235,8 @@ def main(argv=None) -> int:
         return 0
     train = load_split(args.prepared, "train")
     val = load_split(args.prepared, "val")
-    print(f"{len(train[0])} train slices, {len(val[0])} val slices; unseen: {args.unseen}", flush=True)
+    print(f"{len(train[0])} train slices, {len(val[0])} val slices; unseen: {args.unseen}; inference without "
+          "mirroring or tumour size filter unless a variant sets tta=1 / min_tumour_ml=X (the product: both)", flush=True)
     print(header("variant", args.unseen, args.real), flush=True)
     roi = (load_split(args.roi_prepared, "train"), load_split(args.roi_prepared, "val")) if args.roi_prepared else None
     trained = {}  # variants differing only in inference flags share one training

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Which lesions a model misses, and what they look like: per-lesion size, contrast and hit, and a picture.
+
+For every reference lesion (3-D tumour component, 26-connectivity) of the scans in a folder: its voxels,
+its contrast (mean HU of the lesion minus the mean HU of the liver within 2 voxels of it), the liver's HU
+standard deviation in that scan (noise and texture: what the contrast has to stand out of), and the share
+of its voxels the model labels tumour. Segmented on the product's inference path (`segment_array`), with
+`levers.py`'s weights (--save folder + variant) or an exported model (train.py's OUT/model).
+
+    python benchmarks/lesion_misses.py --unseen A/unseen --weights A/weights \
+        --variant "best: epochs=8 tumour_fraction=0.33 intensity_aug=0.3" --picture missed.png
+    python benchmarks/lesion_misses.py --unseen A/unseen --model RUN/model
+
+Prints one row per lesion, largest first, then the hit rate by size and contrast; --picture draws the
+largest missed lesions' slices: the model's three input channels and the reference (red: tumour, green:
+liver) against the prediction (yellow: tumour, cyan: liver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+import levers  # noqa: E402
+from lits.core import ct, volumes  # noqa: E402
+from lits.core.config import TrainConfig  # noqa: E402
+from lits.model import inference  # noqa: E402
+
+HIT = 0.5  # a lesion counts as found when the model labels at least half its voxels tumour
+
+
+def _model(args):
+    """(spec, submit) of --model or of --weights/--variant, and its preprocessing image size."""
+    if args.model:
+        spec, weights = inference.load_spec(args.model)
+        import json
+
+        cfg = TrainConfig(**json.load(open(os.path.join(args.model, "config.json")))["training"]["config"])
+        infer = {"tta": int(spec.mirror), "min_tumour_ml": spec.min_tumour_ml}
+        state = torch.load(io.BytesIO(weights), weights_only=True)
+        return levers._predictor(state, cfg, {"image_size": spec.image_size, "context": spec.context}, infer), infer
+    _, overrides, infer = levers.parse_variant(args.variant)
+    key = repr(sorted(overrides.items()))
+    path = os.path.join(args.weights, hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
+    state, _, _ = torch.load(path, weights_only=True)
+    cfg = TrainConfig(data="-", output="-", **{**levers.BASE, **overrides})
+    return levers._predictor(state, cfg, {"image_size": args.image_size, "context": 0}, infer), infer
+
+
+def lesions(hu: np.ndarray, ref: np.ndarray, labels: np.ndarray):
+    """[(voxels, contrast HU, liver HU std, hit share, mask)] of `ref`'s lesions (canonical arrays)."""
+    liver = ref == 1
+    noise = float(hu[liver].std()) if liver.any() else float("nan")
+    comps, n = ndimage.label(ref == 2, structure=np.ones((3, 3, 3)))
+    out = []
+    for k in range(1, n + 1):
+        m = comps == k
+        ring = ndimage.binary_dilation(m, iterations=2) & liver
+        contrast = float(hu[m].mean() - hu[ring].mean()) if ring.any() else float("nan")
+        out.append((int(m.sum()), contrast, noise, float((labels[m] == 2).mean()), m))
+    return out
+
+
+def _tile(hu, ref, labels, mask, title: str) -> np.ndarray:
+    z = int(np.argmax(mask.sum((1, 2))))
+    image = ct.slice_image(hu, z, ct.freqhist_breaks(hu))
+    row = [cv2.cvtColor(np.ascontiguousarray(image[..., c]), cv2.COLOR_GRAY2BGR) for c in range(3)]
+    over = row[0].copy()
+    for src, label, colour in ((ref, 1, (0, 200, 0)), (labels, 1, (255, 255, 0)), (ref, 2, (0, 0, 255)), (labels, 2, (0, 255, 255))):
+        contours, _ = cv2.findContours((src[z] == label).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(over, contours, -1, colour, 1)
+    tile = np.concatenate(row + [over], 1)
+    cv2.putText(tile, title + f", slice {z}", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--unseen", required=True, help="a folder of volume-N / segmentation-N scans")
+    p.add_argument("--model", help="an exported model folder (train.py's OUT/model)")
+    p.add_argument("--weights", help="levers.py's --save folder")
+    p.add_argument("--variant", help="the levers.py variant whose saved weights to use")
+    p.add_argument("--image-size", type=int, default=128, help="the prepared size of --weights' data (default: 128)")
+    p.add_argument("--picture", help="a PNG of the largest missed lesions")
+    p.add_argument("--rows", type=int, default=4, help="lesions in the picture (default: 4)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if not args.model and not (args.weights and args.variant):
+        p.error("give --model, or --weights and --variant")
+    torch.set_num_threads(args.threads)
+    (spec, submit), infer = _model(args)
+    rows, missed = [], []
+    for name in sorted(f for f in os.listdir(args.unseen) if f.startswith("volume-")):
+        hu, geometry = volumes.read_nifti(os.path.join(args.unseen, name))
+        ref, _ = volumes.read_nifti(os.path.join(args.unseen, name.replace("volume-", "segmentation-")))
+        labels, _ = inference.segment_array(hu, geometry, spec, submit, min_tumour_ml=infer.get("min_tumour_ml"))
+        hu, ref, labels = (geometry.to_canonical(np.asarray(a)) for a in (hu, ref, labels))
+        hu = hu.astype(np.int16)
+        for voxels, contrast, noise, hit, mask in lesions(hu, ref, labels):
+            rows.append((name, voxels, contrast, noise, hit))
+            if hit < HIT:
+                missed.append((voxels, name, contrast, noise, hu, ref, labels, mask))
+        missed = sorted(missed, key=lambda m: -m[0])[:args.rows]  # keep the largest only (memory)
+    print("| scan | voxels | contrast HU | liver HU std | contrast / std | share labelled tumour |")
+    print("|---|---|---|---|---|---|")
+    for name, voxels, contrast, noise, hit in sorted(rows, key=lambda r: -r[1]):
+        print(f"| {name} | {voxels} | {contrast:+.0f} | {noise:.0f} | {abs(contrast) / noise:.2f} | {hit:.2f} |")
+    a = np.array([(r[1], abs(r[2]) / r[3], r[4] >= HIT) for r in rows], float) if rows else np.zeros((0, 3))
+    print(f"\nfound (>= {HIT:.0%} of voxels labelled tumour): {int(a[:, 2].sum()) if len(a) else 0} of {len(a)}")
+    print("| lesion | lesions | found |")
+    print("|---|---|---|")
+    for label, keep in (("< 100 voxels", a[:, 0] < 100), (">= 100 voxels, contrast < 1 std", (a[:, 0] >= 100) & (a[:, 1] < 1)),
+                        (">= 100 voxels, contrast >= 1 std", (a[:, 0] >= 100) & (a[:, 1] >= 1))):
+        print(f"| {label} | {int(keep.sum())} | {int(a[keep, 2].sum())} |")
+    if args.picture and missed:
+        tiles = [_tile(hu, ref, labels, mask, f"{name}: {voxels} voxels, {contrast:+.0f} HU (std {noise:.0f}), missed")
+                 for voxels, name, contrast, noise, hu, ref, labels, mask in missed]
+        width = max(t.shape[1] for t in tiles)
+        tiles = [cv2.copyMakeBorder(t, 0, 4, 0, width - t.shape[1], cv2.BORDER_CONSTANT) for t in tiles]
+        picture = np.concatenate(tiles, 0)
+        scale = min(1.0, 820 / picture.shape[1])
+        cv2.imwrite(args.picture, cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA),
+                    [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        print(f"picture: {args.picture}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
