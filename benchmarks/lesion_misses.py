@@ -5,9 +5,9 @@ For every reference lesion (3-D tumour component, 26-connectivity) of the scans 
 its contrast (mean HU of the lesion minus the mean HU of the liver within 2 voxels of it), the liver's HU
 standard deviation in that scan (noise and texture: what the contrast has to stand out of), and the share
 of its voxels the model labels tumour. Segmented on the product's inference path (`segment_array`), with
-`levers.py`'s weights (--save folder + variant) or an exported model (train.py's OUT/model).
+`levers.py`'s weights (its --save folder, --prepared and variant) or an exported model (train.py's OUT/model).
 
-    python benchmarks/lesion_misses.py --unseen A/unseen --weights A/weights \
+    python benchmarks/lesion_misses.py --unseen A/unseen --weights A/weights --prepared A/prepared \
         --variant "best: epochs=8 tumour_fraction=0.33 intensity_aug=0.3" --picture missed.png
     python benchmarks/lesion_misses.py --unseen A/unseen --model RUN/model
 
@@ -50,12 +50,19 @@ def _model(args):
         infer = {"tta": int(spec.mirror), "min_tumour_ml": spec.min_tumour_ml}
         state = torch.load(io.BytesIO(weights), weights_only=True)
         return levers._predictor(state, cfg, {"image_size": spec.image_size, "context": spec.context}, infer), infer
+    import json
+
     _, overrides, infer = levers.parse_variant(args.variant)
-    key = repr(sorted(overrides.items()))
+    key = levers.weights_key(overrides, args.prepared)
     path = os.path.join(args.weights, hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"no weights of variant {args.variant!r} trained on {args.prepared} in {args.weights}: "
+                         "run levers.py with that --prepared, --variant and --save first")
     state, _, _ = torch.load(path, weights_only=True)
     cfg = TrainConfig(data="-", output="-", **{**levers.BASE, **overrides})
-    return levers._predictor(state, cfg, {"image_size": args.image_size, "context": 0}, infer), infer
+    prepare_cfg = json.load(open(os.path.join(args.prepared, "manifest.json")))["config"]
+    return levers._predictor(state, cfg, {"image_size": prepare_cfg["image_size"], "context": prepare_cfg.get("context", 0)},
+                             infer), infer
 
 
 def lesions(hu: np.ndarray, ref: np.ndarray, labels: np.ndarray):
@@ -91,13 +98,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="an exported model folder (train.py's OUT/model)")
     p.add_argument("--weights", help="levers.py's --save folder")
     p.add_argument("--variant", help="the levers.py variant whose saved weights to use")
-    p.add_argument("--image-size", type=int, default=128, help="the prepared size of --weights' data (default: 128)")
+    p.add_argument("--prepared", help="the prepare output the --weights variant trained on (levers.py's --prepared)")
     p.add_argument("--picture", help="a PNG of the largest missed lesions")
     p.add_argument("--rows", type=int, default=4, help="lesions in the picture (default: 4)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    if not args.model and not (args.weights and args.variant):
-        p.error("give --model, or --weights and --variant")
+    if not args.model and not (args.weights and args.variant and args.prepared):
+        p.error("give --model, or --weights, --variant and --prepared")
     torch.set_num_threads(args.threads)
     (spec, submit), infer = _model(args)
     rows, missed = [], []

@@ -245,17 +245,27 @@ def main(argv=None) -> int:
         cfg = TrainConfig(data="-", output="-", **{**BASE, **overrides})
         key = repr(sorted(overrides.items()))
         if key not in trained:
-            trained[key] = kept_training(args.save, key, cfg, train, val, args.threads)
+            trained[key] = kept_training(args.save, weights_key(overrides, args.prepared), cfg, train, val, args.threads)
         weights, seconds, steps = trained[key]
         print(f"| {name} | {seconds / 60:.1f} | {steps} | {score_all(weights, cfg, train[3], args.unseen, infer, args.real)} |",
               flush=True)
         if roi is not None:
             if key + "roi" not in trained:
-                trained[key + "roi"] = kept_training(args.save, key + " roi", cfg, roi[0], roi[1], args.threads)
+                trained[key + "roi"] = kept_training(args.save, weights_key(overrides, args.roi_prepared) + " roi", cfg,
+                                                     roi[0], roi[1], args.threads)
             second, seconds2, steps2 = trained[key + "roi"]
             cells = score_all((weights, second), cfg, train[3], args.unseen, infer, args.real)
             print(f"| {name} + liver box | {(seconds + seconds2) / 60:.1f} | {steps + steps2} | {cells} |", flush=True)
     return 0
+
+
+def weights_key(overrides: dict, prepared: str) -> str:
+    """What --save names a variant's weights by: its overrides and the data it trained on (the prepare
+    output's input and creation time), so one folder can serve several data sets."""
+    import json
+
+    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
+    return f"{sorted(overrides.items())!r} on {manifest['input']} prepared {manifest['created']}"
 
 
 def kept_training(folder, key: str, cfg: TrainConfig, train, val, threads: int):
