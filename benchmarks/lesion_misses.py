@@ -19,8 +19,7 @@ liver) against the prediction (yellow: tumour, cyan: liver).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
+import json
 import os
 import sys
 
@@ -41,20 +40,13 @@ HIT = 0.5  # a lesion counts as found when the model labels at least half its vo
 
 
 def _model(args):
-    """(spec, submit) of --model or of --weights/--variant, and its preprocessing image size."""
+    """((spec, submit), inference overrides) of --model (the product's loader: cascades, its own
+    mirroring and size filter) or of levers.py's saved --weights of --variant on --prepared."""
     if args.model:
-        spec, weights = inference.load_spec(args.model)
-        import json
-
-        cfg = TrainConfig(**json.load(open(os.path.join(args.model, "config.json")))["training"]["config"])
-        infer = {"tta": int(spec.mirror), "min_tumour_ml": spec.min_tumour_ml}
-        state = torch.load(io.BytesIO(weights), weights_only=True)
-        return levers._predictor(state, cfg, {"image_size": spec.image_size, "context": spec.context}, infer), infer
-    import json
-
+        predictor, first_stage = inference.load_predictors(args.model, device="cpu")
+        return (predictor.spec, inference.LocalModel(predictor, first_stage)), {}
     _, overrides, infer = levers.parse_variant(args.variant)
-    key = levers.weights_key(overrides, args.prepared)
-    path = os.path.join(args.weights, hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
+    path = levers.weights_path(args.weights, levers.weights_key(overrides, args.prepared))
     if not os.path.exists(path):
         raise SystemExit(f"no weights of variant {args.variant!r} trained on {args.prepared} in {args.weights}: "
                          "run levers.py with that --prepared, --variant and --save first")
@@ -66,21 +58,23 @@ def _model(args):
 
 
 def lesions(hu: np.ndarray, ref: np.ndarray, labels: np.ndarray):
-    """[(voxels, contrast HU, liver HU std, hit share, mask)] of `ref`'s lesions (canonical arrays)."""
+    """[(voxels, contrast HU, liver HU std, hit share, the slice where the lesion is largest)] of `ref`'s
+    lesions (canonical arrays). Each lesion is measured inside its own box, 2 voxels wider than it."""
     liver = ref == 1
     noise = float(hu[liver].std()) if liver.any() else float("nan")
-    comps, n = ndimage.label(ref == 2, structure=np.ones((3, 3, 3)))
+    comps, _ = ndimage.label(ref == 2, structure=np.ones((3, 3, 3)))
     out = []
-    for k in range(1, n + 1):
-        m = comps == k
-        ring = ndimage.binary_dilation(m, iterations=2) & liver
-        contrast = float(hu[m].mean() - hu[ring].mean()) if ring.any() else float("nan")
-        out.append((int(m.sum()), contrast, noise, float((labels[m] == 2).mean()), m))
+    for k, box in enumerate(ndimage.find_objects(comps), start=1):
+        box = tuple(slice(max(b.start - 2, 0), min(b.stop + 2, size)) for b, size in zip(box, comps.shape))
+        m = comps[box] == k
+        ring = ndimage.binary_dilation(m, iterations=2) & liver[box]
+        contrast = float(hu[box][m].mean() - hu[box][ring].mean()) if ring.any() else float("nan")
+        z = box[0].start + int(np.argmax(m.sum((1, 2))))
+        out.append((int(m.sum()), contrast, noise, float((labels[box][m] == 2).mean()), z))
     return out
 
 
-def _tile(hu, ref, labels, mask, title: str) -> np.ndarray:
-    z = int(np.argmax(mask.sum((1, 2))))
+def _tile(hu, ref, labels, z: int, title: str) -> np.ndarray:
     image = ct.slice_image(hu, z, ct.freqhist_breaks(hu))
     row = [cv2.cvtColor(np.ascontiguousarray(image[..., c]), cv2.COLOR_GRAY2BGR) for c in range(3)]
     over = row[0].copy()
@@ -114,10 +108,10 @@ def main(argv=None) -> int:
         labels, _ = inference.segment_array(hu, geometry, spec, submit, min_tumour_ml=infer.get("min_tumour_ml"))
         hu, ref, labels = (geometry.to_canonical(np.asarray(a)) for a in (hu, ref, labels))
         hu = hu.astype(np.int16)
-        for voxels, contrast, noise, hit, mask in lesions(hu, ref, labels):
+        for voxels, contrast, noise, hit, z in lesions(hu, ref, labels):
             rows.append((name, voxels, contrast, noise, hit))
             if hit < HIT:
-                missed.append((voxels, name, contrast, noise, hu, ref, labels, mask))
+                missed.append((voxels, name, contrast, noise, hu, ref, labels, z))
         missed = sorted(missed, key=lambda m: -m[0])[:args.rows]  # keep the largest only (memory)
     print("| scan | voxels | contrast HU | liver HU std | contrast / std | share labelled tumour |")
     print("|---|---|---|---|---|---|")
@@ -131,8 +125,8 @@ def main(argv=None) -> int:
                         (">= 100 voxels, contrast >= 1 std", (a[:, 0] >= 100) & (a[:, 1] >= 1))):
         print(f"| {label} | {int(keep.sum())} | {int(a[keep, 2].sum())} |")
     if args.picture and missed:
-        tiles = [_tile(hu, ref, labels, mask, f"{name}: {voxels} voxels, {contrast:+.0f} HU (std {noise:.0f}), missed")
-                 for voxels, name, contrast, noise, hu, ref, labels, mask in missed]
+        tiles = [_tile(hu, ref, labels, z, f"{name}: {voxels} voxels, {contrast:+.0f} HU (std {noise:.0f}), missed")
+                 for voxels, name, contrast, noise, hu, ref, labels, z in missed]
         width = max(t.shape[1] for t in tiles)
         tiles = [cv2.copyMakeBorder(t, 0, 4, 0, width - t.shape[1], cv2.BORDER_CONSTANT) for t in tiles]
         picture = np.concatenate(tiles, 0)

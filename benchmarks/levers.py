@@ -268,11 +268,16 @@ def weights_key(overrides: dict, prepared: str) -> str:
     return f"{sorted(overrides.items())!r} on {manifest['input']} prepared {manifest['created']}"
 
 
-def kept_training(folder, key: str, cfg: TrainConfig, train, val, threads: int):
-    """`train_variant`'s (weights, seconds, steps), kept in `folder` under a name made of `key`."""
+def weights_path(folder: str, key: str) -> str:
+    """The file --save keeps the weights named `key` (weights_key) in."""
     import hashlib
 
-    path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt") if folder else None
+    return os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:12] + ".pt")
+
+
+def kept_training(folder, key: str, cfg: TrainConfig, train, val, threads: int):
+    """`train_variant`'s (weights, seconds, steps), kept in `folder` under a name made of `key`."""
+    path = weights_path(folder, key) if folder else None
     if path and os.path.exists(path):
         return torch.load(path, weights_only=True)
     result = train_variant(cfg, train, val, threads)
